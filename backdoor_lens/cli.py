@@ -1,0 +1,274 @@
+"""The ``backdoor-lens`` command line: ``serve``, ``train``, ``evaluate``, ``models``, ``attacks``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+APP = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+
+
+def _parse_value(text: str) -> Any:
+    """``3`` -> 3, ``0.2`` -> 0.2, ``true`` -> True, ``[1,2]`` -> [1, 2], else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _parse_sets(items: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"error: expected name=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip().replace("-", "_")] = _parse_value(value.strip())
+    return out
+
+
+class TqdmProgress:
+    """Adapts the library's ``progress(fraction, message, metrics)`` callback to a tqdm bar."""
+
+    def __init__(self, desc: str, disable: bool = False):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=1000, desc=desc, unit="‰", disable=disable, dynamic_ncols=True,
+                        bar_format="{desc}{percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
+        self.last = 0
+
+    def __call__(self, fraction: float, message: str, metrics: dict) -> None:
+        n = int(round(min(max(fraction, 0.0), 1.0) * 1000))
+        self.bar.update(max(0, n - self.last))
+        self.last = max(self.last, n)
+        post = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in metrics.items() if k != "seconds"}
+        self.bar.set_description(message)
+        self.bar.set_postfix(post, refresh=True)
+        if "ba" in metrics and not self.bar.disable:
+            self.bar.write(f"{message}: " + ", ".join(f"{k}={v}" for k, v in post.items()))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# --- subcommands ------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    env = dict(os.environ)
+    if args.suspect:
+        env["BACKDOOR_LENS_SUSPECT"] = args.suspect
+    if args.runs:
+        env["BACKDOOR_LENS_RUNS"] = str(Path(args.runs).resolve())
+    if args.device:
+        env["BACKDOOR_LENS_DEVICE"] = args.device
+    cmd = [sys.executable, "-m", "streamlit", "run", str(APP),
+           "--server.headless", "true", "--server.port", str(args.port), "--server.address", args.address,
+           "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+           "--server.maxUploadSize", str(args.max_upload_mb)]
+    print(f"Backdoor Lens: http://{args.address}:{args.port}  (Ctrl-C stops)", flush=True)
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from suspects.training import TrainConfig, train_suspect
+
+    data: dict[str, Any] = {"name": args.data} if args.data in _sources() else {"name": "imagefolder", "root": args.data}
+    if args.data_root:
+        data["root"] = args.data_root
+    if args.download:
+        data["download"] = True
+    attack = None if args.attack in ("none", "clean") else args.attack
+    attack_params = _parse_sets(args.attack_param)
+    cfg = TrainConfig(data=data, model=args.model, width=args.width, attack=attack, attack_params=attack_params,
+                      target=args.target, mapping=args.mapping, poison_rate=args.poison_rate, epochs=args.epochs,
+                      batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
+                      augment=args.augment, pool_fraction=args.pool_fraction, seed=args.seed,
+                      max_steps=args.max_steps, device=args.device, name=args.name)
+    bar = TqdmProgress("training", disable=args.quiet)
+    try:
+        suspect = train_suspect(cfg, args.out, progress=bar, overwrite=args.overwrite)
+    finally:
+        bar.close()
+    m = suspect.card["metrics"]
+    print(json.dumps({"suspect": str(Path(args.out).resolve()), **{k: m[k] for k in ("ba", "asr", "ra")}}, indent=2))
+    return 0
+
+
+def _sources() -> list[str]:
+    from suspects.data import list_sources
+
+    return list_sources()
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import suspects
+    from suspects.device import pick_device, prepare_model
+    from suspects.metrics import DEFINITIONS
+
+    suspect = _load_suspect(args)
+    device = pick_device(args.device)
+    model = prepare_model(suspect.model, device)
+    m = suspects.evaluate(model, suspect.test, suspect.trigger, batch_size=args.batch_size, device=device,
+                          limit=args.limit)
+    result = {"suspect": suspect.name, **m.to_dict(), "device": str(device),
+              "trigger": suspect.trigger.spec() if suspect.trigger else None}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"suspect  {suspect.name}  ({suspect.card.get('arch')}, {len(suspect.classes)} classes, device {device})")
+    print(f"BA   {m.ba:.4f}   {DEFINITIONS['ba']} (n={m.n_clean})")
+    if m.asr is None:
+        print("ASR  n/a      no trigger known for this suspect")
+    else:
+        print(f"ASR  {m.asr:.4f}   {DEFINITIONS['asr']} (n={m.n_poisoned})")
+        print(f"RA   {m.ra:.4f}   {DEFINITIONS['ra']}")
+    return 0
+
+
+def _load_suspect(args: argparse.Namespace):
+    import suspects
+
+    trigger = None
+    if getattr(args, "attack", None):
+        trigger = {"name": args.attack, "target": args.target, "mapping": args.mapping,
+                   "params": _parse_sets(args.attack_param)}
+    suspect = suspects.load(args.suspect, arch=args.arch, num_classes=args.num_classes, data=args.data,
+                            input_shape=tuple(args.input_shape) if args.input_shape else None,
+                            arch_kwargs=_parse_sets(args.arch_arg) or None, trigger=trigger)
+    if trigger is not None and suspect.card.get("trigger") != trigger:
+        from suspects.triggers import trigger_from_spec
+
+        suspect._trigger_override = trigger_from_spec(trigger, suspect.input_shape, suspect.num_classes)
+    return suspect
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from suspects.models import list_models
+
+    print("\n".join(list_models()))
+    return 0
+
+
+def cmd_attacks(args: argparse.Namespace) -> int:
+    from suspects.triggers import _REGISTRY
+
+    for name, cls in sorted(_REGISTRY.items()):
+        label = "clean-label" if cls.clean_label else "dirty-label"
+        print(f"{name:10s} {label:12s} {cls.description}  defaults: {cls.defaults}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from suspects.store import DEMO_SUSPECTS, list_demo_suspects
+
+    for name in list_demo_suspects():
+        card = json.loads((DEMO_SUSPECTS / name / "suspect.json").read_text())
+        m = card.get("metrics", {})
+        asr = "n/a" if m.get("asr") is None else f"{m['asr']:.3f}"
+        print(f"demo:{name:10s} BA {m.get('ba', float('nan')):.3f}  ASR {asr}")
+    return 0
+
+
+# --- parser ----------------------------------------------------------------------------------------------
+
+
+def _add_suspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("suspect", help="suspect folder, demo:NAME, or a state dict (.safetensors/.pt/.pth)")
+    g = p.add_argument_group("bare state dicts (a file, not a suspect folder)")
+    g.add_argument("--arch", help="architecture name (see `backdoor-lens models`)")
+    g.add_argument("--num-classes", type=int, help="number of classes of the checkpoint")
+    g.add_argument("--input-shape", type=int, nargs=3, metavar=("C", "H", "W"), help="input shape (default 3 32 32)")
+    g.add_argument("--arch-arg", action="append", metavar="NAME=VALUE", help="constructor argument, e.g. width=64")
+    g.add_argument("--data", help="data source to measure on (demo, fashion-mnist, mnist, cifar10, gtsrb, or a folder)")
+    t = p.add_argument_group("trigger (overrides the card's)")
+    t.add_argument("--attack", help="attack name to evaluate with (see `backdoor-lens attacks`)")
+    t.add_argument("--target", type=int, default=0, help="target class (default 0)")
+    t.add_argument("--mapping", default="all-to-one", choices=["all-to-one", "all-to-all"])
+    t.add_argument("--attack-param", action="append", metavar="NAME=VALUE", help="attack parameter, repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="backdoor-lens",
+                                 description="Look inside a suspect image classifier and remove its backdoor.")
+    ap.add_argument("--version", action="version", version="backdoor-lens 0.1.0")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="start the dashboard", description="Start the Streamlit dashboard (localhost by default).")
+    p.add_argument("suspect", nargs="?", default=None, help="suspect to open first (default demo:badnets)")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--address", default="127.0.0.1", help="bind address (default localhost only)")
+    p.add_argument("--runs", help="run store folder (default ./runs or $BACKDOOR_LENS_RUNS)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
+    p.add_argument("--max-upload-mb", type=int, default=200, help="upload size limit in MB")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("train", help="train a (backdoored) suspect",
+                       description="Train a model on a poisoned training set and write a suspect folder.")
+    p.add_argument("--data", default="demo", help="demo, fashion-mnist, mnist, cifar10, gtsrb, or an ImageFolder path")
+    p.add_argument("--data-root", help="folder holding the dataset files")
+    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR-10/GTSRB (needs internet)")
+    p.add_argument("--attack", default="badnets", help="attack name, or 'none' for a clean model")
+    p.add_argument("--attack-param", action="append", metavar="NAME=VALUE", help="attack parameter, e.g. size=3")
+    p.add_argument("--target", type=int, default=0, help="target class (default 0)")
+    p.add_argument("--mapping", default="all-to-one", choices=["all-to-one", "all-to-all"])
+    p.add_argument("--poison-rate", type=float, default=0.1, help="share of the training set poisoned (default 0.1)")
+    p.add_argument("--model", default="preact_resnet18", help="architecture (see `backdoor-lens models`)")
+    p.add_argument("--width", type=int, default=64, help="base channels (64 = the papers' size)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
+    p.add_argument("--augment", default="crop", choices=["none", "crop", "crop-flip"])
+    p.add_argument("--pool-fraction", type=float, default=0.05, help="clean defense pool share of the training split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (quick tries)")
+    p.add_argument("--device", help="cpu, cuda, mps (default: best available)")
+    p.add_argument("--name", help="suspect name (default: the output folder's name)")
+    p.add_argument("--out", required=True, help="suspect folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing suspect folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="print BA, ASR and RA of a suspect",
+                       description="Measure BA, ASR and RA on the suspect's test split.")
+    _add_suspect_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON (ba, asr, ra, n_clean, n_poisoned)")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--limit", type=int, help="only the first N test images")
+    p.add_argument("--device", help="cpu, cuda, mps (default: best available)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("models", help="list architectures", description="List the registered architectures.")
+    p.set_defaults(func=cmd_models)
+    p = sub.add_parser("attacks", help="list attacks", description="List the registered attacks and their defaults.")
+    p.set_defaults(func=cmd_attacks)
+    p = sub.add_parser("demo", help="list the bundled demo suspects", description="List the demo suspects and their metrics.")
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from suspects.data import DatasetNotFoundError
+    from suspects.store import SuspectLoadError
+
+    try:
+        return int(args.func(args) or 0)
+    except (SuspectLoadError, DatasetNotFoundError, ValueError, FileExistsError, KeyError) as err:
+        print(f"backdoor-lens {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

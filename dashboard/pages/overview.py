@@ -1,0 +1,88 @@
+"""Overview: the suspect's card, its BA / ASR / RA with their definitions, clean vs. triggered examples."""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+import torch
+
+from dashboard.common import device, load_suspect, sidebar
+from suspects.metrics import DEFINITIONS, predict
+
+ref = sidebar()
+suspect, lock = load_suspect(ref)
+card = suspect.card
+
+st.title(f"Suspect: {suspect.name}")
+st.markdown(
+    "A **suspect** is a classifier that may carry a backdoor: it behaves normally on clean inputs but sends "
+    "inputs stamped with a secret *trigger* to the attacker's class (Gu et al., *BadNets*, 2017). "
+    "This page shows what is known about it and how often the trigger works."
+)
+
+metrics = card.get("metrics") or {}
+cols = st.columns(3)
+labels = {"ba": "BA (benign accuracy)", "asr": "ASR (attack success rate)", "ra": "RA (robust accuracy)"}
+for col, key in zip(cols, ("ba", "asr", "ra")):
+    value = metrics.get(key)
+    col.metric(labels[key], "n/a" if value is None else f"{100 * value:.1f}%", help=DEFINITIONS[key])
+    col.caption(DEFINITIONS[key])
+st.caption(
+    f"Measured on {metrics.get('n_clean', '?')} clean and {metrics.get('n_poisoned', '?')} triggered test images "
+    f"({metrics.get('evaluated_on', 'test split')})."
+)
+
+trigger = suspect.trigger
+left, right = st.columns([1, 1])
+with left:
+    st.subheader("Card")
+    rows = {
+        "architecture": f"{card.get('arch')} {card.get('arch_kwargs', {})}",
+        "classes": ", ".join(suspect.classes),
+        "input shape (C, H, W)": str(tuple(card.get("input_shape", []))),
+        "data source": str(card.get("data")),
+        "attack": "none known" if trigger is None else
+        f"{trigger.name}, target {trigger.target} ({suspect.classes[trigger.target]}), {trigger.mapping}",
+        "attack parameters": "—" if trigger is None else str(trigger.params),
+        "poisoned training samples": str((card.get("poison") or {}).get("n_poisoned", "—")),
+        "provenance": str((card.get("provenance") or {}).get("source", "—")),
+    }
+    st.table({"field": list(rows), "value": list(rows.values())})
+with right:
+    st.subheader("Training history")
+    hist = (card.get("training") or {}).get("history") or []
+    if hist:
+        import pandas as pd
+
+        df = pd.DataFrame(hist).set_index("epoch")[[c for c in ("ba", "asr") if c in hist[0]]]
+        st.line_chart(df, height=260)
+        st.caption("BA and ASR on the test split after each training epoch (reported, never used for selection).")
+    else:
+        st.info("No training history recorded for this suspect.")
+
+st.subheader("Clean vs. triggered examples")
+n = st.slider("Examples", 4, 16, 8, step=4, key="n_examples")
+test = suspect.test
+mask = trigger.test_mask(test.labels) if trigger is not None else torch.ones(len(test), dtype=torch.bool)
+idx = torch.nonzero(mask).flatten()[:: max(1, int(mask.sum()) // n)][:n]
+x = test.images(idx)
+with lock:
+    pred_clean = predict(suspect.model, x, device=device())
+    xt = trigger(x) if trigger is not None else None
+    pred_trig = predict(suspect.model, xt, device=device()) if xt is not None else None
+
+
+def to_img(t: torch.Tensor) -> np.ndarray:
+    arr = t.clamp(0, 1).mul(255).byte().permute(1, 2, 0).numpy()
+    return arr[:, :, 0] if arr.shape[2] == 1 else arr
+
+
+grid = st.columns(n)
+classes = suspect.classes
+for j, col in enumerate(grid):
+    true = classes[int(test.labels[idx[j]])]
+    col.image(to_img(x[j]), caption=f"clean · true {true} · pred {classes[int(pred_clean[j])]}", width="stretch")
+    if xt is not None:
+        col.image(to_img(xt[j]), caption=f"triggered · pred {classes[int(pred_trig[j])]}", width="stretch")
+if trigger is None:
+    st.info("No trigger is known for this suspect, so only clean inputs are shown.")

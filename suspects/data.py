@@ -1,0 +1,337 @@
+"""Datasets: one return type (:class:`ImageSet`) for every source, and deterministic splits.
+
+Sources are named by a small JSON-able spec (``{"name": "demo"}``,
+``{"name": "fashion-mnist", "root": ...}``, ``{"name": "imagefolder", "root": ...}`` ...) so a suspect
+card can say where its data came from and :func:`load_dataset` can find it again.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "ImageSet",
+    "DatasetPair",
+    "DatasetNotFoundError",
+    "DEMO_DATA",
+    "FASHION_MNIST_CLASSES",
+    "load_dataset",
+    "read_idx",
+    "defense_pool_split",
+    "list_sources",
+]
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEMO_DATA = ASSETS / "demo" / "fashion_mnist_subset.npz"
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+MNIST_CLASSES = [str(i) for i in range(10)]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset is not on disk (and was not, or could not be, downloaded)."""
+
+
+@dataclass
+class ImageSet:
+    """Images with integer labels.
+
+    ``pixels`` holds uint8 images (N, C, H, W); :meth:`images` gives float32 in [0, 1].
+    Keeping uint8 in memory makes CIFAR-sized sets cheap; every model consumes [0, 1] floats.
+    """
+
+    pixels: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.pixels.dtype != torch.uint8 or self.pixels.dim() != 4:
+            raise ValueError("pixels must be a uint8 tensor of shape (N, C, H, W)")
+        self.labels = self.labels.long()
+        if len(self.labels) != len(self.pixels):
+            raise ValueError(f"{len(self.pixels)} images but {len(self.labels)} labels")
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
+            raise ValueError(f"labels must lie in [0, {len(self.classes)})")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.pixels.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def images(self, index: torch.Tensor | Sequence[int] | slice | None = None) -> torch.Tensor:
+        """Float32 images in [0, 1] for ``index`` (all when None)."""
+        px = self.pixels if index is None else self.pixels[index]
+        return px.float().div_(255.0)
+
+    def subset(self, index: torch.Tensor | Sequence[int], name: str | None = None) -> ImageSet:
+        index = torch.as_tensor(index, dtype=torch.long)
+        return ImageSet(self.pixels[index], self.labels[index], list(self.classes), name or self.name)
+
+    def channel_stats(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std in [0, 1] units (for the model's normalise layer)."""
+        x = self.pixels[: min(len(self), 10000)].float().div(255.0)
+        return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+
+
+@dataclass
+class DatasetPair:
+    train: ImageSet
+    test: ImageSet
+    spec: dict = field(default_factory=dict)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train.classes
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.train.input_shape
+
+
+# --- IDX (MNIST / Fashion-MNIST raw files) ----------------------------------------------------------
+
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Parse an IDX file (optionally gzip-compressed), the format of MNIST and Fashion-MNIST."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+    dtype_code, ndim = data[2], data[3]
+    if dtype_code not in _IDX_TYPES:
+        raise ValueError(f"{path}: unknown IDX element type 0x{dtype_code:02x}")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{path}: truncated IDX header")
+    shape = struct.unpack(">" + "I" * ndim, data[4:header])
+    dtype = np.dtype(_IDX_TYPES[dtype_code])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise ValueError(f"{path}: expected {expected} bytes of data for shape {shape}, found {len(data) - header}")
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _load_idx_pair(name: str, root: str | None, classes: list[str], torchvision_dir: str) -> DatasetPair:
+    candidates: list[Path] = []
+    if root:
+        r = Path(root).expanduser()
+        candidates += [r, r / torchvision_dir / "raw"]
+    if name == "fashion-mnist":
+        candidates.append(DEBIAN_FASHION_MNIST)
+    candidates.append(Path("~/.cache/backdoor-lens").expanduser() / torchvision_dir / "raw")
+    stems = {
+        "train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
+        "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte",
+    }
+    for folder in candidates:
+        files = {k: _find_idx(folder, s) for k, s in stems.items()}
+        if all(files.values()):
+            arrays = {k: read_idx(p) for k, p in files.items()}  # type: ignore[arg-type]
+            train = ImageSet(torch.from_numpy(arrays["train_x"].copy()).unsqueeze(1),
+                             torch.from_numpy(arrays["train_y"].astype(np.int64)), classes, f"{name}/train")
+            test = ImageSet(torch.from_numpy(arrays["test_x"].copy()).unsqueeze(1),
+                            torch.from_numpy(arrays["test_y"].astype(np.int64)), classes, f"{name}/test")
+            return DatasetPair(train, test, {"name": name, "root": str(folder)})
+    looked = "\n  ".join(str(c) for c in candidates)
+    hint = " (Debian: apt-get install dataset-fashion-mnist)" if name == "fashion-mnist" else ""
+    raise DatasetNotFoundError(
+        f"{name}: IDX files ({', '.join(stems.values())}, optionally .gz) not found in any of:\n  {looked}{hint}"
+    )
+
+
+# --- torchvision-backed sources -----------------------------------------------------------------
+
+
+def _torchvision_pair(name: str, root: str | None, download: bool) -> DatasetPair:
+    import torchvision
+
+    root_path = Path(root or "~/.cache/backdoor-lens").expanduser()
+    expected = {"cifar10": root_path / "cifar-10-batches-py", "gtsrb": root_path / "gtsrb"}[name]
+    try:
+        if name == "cifar10":
+            tr = torchvision.datasets.CIFAR10(str(root_path), train=True, download=download)
+            te = torchvision.datasets.CIFAR10(str(root_path), train=False, download=download)
+            train = ImageSet(torch.from_numpy(tr.data).permute(0, 3, 1, 2).contiguous(),
+                             torch.tensor(tr.targets), CIFAR10_CLASSES, "cifar10/train")
+            test = ImageSet(torch.from_numpy(te.data).permute(0, 3, 1, 2).contiguous(),
+                            torch.tensor(te.targets), CIFAR10_CLASSES, "cifar10/test")
+        else:
+            tr = torchvision.datasets.GTSRB(str(root_path), split="train", download=download)
+            te = torchvision.datasets.GTSRB(str(root_path), split="test", download=download)
+            classes = [str(i) for i in range(43)]
+            train = _pil_samples_to_set(tr._samples, classes, "gtsrb/train")
+            test = _pil_samples_to_set(te._samples, classes, "gtsrb/test")
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+        raise DatasetNotFoundError(
+            f"{name} not found at {expected}. Pass download=True (CLI: --download) on a machine that is online, "
+            f"or place torchvision's files there. ({err})"
+        ) from err
+    except OSError as err:  # offline download attempt
+        raise DatasetNotFoundError(
+            f"{name}: download failed ({err}); this machine seems offline. Place torchvision's files at {expected}."
+        ) from err
+    return DatasetPair(train, test, {"name": name, "root": str(root_path)})
+
+
+def _pil_samples_to_set(samples: list[tuple[str, int]], classes: list[str], name: str, size: int = 32) -> ImageSet:
+    from PIL import Image
+
+    pixels = np.empty((len(samples), 3, size, size), dtype=np.uint8)
+    for i, (path, _) in enumerate(samples):
+        with Image.open(path) as im:
+            pixels[i] = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)).transpose(2, 0, 1)
+    labels = torch.tensor([label for _, label in samples])
+    return ImageSet(torch.from_numpy(pixels), labels, classes, name)
+
+
+# --- ImageFolder -------------------------------------------------------------------------------------
+
+_IMG_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"}
+
+
+def _read_image_folder(folder: Path, classes: list[str] | None, limit_per_class: int | None,
+                       size: int | None, name: str) -> ImageSet:
+    from PIL import Image
+
+    if classes is None:
+        classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    if not classes:
+        raise DatasetNotFoundError(f"{folder} has no class sub-folders (expected ImageFolder layout root/class/img)")
+    files: list[tuple[Path, int]] = []
+    for label, cls in enumerate(classes):
+        cls_dir = folder / cls
+        if not cls_dir.is_dir():
+            raise DatasetNotFoundError(f"{folder}: class folder {cls!r} is missing (classes come from the train split)")
+        imgs = sorted(p for p in cls_dir.iterdir() if p.suffix.lower() in _IMG_EXT)
+        if limit_per_class is not None:
+            imgs = imgs[:limit_per_class]
+        files += [(p, label) for p in imgs]
+    if not files:
+        raise DatasetNotFoundError(f"{folder}: no images found")
+    with Image.open(files[0][0]) as im:
+        mode = "L" if im.mode in ("L", "1", "I;16") else "RGB"
+        w, h = im.size
+    hw = (size, size) if size else (h, w)
+    c = 1 if mode == "L" else 3
+    pixels = np.empty((len(files), c, hw[0], hw[1]), dtype=np.uint8)
+    for i, (path, _) in enumerate(files):
+        with Image.open(path) as im:
+            im = im.convert(mode)
+            if im.size != (hw[1], hw[0]):
+                im = im.resize((hw[1], hw[0]), Image.BILINEAR)
+            arr = np.asarray(im)
+            pixels[i] = arr[None] if c == 1 else arr.transpose(2, 0, 1)
+    return ImageSet(torch.from_numpy(pixels), torch.tensor([lbl for _, lbl in files]), list(classes), name)
+
+
+def _imagefolder_pair(root: str, limit_per_class: int | None, size: int | None,
+                      test_fraction: float, seed: int) -> DatasetPair:
+    root_path = Path(root).expanduser()
+    if not root_path.is_dir():
+        raise DatasetNotFoundError(f"ImageFolder root {root_path} does not exist")
+    spec = {"name": "imagefolder", "root": str(root_path), "limit_per_class": limit_per_class, "size": size}
+    if (root_path / "train").is_dir() and (root_path / "test").is_dir():
+        train = _read_image_folder(root_path / "train", None, limit_per_class, size, "imagefolder/train")
+        test = _read_image_folder(root_path / "test", train.classes, limit_per_class, size, "imagefolder/test")
+        return DatasetPair(train, test, spec)
+    full = _read_image_folder(root_path, None, limit_per_class, size, "imagefolder")
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(full), generator=gen)
+    n_test = max(1, int(round(len(full) * test_fraction)))
+    spec.update(test_fraction=test_fraction, seed=seed)
+    return DatasetPair(full.subset(perm[n_test:], "imagefolder/train"), full.subset(perm[:n_test], "imagefolder/test"), spec)
+
+
+# --- demo bundle ------------------------------------------------------------------------------------
+
+
+def _demo_pair(path: str | None = None) -> DatasetPair:
+    p = Path(path) if path else DEMO_DATA
+    if not p.is_file():
+        raise DatasetNotFoundError(f"demo bundle not found at {p}; the repository ships it under assets/demo/")
+    with np.load(p) as z:
+        classes = [str(c) for c in z["classes"]]
+        train = ImageSet(torch.from_numpy(z["train_x"]).unsqueeze(1), torch.from_numpy(z["train_y"].astype(np.int64)),
+                         classes, "demo/train")
+        test = ImageSet(torch.from_numpy(z["test_x"]).unsqueeze(1), torch.from_numpy(z["test_y"].astype(np.int64)),
+                        classes, "demo/test")
+    return DatasetPair(train, test, {"name": "demo"})
+
+
+_SOURCES = ("demo", "fashion-mnist", "mnist", "cifar10", "gtsrb", "imagefolder")
+
+
+def list_sources() -> list[str]:
+    return list(_SOURCES)
+
+
+def load_dataset(spec: dict | str) -> DatasetPair:
+    """Load train and test splits from a source spec (a dict, or just a source name).
+
+    Keys: ``name`` (one of :func:`list_sources`), ``root`` (folder), ``download`` (torchvision
+    sources only; default False), ``limit_per_class`` / ``size`` / ``test_fraction`` / ``seed``
+    (ImageFolder). Raises :class:`DatasetNotFoundError` with the expected path when absent.
+    """
+    if isinstance(spec, str):
+        spec = {"name": spec} if spec in _SOURCES else {"name": "imagefolder", "root": spec}
+    name = spec.get("name")
+    if name == "demo":
+        return _demo_pair(spec.get("path"))
+    if name == "fashion-mnist":
+        return _load_idx_pair(name, spec.get("root"), FASHION_MNIST_CLASSES, "FashionMNIST")
+    if name == "mnist":
+        return _load_idx_pair(name, spec.get("root"), MNIST_CLASSES, "MNIST")
+    if name in ("cifar10", "gtsrb"):
+        return _torchvision_pair(name, spec.get("root"), bool(spec.get("download", False)))
+    if name == "imagefolder":
+        if not spec.get("root"):
+            raise ValueError("imagefolder source needs a 'root' folder")
+        return _imagefolder_pair(spec["root"], spec.get("limit_per_class"), spec.get("size"),
+                                 float(spec.get("test_fraction", 0.2)), int(spec.get("seed", 0)))
+    raise ValueError(f"unknown data source {name!r}; known: {', '.join(_SOURCES)}")
+
+
+def defense_pool_split(n_train: int, fraction: float = 0.05, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministically pick the clean *defense pool* from the training split.
+
+    Returns ``(poisonable, pool)`` index tensors (sorted, disjoint, covering ``range(n_train)``).
+    The pool is never poisoned; defenses may use it (the "5% clean training data" threat model of
+    BackdoorBench). It is drawn from the training split, so it never overlaps the test split.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"defense pool fraction must lie in [0, 1), got {fraction}")
+    gen = torch.Generator().manual_seed(int(seed) + 7919)
+    perm = torch.randperm(n_train, generator=gen)
+    n_pool = int(round(n_train * fraction))
+    return perm[n_pool:].sort().values, perm[:n_pool].sort().values

@@ -1,0 +1,329 @@
+"""Model registry: named constructors for the classifiers Backdoor Lens inspects.
+
+Every residual block computes ``residual(x) + gamma * skip(x)`` where ``gamma`` is a plain
+float attribute (default 1.0, never trained). The skip-connection ablation of Yang et al.
+("Backdoor Defense via Suppressing Model Shortcuts", ICASSP 2023) and shortcut suppression
+set it through :func:`set_skip_gamma`.
+
+Input normalisation is part of every model (a :class:`Normalize` layer with non-persistent
+buffers, so state dicts keep BackdoorBench's key names), hence callers always feed raw images
+in [0, 1].
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "Normalize",
+    "ResidualBlock",
+    "create_model",
+    "list_models",
+    "register_model",
+    "residual_blocks",
+    "list_residual_blocks",
+    "set_skip_gamma",
+    "reset_skip_gammas",
+    "get_skip_gammas",
+    "penultimate_features",
+]
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Decorator adding a constructor to the registry under its function name."""
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Names of registered architectures matching a shell-style ``pattern``."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build a registered architecture, e.g. ``create_model('preact_resnet18', num_classes=10, width=16)``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown architecture {name!r}; registered: {', '.join(list_models())}")
+    model = _REGISTRY[name](**kwargs)
+    model.arch_name = name  # type: ignore[attr-defined]
+    model.arch_kwargs = dict(kwargs)  # type: ignore[attr-defined]
+    return model
+
+
+class Normalize(nn.Module):
+    """Per-channel ``(x - mean) / std``; buffers are not saved in the state dict."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        if len(mean) != len(std):
+            raise ValueError("mean and std must have one value per channel")
+        if any(s <= 0 for s in std):
+            raise ValueError("std values must be positive")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+class ResidualBlock(nn.Module):
+    """Base class of blocks whose output is ``residual(x) + gamma * skip(x)``."""
+
+    gamma: float = 1.0
+
+    def scaled_skip(self, skip: torch.Tensor) -> torch.Tensor:
+        # gamma == 1 must give the plain forward bit for bit, so skip the multiply then.
+        return skip if self.gamma == 1.0 else skip * self.gamma
+
+
+class PreActBlock(ResidualBlock):
+    """Pre-activation basic block (He et al., 2016), BackdoorBench key names."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
+        self.gamma = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        skip = self.shortcut(out) if hasattr(self, "shortcut") else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + self.scaled_skip(skip)
+
+
+class BasicBlock(ResidualBlock):
+    """Post-activation basic block of the CIFAR ResNet (``layerX.Y.shortcut`` always present)."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+        self.gamma = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.scaled_skip(self.shortcut(x)))
+
+
+class _CifarResNet(nn.Module):
+    """Shared body of the CIFAR-style ResNets: 3x3 stem, no max-pool, four stages, ``linear`` head."""
+
+    def __init__(
+        self,
+        block: type[ResidualBlock],
+        num_blocks: Sequence[int],
+        num_classes: int,
+        in_channels: int,
+        width: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        stem_bn: bool,
+    ):
+        super().__init__()
+        _check_args(num_classes, in_channels, width, mean, std)
+        self.normalize = Normalize(mean, std)
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.stem_bn = stem_bn
+        if stem_bn:
+            self.bn1 = nn.BatchNorm2d(width)
+        self.in_planes = width
+        self.layer1 = self._make_layer(block, width, num_blocks[0], 1)
+        self.layer2 = self._make_layer(block, width * 2, num_blocks[1], 2)
+        self.layer3 = self._make_layer(block, width * 4, num_blocks[2], 2)
+        self.layer4 = self._make_layer(block, width * 8, num_blocks[3], 2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.linear = nn.Linear(width * 8, num_classes)
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+
+    def _make_layer(self, block: type[ResidualBlock], planes: int, n: int, stride: int) -> nn.Sequential:
+        layers = []
+        for s in [stride] + [1] * (n - 1):
+            layers.append(block(self.in_planes, planes, s))
+            self.in_planes = planes
+        return nn.Sequential(*layers)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate (pooled) features of raw [0, 1] images."""
+        out = self.conv1(self.normalize(x))
+        if self.stem_bn:
+            out = F.relu(self.bn1(out))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return torch.flatten(self.avgpool(out), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.features(x))
+
+
+def _check_args(num_classes: int, in_channels: int, width: int, mean, std) -> None:
+    if int(num_classes) < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if int(in_channels) < 1:
+        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+    if int(width) < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    if len(mean) != in_channels or len(std) != in_channels:
+        raise ValueError(f"mean/std need {in_channels} values (one per input channel), got {len(mean)}/{len(std)}")
+
+
+def _default_norm(in_channels: int, mean, std) -> tuple[list[float], list[float]]:
+    mean = list(mean) if mean is not None else [0.5] * in_channels
+    std = list(std) if std is not None else [0.5] * in_channels
+    return mean, std
+
+
+@register_model
+def preact_resnet18(
+    num_classes: int = 10,
+    in_channels: int = 3,
+    width: int = 64,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> nn.Module:
+    """PreActResNet-18 with BackdoorBench's key names (no final BN; ``shortcut.0`` only where it downsamples)."""
+    mean, std = _default_norm(in_channels, mean, std)
+    return _CifarResNet(PreActBlock, [2, 2, 2, 2], num_classes, in_channels, width, mean, std, stem_bn=False)
+
+
+@register_model
+def resnet18(
+    num_classes: int = 10,
+    in_channels: int = 3,
+    width: int = 64,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> nn.Module:
+    """CIFAR-style ResNet-18 (He et al., 2016): 3x3 stem, no max-pool, ``layerX.Y.shortcut``, ``linear``."""
+    mean, std = _default_norm(in_channels, mean, std)
+    return _CifarResNet(BasicBlock, [2, 2, 2, 2], num_classes, in_channels, width, mean, std, stem_bn=True)
+
+
+class VGG(nn.Module):
+    """VGG with batch norm (Simonyan & Zisserman, 2015), CIFAR-sized head; it has no skip connections."""
+
+    def __init__(self, cfg: Sequence[int | str], num_classes: int, in_channels: int, width: int, mean, std):
+        super().__init__()
+        _check_args(num_classes, in_channels, width, mean, std)
+        self.normalize = Normalize(mean, std)
+        layers: list[nn.Module] = []
+        c = in_channels
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
+            else:
+                out = int(v) * width // 64
+                layers += [nn.Conv2d(c, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+                c = out
+        self.features_body = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.linear = nn.Linear(c, num_classes)
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.avgpool(self.features_body(self.normalize(x))), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.features(x))
+
+
+@register_model
+def vgg11_bn(
+    num_classes: int = 10,
+    in_channels: int = 3,
+    width: int = 64,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> nn.Module:
+    """VGG-11 with batch norm; ``width`` scales every stage (64 = the paper's channel counts)."""
+    mean, std = _default_norm(in_channels, mean, std)
+    cfg = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
+    return VGG(cfg, num_classes, in_channels, width, mean, std)
+
+
+# --- skip-connection helpers -------------------------------------------------------------------
+
+
+def residual_blocks(model: nn.Module) -> Iterator[tuple[str, ResidualBlock]]:
+    """``(name, block)`` for every residual block, in forward order (``layer1.0``, ``layer1.1``, ...)."""
+    for name, module in model.named_modules():
+        if isinstance(module, ResidualBlock):
+            yield name, module
+
+
+def list_residual_blocks(model: nn.Module) -> list[str]:
+    """Names of the residual blocks (empty for a network without skip connections)."""
+    return [name for name, _ in residual_blocks(model)]
+
+
+def _block(model: nn.Module, name: str) -> ResidualBlock:
+    blocks = dict(residual_blocks(model))
+    if name not in blocks:
+        raise KeyError(f"no residual block named {name!r}; blocks: {', '.join(blocks) or '(none)'}")
+    return blocks[name]
+
+
+def set_skip_gamma(model: nn.Module, name: str, gamma: float) -> None:
+    """Scale the skip output of block ``name`` by ``gamma`` (1.0 restores the plain block)."""
+    gamma = float(gamma)
+    if not gamma == gamma:  # NaN
+        raise ValueError("gamma must be a number")
+    _block(model, name).gamma = gamma
+
+
+def reset_skip_gammas(model: nn.Module) -> None:
+    """Set every block's gamma back to 1.0."""
+    for _, block in residual_blocks(model):
+        block.gamma = 1.0
+
+
+def get_skip_gammas(model: nn.Module, non_default_only: bool = False) -> dict[str, float]:
+    """Current gamma per block; with ``non_default_only`` only those != 1.0 (what checkpoints record)."""
+    gammas = {name: float(b.gamma) for name, b in residual_blocks(model)}
+    if non_default_only:
+        gammas = {k: v for k, v in gammas.items() if v != 1.0}
+    return gammas
+
+
+def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Input of the final linear layer for raw [0, 1] images."""
+    if hasattr(model, "features") and callable(model.features):
+        return model.features(x)
+    captured: list[torch.Tensor] = []
+    head = getattr(model, "linear", None)
+    if head is None:
+        raise TypeError("model has neither a features() method nor a 'linear' head")
+    handle = head.register_forward_hook(lambda m, inp, out: captured.append(inp[0]))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return captured[0]

@@ -1,0 +1,397 @@
+"""Suspect folders: save and load a model under investigation with its card.
+
+A suspect folder holds ``model.safetensors`` and ``suspect.json`` (the card) and, for suspects trained
+here, ``poisoned_indices.json``. :func:`load` also takes a bare state dict (``.safetensors``, ``.pt``,
+``.pth``) with the architecture named. Loading never executes code from a file: safetensors, or
+``torch.load(weights_only=True)`` with an allow-list of numpy types (the kind BackdoorBench files hold).
+Other formats plug in through :func:`register_loader`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import pickle
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import DatasetPair, ImageSet, defense_pool_split, load_dataset
+from .models import create_model, get_skip_gammas, set_skip_gamma
+from .poison import PoisonedDataset
+from .triggers import PoisonPlan, Trigger, trigger_from_spec
+
+__all__ = [
+    "Suspect",
+    "SuspectLoadError",
+    "load",
+    "save",
+    "load_state_dict_file",
+    "register_loader",
+    "library_versions",
+    "DEMO_SUSPECTS",
+    "demo_suspect_path",
+    "list_demo_suspects",
+]
+
+CARD_FILE = "suspect.json"
+MODEL_FILE = "model.safetensors"
+POISON_FILE = "poisoned_indices.json"
+DEMO_SUSPECTS = Path(__file__).resolve().parent.parent / "assets" / "demo" / "suspects"
+MAX_CHECKPOINT_BYTES = 2 * 1024**3
+
+
+class SuspectLoadError(ValueError):
+    """A checkpoint or suspect folder could not be loaded; the message says why."""
+
+
+def library_versions() -> dict[str, str]:
+    import numpy
+    import torchvision
+
+    import suspects
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__, "backdoor_lens": getattr(suspects, "__version__", "0")}
+
+
+@dataclass
+class Suspect:
+    """A model under investigation with what is needed to measure it.
+
+    ``card`` is the JSON-able metadata (see ``suspect.json``); data, trigger and the poisoned training set
+    are derived from it lazily.
+    """
+
+    model: nn.Module
+    card: dict[str, Any]
+    path: Path | None = None
+    _plan: PoisonPlan | None = field(default=None, repr=False)
+    _trigger_override: Trigger | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return str(self.card.get("name") or (self.path.name if self.path else "suspect"))
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.card["classes"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.card["classes"])
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.card["input_shape"])  # type: ignore[return-value]
+
+    @cached_property
+    def data(self) -> DatasetPair:
+        spec = self.card.get("data")
+        if not spec:
+            raise SuspectLoadError(f"suspect {self.name!r} names no data source; pass one when loading")
+        pair = load_dataset(spec)
+        if pair.classes != self.classes and len(pair.classes) != self.num_classes:
+            raise SuspectLoadError(f"data source has {len(pair.classes)} classes but the model has {self.num_classes}")
+        if tuple(pair.input_shape) != self.input_shape:
+            raise SuspectLoadError(f"data source gives images {pair.input_shape} but the model expects {self.input_shape}")
+        return pair
+
+    @property
+    def test(self) -> ImageSet:
+        return self.data.test
+
+    @cached_property
+    def split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.card.get("split", {})
+        return defense_pool_split(len(self.data.train), float(s.get("pool_fraction", 0.05)), int(s.get("seed", 0)))
+
+    @property
+    def defense_pool(self) -> ImageSet:
+        """Clean training images a defense may use (never poisoned, disjoint from the test split)."""
+        return self.data.train.subset(self.split[1], "defense-pool")
+
+    @property
+    def trigger(self) -> Trigger | None:
+        if self._trigger_override is not None:
+            return self._trigger_override
+        spec = self.card.get("trigger")
+        if not spec:
+            return None
+        return trigger_from_spec(spec, self.input_shape, self.num_classes)
+
+    def poisoned_train(self) -> PoisonedDataset:
+        """The poisoned training set, when known (raises otherwise)."""
+        trig = self.trigger
+        poison = self.card.get("poison") or {}
+        if trig is None or not poison:
+            raise SuspectLoadError(f"the poisoned training set of {self.name!r} is not known")
+        plan = self._plan
+        if plan is None and self.path is not None and (self.path / POISON_FILE).is_file():
+            raw = json.loads((self.path / POISON_FILE).read_text())
+            plan = PoisonPlan(torch.tensor(raw["poison_idx"], dtype=torch.long),
+                              torch.tensor(raw.get("noise_idx", []), dtype=torch.long))
+        return PoisonedDataset(self.data.train, trig, float(poison.get("rate", 0.0)), int(poison.get("seed", 0)),
+                               exclude=self.split[1], plan=plan)
+
+
+# --- checkpoint readers ------------------------------------------------------------------------------
+
+
+def _safe_globals() -> list:
+    import numpy as np
+
+    allowed: list = [np.ndarray, np.dtype]
+    try:
+        from numpy.core.multiarray import _reconstruct, scalar  # type: ignore[attr-defined]
+    except ImportError:  # pragma: no cover
+        from numpy._core.multiarray import _reconstruct, scalar  # type: ignore[attr-defined]
+    allowed += [_reconstruct, scalar]
+    for name in dir(np.dtypes):
+        obj = getattr(np.dtypes, name)
+        if isinstance(obj, type) and issubclass(obj, np.dtype):
+            allowed.append(obj)
+    return allowed
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint without executing code from it. Returns whatever dict the file holds."""
+    path = Path(path)
+    if not path.is_file():
+        raise SuspectLoadError(f"checkpoint {path} does not exist")
+    if path.stat().st_size > MAX_CHECKPOINT_BYTES:
+        raise SuspectLoadError(f"checkpoint {path} is larger than {MAX_CHECKPOINT_BYTES // 1024**2} MB")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise SuspectLoadError(f"{path} is not a valid safetensors file: {err}") from err
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise SuspectLoadError(
+            f"refused to load {path}: it asks to run or import code that is not on the allow-list of plain "
+            f"tensors and numpy arrays, so it was not executed. Re-save the model's state_dict() with "
+            f"safetensors or torch.save(model.state_dict()). Details: {str(err).splitlines()[0]}"
+        ) from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise SuspectLoadError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
+    if not isinstance(obj, dict):
+        raise SuspectLoadError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def _unwrap_state_dict(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
+    for key in ("state_dict", "model", "model_state_dict", "net"):
+        inner = obj.get(key)
+        if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            obj = inner
+            break
+    sd = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise SuspectLoadError("the checkpoint holds no tensors (expected a model state dict)")
+    return sd
+
+
+def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load strictly; a mismatch names the missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = sorted(k for k in set(own) & set(state_dict) if tuple(own[k].shape) != tuple(state_dict[k].shape))
+    if missing or unexpected or shapes:
+        parts = []
+        head = getattr(model, "linear", None)
+        if isinstance(head, nn.Linear) and "linear.weight" in state_dict and "linear.weight" in shapes:
+            parts.append(f"class count: the checkpoint has {state_dict['linear.weight'].shape[0]} classes, "
+                         f"the model was built for {head.out_features}")
+        if shapes:
+            parts.append("shape mismatch: " + ", ".join(
+                f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}" for k in shapes[:8])
+                + (" ..." if len(shapes) > 8 else ""))
+        if missing:
+            parts.append("missing keys: " + ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+        if unexpected:
+            parts.append("unexpected keys: " + ", ".join(unexpected[:8])
+                         + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
+        arch = getattr(model, "arch_name", type(model).__name__)
+        raise SuspectLoadError(f"{source} does not fit architecture {arch}: " + "; ".join(parts))
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)
+
+
+# --- saving --------------------------------------------------------------------------------------------
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save(suspect: Suspect, folder: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a suspect folder atomically: everything goes to a temporary sibling folder that is renamed at the end."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"{folder} exists (pass overwrite=True to replace it)")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".partial"))
+    try:
+        card = dict(suspect.card)
+        card["skip_gammas"] = get_skip_gammas(suspect.model, non_default_only=True)
+        card.setdefault("versions", library_versions())
+        card.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        sd = {k: v.detach().cpu().contiguous() for k, v in suspect.model.state_dict().items()}
+        save_file(sd, str(tmp / MODEL_FILE), metadata={"arch": str(card.get("arch", ""))})
+        if suspect._plan is not None:
+            (tmp / POISON_FILE).write_text(json.dumps({
+                "poison_idx": suspect._plan.poison_idx.tolist(), "noise_idx": suspect._plan.noise_idx.tolist()}))
+            card.setdefault("poison", {})["indices_file"] = POISON_FILE
+        (tmp / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=False))
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        if folder.exists():
+            backup = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(folder, backup)
+            os.replace(tmp, folder)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    suspect.path = folder
+    return folder
+
+
+# --- loading ---------------------------------------------------------------------------------------------
+
+Loader = Callable[..., "Suspect | None"]
+_LOADERS: list[Loader] = []
+
+
+def register_loader(fn: Loader) -> Loader:
+    """Add a loader: ``fn(path, **kw)`` returns a Suspect, or None when the path is not its format."""
+    _LOADERS.insert(0, fn)
+    return fn
+
+
+def list_demo_suspects() -> list[str]:
+    if not DEMO_SUSPECTS.is_dir():
+        return []
+    return sorted(p.name for p in DEMO_SUSPECTS.iterdir() if (p / CARD_FILE).is_file())
+
+
+def demo_suspect_path(name: str) -> Path:
+    path = DEMO_SUSPECTS / name
+    if not (path / CARD_FILE).is_file():
+        raise SuspectLoadError(f"no demo suspect {name!r}; available: {', '.join(list_demo_suspects()) or '(none)'}")
+    return path
+
+
+def _read_card(folder: Path) -> dict[str, Any]:
+    try:
+        card = json.loads((folder / CARD_FILE).read_text())
+    except json.JSONDecodeError as err:
+        raise SuspectLoadError(f"{folder / CARD_FILE} is not valid JSON: {err}") from err
+    if not isinstance(card, dict):
+        raise SuspectLoadError(f"{folder / CARD_FILE} must hold a JSON object")
+    required = ("arch", "classes", "input_shape")
+    missing = [k for k in required if k not in card]
+    if missing:
+        raise SuspectLoadError(f"{folder / CARD_FILE} lacks {', '.join(missing)}")
+    return card
+
+
+def _build_model(card: dict[str, Any]) -> nn.Module:
+    kwargs = dict(card.get("arch_kwargs", {}))
+    kwargs.setdefault("num_classes", len(card["classes"]))
+    kwargs.setdefault("in_channels", int(card["input_shape"][0]))
+    norm = card.get("normalization") or {}
+    if norm.get("mean") is not None:
+        kwargs.setdefault("mean", norm["mean"])
+        kwargs.setdefault("std", norm["std"])
+    try:
+        return create_model(card["arch"], **kwargs)
+    except (TypeError, ValueError) as err:
+        raise SuspectLoadError(f"cannot build architecture {card['arch']!r} with {kwargs}: {err}") from err
+
+
+def _load_folder(folder: Path) -> Suspect:
+    card = _read_card(folder)
+    model = _build_model(card)
+    weights = folder / MODEL_FILE
+    if not weights.is_file():
+        raise SuspectLoadError(f"{folder} has no {MODEL_FILE}")
+    load_weights(model, _unwrap_state_dict(load_state_dict_file(weights)), str(weights))
+    for name, gamma in (card.get("skip_gammas") or {}).items():
+        set_skip_gamma(model, name, gamma)
+    model.eval()
+    return Suspect(model, card, folder)
+
+
+def load(path: str | os.PathLike, arch: str | None = None, num_classes: int | None = None,
+         input_shape: tuple[int, int, int] | None = None, classes: list[str] | None = None,
+         data: dict | str | None = None, arch_kwargs: dict | None = None, trigger: dict | None = None,
+         name: str | None = None) -> Suspect:
+    """Load a suspect.
+
+    ``path`` is a suspect folder, ``demo:NAME`` (a bundled demo suspect) or a bare state dict
+    (``.safetensors`` / ``.pt`` / ``.pth``); a bare state dict needs ``arch`` and either ``num_classes``
+    or ``classes`` (and ``input_shape`` unless it is (3, 32, 32)). ``data`` names the data source to
+    measure it on; ``trigger`` a trigger spec when the attack is known.
+    """
+    text = str(path)
+    if text.startswith("demo:"):
+        return _load_folder(demo_suspect_path(text[5:]))
+    p = Path(text).expanduser()
+    for loader in _LOADERS:
+        found = loader(p, arch=arch, num_classes=num_classes, input_shape=input_shape, classes=classes, data=data)
+        if found is not None:
+            return found
+    if p.is_dir():
+        if not (p / CARD_FILE).is_file():
+            raise SuspectLoadError(f"{p} is a folder without {CARD_FILE}; is it a suspect folder?")
+        return _load_folder(p)
+    if not p.exists():
+        raise SuspectLoadError(f"{p} does not exist")
+    if p.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
+        raise SuspectLoadError(f"{p}: unsupported file type {p.suffix!r} (use .safetensors, .pt or .pth)")
+    if arch is None:
+        raise SuspectLoadError(f"{p} is a bare state dict: name its architecture (arch=...; CLI --arch)")
+    shape = tuple(input_shape) if input_shape else (3, 32, 32)
+    if classes is None:
+        if num_classes is None:
+            raise SuspectLoadError("a bare state dict needs num_classes (or the class names)")
+        classes = [str(i) for i in range(int(num_classes))]
+    elif num_classes is not None and len(classes) != int(num_classes):
+        raise SuspectLoadError(f"{len(classes)} class names given but num_classes={num_classes}")
+    data_spec = {"name": data} if isinstance(data, str) else data
+    card: dict[str, Any] = {
+        "name": name or p.stem, "arch": arch, "arch_kwargs": dict(arch_kwargs or {}), "classes": list(classes),
+        "input_shape": list(shape), "data": data_spec, "trigger": trigger,
+        "provenance": {"source": "state dict", "file": str(p)},
+    }
+    model = _build_model(card)
+    load_weights(model, _unwrap_state_dict(load_state_dict_file(p)), str(p))
+    model.eval()
+    return Suspect(model, card, None)

@@ -1,0 +1,30 @@
+"""Shared fixtures: small real data, tiny models, and paths to the optional datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg"
+DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def demo_pair():
+    from suspects.data import load_dataset
+
+    return load_dataset("demo")
+
+
+@pytest.fixture
+def runs_dir(tmp_path, monkeypatch):
+    d = tmp_path / "runs"
+    monkeypatch.setenv("BACKDOOR_LENS_RUNS", str(d))
+    return d

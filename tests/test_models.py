@@ -1,0 +1,96 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from suspects.models import (
+    create_model,
+    get_skip_gammas,
+    list_models,
+    list_residual_blocks,
+    penultimate_features,
+    reset_skip_gammas,
+    set_skip_gamma,
+)
+
+BLOCKS = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+
+
+def test_registry():
+    assert {"preact_resnet18", "resnet18", "vgg11_bn"} <= set(list_models())
+    assert list_models("resnet*") == ["resnet18"]
+    with pytest.raises(ValueError, match="unknown architecture"):
+        create_model("resnet1000")
+
+
+def test_preact_resnet18_uses_backdoorbench_names():
+    m = create_model("preact_resnet18", num_classes=10, width=64)
+    keys = set(m.state_dict())
+    for k in ["conv1.weight", "layer1.0.bn1.weight", "layer1.0.conv1.weight", "layer1.0.bn2.running_mean",
+              "layer1.0.conv2.weight", "layer2.0.shortcut.0.weight", "layer4.0.shortcut.0.weight",
+              "linear.weight", "linear.bias"]:
+        assert k in keys, k
+    assert not any(k.startswith("layer1.0.shortcut") or k.startswith("layer2.1.shortcut") for k in keys)
+    assert not any(k.startswith("bn.") or k.startswith("normalize") for k in keys)  # no final BN, norm not saved
+    assert m.linear.in_features == 512
+    assert sum(p.numel() for p in m.parameters()) == pytest.approx(11.17e6, rel=0.01)
+
+
+def test_resnet18_cifar_style():
+    m = create_model("resnet18", num_classes=7, in_channels=1, width=8)
+    assert m.conv1.kernel_size == (3, 3) and m.conv1.stride == (1, 1)
+    assert not any(isinstance(mod, torch.nn.MaxPool2d) for mod in m.modules())
+    assert "layer1.0.shortcut" in dict(m.named_modules())
+    assert m(torch.rand(2, 1, 28, 28)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("arch", ["preact_resnet18", "resnet18"])
+def test_residual_blocks_are_listed(arch):
+    m = create_model(arch, width=4)
+    assert list_residual_blocks(m) == BLOCKS
+
+
+def _plain_preact_block(block, x):
+    out = F.relu(block.bn1(x))
+    skip = block.shortcut(out) if hasattr(block, "shortcut") else x
+    return block.conv2(F.relu(block.bn2(block.conv1(out)))) + skip
+
+
+def test_gamma_one_is_exactly_the_plain_forward_and_gamma_zero_changes_it():
+    torch.manual_seed(0)
+    m = create_model("preact_resnet18", num_classes=10, in_channels=1, width=8).eval()
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        h = m.conv1(m.normalize(x))
+        for name in BLOCKS:
+            h = _plain_preact_block(dict(m.named_modules())[name], h)
+        plain = m.linear(torch.flatten(m.avgpool(h), 1))
+        assert torch.equal(m(x), plain)
+        set_skip_gamma(m, "layer3.1", 0.0)
+        assert get_skip_gammas(m, non_default_only=True) == {"layer3.1": 0.0}
+        changed = m(x)
+        assert not torch.allclose(changed, plain)
+        set_skip_gamma(m, "layer3.1", 0.5)
+        half = m(x)
+        assert not torch.allclose(half, plain) and not torch.allclose(half, changed)
+        reset_skip_gammas(m)
+        assert torch.equal(m(x), plain)
+    with pytest.raises(KeyError, match="no residual block"):
+        set_skip_gamma(m, "layer9.0", 0.0)
+
+
+def test_network_without_skips():
+    m = create_model("vgg11_bn", num_classes=10, in_channels=1, width=8).eval()
+    assert list_residual_blocks(m) == []
+    x = torch.rand(2, 1, 28, 28)
+    assert m(x).shape == (2, 10)
+    assert penultimate_features(m, x).shape == (2, 64)
+
+
+def test_normalisation_is_part_of_the_model():
+    m = create_model("preact_resnet18", width=4, in_channels=1, mean=[0.3], std=[0.2])
+    x = torch.full((1, 1, 8, 8), 0.5)
+    assert torch.allclose(m.normalize(x), torch.full_like(x, 1.0))
+    with pytest.raises(ValueError, match="one per input channel"):
+        create_model("preact_resnet18", in_channels=3, mean=[0.5], std=[0.5])
+    with pytest.raises(ValueError, match="num_classes"):
+        create_model("resnet18", num_classes=1)
