@@ -4,8 +4,8 @@ import struct
 import numpy as np
 import pytest
 import torch
-
 from conftest import DEBIAN_FMNIST, SHARED_CIFAR
+
 from suspects.data import DatasetNotFoundError, ImageSet, defense_pool_split, load_dataset, read_idx
 
 

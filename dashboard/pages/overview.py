@@ -23,7 +23,7 @@ st.markdown(
 metrics = card.get("metrics") or {}
 cols = st.columns(3)
 labels = {"ba": "BA (benign accuracy)", "asr": "ASR (attack success rate)", "ra": "RA (robust accuracy)"}
-for col, key in zip(cols, ("ba", "asr", "ra")):
+for col, key in zip(cols, ("ba", "asr", "ra"), strict=True):
     value = metrics.get(key)
     col.metric(labels[key], "n/a" if value is None else f"{100 * value:.1f}%", help=DEFINITIONS[key])
     col.caption(DEFINITIONS[key])

@@ -1,0 +1,36 @@
+"""The committed demo bundle: every suspect re-evaluates to its recorded metrics and meets the bundle's goals."""
+
+import pytest
+
+from suspects.metrics import evaluate
+from suspects.store import DEMO_SUSPECTS, list_demo_suspects, load
+from suspects.triggers import make_trigger
+
+EXPECTED = {"clean", "badnets", "blended", "sig", "wanet"}
+MIN_ASR = {"badnets": 0.95, "blended": 0.95, "sig": 0.90, "wanet": 0.90}
+
+
+def test_bundle_is_complete_and_small():
+    assert EXPECTED <= set(list_demo_suspects())
+    total = sum(f.stat().st_size for f in DEMO_SUSPECTS.parent.rglob("*") if f.is_file())
+    assert total <= 25 * 1024**2
+    for name in EXPECTED:
+        assert (DEMO_SUSPECTS / name / "model.safetensors").stat().st_size <= 5 * 1024**2
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_demo_suspect_matches_its_recorded_metrics(name):
+    suspect = load(f"demo:{name}")
+    m = evaluate(suspect.model, suspect.test, suspect.trigger, device="cpu")
+    rec = suspect.card["metrics"]
+    assert abs(m.ba - rec["ba"]) <= 0.01
+    assert m.ba >= 0.85
+    if name == "clean":
+        assert suspect.trigger is None
+        badnets = make_trigger("badnets", suspect.input_shape, suspect.num_classes, target=0)
+        assert evaluate(suspect.model, suspect.test, badnets, device="cpu").asr <= 0.10
+    else:
+        assert abs(m.asr - rec["asr"]) <= 0.01 and abs(m.ra - rec["ra"]) <= 0.01
+        assert m.asr >= MIN_ASR[name]
+        assert suspect.trigger.name == name
+        assert len(suspect.poisoned_train().poison_idx) == suspect.card["poison"]["n_poisoned"]
