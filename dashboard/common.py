@@ -1,29 +1,63 @@
-"""Shared dashboard plumbing: which suspect is selected, cached loading, device. UI only, no algorithms."""
+"""Shared dashboard plumbing: the selected suspect, cached loading, device, images. UI only, no algorithms."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import tempfile
 import threading
+from pathlib import Path
 
+import numpy as np
 import streamlit as st
 import torch
 
 import suspects
-from suspects.device import describe_device, pick_device
-from suspects.store import list_demo_suspects
+from suspects.data import list_sources
+from suspects.device import describe_device, pick_device, prepare_model
+from suspects.models import list_models
+from suspects.store import DEMO_SUSPECTS, SuspectLoadError, list_demo_suspects
 
 DEFAULT_SUSPECT = "demo:badnets"
+UPLOAD_LIMIT_MB = 200
+
+
+def runs_root() -> Path:
+    return Path(os.environ.get("BACKDOOR_LENS_RUNS", "runs")).expanduser().resolve()
+
+
+def stored_suspects() -> list[str]:
+    """Suspect folders under the run store (repaired models, uploads), newest first."""
+    root = runs_root()
+    if not root.is_dir():
+        return []
+    found = [p.parent for p in root.glob("**/suspect.json") if not any(part.startswith(".") for part in p.parts)]
+    found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    return [str(p) for p in found]
 
 
 def suspect_choices() -> list[str]:
-    """Every suspect the picker offers: the bundled demos (later issues add the run store)."""
-    return [f"demo:{name}" for name in list_demo_suspects()]
+    """Every suspect the picker offers: the bundled demos, then the run store."""
+    return [f"demo:{name}" for name in list_demo_suspects()] + stored_suspects()
 
 
-@st.cache_resource(show_spinner="Loading suspect ...")
+def label_of(ref: str) -> str:
+    if ref.startswith("demo:"):
+        return f"{ref[5:]} (demo)"
+    p = Path(ref)
+    try:
+        return f"{p.relative_to(runs_root())} (run store)"
+    except ValueError:
+        return str(p)
+
+
+@st.cache_resource(show_spinner="Loading suspect ...", max_entries=8)
 def load_suspect(ref: str) -> tuple[suspects.Suspect, threading.Lock]:
-    """One shared model per suspect reference, with a lock: hooks (Grad-CAM) must not interleave."""
-    return suspects.load(ref), threading.Lock()
+    """One shared model per suspect reference, with a lock: hooks (Grad-CAM, activations) must not interleave."""
+    suspect = suspects.load(ref)
+    suspect.model = prepare_model(suspect.model, device()).eval()
+    return suspect, threading.Lock()
 
 
 @st.cache_resource
@@ -41,18 +75,119 @@ def selected_ref() -> str:
     return ref
 
 
+def _on_pick() -> None:
+    st.session_state["suspect"] = st.session_state["suspect_picker"]
+
+
+def _upload_form() -> None:
+    with st.expander("Upload a checkpoint"):
+        st.caption(f"A state dict (.safetensors, .pt, .pth; at most {UPLOAD_LIMIT_MB} MB). Nothing in it is executed: "
+                   "pickles that ask for code are refused.")
+        file = st.file_uploader("Checkpoint", type=["safetensors", "pt", "pth"], key="upload_file")
+        arch = st.selectbox("Architecture", list_models(), key="upload_arch")
+        width = st.number_input("Width (base channels)", 1, 512, 64, key="upload_width")
+        data = st.selectbox("Measure on", list_sources()[:-1], key="upload_data",
+                            help="the data source whose test split and classes the model uses")
+        if file is not None and st.button("Load checkpoint", key="upload_go"):
+            if file.size > UPLOAD_LIMIT_MB * 1024**2:
+                st.error(f"{file.name} is larger than {UPLOAD_LIMIT_MB} MB")
+                return
+            raw = file.getvalue()
+            digest = hashlib.sha256(raw).hexdigest()[:12]
+            try:
+                pair = suspects.load_dataset(data)
+            except Exception as err:  # noqa: BLE001 - shown to the user
+                st.error(f"data source {data!r}: {err}")
+                return
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / f"upload{Path(file.name).suffix}"
+                path.write_bytes(raw)
+                try:
+                    suspect = suspects.load(path, arch=arch, classes=pair.classes, input_shape=pair.input_shape,
+                                            data={"name": data}, arch_kwargs={"width": int(width)},
+                                            name=Path(file.name).stem)
+                except SuspectLoadError as err:
+                    st.error(str(err))
+                    return
+            suspect.card["provenance"] = {"source": "upload", "file": file.name, "sha256_prefix": digest}
+            folder = runs_root() / "uploads" / f"{Path(file.name).stem}-{digest}"
+            suspects.save(suspect, folder, overwrite=True)
+            st.session_state["suspect"] = str(folder)
+            st.rerun()
+
+
 def sidebar() -> str:
-    """Draw the sidebar (suspect picker, device) and return the selected suspect reference."""
+    """Draw the sidebar (suspect picker, upload, sample size, device) and return the selected suspect reference."""
     choices = suspect_choices()
+    if not choices:
+        st.error(f"No suspects found: the demo bundle ({DEMO_SUSPECTS}) is missing.")
+        st.stop()
     ref = selected_ref()
+    st.session_state["suspect"] = ref
+    if st.session_state.get("suspect_picker") != ref:
+        st.session_state["suspect_picker"] = ref
     with st.sidebar:
         st.markdown("### Suspect")
-        if not choices:
-            st.error("No demo suspects found under assets/demo/suspects.")
-            st.stop()
-        picked = st.selectbox("Model under investigation", choices, index=choices.index(ref), key="suspect_picker",
-                              help="Bundled demo suspects trained on a Fashion-MNIST subset")
-        st.session_state["suspect"] = picked
-        st.query_params["suspect"] = picked
+        st.selectbox("Model under investigation", choices, key="suspect_picker", format_func=label_of,
+                     on_change=_on_pick, help="Demo suspects are trained on a Fashion-MNIST subset; the run store "
+                     "holds repaired models and uploads.")
+        _upload_form()
+        st.slider("Sample size (images per view)", 50, 2000, st.session_state.get("sample_size", 500), step=50,
+                  key="sample_size", help="How many test images the analysis views use; larger is slower but steadier.")
         st.caption(f"Device: **{describe_device(device())}**")
-    return picked
+    st.query_params["suspect"] = ref
+    return ref
+
+
+def sample_size() -> int:
+    return int(st.session_state.get("sample_size", 500))
+
+
+def to_display(x: torch.Tensor | np.ndarray, scale: int = 4) -> np.ndarray:
+    """(C, H, W) [0, 1] tensor or uint8 array -> (H*scale, W*scale[, 3]) uint8 image for st.image."""
+    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+    arr = arr.transpose(1, 2, 0)
+    if scale > 1:
+        arr = arr.repeat(scale, 0).repeat(scale, 1)
+    return arr[:, :, 0] if arr.shape[2] == 1 else arr
+
+
+def overlay(x: torch.Tensor, cam: np.ndarray, scale: int = 4) -> np.ndarray:
+    """Grad-CAM overlay (jet colour map at half weight) of a [0, 1] image, enlarged ``scale`` times."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    img = x.detach().cpu().numpy().transpose(1, 2, 0).astype(np.float32)
+    if img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)
+    out = show_cam_on_image(np.clip(img, 0, 1), cam.astype(np.float32), use_rgb=True)
+    return out.repeat(scale, 0).repeat(scale, 1) if scale > 1 else out
+
+
+def reference_models(ref: str, suspect: suspects.Suspect) -> list[str]:
+    """Clean models trained on the same data (no trigger), usable as a reference next to ``suspect``."""
+    out = []
+    for other in list_demo_suspects():
+        oref = f"demo:{other}"
+        if oref == ref:
+            continue
+        card = json.loads((DEMO_SUSPECTS / other / "suspect.json").read_text())
+        if not card.get("trigger") and card.get("data") == suspect.card.get("data") \
+                and list(card.get("input_shape", [])) == list(suspect.input_shape):
+            out.append(oref)
+    return out
+
+
+class StreamlitProgress:
+    """The library's ``progress(fraction, message, metrics)`` callback drawn as an ``st.progress`` bar."""
+
+    def __init__(self, label: str):
+        self.bar = st.progress(0.0, text=label)
+        self.label = label
+
+    def __call__(self, fraction: float, message: str, metrics: dict) -> None:
+        self.bar.progress(min(max(float(fraction), 0.0), 1.0), text=f"{self.label}: {message}")
+
+    def done(self) -> None:
+        self.bar.empty()

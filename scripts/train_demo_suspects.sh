@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Rebuild the demo suspects of assets/demo/suspects/ with the project's own `train` command.
-# Usage: bash scripts/train_demo_suspects.sh [NAME ...]   (default: all five; ~7 min each on 2 CPU cores)
+# Usage: bash scripts/train_demo_suspects.sh [NAME ...]   (default: all five; ~5 min each on 2 CPU cores)
 set -euo pipefail
 OUT=${OUT:-assets/demo/suspects}
-COMMON="--data demo --model preact_resnet18 --width 16 --epochs 15 --batch-size 128 --lr 0.05 --seed 0 --overwrite"
+COMMON="--data demo --model preact_resnet18 --width 8 --epochs 20 --batch-size 128 --lr 0.05 --seed 0 --overwrite"
 names=${*:-"wanet sig badnets blended clean"}
 for name in $names; do
   case $name in

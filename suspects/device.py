@@ -37,10 +37,10 @@ def autocast(device: torch.device | str, enabled: bool = True):
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
-    """Move to ``device``; channels-last memory format on CUDA."""
+    """Move to ``device``; channels-last memory format on CUDA and CPU (faster convolutions on both)."""
     device = torch.device(device)
     model = model.to(device)
-    if device.type == "cuda":
+    if device.type in ("cuda", "cpu"):
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -48,7 +48,7 @@ def prepare_model(model: torch.nn.Module, device: torch.device | str) -> torch.n
 def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     device = torch.device(device)
     x = x.to(device, non_blocking=True)
-    if device.type == "cuda" and x.dim() == 4:
+    if device.type in ("cuda", "cpu") and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
 

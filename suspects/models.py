@@ -171,13 +171,23 @@ class _CifarResNet(nn.Module):
             self.in_planes = planes
         return nn.Sequential(*layers)
 
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise and apply the first convolution: the input of ``layer1.0``."""
+        out = self.conv1(self.normalize(x))
+        return F.relu(self.bn1(out)) if self.stem_bn else out
+
+    def trunk(self) -> list[tuple[str, nn.Module]]:
+        """The residual blocks in forward order, e.g. ``[("layer1.0", block), ...]``."""
+        return [(f"layer{i}.{j}", b) for i in range(1, 5) for j, b in enumerate(getattr(self, f"layer{i}"))]
+
+    def pool(self, h: torch.Tensor) -> torch.Tensor:
+        """Pooled penultimate features from the last block's output."""
+        return torch.flatten(self.avgpool(h), 1)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate (pooled) features of raw [0, 1] images."""
-        out = self.conv1(self.normalize(x))
-        if self.stem_bn:
-            out = F.relu(self.bn1(out))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        return torch.flatten(self.avgpool(out), 1)
+        out = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        return self.pool(out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.features(x))

@@ -1,0 +1,162 @@
+"""Skip-connection ablation (Yang et al., "Backdoor Defense via Suppressing Model Shortcuts", ICASSP 2023).
+
+For every residual block and every gamma in a grid, the block's skip output is scaled by gamma and BA and
+ASR are measured. Triggers are often learned as shortcuts: at a few key blocks ASR collapses as gamma goes
+to 0 while BA falls more gently. The paper picks the *critical* block by the largest discounted rise of ASR
+between neighbouring gammas: score = max_i (ASR(g_i) - ASR(g_{i-1})) / exp(ASR(g_{i-1})), gammas ascending.
+
+Speed: the activations entering a block do not depend on that block's gamma, so each batch runs the prefix
+once and only the suffix once per gamma; gamma = 1 is shared by all blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from suspects.device import to_device
+from suspects.models import list_residual_blocks, residual_blocks
+
+__all__ = ["DEFAULT_GAMMAS", "NoSkipConnectionsError", "AblationResult", "skip_ablation", "critical_block_score"]
+
+DEFAULT_GAMMAS = tuple(round(1.0 - 0.1 * i, 1) for i in range(11))
+
+
+class NoSkipConnectionsError(ValueError):
+    """The model has no residual blocks, so there is no skip connection to scale."""
+
+
+@dataclass
+class AblationResult:
+    """Tidy table (block, gamma, ba, asr) plus the per-block critical-block scores and the chosen block."""
+
+    table: pd.DataFrame
+    scores: dict[str, float]
+    critical_block: str
+    n_clean: int
+    n_triggered: int
+
+    def curve(self, block: str) -> pd.DataFrame:
+        return self.table[self.table.block == block].sort_values("gamma")
+
+
+def critical_block_score(gammas: Sequence[float], asr: Sequence[float]) -> float:
+    """max_i (ASR(g_i) - ASR(g_{i-1})) / exp(ASR(g_{i-1})) over gammas sorted ascending (ASR as fractions)."""
+    order = np.argsort(np.asarray(gammas, dtype=float))
+    a = np.asarray(asr, dtype=float)[order]
+    if len(a) < 2:
+        return 0.0
+    return float(max((a[i] - a[i - 1]) / math.exp(a[i - 1]) for i in range(1, len(a))))
+
+
+def _has_fast_path(model: nn.Module) -> bool:
+    return all(hasattr(model, a) for a in ("stem", "trunk", "pool", "linear"))
+
+
+@torch.no_grad()
+def _preds_fast(model, x, block_pos, gammas, device):
+    trunk = model.trunk()
+    h = model.stem(x)
+    for _, blk in trunk[:block_pos]:
+        h = blk(h)
+    block = trunk[block_pos][1]
+    out = {}
+    for g in gammas:
+        block.gamma = float(g)
+        z = block(h)
+        for _, blk in trunk[block_pos + 1:]:
+            z = blk(z)
+        out[g] = model.linear(model.pool(z)).argmax(1).cpu()
+    block.gamma = 1.0
+    return out
+
+
+@torch.no_grad()
+def _preds_slow(model, x, block, gammas):
+    out = {}
+    for g in gammas:
+        block.gamma = float(g)
+        out[g] = model(x).argmax(1).cpu()
+    block.gamma = 1.0
+    return out
+
+
+def skip_ablation(model: nn.Module, clean: torch.Tensor, labels: torch.Tensor, triggered: torch.Tensor,
+                  attack_labels: torch.Tensor, gammas: Sequence[float] = DEFAULT_GAMMAS,
+                  blocks: Sequence[str] | None = None, batch_size: int = 500,
+                  progress: Callable[[float, str, dict], None] | None = None) -> AblationResult:
+    """BA (on ``clean``/``labels``) and ASR (``triggered`` classified as ``attack_labels``) per block and gamma.
+
+    ``triggered`` should already exclude target-class images for all-to-one attacks (as ASR does).
+    Gammas are restored to their previous values afterwards.
+    """
+    all_blocks = list_residual_blocks(model)
+    if not all_blocks:
+        raise NoSkipConnectionsError(
+            f"{getattr(model, 'arch_name', type(model).__name__)} has no skip connections, so the skip-connection "
+            "ablation does not apply")
+    blocks = list(blocks) if blocks else all_blocks
+    unknown = [b for b in blocks if b not in all_blocks]
+    if unknown:
+        raise ValueError(f"unknown block(s) {unknown}; blocks: {', '.join(all_blocks)}")
+    gammas = sorted({round(float(g), 6) for g in gammas}, reverse=True)
+    if any(g < 0 or not math.isfinite(g) for g in gammas):
+        raise ValueError("gammas must be finite and >= 0")
+    report = progress or (lambda f, m, d: None)
+    device = next(model.parameters()).device
+    saved = {n: b.gamma for n, b in residual_blocks(model)}
+    modules = dict(residual_blocks(model))
+    was_training = model.training
+    model.eval()
+    fast = _has_fast_path(model)
+    positions = {name: i for i, (name, _) in enumerate(model.trunk())} if fast else {}
+    try:
+        for _, b in residual_blocks(model):
+            b.gamma = 1.0
+        rest = [g for g in gammas if g != 1.0]
+        # gamma = 1 is the plain model, shared by every block
+        base = {}
+        for key, xs, ys in (("ba", clean, labels), ("asr", triggered, attack_labels)):
+            preds = []
+            for s in range(0, len(xs), batch_size):
+                preds.append(model(to_device(xs[s:s + batch_size], device)).argmax(1).cpu())
+            base[key] = float((torch.cat(preds) == ys).float().mean()) if len(xs) else float("nan")
+        rows = []
+        if 1.0 in gammas:
+            rows += [{"block": b, "gamma": 1.0, "ba": base["ba"], "asr": base["asr"]} for b in blocks]
+        total = len(blocks) * 2 * math.ceil(max(len(clean), 1) / batch_size)
+        done = 0
+        for block in blocks:
+            correct = {g: {"ba": 0, "asr": 0} for g in rest}
+            for key, xs, ys in (("ba", clean, labels), ("asr", triggered, attack_labels)):
+                for s in range(0, len(xs), batch_size):
+                    x = to_device(xs[s:s + batch_size], device)
+                    if fast:
+                        preds = _preds_fast(model, x, positions[block], rest, device)
+                    else:
+                        preds = _preds_slow(model, x, modules[block], rest)
+                    for g in rest:
+                        correct[g][key] += int((preds[g] == ys[s:s + batch_size]).sum())
+                    done += 1
+                    report(min(done / total, 1.0), f"ablating {block}", {})
+            for g in rest:
+                rows.append({"block": block, "gamma": g,
+                             "ba": correct[g]["ba"] / max(len(clean), 1),
+                             "asr": correct[g]["asr"] / max(len(triggered), 1)})
+    finally:
+        for name, g in saved.items():
+            modules[name].gamma = g
+        model.train(was_training)
+    table = pd.DataFrame(rows).sort_values(["block", "gamma"], ascending=[True, False]).reset_index(drop=True)
+    order = {b: i for i, b in enumerate(all_blocks)}
+    table = table.sort_values(by=["block", "gamma"], key=lambda c: c.map(order) if c.name == "block" else -c)
+    scores = {b: critical_block_score(t.gamma.to_numpy(), t.asr.to_numpy()) for b, t in table.groupby("block")}
+    critical = max(blocks, key=lambda b: scores.get(b, -np.inf))
+    report(1.0, "done", {})
+    return AblationResult(table.reset_index(drop=True), scores, critical, len(clean), len(triggered))

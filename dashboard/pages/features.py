@@ -1,0 +1,113 @@
+"""Feature-space page: penultimate features in 2-D (PCA at once, UMAP on demand), poisoned points marked."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from analysis.features import feature_set, pca_2d, separation_score, umap_2d
+from dashboard.common import StreamlitProgress, load_suspect, sample_size, sidebar, to_display
+
+ref = sidebar()
+suspect, lock = load_suspect(ref)
+
+st.title("Feature space: do poisoned inputs form their own cluster?")
+st.markdown(
+    "Each point is one image, placed by the model's penultimate-layer features. In a backdoored model triggered "
+    "inputs and poisoned training samples gather in a tight cluster of their own, apart from the genuine images of "
+    "the target class: the observation behind activation clustering (Chen et al., 2019) and the reason DBD "
+    "(Huang et al., ICLR 2022) learns features without labels first. **Lasso** points to see their images."
+)
+
+
+@st.cache_data(show_spinner="Extracting features ...", max_entries=8)
+def cached_features(ref: str, n: int, seed: int = 0):
+    s, lk = load_suspect(ref)
+    with lk:
+        return feature_set(s, n_clean=n, n_triggered=n // 2 if s.trigger else 0, n_train=n // 2, seed=seed)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def cached_umap(ref: str, n: int, n_neighbors: int, _fs, _progress=None):
+    return umap_2d(_fs.features, n_neighbors=n_neighbors, progress=_progress)
+
+
+n = sample_size()
+fs = cached_features(ref, n)
+c1, c2 = st.columns([1, 3])
+method = c1.radio("Embedding", ["PCA", "UMAP"], key="emb_method",
+                  help="PCA is instant; UMAP (umap-learn, fixed seed) is computed once per suspect and sample size.")
+n_neighbors = c1.slider("UMAP neighbours", 5, 50, 15, key="emb_nn", disabled=method != "UMAP")
+if method == "PCA":
+    emb = pca_2d(fs.features)
+else:
+    bar = StreamlitProgress("UMAP")
+    emb = cached_umap(ref, n, n_neighbors, fs, _progress=bar)
+    bar.done()
+
+classes = suspect.classes
+df = pd.DataFrame({
+    "x": emb[:, 0], "y": emb[:, 1], "idx": np.arange(len(fs)),
+    "class": [classes[int(c)] for c in fs.label], "prediction": [classes[int(c)] for c in fs.pred],
+    "kind": fs.kind, "poisoned": fs.poisoned,
+})
+symbols = {"clean test": "circle", "triggered test": "x", "clean train": "circle-open", "poisoned train": "diamond"}
+fig = px.scatter(df, x="x", y="y", color="class", symbol="kind", symbol_map=symbols, custom_data=["idx"],
+                 hover_data={"prediction": True, "kind": True, "x": False, "y": False, "idx": False},
+                 category_orders={"class": classes}, height=560)
+fig.update_traces(marker=dict(size=6, opacity=0.8))
+fig.update_layout(dragmode="lasso", legend=dict(itemsizing="constant"), margin=dict(t=10, b=10),
+                  xaxis_title=f"{method} 1", yaxis_title=f"{method} 2")
+with c2:
+    event = st.plotly_chart(fig, key="feature_scatter", on_select="rerun", selection_mode=("lasso", "box", "points"))
+
+sep = separation_score(emb, fs.poisoned)
+sep_full = separation_score(fs.features, fs.poisoned)
+counts = pd.Series(fs.kind).value_counts()
+m = c1.container()
+if sep["n_poisoned"]:
+    m.metric("Poisoned-cluster separation (2-D)", f"{sep['score']:.2f}", help=(
+        f"mean share of each poisoned point's {sep['k']} nearest neighbours that are poisoned; chance "
+        f"{sep['chance']:.2f}"))
+    m.metric("Separation in full feature space", f"{sep_full['score']:.2f}",
+             help="the same score on the penultimate features themselves")
+    m.caption(f"Chance level {sep['chance']:.2f} (the poisoned share of all points). Poisoned = triggered test "
+              "images and poisoned training samples.")
+m.caption(" · ".join(f"{k}: {v}" for k, v in counts.items()))
+
+
+def selected_indices(ev) -> list[int]:
+    """Global point indices from a plotly selection; the browser sends customdata as {"0": i}, AppTest as [i]."""
+    try:
+        points = ev.selection.points if hasattr(ev, "selection") else ev["selection"]["points"]
+    except (KeyError, TypeError, AttributeError):
+        return []
+    out = []
+    for p in points:
+        cd = p.get("customdata")
+        if isinstance(cd, dict):
+            cd = cd.get("0", next(iter(cd.values()), None))
+        elif isinstance(cd, (list, tuple)):
+            cd = cd[0] if cd else None
+        if cd is not None:
+            out.append(int(cd))
+    return sorted(set(out))
+
+
+chosen = selected_indices(event)
+st.subheader("Selected points")
+if not chosen:
+    st.caption("Draw a lasso (or a box) around points in the scatter to see their images and predictions here.")
+else:
+    sel = df.iloc[chosen]
+    st.write(f"{len(chosen)} points selected: {int(sel.poisoned.sum())} poisoned; classes "
+             + ", ".join(f"{k} ({v})" for k, v in sel["class"].value_counts().items()))
+    show = chosen[:24]
+    cols = st.columns(8)
+    for k, i in enumerate(show):
+        cols[k % 8].image(to_display(fs.images[i], 3), caption=f"{fs.kind[i]} · true {classes[int(fs.label[i])]} · "
+                                                              f"pred {classes[int(fs.pred[i])]}")
+    if len(chosen) > len(show):
+        st.caption(f"showing the first {len(show)} of {len(chosen)}")

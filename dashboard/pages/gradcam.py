@@ -1,0 +1,106 @@
+"""Grad-CAM page: where does the model look, on clean vs. triggered copies of the same images?"""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from analysis.gradcam import (
+    CAM_METHODS,
+    TARGET_KINDS,
+    candidate_layers,
+    compare_gradcam,
+    default_target_layer,
+)
+from analysis.samples import paired_sample
+from dashboard.common import load_suspect, overlay, reference_models, sidebar, to_display
+
+ref = sidebar()
+suspect, lock = load_suspect(ref)
+
+st.title("Grad-CAM: where the model looks")
+st.markdown(
+    "Grad-CAM (Selvaraju et al., ICCV 2017) weights a layer's activation maps by the gradient of a class score and "
+    "shows which pixels drive the decision. On a backdoored model the maps of triggered inputs collapse onto the "
+    "trigger, while a clean model keeps looking at the object (Xu et al., arXiv 2002.12162, Fig. 1). "
+    "The **trigger-attention share** is the fraction of a map's mass that lies on the pixels the trigger changes."
+)
+
+trigger = suspect.trigger
+if trigger is None:
+    st.info("No trigger is known for this suspect, so there is nothing to compare against. Pick a demo suspect "
+            "with an attack, or (in a later version) recover a trigger with the Detection page.")
+    st.stop()
+
+
+@st.cache_data(show_spinner="Computing Grad-CAM maps ...", max_entries=32)
+def cached_gradcam(ref: str, n: int, layer: str, method: str, target_kind: str, seed: int = 0):
+    s, lk = load_suspect(ref)
+    smp = paired_sample(s.test, s.trigger, n, seed)
+    with lk:
+        res = compare_gradcam(s.model, smp, s.trigger, layer, method, target_kind)
+    return res, smp
+
+
+with lock:
+    layers = candidate_layers(suspect.model)
+    default_layer = default_target_layer(suspect.model, suspect.input_shape)
+c1, c2, c3, c4 = st.columns([1, 1, 1, 1])
+method = c1.selectbox("Method", list(CAM_METHODS), key="cam_method",
+                      help="ScoreCAM runs one forward pass per channel: slow on a CPU.")
+layer = c2.selectbox("Target layer", layers, index=layers.index(default_layer), key="cam_layer",
+                     help="Default: the deepest block whose map is at least 7 pixels wide.")
+target_kind = c3.selectbox("Explain the class", TARGET_KINDS, key="cam_target",
+                           help="predicted: the model's own decision; true: the image's label; target: the attack's label")
+n = c4.slider("Images", 8, 64, 16, step=8, key="cam_n")
+if method == "ScoreCAM" and n > 16:
+    st.warning("ScoreCAM is slow on a CPU (seconds per image); consider 8-16 images.")
+
+res, smp = cached_gradcam(ref, n, layer, method, target_kind)
+classes = suspect.classes
+
+m1, m2, m3 = st.columns(3)
+m1.metric("Trigger-attention share, clean inputs", f"{100 * res.mean_clean_share:.1f}%",
+          help="mean over images of sum(map on trigger footprint) / sum(map)")
+m2.metric("Trigger-attention share, triggered inputs", f"{100 * res.mean_triggered_share:.1f}%",
+          delta=f"{100 * (res.mean_triggered_share - res.mean_clean_share):+.1f} pts")
+m3.metric("Footprint share of the image", f"{100 * res.footprint_fraction:.1f}%",
+          help="the share a map spread evenly over the image would put on the trigger (chance level)")
+
+st.subheader("Clean | triggered, side by side")
+per_row = 4
+for start in range(0, len(smp), per_row):
+    cols = st.columns(per_row * 2)
+    for j in range(start, min(start + per_row, len(smp))):
+        k = 2 * (j - start)
+        true = classes[int(smp.labels[j])]
+        cols[k].image(overlay(smp.clean[j], res.clean_cams[j]), width="stretch",
+                      caption=f"clean · true {true} · pred {classes[int(res.clean_pred[j])]} · "
+                              f"share {100 * res.clean_share[j]:.0f}%")
+        cols[k + 1].image(overlay(smp.triggered[j], res.triggered_cams[j]), width="stretch",
+                          caption=f"triggered · pred {classes[int(res.triggered_pred[j])]} · "
+                                  f"share {100 * res.triggered_share[j]:.0f}%")
+
+refs = reference_models(ref, suspect)
+st.subheader("Backdoored vs. clean model (the 2 x 2 grid of Xu et al.)")
+if not refs:
+    st.info("No clean reference model trained on the same data is available for this suspect.")
+else:
+    ref_clean = st.selectbox("Clean reference model", refs, key="cam_reference")
+    clean_res, _ = cached_gradcam(ref_clean, n, layer if layer in candidate_layers(load_suspect(ref_clean)[0].model)
+                                  else default_layer, method, target_kind)
+    st.caption("Mean map over the sample; the number is the mean trigger-attention share.")
+    grid = st.columns([1, 2, 2])
+    grid[1].markdown("**clean input**")
+    grid[2].markdown("**triggered input**")
+    for title, r in ((f"suspect ({suspect.name})", res), (f"clean reference ({ref_clean})", clean_res)):
+        row = st.columns([1, 2, 2])
+        row[0].markdown(f"**{title}**")
+        row[1].image(overlay(smp.clean.mean(0), r.clean_cams.mean(0)), width="stretch",
+                     caption=f"share {100 * r.mean_clean_share:.1f}%")
+        row[2].image(overlay(smp.triggered.mean(0), r.triggered_cams.mean(0)), width="stretch",
+                     caption=f"share {100 * r.mean_triggered_share:.1f}%")
+
+with st.expander("Trigger footprint"):
+    st.image(to_display(np.asarray(res.footprint, dtype=np.float32)[None], scale=6),
+             caption="pixels the trigger changes (white)")

@@ -1,0 +1,84 @@
+"""Skip-connection ablation page: BA and ASR as each residual block's skip output is scaled down."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.subplots import make_subplots
+
+from analysis.samples import paired_sample
+from analysis.shortcuts import DEFAULT_GAMMAS, NoSkipConnectionsError, skip_ablation
+from dashboard.common import StreamlitProgress, load_suspect, sample_size, sidebar
+from suspects.models import list_residual_blocks
+
+ref = sidebar()
+suspect, lock = load_suspect(ref)
+
+st.title("Skip-connection ablation")
+st.markdown(
+    "Every residual block computes residual(x) + γ·skip(x). Scaling one block's skip output down (γ from 1 to 0) "
+    "and re-measuring BA and ASR shows where the trigger travels: Yang et al. (*Backdoor Defense via Suppressing "
+    "Model Shortcuts*, ICASSP 2023) found that backdoors ride on a few key skip connections, where ASR collapses "
+    "while BA falls more gently. Their rule picks the **critical block**: the largest rise of ASR between "
+    "neighbouring γ, discounted by exp(ASR) before the rise."
+)
+
+if not list_residual_blocks(suspect.model):
+    st.info(f"{suspect.card.get('arch')} has no skip connections, so the skip-connection ablation does not apply. "
+            "Pick a ResNet suspect to see it.")
+    st.stop()
+trigger = suspect.trigger
+if trigger is None:
+    st.info("No trigger is known for this suspect: ASR, and so this view, needs one.")
+    st.stop()
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def cached_ablation(ref: str, n: int, gammas: tuple[float, ...], _progress=None):
+    s, lk = load_suspect(ref)
+    smp = paired_sample(s.test, s.trigger, n)
+    clean_idx = paired_sample(s.test, None, n).index
+    with lk:
+        return skip_ablation(s.model, s.test.images(clean_idx), s.test.labels[clean_idx], smp.triggered,
+                             smp.attack_labels, gammas, progress=_progress)
+
+
+n = sample_size()
+bar = StreamlitProgress(f"Ablating every block on {n} clean + {n} triggered images")
+try:
+    res = cached_ablation(ref, n, DEFAULT_GAMMAS, _progress=bar)
+except NoSkipConnectionsError as err:
+    st.info(str(err))
+    st.stop()
+bar.done()
+
+blocks = list(dict.fromkeys(res.table.block))
+fig = make_subplots(rows=1, cols=2, subplot_titles=("BA (clean test images)", "ASR (triggered test images)"))
+for b in blocks:
+    t = res.curve(b)
+    crit = b == res.critical_block
+    style = dict(width=4 if crit else 1.5, dash="solid" if crit else "dot")
+    name = f"{b} (critical)" if crit else b
+    fig.add_trace(go.Scatter(x=t.gamma, y=t.ba, mode="lines+markers", name=name, legendgroup=b, line=style,
+                             marker=dict(size=7 if crit else 4)), row=1, col=1)
+    fig.add_trace(go.Scatter(x=t.gamma, y=t.asr, mode="lines+markers", name=name, legendgroup=b, line=style,
+                             marker=dict(size=7 if crit else 4), showlegend=False), row=1, col=2)
+fig.update_xaxes(title_text="γ (skip scale)", autorange="reversed")
+fig.update_yaxes(range=[0, 1.02])
+fig.update_layout(height=430, margin=dict(t=40, b=10))
+st.plotly_chart(fig, key="ablation_curves")
+st.caption(f"{res.n_clean} clean and {res.n_triggered} triggered test images (all-to-one: the target class is "
+           "excluded from the triggered set). γ = 1 is the unmodified model; the x axis runs from 1 down to 0.")
+
+c1, c2 = st.columns([1, 2])
+c1.metric("Critical block", res.critical_block, help="argmax over blocks of max_i (ASR(γ_i) − ASR(γ_{i−1})) / "
+          "exp(ASR(γ_{i−1})), γ ascending")
+crit = res.curve(res.critical_block)
+at0 = crit[crit.gamma == 0.0]
+if len(at0):
+    c1.metric("At γ = 0 on that block", f"ASR {100 * float(at0.asr.iloc[0]):.1f}%",
+              delta=f"BA {100 * float(at0.ba.iloc[0]):.1f}%", delta_color="off")
+scores = {b: round(v, 3) for b, v in sorted(res.scores.items(), key=lambda kv: -kv[1])}
+c2.dataframe({"block": list(scores), "critical-block score": list(scores.values())}, hide_index=True)
+with st.expander("Full table"):
+    st.dataframe(res.table.style.format({"ba": "{:.3f}", "asr": "{:.3f}", "gamma": "{:.1f}"}), hide_index=True)
