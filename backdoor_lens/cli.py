@@ -1,4 +1,4 @@
-"""The ``backdoor-lens`` command line: ``serve``, ``train``, ``evaluate``, ``models``, ``attacks``."""
+"""The ``backdoor-lens`` command line: ``serve``, ``train``, ``evaluate``, ``defend``, ``defenses`` and listings."""
 
 from __future__ import annotations
 
@@ -152,6 +152,72 @@ def _load_suspect(args: argparse.Namespace):
     return suspect
 
 
+def cmd_defend(args: argparse.Namespace) -> int:
+    import os
+
+    import suspects
+    from defenses.base import Cancelled
+    from defenses.jobs import device_lock, execute
+    from defenses.registry import get_defense
+    from defenses.runstore import RunStore
+
+    defense = get_defense(args.defense)
+    overrides = _parse_sets(args.set)
+    params = defense.make_params(args.preset, overrides)  # refuse nonsense before anything runs
+    suspect = suspects.load(args.suspect)
+    defense.check_applicable(suspect)
+    store = RunStore(args.runs)
+    bar = TqdmProgress(f"{args.defense}", disable=args.quiet or args.json)
+    with device_lock(store, args.device, wait=True):
+        from dataclasses import asdict
+
+        run_id = store.create(args.defense, args.suspect, args.preset, {**overrides, "_resolved": asdict(params)},
+                              args.pool_size, args.seed, args.device)
+        store.mark_running(run_id, os.getpid())
+        try:
+            status = execute(store, run_id, args.device, progress_hook=bar)
+        except (KeyboardInterrupt, Cancelled):
+            store.fail(run_id, "cancelled by the user", status="cancelled")
+            status = "cancelled"
+        finally:
+            bar.close()
+    rec = store.get(run_id)
+    if status != "finished":
+        print(f"backdoor-lens defend: run {run_id} {status}: {rec.error}", file=sys.stderr)
+        return 1
+    report = store.report(run_id)
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "metric_definitions"}, indent=2, default=str))
+        return 0
+    print(f"{defense.title} on {args.suspect} ({report['device']}, {report['seconds']:.1f} s) -> {report['run_dir']}")
+    for key, label in (("ba", "BA"), ("asr", "ASR"), ("ra", "RA")):
+        before, after = report.get(f"{key}_before"), report.get(key)
+        if after is not None:
+            print(f"  {label:4s} {before:.4f} -> {after:.4f}")
+    if report.get("der") is not None:
+        print(f"  DER  {report['der']:.4f}   ((max(0, dASR) - max(0, dBA)) + 1) / 2")
+    return 0
+
+
+def cmd_defenses(args: argparse.Namespace) -> int:
+    from defenses.base import param_specs
+    from defenses.registry import all_defenses
+
+    for d in all_defenses():
+        print(f"{d.name:11s} {d.title} - {d.paper}")
+        print(f"{'':11s} threat model: {d.threat.describe()}")
+        print(f"{'':11s} presets: {', '.join(d.presets)}")
+        if args.params:
+            for spec in param_specs(d.Params):
+                rng = ""
+                if spec.get("choices"):
+                    rng = f" one of {list(spec['choices'])}"
+                elif spec.get("min") is not None or spec.get("max") is not None:
+                    rng = f" in [{spec.get('min')}, {spec.get('max')}]"
+                print(f"{'':13s}{spec['name']} = {spec['default']!r}{rng}: {spec['help']}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from suspects.models import list_models
 
@@ -248,6 +314,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N test images")
     p.add_argument("--device", help="cpu, cuda, mps (default: best available)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("defend", help="run a defense on a suspect and store the repaired model",
+                       description="Run a defense (see `backdoor-lens defenses`) on a suspect; the repaired model "
+                                   "and its report go to the run store.")
+    p.add_argument("defense", help="defense name")
+    p.add_argument("suspect", help="suspect folder or demo:NAME")
+    p.add_argument("--preset", default="quick", help="quick (CPU demo) or paper (official settings)")
+    p.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a parameter, repeatable")
+    p.add_argument("--pool-size", type=int, default=500, help="clean defense-pool images to use (default 500)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", help="run store folder (default ./runs or $BACKDOOR_LENS_RUNS)")
+    p.add_argument("--device", help="cpu, cuda, mps (default: best available)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_defend)
+
+    p = sub.add_parser("defenses", help="list the defenses and their threat models",
+                       description="List the registered defenses, their threat models and presets.")
+    p.add_argument("--params", action="store_true", help="also list every parameter with its range")
+    p.set_defaults(func=cmd_defenses)
 
     p = sub.add_parser("models", help="list architectures", description="List the registered architectures.")
     p.set_defaults(func=cmd_models)

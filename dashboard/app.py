@@ -22,5 +22,8 @@ nav = st.navigation({
         st.Page(str(PAGES / "features.py"), title="Feature space", icon=":material/scatter_plot:"),
         st.Page(str(PAGES / "shortcuts.py"), title="Skip ablation", icon=":material/alt_route:"),
     ],
+    "Remove it": [
+        st.Page(str(PAGES / "defenses.py"), title="Defenses", icon=":material/shield:"),
+    ],
 })
 nav.run()

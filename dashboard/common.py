@@ -14,6 +14,7 @@ import streamlit as st
 import torch
 
 import suspects
+from defenses.runstore import RunStore
 from suspects.data import list_sources
 from suspects.device import describe_device, pick_device, prepare_model
 from suspects.models import list_models
@@ -27,14 +28,27 @@ def runs_root() -> Path:
     return Path(os.environ.get("BACKDOOR_LENS_RUNS", "runs")).expanduser().resolve()
 
 
+@st.cache_resource
+def run_store(root: str) -> RunStore:
+    """One RunStore per root, shared by all sessions; interrupted runs are marked once at server start."""
+    store = RunStore(root)
+    store.reconcile()
+    return store
+
+
+def store() -> RunStore:
+    return run_store(str(runs_root()))
+
+
 def stored_suspects() -> list[str]:
-    """Suspect folders under the run store (repaired models, uploads), newest first."""
+    """Repaired models of finished runs (complete on disk), then uploaded checkpoints; newest first."""
     root = runs_root()
     if not root.is_dir():
         return []
-    found = [p.parent for p in root.glob("**/suspect.json") if not any(part.startswith(".") for part in p.parts)]
-    found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    return [str(p) for p in found]
+    finished = store().finished_suspects() if (root / "index.sqlite").exists() else []
+    uploads = sorted((p.parent for p in (root / "uploads").glob("*/suspect.json")),
+                     key=lambda p: p.stat().st_mtime, reverse=True)
+    return finished + [str(p) for p in uploads]
 
 
 def suspect_choices() -> list[str]:
@@ -47,9 +61,15 @@ def label_of(ref: str) -> str:
         return f"{ref[5:]} (demo)"
     p = Path(ref)
     try:
-        return f"{p.relative_to(runs_root())} (run store)"
+        rel = p.relative_to(runs_root())
     except ValueError:
         return str(p)
+    card = p / "suspect.json"
+    try:
+        name = json.loads(card.read_text()).get("name", rel.name)
+    except (OSError, json.JSONDecodeError):
+        name = rel.name
+    return f"{name} · {rel} (run store)"
 
 
 @st.cache_resource(show_spinner="Loading suspect ...", max_entries=8)

@@ -1,0 +1,9 @@
+"""Defenses behind one interface, the job runner and the run store.
+
+>>> from defenses import list_defenses, run_defense
+>>> report = run_defense("finetune", suspects.load("demo:badnets"), preset="quick")
+"""
+
+from .base import Cancelled, Defense, DefenseOutput, ParamError, ThreatModel, param_specs  # noqa: F401
+from .registry import all_defenses, get_defense, list_defenses  # noqa: F401
+from .runner import defense_pool, run_defense  # noqa: F401

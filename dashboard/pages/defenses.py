@@ -1,0 +1,176 @@
+"""Defenses page: one card per registered defense, run in the background with live progress."""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from dashboard.common import load_suspect, sidebar, store
+from defenses.base import ParamError, param_specs
+from defenses.jobs import ensure_worker, submit
+from defenses.registry import all_defenses
+from defenses.runstore import RunRecord
+from suspects.metrics import DEFINITIONS
+
+ref = sidebar()
+suspect, _ = load_suspect(ref)
+runs = store()
+
+st.title("Defenses")
+st.markdown(
+    "Each card runs one defense on the selected suspect **in a background worker** (one at a time per device; "
+    "further runs queue). Progress is stored durably, so you can switch pages, reload or open another tab; the "
+    "repaired model lands in the run store and in the suspect picker. A defense sees only the suspect's clean "
+    "*defense pool*, never the test split; BA / ASR / RA before and after are measured on the test split for "
+    "this report only."
+)
+pool_n = len(suspect.defense_pool)
+pool_size = st.slider("Clean pool images given to the defense", 10, pool_n, min(500, pool_n), step=10, key="pool_size",
+                      help="drawn from the suspect's defense pool (clean training images, never poisoned); "
+                           "20% of them are held out for the defenses' stopping and selection rules")
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def _widget(defense_name: str, preset: str, spec: dict, value):
+    key = f"p_{defense_name}_{preset}_{spec['name']}"
+    label, help_ = spec["name"], spec["help"]
+    if spec.get("choices"):
+        options = list(spec["choices"])
+        return st.selectbox(label, options, index=options.index(value), key=key, help=help_)
+    if isinstance(spec["default"], bool):
+        return st.checkbox(label, value=bool(value), key=key, help=help_)
+    if isinstance(spec["default"], int):
+        return st.number_input(label, value=int(value), step=1, key=key, help=help_)
+    if isinstance(spec["default"], float):
+        return st.number_input(label, value=float(value), format="%g", key=key, help=help_)
+    return st.text_input(label, value=str(value), key=key, help=help_)
+
+
+def _render_finished(rec: RunRecord) -> None:
+    report = runs.report(rec.id)
+    if report is None:
+        st.error("The run's folder is missing or incomplete on disk.")
+        return
+    c = st.columns(5)
+    c[0].metric("BA", _fmt(report["ba"]), delta=f"{100 * (report['ba'] - report['ba_before']):+.1f} pts",
+                help=DEFINITIONS["ba"])
+    if report.get("asr") is not None:
+        c[1].metric("ASR", _fmt(report["asr"]), delta=f"{100 * (report['asr'] - report['asr_before']):+.1f} pts",
+                    delta_color="inverse", help=DEFINITIONS["asr"])
+        c[2].metric("RA", _fmt(report["ra"]), delta=f"{100 * (report['ra'] - report['ra_before']):+.1f} pts",
+                    help=DEFINITIONS["ra"])
+        c[3].metric("DER", f"{report['der']:.3f}", help=DEFINITIONS["der"])
+    c[4].metric("Time", f"{report['seconds']:.0f} s", help=f"device: {report['device']}")
+    st.caption(f"Before: BA {_fmt(report['ba_before'])}, ASR {_fmt(report['asr_before'])}, "
+               f"RA {_fmt(report['ra_before'])} · preset {report['preset']} · pool {report['pool_size']} images · "
+               f"run {rec.id}")
+    arts = {k: v for k, v in report.get("artifacts", {}).items() if v is not None}
+    if arts:
+        short = {k: v for k, v in arts.items() if not isinstance(v, (list, dict)) or len(str(v)) < 120}
+        st.dataframe(pd.DataFrame({"artifact": list(short), "value": [str(v) for v in short.values()]}),
+                     hide_index=True)
+        long = {k: v for k, v in arts.items() if k not in short}
+        if long:
+            with st.expander("More artifacts"):
+                st.json(long)
+    for name, rows in (report.get("curves") or {}).items():
+        if rows and isinstance(rows[0], dict):
+            df = pd.DataFrame(rows)
+            x = df.columns[0]
+            ys = [col for col in df.columns[1:] if pd.api.types.is_numeric_dtype(df[col])]
+            if ys:
+                fig = px.line(df, x=x, y=ys, markers=True, height=250, title=name.replace("_", " "))
+                fig.update_layout(margin=dict(t=40, b=10))
+                st.plotly_chart(fig, key=f"curve_{rec.id}_{name}")
+    if st.button("Open the repaired model in the analysis pages", key=f"open_{rec.id}", icon=":material/search:"):
+        st.session_state["suspect"] = rec.run_dir
+        st.switch_page("pages/overview.py")
+
+
+def _live_chart(rec: RunRecord) -> None:
+    events = runs.events(rec.id)
+    cols = [k for k in ("held_out_ba", "held_out_asr") if any(k in e for e in events)]
+    if not cols:
+        cols = [k for k in ("loss", "loss_clean", "loss_perturbed", "loss_triggered") if any(k in e for e in events)]
+    if events and cols:
+        df = pd.DataFrame(events)[["fraction", *cols]].dropna(how="all", subset=cols)
+        fig = px.line(df, x="fraction", y=cols, markers=True, height=230,
+                      labels={"fraction": "progress", "value": "value"})
+        fig.update_layout(margin=dict(t=10, b=10))
+        st.plotly_chart(fig, key=f"live_{rec.id}_{len(events)}")
+        if "held_out_ba" in cols:
+            st.caption("Live: BA and ASR on the held-out part of the defense pool (not the test split).")
+
+
+@st.fragment(run_every=1.0)
+def live_panel(defense_name: str) -> None:
+    latest = runs.list(suspect=ref, defense=defense_name)
+    rec = latest[0] if latest else None
+    if rec is None or not rec.active:
+        st.rerun()  # the run ended: redraw the whole page once with its results
+        return
+    if rec.status == "queued":
+        if not runs.list(status="running"):
+            ensure_worker(runs)
+        st.info(f"Queued (run {rec.id}); waiting for the device.")
+    else:
+        st.progress(min(max(rec.progress, 0.0), 1.0), text=f"{rec.message} ({100 * rec.progress:.0f}%)")
+        _live_chart(rec)
+    if st.button("Cancel", key=f"cancel_{rec.id}", icon=":material/stop:"):
+        runs.request_cancel(rec.id)
+        time.sleep(0.2)
+
+
+for defense in all_defenses():
+    with st.container(border=True):
+        st.subheader(defense.title)
+        st.markdown(f"{defense.summary}  \n*{defense.paper}* · threat model: {defense.threat.describe()}")
+        try:
+            defense.check_applicable(suspect)
+            applicable, reason = True, ""
+        except ValueError as err:
+            applicable, reason = False, str(err)
+        latest = runs.list(suspect=ref, defense=defense.name)
+        rec = latest[0] if latest else None
+        busy = rec is not None and rec.active
+        with st.expander("Parameters", expanded=False):
+            preset = st.radio("Preset", list(defense.presets), horizontal=True, key=f"preset_{defense.name}",
+                              help="quick: a live demo on a CPU; paper: the official settings")
+            resolved = defense.make_params(preset)
+            specs = param_specs(defense.Params)
+            cols = st.columns(3)
+            values = {}
+            for i, spec in enumerate(specs):
+                with cols[i % 3]:
+                    values[spec["name"]] = _widget(defense.name, preset, spec, getattr(resolved, spec["name"]))
+        overrides = {k: v for k, v in values.items() if v != getattr(resolved, k)}
+        if not applicable:
+            st.warning(reason)
+        if st.button(f"Run {defense.title}", key=f"run_{defense.name}", disabled=busy or not applicable,
+                     type="primary", icon=":material/play_arrow:"):
+            try:
+                run_id = submit(runs, defense.name, ref, preset, overrides, pool_size=pool_size)
+                st.session_state.setdefault("jobs", {})[defense.name] = run_id
+                st.query_params["job"] = run_id
+                st.rerun()
+            except (ParamError, ValueError) as err:
+                st.error(str(err))
+        if busy:
+            live_panel(defense.name)
+        elif rec is not None:
+            if rec.status == "finished":
+                _render_finished(rec)
+            elif rec.status == "interrupted":
+                st.warning(f"The last run ({rec.id}) was interrupted: {rec.error}")
+            elif rec.status == "cancelled":
+                st.info(f"The last run ({rec.id}) was cancelled.")
+            elif rec.status == "failed":
+                st.error(f"The last run ({rec.id}) failed.")
+                with st.expander("Error"):
+                    st.code(rec.error or "")

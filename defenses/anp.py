@@ -1,0 +1,174 @@
+"""Adversarial Neuron Pruning (ANP), Wu & Wang, NeurIPS 2021 (arXiv 2110.14430).
+
+Backdoored networks collapse toward the target when their neurons are slightly perturbed. ANP learns a mask
+m in [0, 1] per BN channel under adversarial multiplicative noise on BN weights (delta) and biases (xi):
+min_m alpha * L(m * w, b) + (1 - alpha) * max_{|delta|,|xi| <= eps} L((m + delta) * w, (1 + xi) * b),
+then prunes (BN weight := 0, bias kept) the channels whose mask is at or below a threshold.
+
+As in the official code: the mask is optimised in train mode with one signed-gradient ascent step of size
+eps per iteration (not projected), SGD with momentum 0.9 on the mask, the mask clipped to [0, 1]; pruning is
+applied to the original model. Deviation: ``threshold='auto'`` may pick, among 0.05, ..., 0.9, the largest
+threshold whose held-out pool BA drop stays within ``ba_tolerance`` (BackdoorBench selects on the test set).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from suspects.device import to_device
+from suspects.training import augment_batch
+
+from .base import Defense, DefenseOutput, ThreatModel, param
+from .common import pool_accuracy
+from .registry import register_defense
+
+
+@dataclass
+class ANPParams:
+    eps: float = param(0.4, help="perturbation budget epsilon on BN weights and biases", min=0.0, max=2.0)
+    steps: int = param(1, help="signed-gradient ascent steps per iteration", min=1, max=20)
+    alpha: float = param(0.2, help="weight of the clean loss (1 - alpha on the perturbed loss)", min=0.0, max=1.0)
+    lr: float = param(0.2, help="SGD learning rate of the mask", min=1e-5, max=10.0)
+    iterations: int = param(2000, help="mask optimisation iterations", min=1, max=100000)
+    batch_size: int = param(128, help="images per iteration (drawn with replacement)", min=1, max=4096)
+    threshold: float = param(0.2, help="prune channels whose mask is <= threshold", min=0.0, max=1.0)
+    auto_threshold: bool = param(False, help="pick the largest threshold within ba_tolerance on held-out pool data")
+    ba_tolerance: float = param(0.03, help="largest held-out BA drop allowed by auto_threshold", min=0.0, max=1.0)
+
+
+class NoisyBN(nn.Module):
+    """Wraps a BatchNorm2d: scales weight by (mask [+ delta]) and bias by (1 [+ xi])."""
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        self.bn = bn
+        c = bn.num_features
+        self.mask = nn.Parameter(torch.ones(c, device=bn.weight.device))
+        self.delta = nn.Parameter(torch.zeros(c, device=bn.weight.device))
+        self.xi = nn.Parameter(torch.zeros(c, device=bn.weight.device))
+        self.perturb = False
+
+    def forward(self, x):
+        bn = self.bn
+        w = bn.weight * (self.mask + self.delta if self.perturb else self.mask)
+        b = bn.bias * (1 + self.xi) if self.perturb else bn.bias
+        return F.batch_norm(x, bn.running_mean, bn.running_var, w, b, self.training or not bn.track_running_stats,
+                            bn.momentum if bn.momentum is not None else 0.1, bn.eps)
+
+
+def _wrap(model: nn.Module) -> dict[str, NoisyBN]:
+    wrapped = {}
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.BatchNorm2d):
+                full = f"{name}.{child_name}" if name else child_name
+                nb = NoisyBN(child)
+                setattr(module, child_name, nb)
+                wrapped[full] = nb
+    return wrapped
+
+
+def _prune(model: nn.Module, masks: dict[str, torch.Tensor], threshold: float) -> int:
+    modules = dict(model.named_modules())
+    n = 0
+    with torch.no_grad():
+        for name, m in masks.items():
+            off = m <= threshold
+            modules[name].weight[off.to(modules[name].weight.device)] = 0.0
+            n += int(off.sum())
+    return n
+
+
+@register_defense
+class ANP(Defense):
+    name = "anp"
+    title = "Adversarial Neuron Pruning (ANP)"
+    paper = "Wu & Wang, NeurIPS 2021 (arXiv 2110.14430)"
+    summary = ("Perturbs every BN channel adversarially and learns which channels the model can lose; the ones "
+               "that make it collapse toward the target under small noise are pruned.")
+    threat = ThreatModel(clean_pool=True)
+    Params = ANPParams
+    presets = {"quick": {"iterations": 300, "batch_size": 64}, "paper": {}}
+
+    def repair(self, suspect, model, params, pool, device, progress, should_stop):
+        import copy
+
+        work = copy.deepcopy(model)
+        if not any(isinstance(m, nn.BatchNorm2d) for m in work.modules()):
+            raise ValueError("ANP needs BatchNorm layers (its neurons are BN channels)")
+        noisy = _wrap(work)
+        for p in work.parameters():
+            p.requires_grad_(False)
+        masks = [nb.mask for nb in noisy.values()]
+        noise = [t for nb in noisy.values() for t in (nb.delta, nb.xi)]
+        for t in masks + noise:
+            t.requires_grad_(True)
+        mask_opt = torch.optim.SGD(masks, lr=params.lr, momentum=0.9)
+        noise_opt = torch.optim.SGD(noise, lr=params.eps / params.steps)
+        gen = torch.Generator().manual_seed(0)
+        x, y = pool["x"], pool["y"]
+        work.train()
+        for it in range(params.iterations):
+            idx = torch.randint(0, len(x), (params.batch_size,), generator=gen)
+            xb = to_device(augment_batch(x[idx], "crop", gen), device)
+            yb = y[idx].to(device)
+            if params.eps > 0:
+                with torch.no_grad():
+                    for t in noise:
+                        t.uniform_(-params.eps, params.eps)
+                for _ in range(params.steps):
+                    for nb in noisy.values():
+                        nb.perturb = True
+                    noise_opt.zero_grad()
+                    (-F.cross_entropy(work(xb), yb)).backward()
+                    for t in noise:
+                        t.grad = torch.sign(t.grad)
+                    noise_opt.step()
+            mask_opt.zero_grad()
+            loss_rob = torch.zeros((), device=device)
+            if params.eps > 0:
+                for nb in noisy.values():
+                    nb.perturb = True
+                loss_rob = F.cross_entropy(work(xb), yb)
+            for nb in noisy.values():
+                nb.perturb = False
+            loss_nat = F.cross_entropy(work(xb), yb)
+            loss = params.alpha * loss_nat + (1 - params.alpha) * loss_rob
+            loss.backward()
+            mask_opt.step()
+            with torch.no_grad():
+                for m in masks:
+                    m.clamp_(0, 1)
+            if (it + 1) % 10 == 0 or it + 1 == params.iterations:
+                progress(0.85 * (it + 1) / params.iterations, f"mask iteration {it + 1}/{params.iterations}",
+                         {"loss_clean": float(loss_nat), "loss_perturbed": float(loss_rob)})
+        mask_values = {name: nb.mask.detach().cpu() for name, nb in noisy.items()}
+        original = copy.deepcopy(model.state_dict())
+        thresholds = [round(0.05 * i, 2) for i in range(1, 19)]
+        curve = []
+        threshold = params.threshold
+        if params.auto_threshold:
+            base = pool_accuracy(model, pool["x_val"], pool["y_val"], device)
+            threshold = 0.0
+            for t in thresholds:
+                model.load_state_dict(original)
+                n = _prune(model, mask_values, t)
+                ba = pool_accuracy(model, pool["x_val"], pool["y_val"], device)
+                curve.append({"threshold": t, "pruned": n, "held_out_ba": ba})
+                if base - ba <= params.ba_tolerance:
+                    threshold = t
+            model.load_state_dict(original)
+        n_pruned = _prune(model, mask_values, threshold)
+        all_m = torch.cat(list(mask_values.values()))
+        return DefenseOutput(model.eval(), {
+            "threshold": threshold,
+            "n_pruned": n_pruned,
+            "n_neurons": int(len(all_m)),
+            "pruned_share": n_pruned / max(1, len(all_m)),
+            "mask_histogram": torch.histc(all_m, bins=10, min=0, max=1).int().tolist(),
+            "held_out_ba_after": pool_accuracy(model, pool["x_val"], pool["y_val"], device),
+        }, {"threshold_curve": curve})

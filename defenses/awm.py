@@ -1,0 +1,157 @@
+"""Adversarial Weight Masking (AWM), Chai & Chen, "One-shot Neural Backdoor Erasing via Adversarial Weight
+Masking", NeurIPS 2022 (arXiv 2207.04497).
+
+A soft mask m in [0, 1] on every Conv2d weight is trained so the network resists an adversarially recovered,
+L1-bounded universal input perturbation Delta. Each outer epoch:
+1. Delta <- 0; T steps of SGD (lr eta_1 = 10) ascending CE(f(x + Delta; m * theta), y_hat), y_hat = f's clean prediction;
+2. project Delta onto the L1 ball of radius tau (summed over all C*H*W entries);
+3. T steps of Adam (lr eta_2) on m minimising alpha * CE(f(x)) + (1 - alpha) * CE(f(clamp(x + Delta))) + gamma * ||m||_1,
+   then clamp m to [0, 1].
+T = floor(n / batch) * inner, batches drawn with replacement; the model stays in eval mode (BN fixed).
+The output is the soft-masked network theta * m (never thresholded).
+
+``tau = 0`` scales the official 1000 (for 3 x 32 x 32 inputs, a mean |Delta| of about 0.33) to the input size.
+``one_shot`` keeps one pool image per class and adds ``augmentations`` random crops/flips of each, as the
+paper's one-shot setting does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from suspects.device import to_device
+from suspects.training import augment_batch
+
+from .base import Defense, DefenseOutput, ThreatModel, param
+from .common import pool_accuracy
+from .registry import register_defense
+
+
+@dataclass
+class AWMParams:
+    outer: int = param(20, help="outer epochs E", min=1, max=1000)
+    inner: int = param(5, help="inner multiplier: T = floor(n / batch_size) * inner steps per phase", min=1, max=100)
+    batch_size: int = param(128, help="images per step", min=1, max=4096)
+    lr1: float = param(10.0, help="eta_1: SGD learning rate of the trigger Delta", min=1e-4, max=1000.0)
+    lr2: float = param(0.01, help="eta_2: Adam learning rate of the masks", min=1e-6, max=1.0)
+    alpha: float = param(0.9, help="weight of the clean loss; beta = 1 - alpha on the triggered loss", min=0.0, max=1.0)
+    gamma: float = param(1e-8, help="L1 penalty on the masks", min=0.0, max=1.0)
+    tau: float = param(0.0, help="L1 bound of Delta in pixel units (0 = 1000 scaled to the input size)",
+                       min=0.0, max=1e7)
+    one_shot: bool = param(False, help="one clean image per class plus augmentations")
+    augmentations: int = param(9, help="augmented copies per image in the one-shot setting", min=0, max=100)
+
+
+def _conv_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{name}.weight": m.weight for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def one_shot_pool(x: torch.Tensor, y: torch.Tensor, augmentations: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first pool image of each class, plus ``augmentations`` random crop/flip copies of each."""
+    gen = torch.Generator().manual_seed(seed)
+    xs, ys = [], []
+    for c in y.unique().tolist():
+        i = int(torch.nonzero(y == c).flatten()[0])
+        base = x[i:i + 1]
+        xs.append(base)
+        if augmentations:
+            xs.append(augment_batch(base.repeat(augmentations, 1, 1, 1), "crop-flip", gen))
+        ys.append(torch.full((1 + augmentations,), c, dtype=torch.long))
+    return torch.cat(xs), torch.cat(ys)
+
+
+@register_defense
+class AWM(Defense):
+    name = "awm"
+    title = "Adversarial Weight Masking (AWM)"
+    paper = "Chai & Chen, NeurIPS 2022 (arXiv 2207.04497)"
+    summary = ("Recovers a universal trigger-like perturbation and learns soft masks on all convolution weights so "
+               "the network stops reacting to it; works down to one clean image per class.")
+    threat = ThreatModel(clean_pool=True, note="one image per class suffices in the one-shot setting")
+    Params = AWMParams
+    presets = {"quick": {"outer": 8}, "paper": {}, "one-shot": {"one_shot": True, "batch_size": 32, "alpha": 0.99,
+                                                             "outer": 8}}
+
+    def repair(self, suspect, model, params, pool, device, progress, should_stop):
+        x, y = pool["x"], pool["y"]
+        if params.one_shot:
+            x, y = one_shot_pool(x, y, params.augmentations)
+        n = len(x)
+        c, h, w = x.shape[1:]
+        tau = params.tau or 1000.0 * (c * h * w) / (3 * 32 * 32)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        weights = _conv_weights(model)
+        masks = {k: torch.ones_like(v, requires_grad=True) for k, v in weights.items()}
+        mask_opt = torch.optim.Adam(list(masks.values()), lr=params.lr2, eps=1e-8)
+        bs = min(params.batch_size, n)
+        steps = max(1, n // bs) * params.inner
+        gen = torch.Generator().manual_seed(0)
+
+        def forward(inp: torch.Tensor) -> torch.Tensor:
+            masked = {k: weights[k] * masks[k] for k in weights}
+            return functional_call(model, masked, (inp,))
+
+        def batch():
+            idx = torch.randint(0, n, (bs,), generator=gen)
+            return to_device(x[idx], device), y[idx].to(device)
+
+        curve = []
+        for epoch in range(params.outer):
+            delta = torch.zeros(1, c, h, w, device=device, requires_grad=True)
+            trig_opt = torch.optim.SGD([delta], lr=params.lr1)
+            for _ in range(steps):
+                xb, _ = batch()
+                with torch.no_grad():
+                    y_hat = forward(xb).argmax(1)
+                loss = -F.cross_entropy(forward(xb + delta), y_hat)
+                trig_opt.zero_grad()
+                loss.backward()
+                trig_opt.step()
+            with torch.no_grad():
+                norm = delta.abs().sum()
+                if norm > tau:
+                    delta.mul_(tau / norm)
+            delta = delta.detach()
+            for _ in range(steps):
+                xb, yb = batch()
+                loss_nat = F.cross_entropy(forward(xb), yb)
+                loss_adv = F.cross_entropy(forward((xb + delta).clamp(0, 1)), yb)
+                l1 = sum(m.abs().sum() for m in masks.values())
+                loss = params.alpha * loss_nat + (1 - params.alpha) * loss_adv + params.gamma * l1
+                mask_opt.zero_grad()
+                loss.backward()
+                mask_opt.step()
+                with torch.no_grad():
+                    for m in masks.values():
+                        m.clamp_(0, 1)
+            total = sum(m.numel() for m in masks.values())
+            zero = sum(int((m < 1e-3).sum()) for m in masks.values())
+            curve.append({"epoch": epoch + 1, "loss_clean": float(loss_nat), "loss_triggered": float(loss_adv),
+                          "delta_l1": float(delta.abs().sum()), "mask_zero_share": zero / total})
+            progress((epoch + 1) / params.outer, f"outer epoch {epoch + 1}/{params.outer}",
+                     {"loss_clean": float(loss_nat), "loss_triggered": float(loss_adv)})
+        modules = dict(model.named_modules())
+        with torch.no_grad():
+            for k, m in masks.items():
+                modules[k.rsplit(".", 1)[0]].weight.mul_(m)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        total = sum(m.numel() for m in masks.values())
+        return DefenseOutput(model, {
+            "masked_weights": total,
+            "mask_mean": float(sum(m.sum() for m in masks.values()) / total),
+            "mask_zero_share": sum(int((m < 1e-3).sum()) for m in masks.values()) / total,
+            "mask_sparsity_note": "share of conv weights whose mask fell below 0.001",
+            "tau": tau,
+            "images_used": n,
+            "one_shot": params.one_shot,
+            "steps_per_phase": steps,
+            "held_out_ba_after": pool_accuracy(model, pool["x_val"], pool["y_val"], device),
+        }, {"outer": curve})

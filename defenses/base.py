@@ -1,0 +1,166 @@
+"""The one interface every defense implements, its parameters, and what it returns.
+
+A defense takes a :class:`~suspects.Suspect` and returns a repaired model plus a report. Parameters are a
+dataclass whose fields carry their paper names, units, ranges and help text (``param(...)``); the dashboard
+renders them as widgets and the command line as ``--set name=value``. Every defense has two presets:
+``quick`` (a live demo on a CPU) and ``paper`` (the official settings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from suspects.store import Suspect
+
+__all__ = [
+    "Defense",
+    "DefenseOutput",
+    "ThreatModel",
+    "ParamError",
+    "Cancelled",
+    "param",
+    "params_from",
+    "param_specs",
+    "Progress",
+]
+
+Progress = Callable[[float, str, dict], None]
+
+
+class ParamError(ValueError):
+    """A parameter is outside its range or of the wrong type; the message names it."""
+
+
+class Cancelled(RuntimeError):
+    """The user cancelled the run."""
+
+
+def param(default: Any, *, help: str, min: float | None = None, max: float | None = None,
+          choices: tuple | None = None, integer: bool = False) -> Any:
+    """A dataclass field with the metadata used for validation and widgets."""
+    return field(default=default, metadata={"help": help, "min": min, "max": max, "choices": choices,
+                                            "integer": integer})
+
+
+@dataclass
+class ThreatModel:
+    """What a defense needs: a clean pool of ``pool_images`` images, and/or the poisoned training set."""
+
+    clean_pool: bool = True
+    poisoned_training_set: bool = False
+    trigger: bool = False
+    note: str = ""
+
+    def describe(self) -> str:
+        parts = []
+        if self.clean_pool:
+            parts.append("a small clean pool (the defense pool)")
+        if self.poisoned_training_set:
+            parts.append("the poisoned training set")
+        if self.trigger:
+            parts.append("a trigger (known or recovered)")
+        text = "needs " + " and ".join(parts) if parts else "needs nothing but the model"
+        return text + (f"; {self.note}" if self.note else "")
+
+
+@dataclass
+class DefenseOutput:
+    """What :meth:`Defense.run` returns: the repaired model and the method's own artifacts."""
+
+    model: nn.Module
+    artifacts: dict[str, Any] = field(default_factory=dict)
+    curves: dict[str, list] = field(default_factory=dict)
+
+
+def param_specs(params_cls: type) -> list[dict[str, Any]]:
+    """Name, type, default and metadata of every parameter (for widgets, flags and docs)."""
+    out = []
+    for f in dataclasses.fields(params_cls):
+        out.append({"name": f.name, "default": f.default, "type": type(f.default).__name__, **f.metadata})
+    return out
+
+
+def _coerce(name: str, value: Any, spec: dict[str, Any]) -> Any:
+    default = spec["default"]
+    if spec.get("choices"):
+        if value not in spec["choices"]:
+            raise ParamError(f"parameter {name!r} must be one of {list(spec['choices'])}, got {value!r}")
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ParamError(f"parameter {name!r} must be true or false, got {value!r}")
+            return value.lower() in ("true", "1", "yes")
+        return bool(value)
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        try:
+            num = float(value)
+        except (TypeError, ValueError) as err:
+            raise ParamError(f"parameter {name!r} must be a number, got {value!r}") from err
+        if not math.isfinite(num):
+            raise ParamError(f"parameter {name!r} must be finite, got {value!r}")
+        if spec.get("integer") or isinstance(default, int):
+            if num != int(num):
+                raise ParamError(f"parameter {name!r} must be a whole number, got {value!r}")
+            num = int(num)
+        lo, hi = spec.get("min"), spec.get("max")
+        if (lo is not None and num < lo) or (hi is not None and num > hi):
+            rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+            raise ParamError(f"parameter {name!r} must lie in {rng}, got {value!r}")
+        return num
+    return value
+
+
+def params_from(params_cls: type, values: dict[str, Any] | None = None) -> Any:
+    """Build and validate a parameters dataclass; unknown names and out-of-range values raise :class:`ParamError`."""
+    values = dict(values or {})
+    specs = {s["name"]: s for s in param_specs(params_cls)}
+    unknown = sorted(set(values) - set(specs))
+    if unknown:
+        raise ParamError(f"unknown parameter(s) {unknown}; known: {sorted(specs)}")
+    clean = {k: _coerce(k, v, specs[k]) for k, v in values.items()}
+    obj = params_cls(**clean)
+    check = getattr(obj, "check", None)
+    if callable(check):
+        check()
+    return obj
+
+
+class Defense:
+    """Base class: subclasses set the class attributes and implement :meth:`repair`."""
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    threat: ClassVar[ThreatModel] = ThreatModel()
+    Params: ClassVar[type] = object
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"quick": {}, "paper": {}}
+    artifact_labels: ClassVar[dict[str, str]] = {}
+
+    def make_params(self, preset: str = "quick", overrides: dict[str, Any] | None = None) -> Any:
+        if preset not in self.presets:
+            raise ParamError(f"{self.name}: unknown preset {preset!r}; presets: {sorted(self.presets)}")
+        return params_from(self.Params, {**self.presets[preset], **(overrides or {})})
+
+    def check_applicable(self, suspect: Suspect) -> None:
+        """Raise ValueError when the suspect lacks what the threat model needs."""
+        if self.threat.poisoned_training_set:
+            poison = suspect.card.get("poison")
+            if not poison or suspect.trigger is None:
+                raise ValueError(f"{self.title} needs the suspect's poisoned training set, which is not known for "
+                                 f"{suspect.name!r}")
+        if self.threat.trigger and suspect.trigger is None:
+            raise ValueError(f"{self.title} needs a trigger (known or recovered) and {suspect.name!r} has none")
+
+    def repair(self, suspect: Suspect, model: nn.Module, params: Any, pool: dict[str, torch.Tensor],
+               device: torch.device, progress: Progress, should_stop: Callable[[], bool]) -> DefenseOutput:
+        """Return the repaired model (``model`` is the suspect's model, copied, on ``device``)."""
+        raise NotImplementedError

@@ -1,0 +1,44 @@
+"""Plain fine-tuning (FT): the control every defense must beat.
+
+Continue training the suspect with cross-entropy on the clean pool so the unused trigger pathway is
+forgotten (BackdoorBench ``defense/ft.py``: 5% of the training set, 100 epochs, SGD lr 0.01, cosine).
+Deviation: the ``quick`` preset uses fewer epochs and a higher learning rate so a CPU demo finishes in
+seconds; the last model is returned, no selection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Defense, DefenseOutput, ThreatModel, param
+from .common import fine_tune, pool_accuracy, pool_monitor
+from .registry import register_defense
+
+
+@dataclass
+class FineTuneParams:
+    epochs: int = param(100, help="passes over the clean pool", min=1, max=1000)
+    lr: float = param(0.01, help="SGD learning rate (cosine-annealed to 0)", min=1e-6, max=1.0)
+    momentum: float = param(0.9, help="SGD momentum", min=0.0, max=0.999)
+    weight_decay: float = param(5e-4, help="L2 weight decay", min=0.0, max=0.1)
+    batch_size: int = param(256, help="images per step", min=1, max=4096)
+    augment: str = param("crop", help="training augmentation", choices=("none", "crop", "crop-flip"))
+
+
+@register_defense
+class FineTune(Defense):
+    name = "finetune"
+    title = "Fine-tuning"
+    paper = "baseline (BackdoorBench defense/ft.py)"
+    summary = ("Keeps training the suspect on a small clean set with plain cross-entropy. The trigger pathway is "
+               "never exercised, so it tends to fade; this is the control every defense must beat.")
+    threat = ThreatModel(clean_pool=True)
+    Params = FineTuneParams
+    presets = {"quick": {"epochs": 20, "lr": 0.05, "batch_size": 64}, "paper": {}}
+
+    def repair(self, suspect, model, params, pool, device, progress, should_stop):
+        losses = fine_tune(model, pool["x"], pool["y"], device, params.epochs, params.lr, params.batch_size,
+                           params.momentum, params.weight_decay, params.augment, progress=progress,
+                           monitor=pool_monitor(model, pool, suspect.trigger, device))
+        return DefenseOutput(model, {"held_out_ba": pool_accuracy(model, pool["x_val"], pool["y_val"], device)},
+                             {"loss": losses})

@@ -1,0 +1,158 @@
+"""Background jobs: defenses run in a worker subprocess, one at a time per device, from a durable queue.
+
+``submit`` validates everything first (nonsense parameters are refused before a row is written), queues the
+run in the store and makes sure a worker is running. The worker (``python -m defenses.jobs --runs ROOT``) holds
+a per-device lock file, takes queued runs oldest first and exits when the queue is empty. It is started in its
+own session, so it survives page reloads, other tabs and a restart of the dashboard server; if it dies, the
+store marks its run ``interrupted``. Cancelling sets a flag the worker checks at every progress report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import io
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from .base import Cancelled
+from .registry import get_defense
+from .runner import run_defense
+from .runstore import RunStore
+
+__all__ = ["submit", "ensure_worker", "device_lock", "run_queued", "execute"]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _lock_path(store: RunStore, device: str | None) -> Path:
+    return store.root / f"worker-{(device or 'auto').replace(':', '_')}.lock"
+
+
+@contextlib.contextmanager
+def device_lock(store: RunStore, device: str | None = None, wait: bool = True):
+    """Hold the per-device lock (one defense at a time per device). Yields False when ``wait=False`` and busy."""
+    path = _lock_path(store, device)
+    fh = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        fh.close()
+
+
+def submit(store: RunStore, defense: str, suspect_ref: str, preset: str = "quick",
+           overrides: dict[str, Any] | None = None, pool_size: int = 500, seed: int = 0,
+           device: str | None = None, start_worker: bool = True) -> str:
+    """Validate and queue a run; returns its id. Raises ParamError / ValueError / SuspectLoadError first."""
+    import suspects
+
+    d = get_defense(defense)
+    params = d.make_params(preset, overrides)
+    suspect = suspects.load(suspect_ref)
+    d.check_applicable(suspect)
+    pool_n = len(suspect.defense_pool)
+    if not 1 <= int(pool_size) <= pool_n:
+        from .base import ParamError
+
+        raise ParamError(f"pool size must lie in [1, {pool_n}] (the suspect's clean defense pool), got {pool_size}")
+    from dataclasses import asdict
+
+    run_id = store.create(defense, suspect_ref, preset, {**(overrides or {}), "_resolved": asdict(params)},
+                          int(pool_size), int(seed), device)
+    if start_worker:
+        ensure_worker(store, device)
+    return run_id
+
+
+def ensure_worker(store: RunStore, device: str | None = None) -> None:
+    """Start a detached worker unless one already holds the device lock."""
+    with device_lock(store, device, wait=False) as free:
+        if not free:
+            return
+    cmd = [sys.executable, "-m", "defenses.jobs", "--runs", str(store.root)]
+    if device:
+        cmd += ["--device", device]
+    log = open(store.root / "worker.log", "ab")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(ROOT), env=env,
+                     start_new_session=True)
+
+
+def execute(store: RunStore, run_id: str, device: str | None = None, progress_hook=None) -> str:
+    """Run one claimed run to its end, recording progress, and return its final status."""
+    import suspects
+
+    rec = store.get(run_id)
+    log = io.StringIO()
+    last = [0.0]
+
+    def progress(fraction: float, message: str, metrics: dict) -> None:
+        now = time.time()
+        if metrics or now - last[0] > 0.5 or fraction >= 1.0:
+            store.update_progress(run_id, fraction, message, metrics)
+            last[0] = now
+            log.write(f"{time.strftime('%H:%M:%S')} {100 * fraction:5.1f}% {message} {metrics}\n")
+        if progress_hook is not None:
+            progress_hook(fraction, message, metrics)
+
+    try:
+        suspect = suspects.load(rec.suspect)
+        overrides = {k: v for k, v in rec.params.items() if not k.startswith("_")}
+        report = run_defense(rec.defense, suspect, rec.preset, overrides, progress=progress,
+                             should_stop=lambda: store.cancel_requested(run_id), pool_size=rec.pool_size,
+                             seed=rec.seed, device=device or rec.device, suspect_ref=rec.suspect)
+        store.finish(run_id, dict(report), report.suspect, log.getvalue())
+        return "finished"
+    except Cancelled:
+        store.fail(run_id, "cancelled by the user", status="cancelled")
+        return "cancelled"
+    except Exception as err:  # noqa: BLE001 - recorded for the user
+        store.fail(run_id, f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
+        return "failed"
+
+
+def run_queued(store: RunStore, device: str | None = None) -> int:
+    """Worker loop: take queued runs until none is left. Returns how many ran."""
+    n = 0
+    with device_lock(store, device, wait=False) as free:
+        if not free:
+            return 0
+        while True:
+            store.reconcile()
+            rec = store.claim_next(os.getpid())
+            if rec is None:
+                return n
+            execute(store, rec.id, device)
+            n += 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Backdoor Lens defense worker (started by the dashboard).")
+    ap.add_argument("--runs", required=True)
+    ap.add_argument("--device")
+    args = ap.parse_args(argv)
+    store = RunStore(args.runs)
+    while True:
+        run_queued(store, args.device)
+        time.sleep(0.5)  # a run queued while the lock was being released is picked up here
+        if not store.list(status="queued"):
+            return 0
+        with device_lock(store, args.device, wait=False) as free:
+            if not free:
+                return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Run a defense on a suspect: build its clean pool, measure before and after, write the report.
+
+The defense sees only the suspect's *defense pool* (clean training images, never poisoned, disjoint from
+the test split), split into a part it trains on and a held-out part its stopping and selection rules may
+use. BA / ASR / RA before and after are measured on the test split for the report only.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from suspects.device import describe_device, pick_device, prepare_model
+from suspects.metrics import DEFINITIONS, der, evaluate
+from suspects.store import Suspect
+from suspects.training import seed_everything
+
+from .base import Cancelled, Defense, ParamError, Progress
+from .registry import get_defense
+
+__all__ = ["defense_pool", "run_defense", "DefenseRun"]
+
+
+def defense_pool(suspect: Suspect, n: int = 500, val_fraction: float = 0.2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``n`` clean pool images as ``x``/``y`` (train part) and ``x_val``/``y_val`` (held-out part)."""
+    pool = suspect.defense_pool
+    if n < 1:
+        raise ParamError(f"pool size must be >= 1, got {n}")
+    if n > len(pool):
+        raise ParamError(f"pool size {n} exceeds the suspect's clean defense pool ({len(pool)} images)")
+    gen = torch.Generator().manual_seed(int(seed) + 17)
+    idx = torch.randperm(len(pool), generator=gen)[:n]
+    n_val = int(round(n * val_fraction)) if n >= 10 else 0
+    val, train = idx[:n_val], idx[n_val:]
+    return {"x": pool.images(train), "y": pool.labels[train], "x_val": pool.images(val), "y_val": pool.labels[val],
+            "index": idx.clone()}
+
+
+class DefenseRun(dict):
+    """The report: a plain dict (JSON-able) with the repaired suspect attached as ``.suspect``."""
+
+    suspect: Suspect
+
+
+def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: dict[str, Any] | None = None,
+                progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
+                pool_size: int = 500, seed: int = 0, device: str | torch.device | None = None,
+                suspect_ref: str | None = None) -> DefenseRun:
+    """Validate, run and measure a defense. Raises ParamError / ValueError before anything runs on bad input."""
+    defense: Defense = get_defense(name)
+    params = defense.make_params(preset, overrides)
+    defense.check_applicable(suspect)
+    report_progress = progress or (lambda f, m, d: None)
+    stop = should_stop or (lambda: False)
+    device = pick_device(str(device) if device is not None else None)
+    seed_everything(seed)
+    t0 = time.time()
+    pool = defense_pool(suspect, pool_size, seed=seed)
+    report_progress(0.0, "measuring the suspect", {})
+    trigger = suspect.trigger
+    model = prepare_model(copy.deepcopy(suspect.model), device).eval()
+    before = evaluate(model, suspect.test, trigger, device=device)
+    if stop():
+        raise Cancelled("cancelled before the defense started")
+
+    def scaled(fraction: float, message: str, metrics: dict) -> None:
+        report_progress(0.02 + 0.93 * min(max(fraction, 0.0), 1.0), message, metrics)
+        if stop():
+            raise Cancelled("cancelled by the user")
+
+    out = defense.repair(suspect, model, params, pool, device, scaled, stop)
+    repaired = out.model.eval()
+    report_progress(0.96, "measuring the repaired model", {})
+    after = evaluate(repaired, suspect.test, trigger, device=device)
+    seconds = time.time() - t0
+    repaired = repaired.cpu().to(memory_format=torch.contiguous_format)
+    report = DefenseRun({
+        "defense": name,
+        "title": defense.title,
+        "paper": defense.paper,
+        "suspect": suspect_ref or suspect.name,
+        "preset": preset,
+        "params": asdict(params),
+        "pool_size": pool_size,
+        "pool_split": {"train": int(len(pool["y"])), "held_out": int(len(pool["y_val"]))},
+        "seed": seed,
+        "ba_before": before.ba, "asr_before": before.asr, "ra_before": before.ra,
+        "ba": after.ba, "asr": after.asr, "ra": after.ra,
+        "n_clean": after.n_clean, "n_poisoned": after.n_poisoned,
+        "der": (der(before.ba, before.asr, after.ba, after.asr) if before.asr is not None else None),
+        "seconds": round(seconds, 2),
+        "device": describe_device(device),
+        "artifacts": out.artifacts,
+        "curves": out.curves,
+        "metric_definitions": DEFINITIONS,
+        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    })
+    card = copy.deepcopy(suspect.card)
+    card["name"] = f"{suspect.name}+{name}"
+    card["metrics"] = {**after.to_dict(), "evaluated_on": "test split"}
+    card["provenance"] = {"source": "defense", "defense": name, "parent": suspect_ref or suspect.name,
+                          "preset": preset, "params": asdict(params)}
+    card.pop("skip_gammas", None)
+    card.pop("created", None)
+    card.pop("versions", None)
+    report.suspect = Suspect(repaired, card, None, _plan=suspect._plan, _trigger_override=suspect._trigger_override)
+    report_progress(1.0, "done", {"ba": after.ba, **({"asr": after.asr} if after.asr is not None else {})})
+    return report

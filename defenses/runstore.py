@@ -1,0 +1,272 @@
+"""The run store: one folder per finished run, indexed in SQLite, under one root.
+
+Root: ``./runs`` by default, moved by ``BACKDOOR_LENS_RUNS`` or an explicit path (CLI ``--runs``).
+
+- ``index.sqlite`` holds one row per run (queued / running / finished / failed / cancelled / interrupted) with
+  its progress, and the interim metrics it reported (table ``events``), so any page or tab can follow it.
+- A finished run is the folder ``<root>/<run id>/`` with ``model.safetensors`` and ``suspect.json`` (the repaired
+  suspect), ``report.json`` and ``log.txt``. It is written to ``<root>/.<run id>.partial/`` and renamed when
+  complete, and its row says ``finished`` only after the rename: a crash never leaves a run that looks complete.
+- A run whose worker process died (a killed server, a crash) is marked ``interrupted``, never finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from suspects.store import Suspect, save
+
+__all__ = ["RunStore", "RunRecord", "default_root", "STATUSES", "ACTIVE"]
+
+STATUSES = ("queued", "running", "finished", "failed", "cancelled", "interrupted")
+ACTIVE = ("queued", "running")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    defense TEXT NOT NULL,
+    suspect TEXT NOT NULL,
+    preset TEXT,
+    params TEXT,
+    pool_size INTEGER,
+    seed INTEGER,
+    device TEXT,
+    status TEXT NOT NULL,
+    progress REAL DEFAULT 0,
+    message TEXT DEFAULT '',
+    created REAL,
+    started REAL,
+    finished REAL,
+    pid INTEGER,
+    cancel INTEGER DEFAULT 0,
+    run_dir TEXT,
+    error TEXT,
+    summary TEXT
+);
+CREATE TABLE IF NOT EXISTS events (
+    run_id TEXT NOT NULL,
+    t REAL NOT NULL,
+    fraction REAL,
+    message TEXT,
+    metrics TEXT
+);
+CREATE INDEX IF NOT EXISTS events_run ON events(run_id);
+"""
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("BACKDOOR_LENS_RUNS", "runs")).expanduser().resolve()
+
+
+@dataclass
+class RunRecord:
+    id: str
+    defense: str
+    suspect: str
+    preset: str
+    params: dict
+    pool_size: int
+    seed: int
+    device: str | None
+    status: str
+    progress: float
+    message: str
+    created: float
+    started: float | None
+    finished: float | None
+    pid: int | None
+    cancel: bool
+    run_dir: str | None
+    error: str | None
+    summary: dict | None
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (finished child not yet reaped) is not alive
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class RunStore:
+    """SQLite-indexed run folders under ``root`` (see the module docstring)."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root).expanduser().resolve() if root else default_root()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.root / "index.sqlite"
+        with self._conn() as c:
+            c.executescript(_SCHEMA)
+
+    @contextmanager
+    def _conn(self):
+        conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.row_factory = sqlite3.Row
+            yield conn
+        finally:
+            conn.close()
+
+    # --- writing -------------------------------------------------------------------------------------
+    def create(self, defense: str, suspect: str, preset: str, params: dict, pool_size: int, seed: int,
+               device: str | None = None) -> str:
+        run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{defense}-{uuid.uuid4().hex[:6]}"
+        with self._conn() as c:
+            c.execute("INSERT INTO runs (id, defense, suspect, preset, params, pool_size, seed, device, status, "
+                      "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
+                      (run_id, defense, suspect, preset, json.dumps(params), pool_size, seed, device, time.time()))
+        return run_id
+
+    def claim_next(self, pid: int) -> RunRecord | None:
+        """Atomically take the oldest queued run and mark it running under ``pid``."""
+        with self._conn() as c:
+            c.execute("BEGIN IMMEDIATE")
+            row = c.execute("SELECT id FROM runs WHERE status = 'queued' ORDER BY created LIMIT 1").fetchone()
+            if row is None:
+                c.execute("COMMIT")
+                return None
+            c.execute("UPDATE runs SET status = 'running', pid = ?, started = ?, message = 'starting' WHERE id = ?",
+                      (pid, time.time(), row["id"]))
+            c.execute("COMMIT")
+        return self.get(row["id"])
+
+    def mark_running(self, run_id: str, pid: int) -> None:
+        with self._conn() as c:
+            c.execute("UPDATE runs SET status = 'running', pid = ?, started = ? WHERE id = ?",
+                      (pid, time.time(), run_id))
+
+    def update_progress(self, run_id: str, fraction: float, message: str, metrics: dict | None = None) -> None:
+        metrics = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and v == v}
+        with self._conn() as c:
+            c.execute("UPDATE runs SET progress = ?, message = ? WHERE id = ?", (float(fraction), message, run_id))
+            if metrics:
+                c.execute("INSERT INTO events (run_id, t, fraction, message, metrics) VALUES (?, ?, ?, ?, ?)",
+                          (run_id, time.time(), float(fraction), message, json.dumps(metrics)))
+
+    def finish(self, run_id: str, report: dict[str, Any], suspect: Suspect, log: str = "") -> Path:
+        """Write the run folder atomically, then mark the run finished."""
+        final = self.root / run_id
+        partial = self.root / f".{run_id}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        try:
+            save(suspect, partial / "suspect", overwrite=True)
+            for f in (partial / "suspect").iterdir():
+                os.replace(f, partial / f.name)
+            (partial / "suspect").rmdir()
+            report = {**report, "run_id": run_id, "run_dir": str(final)}
+            (partial / "report.json").write_text(json.dumps(report, indent=2, default=str))
+            (partial / "log.txt").write_text(log)
+            os.replace(partial, final)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        summary = {k: report.get(k) for k in ("ba_before", "asr_before", "ra_before", "ba", "asr", "ra", "der",
+                                              "seconds", "device")}
+        with self._conn() as c:
+            c.execute("UPDATE runs SET status = 'finished', progress = 1, message = 'finished', finished = ?, "
+                      "run_dir = ?, summary = ? WHERE id = ?", (time.time(), str(final), json.dumps(summary), run_id))
+        return final
+
+    def fail(self, run_id: str, error: str, status: str = "failed") -> None:
+        if status not in STATUSES:
+            raise ValueError(status)
+        with self._conn() as c:
+            c.execute("UPDATE runs SET status = ?, error = ?, finished = ?, message = ? WHERE id = ?",
+                      (status, error, time.time(), status, run_id))
+        shutil.rmtree(self.root / f".{run_id}.partial", ignore_errors=True)
+
+    def request_cancel(self, run_id: str) -> None:
+        """Ask a run to stop; a queued run is cancelled at once."""
+        with self._conn() as c:
+            c.execute("UPDATE runs SET cancel = 1 WHERE id = ?", (run_id,))
+            c.execute("UPDATE runs SET status = 'cancelled', finished = ?, message = 'cancelled' "
+                      "WHERE id = ? AND status = 'queued'", (time.time(), run_id))
+
+    def cancel_requested(self, run_id: str) -> bool:
+        with self._conn() as c:
+            row = c.execute("SELECT cancel FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return bool(row and row["cancel"])
+
+    def reconcile(self) -> list[str]:
+        """Mark running runs whose process is gone as interrupted; return their ids."""
+        gone = []
+        for rec in self.list(status="running"):
+            if not _pid_alive(rec.pid):
+                self.fail(rec.id, "the worker process ended before the run finished (server restart or crash)",
+                          status="interrupted")
+                gone.append(rec.id)
+        return gone
+
+    # --- reading -------------------------------------------------------------------------------------
+    def _record(self, row: sqlite3.Row) -> RunRecord:
+        d = dict(row)
+        d["params"] = json.loads(d["params"] or "{}")
+        d["summary"] = json.loads(d["summary"]) if d["summary"] else None
+        d["cancel"] = bool(d["cancel"])
+        return RunRecord(**d)
+
+    def get(self, run_id: str) -> RunRecord | None:
+        with self._conn() as c:
+            row = c.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return self._record(row) if row else None
+
+    def list(self, status: str | None = None, suspect: str | None = None, defense: str | None = None) -> list[RunRecord]:
+        q, args = "SELECT * FROM runs WHERE 1 = 1", []
+        for col, val in (("status", status), ("suspect", suspect), ("defense", defense)):
+            if val is not None:
+                q += f" AND {col} = ?"
+                args.append(val)
+        with self._conn() as c:
+            rows = c.execute(q + " ORDER BY created DESC", args).fetchall()
+        return [self._record(r) for r in rows]
+
+    def events(self, run_id: str) -> list[dict]:
+        with self._conn() as c:
+            rows = c.execute("SELECT t, fraction, message, metrics FROM events WHERE run_id = ? ORDER BY t",
+                             (run_id,)).fetchall()
+        return [{"t": r["t"], "fraction": r["fraction"], "message": r["message"], **json.loads(r["metrics"])}
+                for r in rows]
+
+    def report(self, run_id: str) -> dict | None:
+        rec = self.get(run_id)
+        if rec is None or rec.status != "finished" or not rec.run_dir:
+            return None
+        path = Path(rec.run_dir) / "report.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def finished_suspects(self) -> list[str]:
+        """Folders of finished runs that are complete on disk (model, card and report present)."""
+        out = []
+        for rec in self.list(status="finished"):
+            d = Path(rec.run_dir or "")
+            if all((d / f).is_file() for f in ("model.safetensors", "suspect.json", "report.json")):
+                out.append(str(d))
+        return out

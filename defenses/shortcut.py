@@ -1,0 +1,86 @@
+"""Shortcut suppression with fine-tuning (SSFT), Yang et al., "Backdoor Defense via Suppressing Model
+Shortcuts", ICASSP 2023 (arXiv 2211.05631).
+
+1. Pick the critical block: the skip-connection ablation's rule, max_i (ASR(g_i) - ASR(g_{i-1})) / exp(ASR(g_{i-1})),
+   here measured on clean pool images and their triggered copies (the paper selects once on a BadNets model
+   with a known trigger and reuses the block); or name the block yourself.
+2. Set that block's skip scale gamma to 0 (kept at training and inference; recorded in the card).
+3. Freeze every stage except the one holding the block (``layer3`` for ``layer3.1``) and fine-tune it with
+   cross-entropy on the clean pool. Train mode, so BN statistics of frozen stages move, as in the official code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from analysis.shortcuts import DEFAULT_GAMMAS, skip_ablation
+from suspects.models import list_residual_blocks, set_skip_gamma
+
+from .base import Defense, DefenseOutput, ParamError, ThreatModel, param
+from .common import fine_tune, pool_accuracy, pool_asr, pool_monitor
+from .registry import register_defense
+
+
+@dataclass
+class ShortcutParams:
+    block: str = param("auto", help="block whose skip is suppressed ('auto' = the ablation rule on the pool)")
+    gamma: float = param(0.0, help="skip scale kept on that block (paper: 0)", min=0.0, max=1.0)
+    epochs: int = param(10, help="fine-tuning epochs of the block's stage", min=0, max=1000)
+    lr: float = param(0.01, help="SGD learning rate", min=1e-6, max=1.0)
+    momentum: float = param(0.9, help="SGD momentum", min=0.0, max=0.999)
+    weight_decay: float = param(5e-4, help="L2 weight decay", min=0.0, max=0.1)
+    batch_size: int = param(128, help="images per step", min=1, max=4096)
+
+
+@register_defense
+class ShortcutSuppression(Defense):
+    name = "shortcut"
+    title = "Shortcut suppression (SSFT)"
+    paper = "Yang et al., ICASSP 2023 (arXiv 2211.05631)"
+    summary = ("Switches off the skip connection the trigger travels through (the critical block of the ablation) "
+               "and fine-tunes that stage on clean data to win back accuracy.")
+    threat = ThreatModel(clean_pool=True, trigger=True,
+                         note="the trigger is used only to pick the block; name a block to do without it")
+    Params = ShortcutParams
+    presets = {"quick": {"epochs": 10, "batch_size": 64, "lr": 0.02}, "paper": {}}
+
+    def check_applicable(self, suspect) -> None:
+        if not list_residual_blocks(suspect.model):
+            raise ValueError(f"{self.title} needs skip connections; {suspect.card.get('arch')} has none")
+
+    def repair(self, suspect, model, params, pool, device, progress, should_stop):
+        blocks = list_residual_blocks(model)
+        trigger = suspect.trigger
+        scores = None
+        if params.block == "auto":
+            if trigger is None:
+                raise ValueError("block='auto' needs a trigger to run the ablation; name a block instead")
+            x, y = pool["x"], pool["y"]
+            mask = trigger.test_mask(y)
+            res = skip_ablation(model, x, y, trigger(x[mask]), trigger.target_labels(y[mask]), DEFAULT_GAMMAS,
+                                progress=lambda f, m, d: progress(0.4 * f, m, d))
+            block, scores = res.critical_block, {k: round(v, 4) for k, v in res.scores.items()}
+        else:
+            if params.block not in blocks:
+                raise ParamError(f"parameter 'block' must be 'auto' or one of {blocks}, got {params.block!r}")
+            block = params.block
+        set_skip_gamma(model, block, params.gamma)
+        stage = block.split(".")[0]
+        for name, child in model.named_children():
+            for p in child.parameters():
+                p.requires_grad_(name == stage)
+        after_cut = {"held_out_ba": pool_accuracy(model, pool["x_val"], pool["y_val"], device),
+                     "held_out_asr": pool_asr(model, pool["x_val"], pool["y_val"], trigger, device)}
+        losses = []
+        if params.epochs > 0:
+            losses = fine_tune(model, pool["x"], pool["y"], device, params.epochs, params.lr, params.batch_size,
+                               params.momentum, params.weight_decay,
+                               progress=lambda f, m, d: progress(0.4 + 0.6 * f, m, d),
+                               monitor=pool_monitor(model, pool, trigger, device))
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return DefenseOutput(model, {
+            "block": block, "gamma": params.gamma, "trained_stage": stage, "block_scores": scores,
+            "right_after_suppression": after_cut,
+            "held_out_ba_after": pool_accuracy(model, pool["x_val"], pool["y_val"], device),
+        }, {"loss": losses})

@@ -1,0 +1,139 @@
+"""Real-browser checks (headless Debian Chromium via Playwright): every page renders, the scatter's lasso works.
+
+Screenshots go to a temporary folder, or to ``$BACKDOOR_LENS_SCREENSHOTS`` (e.g. assets/screenshots) when set.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = next((p for p in ("/usr/lib/chromium/chromium", "/usr/bin/chromium") if Path(p).exists()), None)
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(CHROMIUM is None or shutil.which("chromium") is None, reason="Debian chromium not installed"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = free_port()
+    env = dict(os.environ, BACKDOOR_LENS_DEVICE="cpu", BACKDOOR_LENS_RUNS=str(tmp_path_factory.mktemp("runs")))
+    cmd = [sys.executable, "-m", "backdoor_lens.cli", "serve", "demo:badnets", "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(url + "/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("dashboard did not come up: " + proc.stdout.read().decode(errors="replace")[-2000:])
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+            "--no-first-run", "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    target = os.environ.get("BACKDOOR_LENS_SCREENSHOTS")
+    path = Path(target) if target else tmp_path_factory.mktemp("shots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def settle(page, timeout=180_000):
+    page.wait_for_timeout(500)
+    page.wait_for_selector("[data-testid=stApp][data-test-script-state=notRunning]", timeout=timeout)
+    page.wait_for_function("() => !document.querySelector('[data-testid=stSpinner]')", timeout=timeout)
+
+
+def open_page(browser, url):
+    page = browser.new_page(viewport={"width": 1500, "height": 1100})
+    page.goto(url)
+    settle(page)
+    return page
+
+
+def test_overview(server, browser, shots):
+    page = open_page(browser, server + "/?suspect=demo:badnets")
+    page.wait_for_selector("text=Suspect: badnets")
+    body = page.inner_text("body")
+    assert "BA (benign accuracy)" in body and "ASR (attack success rate)" in body
+    assert page.locator("[data-testid=stImage]").count() >= 8
+    # a reload keeps the selected suspect (it lives in the query params)
+    page.reload()
+    settle(page)
+    assert "Suspect: badnets" in page.inner_text("body")
+    page.screenshot(path=str(shots / "overview.png"), full_page=True)
+    page.close()
+
+
+@pytest.mark.parametrize("path,marker", [
+    ("gradcam", "Trigger-attention share, triggered inputs"),
+    ("activations", "Top channels by l_inf bias"),
+    ("shortcuts", "Critical block"),
+])
+def test_analysis_pages_render(server, browser, shots, path, marker):
+    page = open_page(browser, f"{server}/{path}?suspect=demo:badnets")
+    page.wait_for_selector(f"text={marker}", timeout=180_000)
+    settle(page)
+    assert "Traceback" not in page.inner_text("body")
+    if path != "gradcam":
+        assert page.locator(".js-plotly-plot").count() >= 1
+    page.screenshot(path=str(shots / f"{path}.png"), full_page=True)
+    page.close()
+
+
+def test_feature_scatter_lasso_selection(server, browser, shots):
+    page = open_page(browser, f"{server}/features?suspect=demo:badnets")
+    page.wait_for_selector(".js-plotly-plot .nsewdrag", timeout=180_000)
+    settle(page)
+    drag = page.locator(".js-plotly-plot .nsewdrag").first
+    box = drag.bounding_box()
+    # a lasso around the whole plotting area selects every point
+    x0, y0, x1, y1 = box["x"] + 3, box["y"] + 3, box["x"] + box["width"] - 3, box["y"] + box["height"] - 3
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    for x, y in [(x1, y0), (x1, y1), (x0, y1), (x0, y0 + 2)]:
+        page.mouse.move(x, y, steps=12)
+    page.mouse.up()
+    page.wait_for_selector("text=points selected", timeout=60_000)
+    settle(page)
+    body = page.inner_text("body")
+    assert "Traceback" not in body and "poisoned" in body
+    assert page.locator("[data-testid=stImage]").count() >= 8
+    page.screenshot(path=str(shots / "features.png"), full_page=True)
+    page.close()
