@@ -133,7 +133,7 @@ class AWM(Defense):
                         m.clamp_(0, 1)
             total = sum(m.numel() for m in masks.values())
             zero = sum(int((m < 1e-3).sum()) for m in masks.values())
-            curve.append({"epoch": epoch + 1, "loss_clean": float(loss_nat), "loss_triggered": float(loss_adv),
+            curve.append({"epoch": epoch + 1, "loss_clean": float(loss_nat.detach()), "loss_triggered": float(loss_adv.detach()),
                           "delta_l1": float(delta.abs().sum()), "mask_zero_share": zero / total})
             progress((epoch + 1) / params.outer, f"outer epoch {epoch + 1}/{params.outer}",
                      {"loss_clean": float(loss_nat), "loss_triggered": float(loss_adv)})

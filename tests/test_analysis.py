@@ -112,7 +112,7 @@ def test_gamma_one_ablation_equals_evaluate(badnets):
                         gammas=(1.0, 0.5, 0.0), blocks=["layer2.0", "layer4.1"])
     m = evaluate(badnets.model, test, trig)
     at1 = res.table[res.table.gamma == 1.0]
-    assert np.allclose(at1.ba, m.ba) and np.allclose(at1.asr, m.asr)
+    assert np.allclose(at1.ba, m.ba, atol=1e-6) and np.allclose(at1.asr, m.asr, atol=1e-6)
     assert len(res.table) == 6 and res.critical_block in ("layer2.0", "layer4.1")
     # the fast prefix/suffix path agrees with a plain forward with the gamma set
     from suspects.models import reset_skip_gammas, set_skip_gamma
@@ -121,7 +121,7 @@ def test_gamma_one_ablation_equals_evaluate(badnets):
     m_half = evaluate(badnets.model, test, trig)
     reset_skip_gammas(badnets.model)
     row = res.table[(res.table.block == "layer2.0") & (res.table.gamma == 0.5)].iloc[0]
-    assert abs(row.ba - m_half.ba) < 1e-9 and abs(row.asr - m_half.asr) < 1e-9
+    assert abs(row.ba - m_half.ba) < 1e-6 and abs(row.asr - m_half.asr) < 1e-6
     assert all(g == 1.0 for g in [b.gamma for _, b in __import__("suspects.models").models.residual_blocks(badnets.model)])
 
 

@@ -51,3 +51,30 @@ def test_train_command_writes_a_suspect(tmp_path):
     card = json.loads((out / "suspect.json").read_text())
     assert card["trigger"]["params"]["alpha"] == 0.3 and card["arch_kwargs"]["width"] == 4
     assert json.loads(r.stdout)["suspect"] == str(out.resolve())
+
+
+def test_defenses_listing(capsys):
+    assert main(["defenses", "--params"]) == 0
+    out = capsys.readouterr().out
+    for name in ("shortcut", "linf_prune", "awm", "anp", "fineprune", "finetune"):
+        assert name in out
+    assert "threat model" in out and "alpha" in out
+
+
+def test_defend_json_stores_the_run(tmp_path):
+    r = run_cli("defend", "linf_prune", "demo:badnets", "--set", "max_ratio=0.05", "--pool-size", "100",
+                "--runs", str(tmp_path), "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    for key in ("ba_before", "asr_before", "ba", "asr", "ra", "der", "seconds", "device", "run_dir"):
+        assert key in report
+    assert report["asr"] < report["asr_before"]
+    from pathlib import Path
+
+    assert (Path(report["run_dir"]) / "model.safetensors").is_file()
+
+
+def test_defend_refuses_nonsense(tmp_path, capsys):
+    assert main(["defend", "anp", "demo:badnets", "--set", "eps=-1", "--runs", str(tmp_path)]) == 2
+    assert "'eps' must lie in" in capsys.readouterr().err
+    assert not list(tmp_path.glob("2*"))

@@ -7,8 +7,9 @@ from suspects.training import TrainConfig, augment_batch, train_suspect
 
 def test_tiny_training_run_plants_a_backdoor(tmp_path):
     """A few dozen SGD steps on the demo data with BadNets: ASR rises well above chance."""
-    cfg = TrainConfig(data={"name": "demo"}, model="preact_resnet18", width=8, attack="badnets", poison_rate=0.1,
-                      epochs=1, max_steps=60, batch_size=128, lr=0.05, seed=0)
+    cfg = TrainConfig(data={"name": "demo"}, model="preact_resnet18", width=8, attack="badnets",
+                      attack_params={"size": 5}, poison_rate=0.3, epochs=1, max_steps=80, batch_size=128, lr=0.05,
+                      augment="none", seed=0)
     seen = []
     suspect = train_suspect(cfg, tmp_path / "s", progress=lambda f, msg, m: seen.append((f, msg, m)))
     assert seen and seen[-1][0] == 1.0 and "ba" in seen[-1][2]
@@ -22,7 +23,7 @@ def test_tiny_training_run_plants_a_backdoor(tmp_path):
     # the folder is a complete suspect: card, poisoned indices, metrics that match a re-evaluation
     again = load(tmp_path / "s")
     card = again.card
-    assert card["poison"]["n_poisoned"] == 1000 and len(again.poisoned_train().poison_idx) == 1000
+    assert card["poison"]["n_poisoned"] == 3000 and len(again.poisoned_train().poison_idx) == 3000
     assert not set(again.poisoned_train().poison_idx.tolist()) & set(again.split[1].tolist())
     full = evaluate(again.model, again.test, again.trigger)
     assert abs(full.ba - card["metrics"]["ba"]) < 1e-6 and abs(full.asr - card["metrics"]["asr"]) < 1e-6
