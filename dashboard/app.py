@@ -13,9 +13,9 @@ if str(ROOT) not in sys.path:  # running from a checkout without `pip install -e
 
 st.set_page_config(page_title="Backdoor Lens", page_icon=":material/search:", layout="wide")
 
-PAGES = Path(__file__).resolve().parent / "pages"
+PAGES = Path(__file__).resolve().parent / "views"
 nav = st.navigation({
-    "Suspect": [st.Page(str(PAGES / "overview.py"), title="Overview", icon=":material/info:", default=True)],
+    "Start": [st.Page(str(PAGES / "overview.py"), title="Overview", icon=":material/info:", default=True)],
     "Where the backdoor lives": [
         st.Page(str(PAGES / "gradcam.py"), title="Grad-CAM", icon=":material/visibility:"),
         st.Page(str(PAGES / "activations.py"), title="Activations", icon=":material/bar_chart:"),

@@ -56,7 +56,10 @@ class LinfPrune(Defense):
                "present and prunes them. A partial defense that needs a trigger, known or recovered.")
     threat = ThreatModel(clean_pool=True, trigger=True, note="with the known trigger this is an oracle setting")
     Params = LinfPruneParams
-    presets = {"quick": {}, "paper": {}}
+    # paper: the 5-10% budget the reference suggests ([design], no official values); quick: on the narrow demo
+    # models the backdoor spreads over many channels, so allow up to half the layer within a larger BA tolerance
+    # (the pool images were training images, so their BA falls faster than test BA as channels go).
+    presets = {"quick": {"max_ratio": 0.5, "target_asr": 0.2, "ba_tolerance": 0.15}, "paper": {}}
 
     def repair(self, suspect, model, params, pool, device, progress, should_stop):
         trigger = suspect.trigger

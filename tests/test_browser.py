@@ -137,3 +137,25 @@ def test_feature_scatter_lasso_selection(server, browser, shots):
     assert page.locator("[data-testid=stImage]").count() >= 8
     page.screenshot(path=str(shots / "features.png"), full_page=True)
     page.close()
+
+
+def test_defenses_page_run_button_shows_the_result_card(server, browser, shots):
+    page = open_page(browser, f"{server}/defenses?suspect=demo:badnets")
+    page.wait_for_selector("text=l_inf neuron pruning", timeout=120_000)
+    button = page.get_by_role("button", name="Run l_inf neuron pruning")
+    button.click()
+    # the run goes to the background worker; the card polls it and then shows before/after metrics
+    open_button = page.get_by_role("button", name="Open the repaired model in the analysis pages")
+    open_button.wait_for(timeout=300_000)
+    settle(page)
+    body = page.inner_text("body")
+    assert "Traceback" not in body
+    assert "DER" in body and "Before: BA" in body
+    open_button.click()
+    page.wait_for_selector("text=Suspect: badnets+linf_prune", timeout=120_000)
+    settle(page)
+    page.goto(f"{server}/defenses?suspect=demo:badnets")
+    settle(page)
+    page.get_by_role("button", name="Open the repaired model in the analysis pages").wait_for(timeout=120_000)
+    page.screenshot(path=str(shots / "defenses.png"), full_page=False)
+    page.close()

@@ -38,7 +38,7 @@ def page_test(suspect: str, sample: int = 100) -> AppTest:
 
 def test_gradcam_page():
     at = page_test("demo:badnets")
-    at.switch_page("pages/gradcam.py").run()
+    at.switch_page("views/gradcam.py").run()
     assert not at.exception, at.exception
     shares = {m.label: float(m.value.rstrip("%")) for m in at.metric}
     assert shares["Trigger-attention share, triggered inputs"] > shares["Trigger-attention share, clean inputs"]
@@ -46,11 +46,13 @@ def test_gradcam_page():
     at.selectbox(key="cam_method").set_value("EigenCAM").run()
     assert not at.exception, at.exception
     assert any("Xu et al." in md.value for md in at.markdown)
+    # the 2 x 2 grid with the clean demo model as reference (it has no trigger of its own)
+    assert at.selectbox(key="cam_reference").value == "demo:clean"
 
 
 def test_activations_page():
     at = page_test("demo:badnets")
-    at.switch_page("pages/activations.py").run()
+    at.switch_page("views/activations.py").run()
     assert not at.exception, at.exception
     assert len(at.get("plotly_chart")) == 3
     at.radio(key="act_norm").set_value("l1").run()
@@ -60,7 +62,7 @@ def test_activations_page():
 
 def test_features_page_pca_and_umap():
     at = page_test("demo:badnets", sample=200)
-    at.switch_page("pages/features.py").run()
+    at.switch_page("views/features.py").run()
     assert not at.exception, at.exception
     spec = at.get("plotly_chart")[0].proto.spec
     assert '"dragmode":"lasso"' in spec.replace(" ", "")
@@ -72,7 +74,7 @@ def test_features_page_pca_and_umap():
 
 def test_shortcuts_page_and_no_skip_message():
     at = page_test("demo:badnets", sample=100)
-    at.switch_page("pages/shortcuts.py").run()
+    at.switch_page("views/shortcuts.py").run()
     assert not at.exception, at.exception
     labels = [m.label for m in at.metric]
     assert "Critical block" in labels
@@ -83,7 +85,7 @@ def test_shortcuts_page_and_no_skip_message():
 def test_pages_without_a_trigger_explain_themselves():
     at = page_test("demo:clean")
     for page in ("gradcam", "activations", "shortcuts"):
-        at.switch_page(f"pages/{page}.py").run()
+        at.switch_page(f"views/{page}.py").run()
         assert not at.exception, at.exception
         assert any("No trigger is known" in i.value for i in at.info), page
 
@@ -93,7 +95,7 @@ def test_defenses_page_runs_a_job_that_survives_a_reload(tmp_path, monkeypatch):
 
     monkeypatch.setenv("BACKDOOR_LENS_RUNS", str(tmp_path))
     at = page_test("demo:badnets")
-    at.switch_page("pages/defenses.py").run()
+    at.switch_page("views/defenses.py").run()
     assert not at.exception, at.exception
     titles = [s.value for s in at.subheader]
     assert titles[:6] == ["Shortcut suppression (SSFT)", "l_inf neuron pruning", "Adversarial Weight Masking (AWM)",
@@ -103,7 +105,7 @@ def test_defenses_page_runs_a_job_that_survives_a_reload(tmp_path, monkeypatch):
     assert not at.exception, at.exception
     # a new session (a reload or another tab) sees the same job
     other = page_test("demo:badnets")
-    other.switch_page("pages/defenses.py").run()
+    other.switch_page("views/defenses.py").run()
     deadline = time.time() + 240
     labels = []
     while time.time() < deadline:

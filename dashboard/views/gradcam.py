@@ -34,11 +34,13 @@ if trigger is None:
 
 
 @st.cache_data(show_spinner="Computing Grad-CAM maps ...", max_entries=32)
-def cached_gradcam(ref: str, n: int, layer: str, method: str, target_kind: str, seed: int = 0):
+def cached_gradcam(ref: str, trigger_ref: str, n: int, layer: str, method: str, target_kind: str, seed: int = 0):
+    """Maps of model ``ref`` on images triggered with the trigger of suspect ``trigger_ref``."""
     s, lk = load_suspect(ref)
-    smp = paired_sample(s.test, s.trigger, n, seed)
+    trig = load_suspect(trigger_ref)[0].trigger
+    smp = paired_sample(s.test, trig, n, seed)
     with lk:
-        res = compare_gradcam(s.model, smp, s.trigger, layer, method, target_kind)
+        res = compare_gradcam(s.model, smp, trig, layer, method, target_kind)
     return res, smp
 
 
@@ -56,7 +58,7 @@ n = c4.slider("Images", 8, 64, 16, step=8, key="cam_n")
 if method == "ScoreCAM" and n > 16:
     st.warning("ScoreCAM is slow on a CPU (seconds per image); consider 8-16 images.")
 
-res, smp = cached_gradcam(ref, n, layer, method, target_kind)
+res, smp = cached_gradcam(ref, ref, n, layer, method, target_kind)
 classes = suspect.classes
 
 m1, m2, m3 = st.columns(3)
@@ -87,8 +89,9 @@ if not refs:
     st.info("No clean reference model trained on the same data is available for this suspect.")
 else:
     ref_clean = st.selectbox("Clean reference model", refs, key="cam_reference")
-    clean_res, _ = cached_gradcam(ref_clean, n, layer if layer in candidate_layers(load_suspect(ref_clean)[0].model)
-                                  else default_layer, method, target_kind)
+    ref_layers = candidate_layers(load_suspect(ref_clean)[0].model)
+    clean_res, _ = cached_gradcam(ref_clean, ref, n, layer if layer in ref_layers else ref_layers[-1], method,
+                                  target_kind)
     st.caption("Mean map over the sample; the number is the mean trigger-attention share.")
     grid = st.columns([1, 2, 2])
     grid[1].markdown("**clean input**")

@@ -90,7 +90,7 @@ def _render_finished(rec: RunRecord) -> None:
                 st.plotly_chart(fig, key=f"curve_{rec.id}_{name}")
     if st.button("Open the repaired model in the analysis pages", key=f"open_{rec.id}", icon=":material/search:"):
         st.session_state["suspect"] = rec.run_dir
-        st.switch_page("pages/overview.py")
+        st.switch_page("views/overview.py")
 
 
 def _live_chart(rec: RunRecord) -> None:
