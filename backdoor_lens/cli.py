@@ -68,11 +68,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         env["BACKDOOR_LENS_RUNS"] = str(Path(args.runs).resolve())
     if args.device:
         env["BACKDOOR_LENS_DEVICE"] = args.device
-    cmd = [sys.executable, "-m", "streamlit", "run", str(APP),
+    cmd = [sys.executable, "-m", "dashboard.launch", str(APP),
            "--server.headless", "true", "--server.port", str(args.port), "--server.address", args.address,
            "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
            "--server.maxUploadSize", str(args.max_upload_mb)]
     print(f"Backdoor Lens: http://{args.address}:{args.port}  (Ctrl-C stops)", flush=True)
+    root = str(APP.parent.parent)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     try:
         return subprocess.call(cmd, env=env)
     except KeyboardInterrupt:

@@ -145,7 +145,7 @@ class ANP(Defense):
                     m.clamp_(0, 1)
             if (it + 1) % 10 == 0 or it + 1 == params.iterations:
                 progress(0.85 * (it + 1) / params.iterations, f"mask iteration {it + 1}/{params.iterations}",
-                         {"loss_clean": float(loss_nat), "loss_perturbed": float(loss_rob)})
+                         {"loss_clean": float(loss_nat.detach()), "loss_perturbed": float(loss_rob.detach())})
         mask_values = {name: nb.mask.detach().cpu() for name, nb in noisy.items()}
         original = copy.deepcopy(model.state_dict())
         thresholds = [round(0.05 * i, 2) for i in range(1, 19)]

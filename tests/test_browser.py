@@ -75,9 +75,16 @@ def shots(tmp_path_factory) -> Path:
 
 
 def settle(page, timeout=180_000):
-    page.wait_for_timeout(500)
-    page.wait_for_selector("[data-testid=stApp][data-test-script-state=notRunning]", timeout=timeout)
-    page.wait_for_function("() => !document.querySelector('[data-testid=stSpinner]')", timeout=timeout)
+    """Wait until the script has stopped running and stays stopped for a second (no spinner either)."""
+    deadline = time.time() + timeout / 1000
+    while time.time() < deadline:
+        page.wait_for_selector("[data-testid=stApp][data-test-script-state=notRunning]", timeout=timeout)
+        page.wait_for_function("() => !document.querySelector('[data-testid=stSpinner]')", timeout=timeout)
+        page.wait_for_timeout(1000)
+        if page.locator("[data-testid=stApp][data-test-script-state=notRunning]").count() and \
+                not page.locator("[data-testid=stSpinner]").count():
+            return
+    raise TimeoutError("the page did not settle")
 
 
 def open_page(browser, url):
@@ -90,6 +97,8 @@ def open_page(browser, url):
 def test_overview(server, browser, shots):
     page = open_page(browser, server + "/?suspect=demo:badnets")
     page.wait_for_selector("text=Suspect: badnets")
+    page.wait_for_selector("text=triggered · pred", timeout=120_000)
+    settle(page)
     body = page.inner_text("body")
     assert "BA (benign accuracy)" in body and "ASR (attack success rate)" in body
     assert page.locator("[data-testid=stImage]").count() >= 8
@@ -104,7 +113,7 @@ def test_overview(server, browser, shots):
 @pytest.mark.parametrize("path,marker", [
     ("gradcam", "Trigger-attention share, triggered inputs"),
     ("activations", "Top channels by l_inf bias"),
-    ("shortcuts", "Critical block"),
+    ("shortcuts", "At γ = 0 on that block"),
 ])
 def test_analysis_pages_render(server, browser, shots, path, marker):
     page = open_page(browser, f"{server}/{path}?suspect=demo:badnets")
