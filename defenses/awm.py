@@ -146,7 +146,7 @@ class AWM(Defense):
         total = sum(m.numel() for m in masks.values())
         return DefenseOutput(model, {
             "masked_weights": total,
-            "mask_mean": float(sum(m.sum() for m in masks.values()) / total),
+            "mask_mean": float(sum(m.detach().sum() for m in masks.values()) / total),
             "mask_zero_share": sum(int((m < 1e-3).sum()) for m in masks.values()) / total,
             "mask_sparsity_note": "share of conv weights whose mask fell below 0.001",
             "tau": tau,
