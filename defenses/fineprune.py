@@ -47,7 +47,7 @@ class FinePrune(Defense):
                "until clean accuracy starts to suffer; then fine-tunes on clean data.")
     threat = ThreatModel(clean_pool=True)
     Params = FinePruneParams
-    presets = {"quick": {"epochs": 10, "lr": 0.02, "batch_size": 64}, "paper": {}}
+    presets = {"quick": {"epochs": 20, "lr": 0.05, "batch_size": 64}, "paper": {}}
 
     def repair(self, suspect, model, params, pool, device, progress, should_stop):
         acts = last_layer_activations(model, pool["x"], device)
