@@ -157,25 +157,18 @@ def _load_suspect(args: argparse.Namespace):
 def cmd_defend(args: argparse.Namespace) -> int:
     import os
 
-    import suspects
     from defenses.base import Cancelled
-    from defenses.jobs import device_lock, execute
+    from defenses.jobs import create_run, device_lock, execute
     from defenses.registry import get_defense
     from defenses.runstore import RunStore
 
     defense = get_defense(args.defense)
-    overrides = _parse_sets(args.set)
-    params = defense.make_params(args.preset, overrides)  # refuse nonsense before anything runs
-    suspect = suspects.load(args.suspect)
-    defense.check_applicable(suspect)
     store = RunStore(args.runs)
-    bar = TqdmProgress(f"{args.defense}", disable=args.quiet or args.json)
     with device_lock(store, args.device, wait=True):
-        from dataclasses import asdict
-
-        run_id = store.create(args.defense, args.suspect, args.preset, {**overrides, "_resolved": asdict(params)},
-                              args.pool_size, args.seed, args.device)
-        store.mark_running(run_id, os.getpid())
+        # nonsense is refused here, before a run is recorded or anything runs
+        run_id = create_run(store, args.defense, args.suspect, args.preset, _parse_sets(args.set), args.pool_size,
+                            args.seed, args.device, pid=os.getpid())
+        bar = TqdmProgress(f"{args.defense}", disable=args.quiet or args.json)
         try:
             status = execute(store, run_id, args.device, progress_hook=bar)
         except (KeyboardInterrupt, Cancelled):

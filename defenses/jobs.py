@@ -18,15 +18,16 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .base import Cancelled
+from .base import Cancelled, ParamError
 from .registry import get_defense
 from .runner import run_defense
 from .runstore import RunStore
 
-__all__ = ["submit", "ensure_worker", "device_lock", "run_queued", "execute"]
+__all__ = ["create_run", "submit", "ensure_worker", "device_lock", "run_queued", "execute"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,10 +52,14 @@ def device_lock(store: RunStore, device: str | None = None, wait: bool = True):
         fh.close()
 
 
-def submit(store: RunStore, defense: str, suspect_ref: str, preset: str = "quick",
-           overrides: dict[str, Any] | None = None, pool_size: int = 500, seed: int = 0,
-           device: str | None = None, start_worker: bool = True) -> str:
-    """Validate and queue a run; returns its id. Raises ParamError / ValueError / SuspectLoadError first."""
+def create_run(store: RunStore, defense: str, suspect_ref: str, preset: str = "quick",
+               overrides: dict[str, Any] | None = None, pool_size: int = 500, seed: int = 0,
+               device: str | None = None, pid: int | None = None) -> str:
+    """Validate everything (parameters, suspect, threat model, pool size), then add the run to the store.
+
+    Raises ParamError / ValueError / SuspectLoadError before any row is written. With ``pid`` the run is
+    recorded as already running in that (foreground) process.
+    """
     import suspects
 
     d = get_defense(defense)
@@ -63,13 +68,16 @@ def submit(store: RunStore, defense: str, suspect_ref: str, preset: str = "quick
     d.check_applicable(suspect)
     pool_n = len(suspect.defense_pool)
     if not 1 <= int(pool_size) <= pool_n:
-        from .base import ParamError
-
         raise ParamError(f"pool size must lie in [1, {pool_n}] (the suspect's clean defense pool), got {pool_size}")
-    from dataclasses import asdict
+    return store.create(defense, suspect_ref, preset, {**(overrides or {}), "_resolved": asdict(params)},
+                        int(pool_size), int(seed), device, pid=pid)
 
-    run_id = store.create(defense, suspect_ref, preset, {**(overrides or {}), "_resolved": asdict(params)},
-                          int(pool_size), int(seed), device)
+
+def submit(store: RunStore, defense: str, suspect_ref: str, preset: str = "quick",
+           overrides: dict[str, Any] | None = None, pool_size: int = 500, seed: int = 0,
+           device: str | None = None, start_worker: bool = True) -> str:
+    """Validate and queue a run for the background worker; returns its id."""
+    run_id = create_run(store, defense, suspect_ref, preset, overrides, pool_size, seed, device)
     if start_worker:
         ensure_worker(store, device)
     return run_id

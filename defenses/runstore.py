@@ -133,12 +133,15 @@ class RunStore:
 
     # --- writing -------------------------------------------------------------------------------------
     def create(self, defense: str, suspect: str, preset: str, params: dict, pool_size: int, seed: int,
-               device: str | None = None) -> str:
+               device: str | None = None, pid: int | None = None) -> str:
+        """Add a run: queued, or already running under ``pid`` (a foreground run no worker may claim)."""
         run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{defense}-{uuid.uuid4().hex[:6]}"
+        now = time.time()
         with self._conn() as c:
             c.execute("INSERT INTO runs (id, defense, suspect, preset, params, pool_size, seed, device, status, "
-                      "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
-                      (run_id, defense, suspect, preset, json.dumps(params), pool_size, seed, device, time.time()))
+                      "created, started, pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                      (run_id, defense, suspect, preset, json.dumps(params), pool_size, seed, device,
+                       "queued" if pid is None else "running", now, None if pid is None else now, pid))
         return run_id
 
     def claim_next(self, pid: int) -> RunRecord | None:

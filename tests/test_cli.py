@@ -78,3 +78,11 @@ def test_defend_refuses_nonsense(tmp_path, capsys):
     assert main(["defend", "anp", "demo:badnets", "--set", "eps=-1", "--runs", str(tmp_path)]) == 2
     assert "'eps' must lie in" in capsys.readouterr().err
     assert not list(tmp_path.glob("2*"))
+
+
+def test_defend_refuses_a_bad_pool_size_before_recording_a_run(tmp_path, capsys):
+    from defenses.runstore import RunStore
+
+    assert main(["defend", "finetune", "demo:badnets", "--pool-size", "0", "--runs", str(tmp_path)]) == 2
+    assert "pool size must lie in" in capsys.readouterr().err
+    assert RunStore(tmp_path).list() == []
