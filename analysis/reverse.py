@@ -12,8 +12,15 @@ scan of 10 classes fits in minutes on a CPU.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +29,9 @@ from torch import nn
 
 from suspects.device import to_device
 
-__all__ = ["ReverseResult", "reverse_engineer_class", "neural_cleanse", "anomaly_indices"]
+__all__ = ["ReverseResult", "ScanConfig", "reverse_engineer_class", "neural_cleanse", "anomaly_indices",
+           "scan_suspect", "load_scan", "model_fingerprint", "trigger_overlap", "recovered_trigger_spec",
+           "scan_images", "save_recovered_suspect", "stored_scan"]
 
 
 @dataclass
@@ -36,10 +45,18 @@ class ReverseResult:
     anomaly: np.ndarray
     flagged: list[int]
     threshold: float
+    seconds: float = 0.0
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def most_suspicious(self) -> int:
+        """The class with the largest anomaly index (the smallest mask relative to the others)."""
+        return int(np.argmax(self.anomaly))
 
     def to_dict(self) -> dict:
         return {"l1": self.l1.tolist(), "success": self.success.tolist(), "anomaly_index": self.anomaly.tolist(),
-                "flagged": self.flagged, "threshold": self.threshold}
+                "flagged": self.flagged, "threshold": self.threshold, "seconds": round(self.seconds, 2),
+                "config": self.config}
 
 
 def anomaly_indices(l1: np.ndarray) -> np.ndarray:
@@ -95,7 +112,11 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, num_classes: int, steps: i
                    lam: float = 1e-2, threshold: float = 2.0,
                    progress: Callable[[float, str, dict], None] | None = None,
                    should_stop: Callable[[], bool] | None = None) -> ReverseResult:
-    """Scan every class; flag those whose anomaly index exceeds ``threshold`` (small-mask side)."""
+    """Scan every class; flag those whose anomaly index exceeds ``threshold`` (small-mask side).
+
+    ``should_stop`` is polled every step; when it returns True the scan raises ``InterruptedError``.
+    """
+    t0 = time.time()
     masks, patterns, l1, success = [], [], [], []
     for t in range(num_classes):
         m, p, n, s = reverse_engineer_class(model, x, t, steps, lr, lam, should_stop=should_stop)
@@ -108,4 +129,147 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, num_classes: int, steps: i
     l1_arr = np.array(l1)
     anomaly = anomaly_indices(l1_arr)
     flagged = [int(i) for i in np.nonzero(anomaly > threshold)[0]]
-    return ReverseResult(np.stack(masks), np.stack(patterns), l1_arr, np.array(success), anomaly, flagged, threshold)
+    return ReverseResult(np.stack(masks), np.stack(patterns), l1_arr, np.array(success), anomaly, flagged, threshold,
+                         seconds=time.time() - t0)
+
+
+# --- scanning a suspect, with results stored once per (model, data, budget) ----------------------------------
+
+
+@dataclass
+class ScanConfig:
+    """The scan's budget: ``n_images`` clean defense-pool images, ``steps`` Adam steps per class (lr, batch 64),
+    ``lam`` the weight of the mask's L1 norm, ``threshold`` on the anomaly index, ``seed`` for image choice."""
+
+    n_images: int = 300
+    steps: int = 100
+    lr: float = 0.1
+    lam: float = 1e-2
+    threshold: float = 2.0
+    seed: int = 0
+
+    def check(self) -> None:
+        if not 10 <= self.n_images <= 100_000:
+            raise ValueError(f"n_images must lie in [10, 100000], got {self.n_images}")
+        if not 1 <= self.steps <= 100_000:
+            raise ValueError(f"steps must lie in [1, 100000], got {self.steps}")
+        if not (0 < self.lr <= 10 and 0 <= self.lam <= 10):
+            raise ValueError(f"lr must lie in (0, 10] and lam in [0, 10], got lr={self.lr}, lam={self.lam}")
+        if not 0 < self.threshold <= 100:
+            raise ValueError(f"threshold must lie in (0, 100], got {self.threshold}")
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the state dict (names, shapes, values): the same weights give the same fingerprint."""
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        t = value.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def scan_images(suspect, config: ScanConfig) -> torch.Tensor:
+    """The clean defense-pool images a scan uses (a seeded subset; never the test split)."""
+    pool = suspect.defense_pool
+    n = min(int(config.n_images), len(pool))
+    idx = torch.randperm(len(pool), generator=torch.Generator().manual_seed(int(config.seed)))[:n]
+    return pool.images(idx)
+
+
+def _cache_file(cache_root: Path, suspect, model: nn.Module, config: ScanConfig) -> Path:
+    key = json.dumps({"config": asdict(config), "data": suspect.card.get("data"),
+                      "split": suspect.card.get("split")}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return Path(cache_root) / "detections" / model_fingerprint(model)[:24] / f"neural_cleanse-{digest}"
+
+
+def _save_scan(base: Path, result: ReverseResult) -> None:
+    base.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=base.parent, prefix=f".{base.name}.", suffix=".npz")
+    os.close(fd)
+    np.savez_compressed(tmp, masks=result.masks, patterns=result.patterns, l1=result.l1, success=result.success)
+    os.replace(tmp, base.with_suffix(".npz"))
+    fd, tmp = tempfile.mkstemp(dir=base.parent, prefix=f".{base.name}.", suffix=".json")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(result.to_dict(), fh)
+    os.replace(tmp, base.with_suffix(".json"))  # written last: a scan is complete only when its JSON exists
+
+
+def load_scan(base: Path) -> ReverseResult | None:
+    """A stored scan, or None when it is missing or unreadable (then it is simply computed again)."""
+    try:
+        meta = json.loads(base.with_suffix(".json").read_text())
+        with np.load(base.with_suffix(".npz"), allow_pickle=False) as arr:
+            masks, patterns, l1, success = arr["masks"], arr["patterns"], arr["l1"], arr["success"]
+    except (OSError, ValueError, KeyError):
+        return None
+    anomaly = anomaly_indices(l1)
+    threshold = float(meta.get("threshold", 2.0))
+    flagged = [int(i) for i in np.nonzero(anomaly > threshold)[0]]
+    return ReverseResult(masks, patterns, l1, success, anomaly, flagged, threshold,
+                         seconds=float(meta.get("seconds", 0.0)), config=dict(meta.get("config") or {}))
+
+
+def stored_scan(suspect, config: ScanConfig, cache_root: str | os.PathLike) -> ReverseResult | None:
+    """The stored scan of this suspect's weights, data and budget, or None when it was never run."""
+    return load_scan(_cache_file(Path(cache_root), suspect, suspect.model, config))
+
+
+def scan_suspect(suspect, config: ScanConfig | None = None, cache_root: str | os.PathLike | None = None,
+                 progress: Callable[[float, str, dict], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None, recompute: bool = False) -> ReverseResult:
+    """Neural Cleanse over every class of ``suspect`` on its defense pool.
+
+    With ``cache_root`` the result is stored under ``<cache_root>/detections/<model fingerprint>/`` and reused by
+    any later scan of the same weights, data and budget, so it is computed once.
+    """
+    config = config or ScanConfig()
+    config.check()
+    model = suspect.model
+    base = _cache_file(Path(cache_root), suspect, model, config) if cache_root is not None else None
+    if base is not None and not recompute:
+        found = load_scan(base)
+        if found is not None:
+            return found
+    x = scan_images(suspect, config)
+    result = neural_cleanse(model, x, suspect.num_classes, steps=config.steps, lr=config.lr, lam=config.lam,
+                            threshold=config.threshold, progress=progress, should_stop=should_stop)
+    result.config = {**asdict(config), "images": int(len(x)), "source": "defense pool"}
+    if base is not None:
+        _save_scan(base, result)
+    return result
+
+
+def trigger_overlap(mask: np.ndarray, footprint: np.ndarray) -> dict[str, float]:
+    """How a recovered mask sits on a known trigger's footprint: the share of the mask's mass on the footprint,
+    and the IoU of the mask's peak region (>= half its maximum) with the footprint."""
+    mask = np.asarray(mask, dtype=np.float64)
+    fp = np.asarray(footprint, dtype=bool)
+    mass = float((mask * fp).sum() / max(mask.sum(), 1e-12))
+    peak = mask >= 0.5 * mask.max()
+    iou = float((peak & fp).sum() / max((peak | fp).sum(), 1))
+    return {"mass_on_trigger": mass, "footprint_share": float(fp.mean()), "iou": iou}
+
+
+def recovered_trigger_spec(result: ReverseResult, target: int) -> dict[str, Any]:
+    """The spec of a :class:`suspects.triggers.RecoveredTrigger` for class ``target`` of a scan."""
+    return {"name": "recovered", "target": int(target), "mapping": "all-to-one",
+            "params": {"mask": np.round(result.masks[target], 4).tolist(),
+                       "pattern": np.round(result.patterns[target], 4).tolist(),
+                       "source": {"method": "neural_cleanse", "anomaly_index": round(float(result.anomaly[target]), 3),
+                                  "flagged": target in result.flagged, "mask_l1": round(float(result.l1[target]), 3),
+                                  "config": result.config}}}
+
+
+def save_recovered_suspect(suspect, result: ReverseResult, target: int, root: str | os.PathLike,
+                           parent: str | None = None) -> Path:
+    """Save a copy of ``suspect`` that uses the recovered trigger of class ``target`` under ``<root>/recovered/``;
+    the dashboard's suspect picker lists it, and every view and defense then uses that trigger."""
+    from suspects.store import adopt_trigger, save
+
+    adopted = adopt_trigger(suspect, recovered_trigger_spec(result, target), parent=parent)
+    slug = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in (parent or suspect.name).removeprefix("demo:"))
+    folder = Path(root) / "recovered" / f"{slug}-class{int(target)}-{model_fingerprint(suspect.model)[:8]}"
+    return save(adopted, folder, overwrite=True)

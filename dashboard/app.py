@@ -17,6 +17,7 @@ PAGES = Path(__file__).resolve().parent / "views"
 nav = st.navigation({
     "Start": [st.Page(str(PAGES / "overview.py"), title="Overview", icon=":material/info:", default=True)],
     "Where the backdoor lives": [
+        st.Page(str(PAGES / "detection.py"), title="Detection", icon=":material/troubleshoot:"),
         st.Page(str(PAGES / "gradcam.py"), title="Grad-CAM", icon=":material/visibility:"),
         st.Page(str(PAGES / "activations.py"), title="Activations", icon=":material/bar_chart:"),
         st.Page(str(PAGES / "features.py"), title="Feature space", icon=":material/scatter_plot:"),

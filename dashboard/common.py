@@ -14,6 +14,7 @@ import streamlit as st
 import torch
 
 import suspects
+from analysis.gradcam import cam_overlay
 from defenses.runstore import RunStore
 from suspects.data import list_sources
 from suspects.device import describe_device, pick_device, prepare_model
@@ -46,9 +47,9 @@ def stored_suspects() -> list[str]:
     if not root.is_dir():
         return []
     finished = store().finished_suspects() if (root / "index.sqlite").exists() else []
-    uploads = sorted((p.parent for p in (root / "uploads").glob("*/suspect.json")),
-                     key=lambda p: p.stat().st_mtime, reverse=True)
-    return finished + [str(p) for p in uploads]
+    extra = sorted((p.parent for sub in ("recovered", "uploads") for p in (root / sub).glob("*/suspect.json")),
+                   key=lambda p: p.stat().st_mtime, reverse=True)
+    return finished + [str(p) for p in extra]
 
 
 def suspect_choices() -> list[str]:
@@ -176,13 +177,7 @@ def to_display(x: torch.Tensor | np.ndarray, scale: int = 4) -> np.ndarray:
 
 def overlay(x: torch.Tensor, cam: np.ndarray, scale: int = 4) -> np.ndarray:
     """Grad-CAM overlay (jet colour map at half weight) of a [0, 1] image, enlarged ``scale`` times."""
-    from pytorch_grad_cam.utils.image import show_cam_on_image
-
-    img = x.detach().cpu().numpy().transpose(1, 2, 0).astype(np.float32)
-    if img.shape[2] == 1:
-        img = np.repeat(img, 3, axis=2)
-    out = show_cam_on_image(np.clip(img, 0, 1), cam.astype(np.float32), use_rgb=True)
-    return out.repeat(scale, 0).repeat(scale, 1) if scale > 1 else out
+    return cam_overlay(x, cam, scale)
 
 
 def reference_models(ref: str, suspect: suspects.Suspect) -> list[str]:
@@ -197,6 +192,20 @@ def reference_models(ref: str, suspect: suspects.Suspect) -> list[str]:
                 and list(card.get("input_shape", [])) == list(suspect.input_shape):
             out.append(oref)
     return out
+
+
+def trigger_notice(suspect: suspects.Suspect) -> None:
+    """Say clearly when the suspect's trigger is a recovered one (Detection page), not the attacker's known one."""
+    trig = suspect.trigger
+    if trig is None or trig.name != "recovered":
+        return
+    src = trig.params.get("source") or {}
+    true = suspect.card.get("true_trigger")
+    st.warning(f"Trigger **recovered** by {src.get('method', 'reverse-engineering').replace('_', ' ').title()}, "
+               f"not known: target class {trig.target} ({suspect.classes[trig.target]}), anomaly index "
+               f"{src.get('anomaly_index', '?')}. Triggered inputs on this page are stamped with the recovered "
+               "mask and pattern" + (f"; the attacker's own trigger ({true.get('name')}) is not used." if true else "."),
+               icon=":material/troubleshoot:")
 
 
 class StreamlitProgress:

@@ -9,6 +9,7 @@ Other formats plug in through :func:`register_loader`.
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import os
@@ -38,6 +39,7 @@ __all__ = [
     "load_state_dict_file",
     "register_loader",
     "library_versions",
+    "adopt_trigger",
     "DEMO_SUSPECTS",
     "demo_suspect_path",
     "list_demo_suspects",
@@ -142,6 +144,30 @@ class Suspect:
                               torch.tensor(raw.get("noise_idx", []), dtype=torch.long))
         return PoisonedDataset(self.data.train, trig, float(poison.get("rate", 0.0)), int(poison.get("seed", 0)),
                                exclude=self.split[1], plan=plan)
+
+
+def adopt_trigger(suspect: Suspect, spec: dict[str, Any], parent: str | None = None) -> Suspect:
+    """A copy of ``suspect`` that uses ``spec`` (usually a recovered trigger) as its trigger.
+
+    The known trigger, if any, moves to ``card["true_trigger"]``; the poisoned training set and the stored metrics
+    belong to that trigger, so they move to ``true_poison`` / ``true_metrics`` and are not used with the new one.
+    """
+    trig = trigger_from_spec(spec, suspect.input_shape, suspect.num_classes)  # validates shapes and target
+    card = copy.deepcopy(suspect.card)
+    old = card.get("trigger")
+    if old and old.get("name") != "recovered":
+        card["true_trigger"] = old
+    for key in ("poison", "metrics"):
+        if key in card:
+            card[f"true_{key}"] = card.pop(key)
+    card["trigger"] = trig.spec()
+    base = str(card.get("name") or suspect.name).split(" · recovered")[0]
+    card["name"] = f"{base} · recovered trigger (class {trig.target})"
+    card["provenance"] = {**(card.get("provenance") or {}), "source": "recovered trigger",
+                          "parent": parent or suspect.name, "trigger_source": dict(trig.params.get("source") or {})}
+    for key in ("created", "skip_gammas"):
+        card.pop(key, None)
+    return Suspect(suspect.model, card, None)
 
 
 # --- checkpoint readers ------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ __all__ = [
     "make_trigger",
     "trigger_from_spec",
     "MAPPINGS",
+    "RecoveredTrigger",
 ]
 
 MAPPINGS = ("all-to-one", "all-to-all")
@@ -40,8 +41,9 @@ def register_trigger(cls: type[Trigger]) -> type[Trigger]:
     return cls
 
 
-def list_triggers() -> list[str]:
-    return sorted(_REGISTRY)
+def list_triggers(include_recovered: bool = False) -> list[str]:
+    """Registered attacks (those a suspect can be trained with; ``include_recovered`` adds reverse-engineered ones)."""
+    return sorted(n for n, cls in _REGISTRY.items() if include_recovered or not cls.recovered)
 
 
 @dataclass
@@ -59,6 +61,7 @@ class Trigger:
     clean_label: ClassVar[bool] = False
     defaults: ClassVar[dict[str, Any]] = {}
     description: ClassVar[str] = ""
+    recovered: ClassVar[bool] = False  # reverse-engineered from a model, not the attack's known trigger
 
     def __init__(self, input_shape: Sequence[int], num_classes: int, target: int = 0,
                  mapping: str = "all-to-one", **params: Any):
@@ -395,3 +398,50 @@ class Trojan(Trigger):
         fp = torch.zeros(self.input_shape[1:], dtype=torch.bool)
         fp[self.row:self.row + self.size, self.col:self.col + self.size] = self.logo > 0
         return fp
+
+
+@register_trigger
+class RecoveredTrigger(Trigger):
+    """A trigger reverse-engineered from the model (Neural Cleanse, Wang et al., S&P 2019): ``(1 - m) x + m p``.
+
+    ``mask`` is (H, W) in [0, 1] and ``pattern`` (C, H, W) in [0, 1], stored as nested lists in the spec so a
+    suspect card carries it; ``source`` says how it was found (method, anomaly index). It is a *recovered*
+    trigger, not the attacker's: views and defenses can use it, and the UI says so.
+    """
+
+    name = "recovered"
+    recovered = True
+    description = "a mask and pattern recovered by trigger reverse-engineering (not the known trigger)"
+    defaults = {"mask": None, "pattern": None, "source": {}}
+
+    def _validate(self) -> None:
+        c, h, w = self.input_shape
+        if self.params["mask"] is None or self.params["pattern"] is None:
+            raise ValueError("a recovered trigger needs its mask and pattern")
+        self.mask = torch.as_tensor(np.asarray(self.params["mask"], dtype=np.float32))
+        self.pattern = torch.as_tensor(np.asarray(self.params["pattern"], dtype=np.float32))
+        if tuple(self.mask.shape) != (h, w):
+            raise ValueError(f"recovered mask must be {(h, w)}, got {tuple(self.mask.shape)}")
+        if tuple(self.pattern.shape) != (c, h, w):
+            raise ValueError(f"recovered pattern must be {(c, h, w)}, got {tuple(self.pattern.shape)}")
+        if not (torch.isfinite(self.mask).all() and torch.isfinite(self.pattern).all()):
+            raise ValueError("recovered mask and pattern must be finite")
+        self.mask = self.mask.clamp(0, 1)
+        self.pattern = self.pattern.clamp(0, 1)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mask.to(x)
+        return (1 - m) * x + m * self.pattern.to(x)
+
+    def footprint(self, x: torch.Tensor | None = None, tol: float = 1.0 / 255) -> torch.Tensor:
+        """Pixels holding at least half of the mask's peak value (a soft mask touches every pixel a little)."""
+        return self.mask >= 0.5 * float(self.mask.max())
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, "target": self.target, "mapping": self.mapping,
+                "params": {"mask": np.round(self.mask.numpy(), 4).tolist(),
+                           "pattern": np.round(self.pattern.numpy(), 4).tolist(),
+                           "source": dict(self.params.get("source") or {})}}
+
+    def __repr__(self) -> str:
+        return f"RecoveredTrigger(target={self.target}, mask_l1={float(self.mask.sum()):.1f})"

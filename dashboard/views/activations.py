@@ -9,12 +9,13 @@ import streamlit as st
 
 from analysis.activations import NORMS, activation_stats, channel_maps, default_layers
 from analysis.samples import paired_sample
-from dashboard.common import load_suspect, sample_size, sidebar, to_display
+from dashboard.common import load_suspect, sample_size, sidebar, to_display, trigger_notice
 
 ref = sidebar()
 suspect, lock = load_suspect(ref)
 
 st.title("Activation statistics: l1, l2 and l_inf per channel")
+trigger_notice(suspect)
 st.markdown(
     "Every channel's activation map is reduced to three norms per image: l1 (total activity), l2 and l_inf (the "
     "single strongest response). Xu et al. (arXiv 2002.12162) observed that a trigger causes a *sparse spike* in a few "
@@ -25,7 +26,8 @@ st.markdown(
 
 trigger = suspect.trigger
 if trigger is None:
-    st.info("No trigger is known for this suspect: clean vs. triggered statistics need one.")
+    st.info("No trigger is known for this suspect: clean vs. triggered statistics need one. Recover one on the "
+            "Detection page and adopt it.")
     st.stop()
 
 

@@ -8,12 +8,13 @@ import plotly.express as px
 import streamlit as st
 
 from analysis.features import feature_set, pca_2d, separation_score, umap_2d
-from dashboard.common import StreamlitProgress, load_suspect, sample_size, sidebar, to_display
+from dashboard.common import StreamlitProgress, load_suspect, sample_size, sidebar, to_display, trigger_notice
 
 ref = sidebar()
 suspect, lock = load_suspect(ref)
 
 st.title("Feature space: do poisoned inputs form their own cluster?")
+trigger_notice(suspect)
 st.markdown(
     "Each point is one image, placed by the model's penultimate-layer features. In a backdoored model triggered "
     "inputs and poisoned training samples gather in a tight cluster of their own, apart from the genuine images of "

@@ -13,12 +13,13 @@ from analysis.gradcam import (
     default_target_layer,
 )
 from analysis.samples import paired_sample
-from dashboard.common import load_suspect, overlay, reference_models, sidebar, to_display
+from dashboard.common import load_suspect, overlay, reference_models, sidebar, to_display, trigger_notice
 
 ref = sidebar()
 suspect, lock = load_suspect(ref)
 
 st.title("Grad-CAM: where the model looks")
+trigger_notice(suspect)
 st.markdown(
     "Grad-CAM (Selvaraju et al., ICCV 2017) weights a layer's activation maps by the gradient of a class score and "
     "shows which pixels drive the decision. On a backdoored model the maps of triggered inputs collapse onto the "
@@ -29,7 +30,7 @@ st.markdown(
 trigger = suspect.trigger
 if trigger is None:
     st.info("No trigger is known for this suspect, so there is nothing to compare against. Pick a demo suspect "
-            "with an attack, or (in a later version) recover a trigger with the Detection page.")
+            "with an attack, or recover a trigger on the Detection page and adopt it.")
     st.stop()
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import streamlit as st
 import torch
 
-from dashboard.common import device, load_suspect, sidebar
+from dashboard.common import device, load_suspect, sidebar, trigger_notice
 from suspects.metrics import DEFINITIONS, predict
 
 ref = sidebar()
@@ -14,6 +14,7 @@ suspect, lock = load_suspect(ref)
 card = suspect.card
 
 st.title(f"Suspect: {suspect.name}")
+trigger_notice(suspect)
 st.markdown(
     "A **suspect** is a classifier that may carry a backdoor: it behaves normally on clean inputs but sends "
     "inputs stamped with a secret *trigger* to the attacker's class (Gu et al., *BadNets*, 2017). "
@@ -43,7 +44,10 @@ with left:
         "data source": str(card.get("data")),
         "attack": "none known" if trigger is None else
         f"{trigger.name}, target {trigger.target} ({suspect.classes[trigger.target]}), {trigger.mapping}",
-        "attack parameters": "—" if trigger is None else str(trigger.params),
+        "attack parameters": "—" if trigger is None else (
+            f"recovered mask and pattern (L1 {float(trigger.mask.sum()):.1f}, "
+            f"{(trigger.params.get('source') or {}).get('method', '?')})" if trigger.name == "recovered"
+            else str(trigger.params)),
         "poisoned training samples": str((card.get("poison") or {}).get("n_poisoned", "—")),
         "provenance": str((card.get("provenance") or {}).get("source", "—")),
     }

@@ -8,13 +8,14 @@ from plotly.subplots import make_subplots
 
 from analysis.samples import paired_sample
 from analysis.shortcuts import DEFAULT_GAMMAS, NoSkipConnectionsError, skip_ablation
-from dashboard.common import StreamlitProgress, load_suspect, sample_size, sidebar
+from dashboard.common import StreamlitProgress, load_suspect, sample_size, sidebar, trigger_notice
 from suspects.models import list_residual_blocks
 
 ref = sidebar()
 suspect, lock = load_suspect(ref)
 
 st.title("Skip-connection ablation")
+trigger_notice(suspect)
 st.markdown(
     "Every residual block computes residual(x) + γ·skip(x). Scaling one block's skip output down (γ from 1 to 0) "
     "and re-measuring BA and ASR shows where the trigger travels: Yang et al. (*Backdoor Defense via Suppressing "
@@ -29,7 +30,8 @@ if not list_residual_blocks(suspect.model):
     st.stop()
 trigger = suspect.trigger
 if trigger is None:
-    st.info("No trigger is known for this suspect: ASR, and so this view, needs one.")
+    st.info("No trigger is known for this suspect: ASR, and so this view, needs one. Recover one on the "
+            "Detection page and adopt it.")
     st.stop()
 
 

@@ -1,0 +1,119 @@
+"""Detection page: Neural Cleanse trigger reverse-engineering, per-class anomaly indices, and adopting a trigger."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+
+from analysis.reverse import ScanConfig, save_recovered_suspect, scan_suspect, stored_scan, trigger_overlap
+from dashboard.common import StreamlitProgress, load_suspect, runs_root, sidebar, to_display, trigger_notice
+
+ref = sidebar()
+suspect, lock = load_suspect(ref)
+
+st.title("Detection: recover the trigger")
+st.markdown(
+    "Neural Cleanse (Wang et al., *IEEE S&P 2019*) asks, for every class t, how small a patch can be that flips clean "
+    "images to t: it optimises a mask m and a pattern p so that (1 − m)·x + m·p is classified as t, penalising the "
+    "mask's L1 norm. A backdoor target needs a far smaller mask than the other classes. The **anomaly index** of a "
+    "class is (median − L1) / (1.4826 · MAD) of the per-class mask norms; a class above the threshold is flagged. "
+    "Only clean **defense-pool** images are used, never the test split."
+)
+trigger_notice(suspect)
+
+with st.form("scan_params"):
+    c1, c2, c3, c4 = st.columns(4)
+    n_images = c1.number_input("Images (defense pool)", 10, 5000, 300, step=50,
+                               help="clean defense-pool images the masks are optimised on")
+    steps = c2.number_input("Steps per class", 1, 5000, 100, step=10, help="Adam steps (batch 64) per class")
+    lam = c3.number_input("λ (mask L1 weight)", 0.0, 10.0, 0.01, step=0.005, format="%.3f",
+                          help="weight of the mask's L1 norm in the loss")
+    threshold = c4.number_input("Threshold (anomaly index)", 0.5, 20.0, 2.0, step=0.5,
+                                help="a class whose anomaly index exceeds this is flagged (the paper uses 2)")
+    run = st.form_submit_button("Scan all classes", type="primary")
+
+config = ScanConfig(n_images=int(n_images), steps=int(steps), lam=float(lam), threshold=float(threshold))
+root = runs_root()
+result = stored_scan(suspect, config, root)
+if run and result is None:
+    st.button("Cancel scan", key="cancel_scan", help="stops the scan; nothing is stored")
+    bar = StreamlitProgress(f"Neural Cleanse over {suspect.num_classes} classes")
+    with lock:
+        result = scan_suspect(suspect, config, cache_root=root, progress=bar)
+    bar.done()
+if result is None:
+    st.info(f"No scan of this suspect with these settings yet. A scan of {suspect.num_classes} classes takes about "
+            f"{max(1, round(suspect.num_classes * config.steps * 0.06 / 60))} min on a CPU; its result is stored "
+            f"and shown instantly next time.")
+    st.stop()
+
+classes = suspect.classes
+names = [f"{k}: {c}" for k, c in enumerate(classes)]
+known = suspect.trigger if suspect.trigger is not None and suspect.trigger.name != "recovered" else None
+st.caption(f"Scan of {result.config.get('images', '?')} defense-pool images, {result.config.get('steps', '?')} steps "
+           f"per class, λ = {result.config.get('lam', '?')}; {result.seconds:.1f} s.")
+
+# verdict with its evidence
+top = result.most_suspicious
+median = float(np.median(result.l1))
+if result.flagged:
+    parts = [f"class **{k} ({classes[k]})**: anomaly index **{result.anomaly[k]:.2f}** > {result.threshold:g}, "
+             f"mask L1 {result.l1[k]:.1f} vs. median {median:.1f}, and the recovered trigger sends "
+             f"{100 * result.success[k]:.0f}% of the pool images to it" for k in result.flagged]
+    st.error("**Verdict: backdoor suspected.** " + "; ".join(parts) + ".")
+else:
+    st.success(f"**Verdict: no class flagged.** The largest anomaly index is {result.anomaly[top]:.2f} "
+               f"(class {top}, {classes[top]}), below the threshold {result.threshold:g}. Neural Cleanse misses "
+               "triggers that are not small patches (e.g. blended noise at low opacity, warps) more often.")
+if known is not None and known.mapping == "all-to-one":
+    ov = trigger_overlap(result.masks[known.target], known.footprint().numpy())
+    hit = "flagged" if known.target in result.flagged else "**not** flagged"
+    st.markdown(f"Known attack: **{known.name}**, target class {known.target} ({classes[known.target]}), {hit}. "
+                f"Its recovered mask puts **{100 * ov['mass_on_trigger']:.0f}%** of its mass on the known trigger's "
+                f"pixels, which are {100 * ov['footprint_share']:.1f}% of the image (IoU of the mask's peak with "
+                f"them: {ov['iou']:.2f}).")
+
+colors = ["#d62728" if k in result.flagged else "#7f7f7f" for k in range(len(classes))]
+left, right = st.columns(2)
+fig = go.Figure(go.Bar(x=names, y=result.anomaly, marker_color=colors,
+                       hovertemplate="%{x}<br>anomaly index %{y:.2f}<extra></extra>"))
+fig.add_hline(y=result.threshold, line_dash="dash", annotation_text=f"threshold {result.threshold:g}")
+fig.update_layout(title="Anomaly index per class", yaxis_title="(median − L1) / (1.4826·MAD)", height=360,
+                  margin=dict(t=40, b=10))
+left.plotly_chart(fig, key="anomaly_bars")
+fig = go.Figure(go.Bar(x=names, y=result.l1, marker_color=colors,
+                       customdata=result.success,
+                       hovertemplate="%{x}<br>mask L1 %{y:.1f}<br>success %{customdata:.2f}<extra></extra>"))
+fig.update_layout(title="Mask L1 norm per class", yaxis_title="sum of mask values (pixels)", height=360,
+                  margin=dict(t=40, b=10))
+right.plotly_chart(fig, key="l1_bars")
+
+st.subheader("Recovered masks and patterns")
+st.caption("Per class: the mask m (white = 1), the pattern p, and m·p as it is stamped. Flagged classes are marked.")
+order = sorted(range(len(classes)), key=lambda k: -result.anomaly[k])
+cols = st.columns(5)
+for j, k in enumerate(order):
+    m = result.masks[k]
+    with cols[j % 5]:
+        flag = " · flagged" if k in result.flagged else ""
+        st.image(to_display(m[None] / max(float(m.max()), 1e-6), 3), caption=f"{names[k]} · mask{flag}")
+        st.image(to_display(result.patterns[k] * m[None], 3), caption=f"m·p · L1 {result.l1[k]:.1f}")
+if known is not None:
+    st.subheader("The known trigger, for comparison")
+    x0 = suspect.defense_pool.images(np.arange(1))
+    c1, c2, c3 = st.columns([1, 1, 3])
+    c1.image(to_display(known.footprint().float()[None], 3), caption="known trigger's footprint")
+    c2.image(to_display(known(x0)[0], 3), caption=f"a pool image with the known {known.name} trigger")
+
+st.subheader("Use a recovered trigger")
+st.markdown("Adopting a recovered trigger saves a copy of this suspect that uses it: every view (Grad-CAM, "
+            "activations, feature space, skip ablation) and every defense that needs triggered inputs then works "
+            "with it, and each page says that the trigger is **recovered**, not known.")
+c1, c2 = st.columns([2, 1])
+target = c1.selectbox("Class", range(len(classes)), index=top, format_func=lambda k: names[k]
+                      + (" (flagged)" if k in result.flagged else ""), key="adopt_class")
+if c2.button("Adopt this trigger", key="adopt_go"):
+    folder = save_recovered_suspect(suspect, result, int(target), root, parent=ref)
+    st.session_state["suspect"] = str(folder)
+    st.rerun()

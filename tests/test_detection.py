@@ -1,0 +1,148 @@
+"""Issue 7: stored Neural Cleanse scans, recovered triggers, the `detect` command and the Detection page."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+import suspects
+from analysis.reverse import (
+    ScanConfig,
+    recovered_trigger_spec,
+    save_recovered_suspect,
+    scan_suspect,
+    stored_scan,
+    trigger_overlap,
+)
+from backdoor_lens.cli import main
+from suspects.metrics import evaluate
+from suspects.store import adopt_trigger
+from suspects.triggers import list_triggers, make_trigger
+
+APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
+TINY = ScanConfig(n_images=60, steps=8)
+
+
+@pytest.fixture(scope="module")
+def badnets():
+    return suspects.load("demo:badnets")
+
+
+@pytest.fixture(scope="module")
+def tiny_scan(badnets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return root, scan_suspect(badnets, TINY, cache_root=root)
+
+
+def test_recovered_trigger_stamps_mask_and_pattern_and_refuses_bad_shapes():
+    mask = np.zeros((28, 28), np.float32)
+    mask[:3, :3] = 1.0
+    pattern = np.full((1, 28, 28), 0.25, np.float32)
+    trig = make_trigger("recovered", (1, 28, 28), 10, target=3, mask=mask.tolist(), pattern=pattern.tolist())
+    x = torch.ones(2, 1, 28, 28)
+    out = trig(x)
+    assert torch.allclose(out[:, :, :3, :3], torch.full((2, 1, 3, 3), 0.25)) and out[:, :, 3:, :].eq(1).all()
+    assert trig.footprint().sum() == 9 and trig.target_labels(torch.tensor([5])).item() == 3
+    again = make_trigger("recovered", (1, 28, 28), 10, target=3, **trig.spec()["params"])
+    assert torch.equal(again(x), out)
+    with pytest.raises(ValueError, match="mask must be"):
+        make_trigger("recovered", (1, 28, 28), 10, mask=[[0.0]], pattern=pattern.tolist())
+    assert "recovered" not in list_triggers() and "recovered" in list_triggers(include_recovered=True)
+
+
+def test_scan_is_stored_and_reused(badnets, tiny_scan):
+    root, first = tiny_scan
+    assert first.masks.shape == (10, 28, 28) and first.patterns.shape == (10, 1, 28, 28)
+    assert first.config["images"] == 60 and first.config["source"] == "defense pool"
+    again = stored_scan(badnets, TINY, root)
+    assert again is not None and np.allclose(again.l1, first.l1) and again.flagged == first.flagged
+    assert stored_scan(badnets, ScanConfig(n_images=60, steps=9), root) is None  # another budget is another scan
+    # a corrupted stored scan is not trusted: it is recomputed
+    files = list(Path(root, "detections").rglob("*.npz"))
+    assert len(files) == 1
+    files[0].write_bytes(b"garbage")
+    assert stored_scan(badnets, TINY, root) is None
+    with pytest.raises(ValueError, match="steps"):
+        scan_suspect(badnets, ScanConfig(steps=0))
+
+
+def test_adopted_trigger_drives_metrics_and_survives_save(badnets, tiny_scan, tmp_path):
+    _, result = tiny_scan
+    adopted = adopt_trigger(badnets, recovered_trigger_spec(result, 0), parent="demo:badnets")
+    assert adopted.trigger.name == "recovered" and adopted.card["true_trigger"]["name"] == "badnets"
+    assert "poison" not in adopted.card  # the poisoned training set belongs to the known trigger
+    m = evaluate(adopted.model, adopted.test, adopted.trigger, limit=300)
+    # the recovered class-0 trigger flips the backdoored model's test images to class 0 far more than chance
+    assert m.asr > 0.5, m
+    folder = save_recovered_suspect(badnets, result, 0, tmp_path, parent="demo:badnets")
+    loaded = suspects.load(folder)
+    assert loaded.trigger.name == "recovered" and loaded.trigger.target == 0
+    assert "recovered trigger (class 0)" in loaded.name
+    x = loaded.test.images(np.arange(4))
+    assert torch.allclose(loaded.trigger(x), adopted.trigger(x), atol=1e-4)
+
+
+def test_trigger_overlap_definition():
+    mask = np.zeros((4, 4))
+    mask[0, 0], mask[0, 1] = 1.0, 1.0
+    fp = np.zeros((4, 4), bool)
+    fp[0, 0] = True
+    ov = trigger_overlap(mask, fp)
+    assert ov["mass_on_trigger"] == 0.5 and ov["iou"] == 0.5 and ov["footprint_share"] == 1 / 16
+
+
+def test_detect_cli_json_and_adopt(tmp_path, capsys):
+    rc = main(["detect", "demo:badnets", "--images", "40", "--steps", "4", "--runs", str(tmp_path), "--json",
+               "--adopt", "auto"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["l1"]) == len(out["anomaly_index"]) == 10
+    assert {"flagged", "seconds", "verdict", "known_target", "overlap_with_known_trigger"} <= set(out)
+    assert out["adopted"]["class"] == int(np.argmax(out["anomaly_index"]))
+    assert suspects.load(out["adopted"]["path"]).trigger.name == "recovered"
+    assert main(["detect", "demo:badnets", "--steps", "0", "--runs", str(tmp_path)]) == 2
+    assert "steps must lie" in capsys.readouterr().err
+
+
+def _app(suspect_ref: str) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=240)
+    at.query_params["suspect"] = suspect_ref
+    at.session_state["sample_size"] = 60
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_detection_page_scans_and_adopts(monkeypatch, tmp_path):
+    monkeypatch.setenv("BACKDOOR_LENS_RUNS", str(tmp_path))
+    at = _app("demo:badnets")
+    at.switch_page("views/detection.py").run()
+    assert not at.exception, at.exception
+    assert any("No scan of this suspect" in i.value for i in at.info)
+    at.number_input[0].set_value(50)
+    at.number_input[1].set_value(5)
+    at.button[0].click().run()  # the form's "Scan all classes"
+    assert not at.exception, at.exception
+    verdict = [e.value for e in at.error] + [s.value for s in at.success]
+    assert any("Verdict" in v for v in verdict), verdict
+    assert len(at.get("plotly_chart")) == 2
+    at.button(key="adopt_go").click().run()
+    assert not at.exception, at.exception
+    assert "recovered" in at.session_state["suspect"]
+    assert any("recovered" in w.value and "not known" in w.value for w in at.warning)
+
+
+@pytest.mark.parametrize("page", ["views/gradcam.py", "views/activations.py", "views/shortcuts.py",
+                                  "views/overview.py"])
+def test_views_accept_a_recovered_trigger(page, badnets, tiny_scan, monkeypatch, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    monkeypatch.setenv("BACKDOOR_LENS_RUNS", str(root))
+    folder = save_recovered_suspect(badnets, tiny_scan[1], 0, root, parent="demo:badnets")
+    at = _app(str(folder))
+    at.switch_page(page).run()
+    assert not at.exception, at.exception
+    assert any("recovered" in w.value for w in at.warning), [w.value for w in at.warning]
+    assert not any("No trigger is known" in i.value for i in at.info)
