@@ -30,6 +30,7 @@ __all__ = [
     "attention_share",
     "GradCamComparison",
     "compare_gradcam",
+    "cam_overlay",
 ]
 
 CAM_METHODS = {
@@ -175,3 +176,14 @@ def compare_gradcam(model: nn.Module, sample: PairedSample, trigger: Trigger, la
         layer, method, target_kind, clean_cams, trig_cams, clean_pred.numpy(), trig_pred.numpy(),
         attention_share(clean_cams, fp), attention_share(trig_cams, fp), fp, float(fp.mean()),
     )
+
+
+def cam_overlay(image: torch.Tensor, cam: np.ndarray, scale: int = 1) -> np.ndarray:
+    """A map over its [0, 1] (C, H, W) image (jet colour map at half weight): uint8 (H*scale, W*scale, 3)."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    img = image.detach().cpu().numpy().transpose(1, 2, 0).astype(np.float32)
+    if img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)
+    out = show_cam_on_image(np.clip(img, 0, 1), cam.astype(np.float32), use_rgb=True)
+    return out.repeat(scale, 0).repeat(scale, 1) if scale > 1 else out
