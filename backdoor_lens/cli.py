@@ -274,6 +274,53 @@ def cmd_defenses(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from defenses.compare import filter_runs, format_table, runs_table, table_csv, table_json
+    from defenses.runstore import RunStore
+
+    store = RunStore(args.runs)
+    table = runs_table(store, args.suspect)
+    if args.defense or args.preset:
+        table = filter_runs(table, defenses=args.defense, presets=args.preset)
+    if args.json:
+        print(table_json(table, args.suspect))
+    elif args.csv:
+        print(table_csv(table), end="")
+    elif table.empty:
+        print(f"no finished run of {args.suspect} in {store.root} (`backdoor-lens defend DEFENSE {args.suspect}` "
+              "adds one)", file=sys.stderr)
+    else:
+        print(f"{len(table)} finished run(s) of {args.suspect} in {store.root}, newest first\n")
+        print(format_table(table))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from defenses.report import figures_png, run_figures, write_report
+    from defenses.runstore import RunStore
+
+    store = RunStore(args.runs)
+    bar = TqdmProgress("report", disable=args.quiet)
+    try:
+        path = write_report(args.out, args.suspect, store=store, runs=args.run, n=args.sample, progress=bar)
+    finally:
+        bar.close()
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained)")
+    if args.png_dir:
+        from defenses.compare import runs_table
+
+        table = runs_table(store, args.suspect)
+        if table.empty:
+            print("no stored runs: no charts to write", file=sys.stderr)
+            return 0
+        out = Path(args.png_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, data in figures_png(run_figures(table)).items():
+            (out / f"{name}.png").write_bytes(data)
+            print(f"wrote {out / f'{name}.png'}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from suspects.models import list_models
 
@@ -411,6 +458,34 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List the registered defenses, their threat models and presets.")
     p.add_argument("--params", action="store_true", help="also list every parameter with its range")
     p.set_defaults(func=cmd_defenses)
+
+    p = sub.add_parser("compare", help="table of every stored run of a suspect (BA, ASR, RA, DER, Pareto front)",
+                       description="Print every finished defense run of SUSPECT in the run store: defense, preset, BA, "
+                                   "ASR, RA, DER, seconds, device, clean data used, date; * marks the Pareto front "
+                                   "(no other run has a BA at least as high and an ASR at least as low).")
+    p.add_argument("suspect", help="the suspect the runs were made on (demo:NAME or a folder)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="JSON: the rows with every column's definition")
+    fmt.add_argument("--csv", action="store_true", help="CSV, one row per run")
+    p.add_argument("--defense", action="append", metavar="NAME", help="only this defense (repeatable)")
+    p.add_argument("--preset", action="append", metavar="NAME", help="only this preset (repeatable)")
+    p.add_argument("--runs", help="run store folder (default ./runs or $BACKDOOR_LENS_RUNS)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="write one self-contained HTML report of a suspect and its runs",
+                       description="Write an HTML report (opens offline: plotly.js inlined, images embedded) with "
+                                   "the run table, BA vs. ASR with the Pareto front, bars per metric, and the suspect "
+                                   "side by side with its best run (highest DER) or --run: Grad-CAM overlays, "
+                                   "activation statistics, feature space, skip-ablation curves.")
+    p.add_argument("suspect", help="the suspect the runs were made on (demo:NAME or a folder)")
+    p.add_argument("--out", required=True, metavar="FILE.html", help="the report file to write")
+    p.add_argument("--run", action="append", metavar="RUN_ID",
+                   help="run to show next to the suspect (id or its last part, repeatable; default: the best by DER)")
+    p.add_argument("--sample", type=int, default=200, help="test images per analysis (default 200)")
+    p.add_argument("--png-dir", metavar="DIR", help="also write the run charts as PNG files into DIR")
+    p.add_argument("--runs", help="run store folder (default ./runs or $BACKDOOR_LENS_RUNS)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("models", help="list architectures", description="List the registered architectures.")
     p.set_defaults(func=cmd_models)

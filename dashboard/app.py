@@ -25,6 +25,7 @@ nav = st.navigation({
     ],
     "Remove it": [
         st.Page(str(PAGES / "defenses.py"), title="Defenses", icon=":material/shield:"),
+        st.Page(str(PAGES / "compare.py"), title="Compare", icon=":material/compare:"),
     ],
 })
 nav.run()

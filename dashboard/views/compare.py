@@ -1,0 +1,220 @@
+"""Compare page: every stored run of the selected suspect (table, BA vs. ASR with its Pareto front, bars per
+metric, filters, exports), and any two of its models side by side."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from analysis.gradcam import compare_gradcam, default_target_layer
+from analysis.samples import paired_sample
+from dashboard.common import load_suspect, sample_size, sidebar, store, trigger_notice
+from defenses.compare import (
+    COLUMN_DEFINITIONS,
+    METRIC_LABELS,
+    PART_TITLES,
+    ablation_curves,
+    ablation_figure,
+    activation_summary,
+    activations_figure,
+    best_run,
+    embed_features,
+    embedding_figure,
+    filter_runs,
+    gradcam_grid,
+    metric_bars_figure,
+    run_label,
+    runs_table,
+    table_csv,
+    table_json,
+    tradeoff_figure,
+    with_model,
+)
+from defenses.report import figures_zip, html_report, run_figures
+from suspects.metrics import DEFINITIONS
+from suspects.models import list_residual_blocks
+
+ref = sidebar()
+suspect, lock = load_suspect(ref)
+runs = store()
+
+st.title("Compare defense runs")
+trigger_notice(suspect)
+st.markdown(
+    f"Every finished defense run of **{suspect.name}** in the run store: BA and ASR after the defense, measured on "
+    "the test split the defense never saw. A run is on the **Pareto front** when no other run has a BA at least as "
+    "high and an ASR at least as low. Below, any two models of this suspect (the suspect itself and its repaired "
+    "models) side by side on the same images, with the suspect's trigger."
+)
+
+table = runs_table(runs, ref)
+if table.empty:
+    st.info("No finished run of this suspect is stored yet. Run a defense on the Defenses page (or "
+            f"`backdoor-lens defend DEFENSE {ref}`) and come back.")
+    st.stop()
+
+st.subheader(f"Stored runs ({len(table)})")
+f = st.columns([2, 1, 2, 1, 1])
+defenses = f[0].multiselect("Defense", sorted(set(table.defense)), default=sorted(set(table.defense)),
+                            key="cmp_defenses")
+presets = f[1].multiselect("Preset", sorted(set(table.preset)), default=sorted(set(table.preset)), key="cmp_presets")
+devices = f[2].multiselect("Device", sorted(set(table.device)), default=sorted(set(table.device)), key="cmp_devices")
+min_ba = f[3].slider("Minimum BA", 0.0, 1.0, 0.0, 0.01, key="cmp_min_ba", help=DEFINITIONS["ba"])
+max_asr = f[4].slider("Maximum ASR", 0.0, 1.0, 1.0, 0.01, key="cmp_max_asr", help=DEFINITIONS["asr"])
+pareto_only = st.toggle("Pareto front only", key="cmp_pareto", help=COLUMN_DEFINITIONS["pareto"])
+shown = filter_runs(table, defenses, presets, devices, min_ba, max_asr, pareto_only)
+
+numbers = {c: st.column_config.NumberColumn(c.upper().replace("_BEFORE", " before"), help=COLUMN_DEFINITIONS[c],
+                                            format="%.3f")
+           for c in ("ba", "asr", "ra", "der", "ba_before", "asr_before", "ra_before")}
+config = {c: st.column_config.Column(c.replace("_", " "), help=COLUMN_DEFINITIONS[c])
+          for c in ("run_id", "defense", "preset", "overrides", "device", "date", "run_dir")}
+config |= {"seconds": st.column_config.NumberColumn("seconds", help=COLUMN_DEFINITIONS["seconds"], format="%.1f"),
+           "clean_images": st.column_config.NumberColumn("clean images", help=COLUMN_DEFINITIONS["clean_images"]),
+           "held_out": st.column_config.NumberColumn("held out", help=COLUMN_DEFINITIONS["held_out"]),
+           "pareto": st.column_config.CheckboxColumn("Pareto", help=COLUMN_DEFINITIONS["pareto"]), **numbers}
+st.dataframe(shown, column_config=config, hide_index=True, key="cmp_table")
+if shown.empty:
+    st.warning("No run passes the filters.")
+else:
+    st.caption(f"{len(shown)} of {len(table)} runs; hover a column name for its definition. The Pareto column marks "
+               "the front among the runs shown.")
+    c1, c2 = st.columns([2, 3])
+    c1.plotly_chart(tradeoff_figure(shown), key="cmp_tradeoff")
+    c1.caption("Top left is best. Dashed: the Pareto front; star: the suspect before any defense.")
+    c2.plotly_chart(metric_bars_figure(shown), key="cmp_bars")
+    c2.caption("One bar per run (defense · preset · id); dashed red: the suspect before the defense. "
+               + " ".join(f"{METRIC_LABELS[k]}: {DEFINITIONS[k]}." for k in ("ba", "asr", "ra", "der")))
+
+# --- side by side -------------------------------------------------------------------------------------
+
+st.subheader("Before / after, side by side")
+labels = {ref: f"suspect ({suspect.name})"} | {r.run_dir: run_label(r) for _, r in table.iterrows()}
+options = list(labels)
+best = best_run(table)
+s1, s2 = st.columns(2)
+left = s1.selectbox("Left", options, index=0, format_func=labels.get, key="cmp_left")
+right = s2.selectbox("Right", options, index=options.index(best.run_dir) if best is not None else 0,
+                     format_func=labels.get, key="cmp_right")
+chosen = list(dict.fromkeys([left, right]))
+if len(chosen) == 1:
+    st.warning("Both sides show the same model; pick another one on the right.")
+cols = st.columns(len(chosen))
+for col, model_ref in zip(cols, chosen, strict=True):
+    m = load_suspect(model_ref)[0].card.get("metrics") or {}
+    col.markdown(f"**{labels[model_ref]}**")
+    for box, key in zip(col.columns(3), ("ba", "asr", "ra"), strict=True):
+        box.metric(key.upper(), "n/a" if m.get(key) is None else f"{100 * m[key]:.1f}%", help=DEFINITIONS[key])
+view = st.segmented_control("View", list(PART_TITLES), format_func=PART_TITLES.get, default="gradcam",
+                            key="cmp_view") or "gradcam"
+n = sample_size()
+trigger = suspect.trigger
+
+
+@st.cache_data(show_spinner="Computing Grad-CAM maps ...", max_entries=16)
+def cached_gradcam(model_ref: str, base_ref: str, n: int):
+    """Grad-CAM of model ``model_ref`` on the images and trigger of suspect ``base_ref``."""
+    base, base_lock = load_suspect(base_ref)
+    with base_lock:
+        layer = default_target_layer(base.model, base.input_shape)
+    smp = paired_sample(base.test, base.trigger, n)
+    s, lk = load_suspect(model_ref)
+    with lk:
+        return compare_gradcam(s.model, smp, base.trigger, layer), smp
+
+
+@st.cache_data(show_spinner="Measuring activation norms ...", max_entries=16)
+def cached_activations(model_ref: str, base_ref: str, n: int):
+    base = load_suspect(base_ref)[0]
+    smp = paired_sample(base.test, base.trigger, n)
+    s, lk = load_suspect(model_ref)
+    with lk:
+        return activation_summary(s.model, smp)
+
+
+@st.cache_data(show_spinner="Extracting features ...", max_entries=16)
+def cached_embedding(model_ref: str, base_ref: str, n: int, method: str):
+    base = load_suspect(base_ref)[0]
+    s, lk = load_suspect(model_ref)
+    with lk:
+        return embed_features(with_model(base, s.model), n, method)
+
+
+@st.cache_data(show_spinner="Ablating every block's skip connection ...", max_entries=16)
+def cached_ablation(model_ref: str, base_ref: str, n: int):
+    base = load_suspect(base_ref)[0]
+    s, lk = load_suspect(model_ref)
+    with lk:
+        return ablation_curves(s.model, base.test, base.trigger, n)
+
+
+side_fig = None
+if view != "features" and trigger is None:
+    st.info("No trigger is known for this suspect: this view compares clean and triggered inputs and needs one. "
+            "The feature space works without one; or recover a trigger on the Detection page and adopt it.")
+elif view == "gradcam":
+    k = 8
+    cols = st.columns(len(chosen))
+    for col, model_ref in zip(cols, chosen, strict=True):
+        res, smp = cached_gradcam(model_ref, ref, 16)
+        col.image(gradcam_grid(smp, res, k, scale=4), width="stretch",
+                  caption=f"{labels[model_ref]}: clean on top, triggered below ({res.method} at {res.layer}, "
+                          "predicted class)")
+        col.metric("Trigger-attention share, triggered inputs", f"{100 * res.mean_triggered_share:.1f}%",
+                   delta=f"{100 * (res.mean_triggered_share - res.mean_clean_share):+.1f} pts vs. clean",
+                   delta_color="inverse", help="mean over the 16 images of sum(map on the trigger's pixels) / "
+                   f"sum(map); chance (the trigger's share of the image) {100 * res.footprint_fraction:.1f}%")
+elif view == "activations":
+    side_fig = activations_figure({labels[r]: cached_activations(r, ref, n) for r in chosen})
+    st.plotly_chart(side_fig, key="cmp_activations")
+    st.caption(f"Per layer, the mean l_inf bias of its top 5% channels on {n} clean and triggered images: "
+               "log(l_inf growth) − log(l1 growth) under the trigger (0 = both grow alike). A defense that removes "
+               "the backdoor's channels lowers the deep layers' bars.")
+elif view == "features":
+    method = st.radio("Embedding", ["PCA", "UMAP"], horizontal=True, key="cmp_embedding",
+                      help="PCA is instant; UMAP is computed once per model and sample size.")
+    embs = {labels[r]: cached_embedding(r, ref, n, method) for r in chosen}
+    side_fig = embedding_figure(embs, suspect.classes)
+    st.plotly_chart(side_fig, key="cmp_features")
+    if trigger is not None:
+        mc = st.columns(len(embs))
+        for box, (label, e) in zip(mc, embs.items(), strict=True):
+            box.metric(f"Poisoned-cluster separation · {label}", f"{e.separation['score']:.2f}",
+                       help=f"mean share of each triggered point's {e.separation['k']} nearest neighbours (full "
+                            f"feature space) that are triggered; chance {e.separation['chance']:.2f}")
+    st.caption(f"Penultimate features of {n} clean test images (circles) and {n // 2} triggered copies (x), "
+               f"coloured by true class; one {method} per model.")
+elif view == "ablation":
+    if not list_residual_blocks(suspect.model):
+        st.info(f"{suspect.card.get('arch')} has no skip connections, so the skip-connection ablation does not apply.")
+    else:
+        results = {labels[r]: cached_ablation(r, ref, n) for r in chosen}
+        side_fig = ablation_figure(results)
+        st.plotly_chart(side_fig, key="cmp_ablation")
+        st.caption("BA and ASR as one block's skip output is scaled by γ from 1 to 0; bold: each model's critical "
+                   "block (" + "; ".join(f"{k}: {v.critical_block}" for k, v in results.items()) + "). A repaired "
+                   "model whose ASR is already low at γ = 1 has no shortcut left to cut.")
+
+# --- export -------------------------------------------------------------------------------------------
+
+st.subheader("Export")
+e = st.columns(4)
+stem = suspect.name.replace("/", "_").replace(" ", "_")
+e[0].download_button("Table (CSV)", table_csv(shown), file_name=f"{stem}-runs.csv", mime="text/csv",
+                     icon=":material/table:", on_click="ignore", key="cmp_csv")
+e[1].download_button("Table (JSON)", table_json(shown, ref), file_name=f"{stem}-runs.json", mime="application/json",
+                     icon=":material/data_object:", on_click="ignore", key="cmp_json",
+                     help="the rows with every column's definition")
+charts = run_figures(shown) if not shown.empty else {}
+if side_fig is not None:
+    charts[f"side_by_side_{view}"] = side_fig
+e[2].download_button("Charts (PNG, zip)", lambda: figures_zip(charts), file_name=f"{stem}-charts.zip",
+                     mime="application/zip", icon=":material/image:", on_click="ignore", key="cmp_png",
+                     disabled=not charts, help="the charts on this page rendered by a headless Chromium (kaleido); "
+                     "each chart's camera button also saves it as PNG")
+picked = table.set_index("run_dir").loc[[r for r in chosen if r != ref], "run_id"].tolist()
+e[3].download_button("HTML report", lambda: html_report(ref, store=runs, runs=picked or None, n=n),
+                     file_name=f"{stem}-report.html", mime="text/html", icon=":material/description:",
+                     on_click="ignore", key="cmp_html",
+                     help=f"one self-contained file (opens offline): every stored run of this suspect, the charts, "
+                          f"and the suspect side by side with the run(s) chosen above on {n} images; takes a while "
+                          "on a CPU")

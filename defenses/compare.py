@@ -1,0 +1,466 @@
+"""Compare the stored runs of one suspect, and any of its models side by side.
+
+- :func:`runs_table`: one row per finished run of a suspect (defense, preset, BA, ASR, RA, DER, seconds, device,
+  clean data used, date), with its **Pareto front** (:func:`pareto_front`: no other run has a BA at least as
+  high and an ASR at least as low), :func:`filter_runs`, and exports (:func:`table_csv`, :func:`table_json`,
+  :func:`format_table`).
+- Charts (plotly figures): :func:`tradeoff_figure` (BA vs. ASR with the front and the suspect before any
+  defense) and :func:`metric_bars_figure` (one panel per metric).
+- Side by side: the same analyses (``analysis.*``) on several models of one suspect (the suspect and repaired
+  models, or repaired models only) with the suspect's trigger and the same images: :func:`side_by_side`, and
+  its pieces and figures, which the Compare page calls one at a time.
+
+Used by the Compare page, ``backdoor-lens compare`` and the HTML report (:mod:`defenses.report`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+from torch import nn
+
+from analysis.activations import activation_stats
+from analysis.features import feature_set, pca_2d, separation_score, umap_2d
+from analysis.gradcam import GradCamComparison, cam_overlay, compare_gradcam, default_target_layer
+from analysis.samples import PairedSample, paired_sample
+from analysis.shortcuts import DEFAULT_GAMMAS, AblationResult, NoSkipConnectionsError, skip_ablation
+from suspects.data import ImageSet
+from suspects.metrics import DEFINITIONS
+from suspects.models import list_residual_blocks
+from suspects.store import Suspect
+from suspects.triggers import Trigger
+
+from .runstore import RunStore
+
+__all__ = [
+    "COLUMNS", "COLUMN_DEFINITIONS", "METRICS", "METRIC_LABELS", "PARTS", "PART_TITLES", "same_suspect", "runs_table",
+    "pareto_front", "filter_runs", "table_records", "table_csv", "table_json", "format_table", "run_label",
+    "best_run", "tradeoff_figure", "metric_bars_figure", "Embedding", "with_model", "embed_features", "activation_summary",
+    "ablation_curves", "gradcam_grid", "activations_figure", "embedding_figure", "ablation_figure", "SideBySide",
+    "side_by_side",
+]
+
+COLUMNS = ["run_id", "defense", "preset", "overrides", "ba", "asr", "ra", "der", "seconds", "device", "clean_images", "held_out",
+           "date", "ba_before", "asr_before", "ra_before", "pareto", "run_dir"]
+METRICS = ("ba", "asr", "ra", "der")
+METRIC_LABELS = {"ba": "BA (benign accuracy)", "asr": "ASR (attack success rate)", "ra": "RA (robust accuracy)",
+                 "der": "DER (defense effectiveness rating)"}
+COLUMN_DEFINITIONS = {
+    "run_id": "the run's id in the run store",
+    "defense": "the defense's registered name (`backdoor-lens defenses`)",
+    "preset": "parameter preset (quick: a CPU demo; paper: the official settings), before any overrides",
+    "overrides": "parameters set away from the preset (name=value)",
+    "ba": "BA after the defense; " + DEFINITIONS["ba"],
+    "asr": "ASR after the defense; " + DEFINITIONS["asr"],
+    "ra": "RA after the defense; " + DEFINITIONS["ra"],
+    "der": DEFINITIONS["der"],
+    "seconds": "wall-clock seconds of the run, measuring before and after included",
+    "device": "the device the run used",
+    "clean_images": "clean defense-pool images given to the defense (never poisoned, never the test split)",
+    "held_out": "of those, images held out for the defense's stopping and selection rules",
+    "date": "when the run finished (UTC, ISO 8601)",
+    "ba_before": "BA of the suspect before the defense, measured by the same run",
+    "asr_before": "ASR of the suspect before the defense, measured by the same run",
+    "ra_before": "RA of the suspect before the defense, measured by the same run",
+    "pareto": "on the Pareto front of the runs listed: no other run has a BA at least as high and an ASR at least "
+              "as low, one of them strictly",
+    "run_dir": "the run's folder (the repaired model, its card and report)",
+}
+PARTS = ("gradcam", "activations", "features", "ablation")
+PART_TITLES = {"gradcam": "Grad-CAM", "activations": "Activation statistics", "features": "Feature space",
+               "ablation": "Skip ablation"}
+
+
+# --- the run table ---------------------------------------------------------------------------------------
+
+
+def same_suspect(a: str, b: str) -> bool:
+    """Whether two suspect references name the same suspect (``demo:NAME`` exactly, folders by resolved path)."""
+    if a == b:
+        return True
+    if a.startswith("demo:") or b.startswith("demo:"):
+        return False
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _num(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def runs_table(store: RunStore, suspect: str) -> pd.DataFrame:
+    """Every finished run of ``suspect`` whose folder is complete, newest first, in the columns ``COLUMNS``."""
+    rows = []
+    for rec in store.list(status="finished"):
+        if not same_suspect(rec.suspect, suspect):
+            continue
+        rep = store.report(rec.id)
+        if rep is None:
+            continue
+        split = rep.get("pool_split") or {}
+        rows.append({
+            "run_id": rec.id, "defense": rep.get("defense", rec.defense), "preset": rep.get("preset", rec.preset),
+            "overrides": ", ".join(f"{k}={v}" for k, v in sorted(rec.params.items()) if not k.startswith("_")),
+            **{k: _num(rep.get(k)) for k in ("ba", "asr", "ra", "der", "seconds")},
+            "device": rep.get("device") or rec.device or "",
+            "clean_images": int(rep.get("pool_size", rec.pool_size) or 0),
+            "held_out": int(split.get("held_out", 0)),
+            "date": str(rep.get("finished", "")),
+            **{k: _num(rep.get(k)) for k in ("ba_before", "asr_before", "ra_before")},
+            "pareto": False, "run_dir": rep.get("run_dir") or rec.run_dir or "",
+        })
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df["pareto"] = pareto_front(df["ba"], df["asr"])
+    return df.reset_index(drop=True)
+
+
+def pareto_front(ba: Iterable[float], asr: Iterable[float]) -> np.ndarray:
+    """Boolean mask of the points no other point dominates (BA at least as high and ASR at least as low, one
+    strictly). Points with an unknown BA or ASR are never on it; when no ASR is known at all (a suspect without
+    a trigger) the front is the highest BA."""
+    ba = pd.to_numeric(pd.Series(list(ba), dtype=object), errors="coerce").to_numpy(dtype=float)
+    asr = pd.to_numeric(pd.Series(list(asr), dtype=object), errors="coerce").to_numpy(dtype=float)
+    if len(ba) and np.isnan(asr).all():
+        asr = np.zeros_like(ba)
+    ok = np.isfinite(ba) & np.isfinite(asr)
+    front = np.zeros(len(ba), dtype=bool)
+    for i in np.flatnonzero(ok):
+        better_or_equal = ok & (ba >= ba[i]) & (asr <= asr[i])
+        strictly = (ba > ba[i]) | (asr < asr[i])
+        front[i] = not (better_or_equal & strictly).any()
+    return front
+
+
+def filter_runs(table: pd.DataFrame, defenses: Sequence[str] | None = None, presets: Sequence[str] | None = None,
+                devices: Sequence[str] | None = None, min_ba: float | None = None, max_asr: float | None = None,
+                pareto_only: bool = False) -> pd.DataFrame:
+    """The runs that pass every given filter; ``pareto`` is recomputed among them (the front of what is shown)."""
+    keep = pd.Series(True, index=table.index)
+    for col, allowed in (("defense", defenses), ("preset", presets), ("device", devices)):
+        if allowed is not None:
+            keep &= table[col].isin(list(allowed))
+    if min_ba is not None:
+        keep &= table["ba"] >= min_ba
+    if max_asr is not None:
+        keep &= table["asr"].isna() | (table["asr"] <= max_asr)
+    out = table[keep].copy()
+    out["pareto"] = pareto_front(out["ba"], out["asr"])
+    if pareto_only:
+        out = out[out["pareto"]]
+    return out.reset_index(drop=True)
+
+
+def table_records(table: pd.DataFrame) -> list[dict]:
+    """Rows as JSON-able dicts (NaN -> None)."""
+    out = []
+    for row in table.to_dict(orient="records"):
+        out.append({k: (None if isinstance(v, float) and math.isnan(v) else
+                        v.item() if isinstance(v, np.generic) else v) for k, v in row.items()})
+    return out
+
+
+def table_csv(table: pd.DataFrame) -> str:
+    return table.to_csv(index=False)
+
+
+def table_json(table: pd.DataFrame, suspect: str) -> str:
+    """``{"suspect", "definitions", "runs"}``: the rows with every column's definition."""
+    return json.dumps({"suspect": suspect,
+                       "definitions": {c: COLUMN_DEFINITIONS[c] for c in table.columns if c in COLUMN_DEFINITIONS},
+                       "runs": table_records(table)}, indent=2)
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """A fixed-width text table of the main columns (the Pareto front marked with *), then the definitions."""
+    cols = ["run_id", "defense", "preset", "overrides", "ba", "asr", "ra", "der", "seconds", "device", "clean_images", "date"]
+    show = table[cols].copy()
+    for c in ("ba", "asr", "ra", "der"):
+        show[c] = [("n/a" if math.isnan(v) else f"{v:.3f}") for v in table[c]]
+    show["seconds"] = [f"{v:.1f}" for v in table["seconds"]]
+    show["clean_images"] = [f"{n} ({h} held out)" for n, h in zip(table["clean_images"], table["held_out"], strict=True)]
+    show.insert(0, "", ["*" if p else "" for p in table["pareto"]])
+    show = show.rename(columns={"ba": "BA", "asr": "ASR", "ra": "RA", "der": "DER", "clean_images": "clean data"})
+    lines = [show.to_string(index=False)]
+    lines.append("")
+    lines.append("* on the Pareto front: " + COLUMN_DEFINITIONS["pareto"].split(": ", 1)[1])
+    for key, label in (("ba", "BA"), ("asr", "ASR"), ("ra", "RA"), ("der", "DER")):
+        lines.append(f"{label}: {DEFINITIONS[key]}")
+    lines.append("clean data: " + COLUMN_DEFINITIONS["clean_images"] + "; " + COLUMN_DEFINITIONS["held_out"])
+    return "\n".join(lines)
+
+
+def run_label(row: dict | pd.Series) -> str:
+    """``defense · preset · id suffix`` (the id ends in a random hex tag)."""
+    return f"{row['defense']} · {row['preset']} · {str(row['run_id']).rsplit('-', 1)[-1]}"
+
+
+def best_run(table: pd.DataFrame) -> pd.Series | None:
+    """The run with the highest DER (then the highest BA), or the highest BA without a trigger; None if empty."""
+    if table.empty:
+        return None
+    key = table["der"].fillna(-1.0) if table["der"].notna().any() else table["ba"]
+    order = pd.DataFrame({"k": key, "ba": table["ba"]}).sort_values(["k", "ba"], ascending=False)
+    return table.loc[order.index[0]]
+
+
+# --- run charts --------------------------------------------------------------------------------------------
+
+
+def _defense_colors(defenses: Iterable[str]) -> dict[str, str]:
+    palette = px.colors.qualitative.Plotly
+    return {d: palette[i % len(palette)] for i, d in enumerate(sorted(set(defenses)))}
+
+
+def tradeoff_figure(table: pd.DataFrame, height: int = 420) -> go.Figure:
+    """BA (y) vs. ASR (x) of every run, the Pareto front as a step line, and the suspect before any defense."""
+    fig = go.Figure()
+    colors = _defense_colors(table["defense"])
+    has_asr = table["asr"].notna().any()
+    x_of = (lambda t: t["asr"]) if has_asr else (lambda t: t["seconds"])
+    for defense, t in table.groupby("defense", sort=True):
+        fig.add_trace(go.Scatter(
+            x=x_of(t), y=t["ba"], mode="markers", name=defense,
+            marker=dict(size=[13 if p else 9 for p in t["pareto"]], color=colors[defense],
+                        line=dict(width=[2 if p else 0 for p in t["pareto"]], color="black")),
+            customdata=np.stack([t["run_id"], t["preset"], t["der"].round(3), t["ra"].round(3)], axis=1),
+            hovertemplate="%{customdata[0]}<br>preset %{customdata[1]}<br>BA %{y:.3f}<br>"
+                          + ("ASR %{x:.3f}<br>RA %{customdata[3]}<br>DER %{customdata[2]}" if has_asr
+                             else "%{x:.1f} s") + "<extra>%{fullData.name}</extra>"))
+    front = table[table["pareto"]].sort_values(["asr", "ba"] if has_asr else ["seconds", "ba"])
+    if has_asr and len(front) > 0:
+        fig.add_trace(go.Scatter(x=front["asr"], y=front["ba"], mode="lines", name="Pareto front",
+                                 line=dict(shape="hv", dash="dash", color="black", width=1.5), hoverinfo="skip"))
+    if has_asr and table["ba_before"].notna().any():
+        fig.add_trace(go.Scatter(x=[table["asr_before"].median()], y=[table["ba_before"].median()], mode="markers",
+                                 name="suspect (before)", marker=dict(symbol="star", size=16, color="#d62728"),
+                                 hovertemplate="before any defense<br>BA %{y:.3f}<br>ASR %{x:.3f}<extra></extra>"))
+    fig.update_layout(height=height, margin=dict(t=30, b=10, l=10, r=10), legend_title_text="defense",
+                      xaxis_title=METRIC_LABELS["asr"] + " — lower is better" if has_asr else "seconds",
+                      yaxis_title=METRIC_LABELS["ba"] + " — higher is better", title="BA vs. ASR")
+    if has_asr:
+        fig.update_xaxes(range=[-0.03, 1.03])
+    return fig
+
+
+def metric_bars_figure(table: pd.DataFrame, metrics: Sequence[str] = METRICS, height: int = 380) -> go.Figure:
+    """One panel per metric, one bar per run (coloured by defense); dashed: the suspect before the defense."""
+    metrics = [m for m in metrics if table[m].notna().any()] or ["ba"]
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[METRIC_LABELS[m] for m in metrics],
+                        shared_yaxes=True, horizontal_spacing=0.03)
+    colors = _defense_colors(table["defense"])
+    labels = np.array([run_label(r) for _, r in table.iterrows()], dtype=object)
+    shown: set[str] = set()
+    for col, m in enumerate(metrics, start=1):
+        for defense in sorted(set(table["defense"])):
+            sel = (table["defense"] == defense).to_numpy()
+            fig.add_trace(go.Bar(x=labels[sel], y=table.loc[sel, m], name=defense,
+                                 marker_color=colors[defense], legendgroup=defense, showlegend=defense not in shown,
+                                 hovertemplate="%{x}<br>" + m.upper() + " %{y:.3f}<extra></extra>"), row=1, col=col)
+            shown.add(defense)
+        before = table.get(f"{m}_before")
+        if before is not None and before.notna().any():
+            fig.add_hline(y=float(before.median()), line_dash="dash", line_color="#d62728", row=1, col=col)
+    fig.update_yaxes(range=[0, 1.02])
+    fig.update_xaxes(showticklabels=False)
+    fig.update_layout(height=height, margin=dict(t=40, b=10, l=10, r=10), barmode="group",
+                      legend_title_text="defense")
+    return fig
+
+
+# --- side by side: the analyses --------------------------------------------------------------------------
+
+
+@dataclass
+class Embedding:
+    """2-D embedding of one model's penultimate features of clean and triggered test images."""
+
+    points: np.ndarray
+    kind: np.ndarray
+    label: np.ndarray
+    pred: np.ndarray
+    poisoned: np.ndarray
+    separation: dict
+    method: str
+
+
+def with_model(base: Suspect, model: nn.Module) -> Suspect:
+    """``base`` (card, data, trigger) with another model; data already loaded is shared, not loaded again."""
+    twin = dataclasses.replace(base, model=model)
+    if "data" in base.__dict__:  # functools.cached_property keeps its value in the instance dict
+        twin.__dict__["data"] = base.__dict__["data"]
+    return twin
+
+
+def embed_features(suspect: Suspect, n: int = 300, method: str = "PCA", seed: int = 0) -> Embedding:
+    """Features of ``n`` clean and ``n // 2`` triggered test images (the suspect's trigger), embedded by PCA or
+    UMAP; ``separation`` is the poisoned-cluster score in the full feature space (:func:`separation_score`)."""
+    if method not in ("PCA", "UMAP"):
+        raise ValueError(f"method must be PCA or UMAP, got {method!r}")
+    fs = feature_set(suspect, n_clean=n, n_triggered=n // 2 if suspect.trigger is not None else 0, n_train=0,
+                     seed=seed)
+    points = pca_2d(fs.features) if method == "PCA" else umap_2d(fs.features)
+    return Embedding(points, fs.kind, fs.label, fs.pred, fs.poisoned, separation_score(fs.features, fs.poisoned),
+                     method)
+
+
+def activation_summary(model: nn.Module, sample: PairedSample) -> pd.DataFrame:
+    """Per layer: the mean l_inf bias of its top 5% channels (``ActivationStats.layer_summary``)."""
+    return activation_stats(model, sample.clean, sample.triggered).layer_summary()
+
+
+def ablation_curves(model: nn.Module, test: ImageSet, trigger: Trigger, n: int = 300,
+                    gammas: Sequence[float] = DEFAULT_GAMMAS,
+                    progress: Callable[[float, str, dict], None] | None = None) -> AblationResult:
+    """Skip ablation on ``n`` clean test images and ``n`` triggered ones (those that count for ASR)."""
+    smp = paired_sample(test, trigger, n)
+    clean_idx = paired_sample(test, None, n).index
+    return skip_ablation(model, test.images(clean_idx), test.labels[clean_idx], smp.triggered, smp.attack_labels,
+                         gammas, progress=progress)
+
+
+def gradcam_grid(sample: PairedSample, result: GradCamComparison, k: int = 8, scale: int = 3, gap: int = 2
+                 ) -> np.ndarray:
+    """One uint8 image: the first ``k`` clean overlays on top, their triggered copies below."""
+    k = min(k, len(sample))
+    rows = []
+    for images, cams in ((sample.clean, result.clean_cams), (sample.triggered, result.triggered_cams)):
+        tiles = [cam_overlay(images[i], cams[i], scale) for i in range(k)]
+        h, w = tiles[0].shape[:2]
+        row = np.full((h, k * w + (k - 1) * gap, 3), 255, dtype=np.uint8)
+        for i, t in enumerate(tiles):
+            row[:, i * (w + gap): i * (w + gap) + w] = t
+        rows.append(row)
+    spacer = np.full((gap, rows[0].shape[1], 3), 255, dtype=np.uint8)
+    return np.concatenate([rows[0], spacer, rows[1]])
+
+
+def activations_figure(summaries: dict[str, pd.DataFrame], height: int = 340) -> go.Figure:
+    """Grouped bars per layer: each model's mean l_inf bias of the top 5% channels."""
+    long = pd.concat([s.assign(model=name) for name, s in summaries.items()], ignore_index=True)
+    fig = px.bar(long, x="layer", y="top_linf_bias", color="model", barmode="group",
+                 labels={"top_linf_bias": "mean l_inf bias, top 5% channels", "model": "model"},
+                 hover_data=["channels", "max_linf_bias", "max_linf_score"])
+    fig.update_layout(height=height, margin=dict(t=10, b=10, l=10, r=10),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
+    return fig
+
+
+def embedding_figure(embeddings: dict[str, Embedding], classes: Sequence[str], height: int = 460) -> go.Figure:
+    """One panel per model: clean test images coloured by class, triggered copies marked with x."""
+    frames = []
+    for name, e in embeddings.items():
+        frames.append(pd.DataFrame({"x": e.points[:, 0], "y": e.points[:, 1], "model": name, "kind": e.kind,
+                                    "class": [classes[int(c)] for c in e.label],
+                                    "prediction": [classes[int(c)] for c in e.pred]}))
+    long = pd.concat(frames, ignore_index=True)
+    fig = px.scatter(long, x="x", y="y", color="class", symbol="kind", facet_col="model",
+                     symbol_map={"clean test": "circle", "triggered test": "x"},
+                     category_orders={"class": list(classes), "model": list(embeddings)},
+                     hover_data={"prediction": True, "x": False, "y": False}, facet_col_spacing=0.04)
+    fig.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
+    fig.update_traces(marker=dict(size=5, opacity=0.8))
+    method = next(iter(embeddings.values())).method if embeddings else "PCA"
+    fig.update_xaxes(matches=None, showticklabels=False, title_text=f"{method} 1")
+    fig.update_yaxes(matches=None, showticklabels=False, title_text="")
+    fig.update_yaxes(title_text=f"{method} 2", col=1)
+    fig.update_layout(height=height, margin=dict(t=30, b=10, l=10, r=10), legend=dict(itemsizing="constant"))
+    return fig
+
+
+def ablation_figure(results: dict[str, AblationResult], height: int = 520) -> go.Figure:
+    """Rows BA and ASR, one column per model; one line per block as its skip scale γ goes 1 -> 0, the critical
+    block bold."""
+    names = list(results)
+    fig = make_subplots(rows=2, cols=len(names), shared_xaxes=True, shared_yaxes=True, column_titles=names,
+                        row_titles=["BA", "ASR"], vertical_spacing=0.06, horizontal_spacing=0.03)
+    palette = px.colors.qualitative.Dark24
+    for col, name in enumerate(names, start=1):
+        res = results[name]
+        for i, block in enumerate(dict.fromkeys(res.table.block)):
+            t = res.curve(block)
+            crit = block == res.critical_block
+            style = dict(width=4 if crit else 1.5, dash="solid" if crit else "dot", color=palette[i % len(palette)])
+            for row, metric in ((1, "ba"), (2, "asr")):
+                fig.add_trace(go.Scatter(x=t.gamma, y=t[metric], mode="lines+markers", name=block, legendgroup=block,
+                                         line=style, marker=dict(size=6 if crit else 3),
+                                         showlegend=col == 1 and row == 1,
+                                         hovertemplate=f"{name}<br>{block}{' (critical)' if crit else ''}<br>"
+                                                       f"γ %{{x}}<br>{metric.upper()} %{{y:.3f}}<extra></extra>"),
+                              row=row, col=col)
+    fig.update_xaxes(autorange="reversed", title_text="γ (skip scale)", row=2)
+    fig.update_yaxes(range=[0, 1.02])
+    fig.update_layout(height=height, margin=dict(t=40, b=10, l=10, r=10), legend_title_text="block (bold: critical)")
+    return fig
+
+
+@dataclass
+class SideBySide:
+    """The analyses of several models on the same images: per part, model label -> result (absent when the
+    part does not apply, with the reason in ``notes``)."""
+
+    labels: list[str]
+    sample: PairedSample | None
+    layer: str | None
+    gradcam: dict[str, GradCamComparison] = field(default_factory=dict)
+    activations: dict[str, pd.DataFrame] = field(default_factory=dict)
+    features: dict[str, Embedding] = field(default_factory=dict)
+    ablation: dict[str, AblationResult] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def side_by_side(models: dict[str, Suspect], base: Suspect, n: int = 200, cam_images: int = 16, seed: int = 0,
+                 parts: Sequence[str] = PARTS, embedding: str = "PCA",
+                 progress: Callable[[float, str, dict], None] | None = None) -> SideBySide:
+    """Run ``parts`` on every model in ``models`` (label -> suspect) with ``base``'s test split and trigger.
+
+    Grad-CAM uses ``cam_images`` images and ``base``'s default target layer; activations, features and skip
+    ablation use ``n`` images.
+    """
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ValueError(f"unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
+    report = progress or (lambda f, m, d: None)
+    trigger = base.trigger
+    layer = default_target_layer(base.model, base.input_shape)
+    out = SideBySide(list(models), None, layer)
+    no_trigger = "no trigger is known for this suspect"
+    if trigger is None:
+        for p in ("gradcam", "activations", "ablation"):
+            if p in parts:
+                out.notes[p] = no_trigger
+    elif not list_residual_blocks(base.model) and "ablation" in parts:
+        out.notes["ablation"] = f"{base.card.get('arch')} has no skip connections"
+    steps = max(1, len(models) * len(parts))
+    done = 0
+    cam_sample = paired_sample(base.test, trigger, cam_images, seed) if trigger is not None else None
+    act_sample = paired_sample(base.test, trigger, n, seed) if trigger is not None else None
+    out.sample = cam_sample
+    for label, s in models.items():
+        model = s.model.eval()
+        for part in parts:
+            report(done / steps, f"{PART_TITLES[part]}: {label}", {})
+            done += 1
+            if part in out.notes:
+                continue
+            if part == "gradcam":
+                out.gradcam[label] = compare_gradcam(model, cam_sample, trigger, layer)
+            elif part == "activations":
+                out.activations[label] = activation_summary(model, act_sample)
+            elif part == "features":
+                out.features[label] = embed_features(with_model(base, model), n, embedding, seed)
+            elif part == "ablation":
+                try:
+                    out.ablation[label] = ablation_curves(model, base.test, trigger, n)
+                except NoSkipConnectionsError as err:
+                    out.notes["ablation"] = str(err)
+    report(1.0, "done", {})
+    return out
