@@ -75,6 +75,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"Backdoor Lens: http://{args.address}:{args.port}  (Ctrl-C stops)", flush=True)
     root = str(APP.parent.parent)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    if os.name == "posix":  # become the server: a signal to `serve` (Ctrl-C, kill, a test's terminate) reaches it
+        os.execve(sys.executable, cmd, env)
     try:
         return subprocess.call(cmd, env=env)
     except KeyboardInterrupt:
@@ -348,6 +350,59 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_backdoorbench(args: argparse.Namespace) -> int:
+    import re
+
+    import suspects
+    from defenses.runstore import default_root
+    from suspects.backdoorbench import import_run
+    from suspects.device import pick_device, prepare_model
+
+    suspect = import_run(args.run_dir, data_root=args.data_root, name=args.name)
+    root = Path(args.runs).expanduser().resolve() if args.runs else default_root()
+    out = Path(args.out) if args.out else root / "imports" / re.sub(r"[^\w.+-]", "_", suspect.name)
+    if not args.overwrite and out.exists():
+        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
+    if not args.no_evaluate:
+        device = pick_device(args.device)
+        m = suspects.evaluate(prepare_model(suspect.model, device), suspect.test, suspect.trigger, device=device)
+        suspect.card["metrics"] = {**m.to_dict(), "evaluated_on": "test split"}
+    folder = suspects.save(suspect, out, overwrite=args.overwrite)
+    bb = suspect.card["backdoorbench"]
+    result = {"suspect": str(folder), "name": suspect.name, "arch": suspect.card["arch"],
+              "arch_kwargs": suspect.card["arch_kwargs"], "target": bb["target"], "mapping": bb["mapping"],
+              "n_bd_test": bb["n_bd_test"], "n_train_poisoned": bb["n_train_poisoned"],
+              "n_train_noise": bb["n_train_noise"], "metrics": suspect.card.get("metrics"),
+              "reported": bb["reported"] or None, "notes": bb["key_changes"] + bb["notes"]}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"imported {suspect.name} ({result['arch']} {result['arch_kwargs']}) -> {folder}")
+    print(f"  attack: {bb['attack'] or 'unknown'}, {bb['mapping']}, target {bb['target']}; {bb['n_bd_test']} poisoned "
+          f"test images, {bb['n_train_poisoned']} poisoned training samples ({bb['n_train_noise']} noise samples apart)")
+    for key, label in (("ba", "BA"), ("asr", "ASR"), ("ra", "RA")):
+        measured = (result["metrics"] or {}).get(key)
+        reported = (bb["reported"] or {}).get(key)
+        if measured is not None or reported is not None:
+            text = "n/a" if measured is None else f"{measured:.4f}"
+            print(f"  {label:4s} {text}" + ("" if reported is None else f"   (run's own CSV: {reported:.4f})"))
+    for note in result["notes"]:
+        print(f"  note: {note}")
+    return 0
+
+
+def cmd_export_backdoorbench(args: argparse.Namespace) -> int:
+    import suspects
+    from suspects.backdoorbench import export_backdoorbench, export_notes
+
+    suspect = suspects.load(args.suspect)
+    path = export_backdoorbench(suspect, args.out, method=args.method)
+    print(f"wrote {path} (model_name, num_classes, model)")
+    for note in export_notes(suspect):
+        print(f"  warning: {note}", file=sys.stderr)
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------------------------
 
 
@@ -493,6 +548,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_attacks)
     p = sub.add_parser("demo", help="list the bundled demo suspects", description="List the demo suspects and their metrics.")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("import-backdoorbench", help="open a BackdoorBench run (or defense result) as a suspect",
+                       description="Open a BackdoorBench attack run folder (record/<run>), one of its defense folders "
+                                   "(record/<run>/defense/<method>) or their .pt file, and write it as a suspect "
+                                   "folder under <runs>/imports/<name>/, where the dashboard lists it.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="BackdoorBench run folder, defense folder, or .pt file")
+    p.add_argument("--data-root", help="folder with the run's clean dataset in torchvision's layout (default: "
+                                       "BackdoorBench's ./data next to record/)")
+    p.add_argument("--name", help="suspect name (default: the run's folder name, +<method> for a defense)")
+    p.add_argument("--runs", help="run store folder (default ./runs or $BACKDOOR_LENS_RUNS)")
+    p.add_argument("--out", help="write the suspect folder here instead of <runs>/imports/<name>")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing suspect folder")
+    p.add_argument("--no-evaluate", action="store_true", help="do not measure BA / ASR / RA on import")
+    p.add_argument("--device", help="cpu, cuda, mps (default: best available)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_import_backdoorbench)
+
+    p = sub.add_parser("export-backdoorbench", help="write a (repaired) suspect as BackdoorBench's defense_result.pt",
+                       description="Write a suspect's model as BackdoorBench's defense_result.pt "
+                                   "({model_name, num_classes, model}); preact_resnet18 and resnet18_torchvision only.")
+    p.add_argument("suspect", help="suspect folder (a run-store run, an import) or demo:NAME")
+    p.add_argument("--out", required=True, help="folder to write into (with --method: the attack run's folder)")
+    p.add_argument("--method", help="write to OUT/defense/METHOD/defense_result.pt, BackdoorBench's layout")
+    p.set_defaults(func=cmd_export_backdoorbench)
     return ap
 
 

@@ -42,12 +42,13 @@ def store() -> RunStore:
 
 
 def stored_suspects() -> list[str]:
-    """Repaired models of finished runs (complete on disk), then uploaded checkpoints; newest first."""
+    """Repaired models of finished runs (complete on disk), then recovered, uploaded and imported (BackdoorBench)
+    suspects; newest first."""
     root = runs_root()
     if not root.is_dir():
         return []
     finished = store().finished_suspects() if (root / "index.sqlite").exists() else []
-    extra = sorted((p.parent for sub in ("recovered", "uploads") for p in (root / sub).glob("*/suspect.json")),
+    extra = sorted((p.parent for sub in ("recovered", "uploads", "imports") for p in (root / sub).glob("*/suspect.json")),
                    key=lambda p: p.stat().st_mtime, reverse=True)
     return finished + [str(p) for p in extra]
 

@@ -6,6 +6,7 @@ A :class:`Suspect` is a model under investigation with what is needed to measure
 
 __version__ = "0.1.0"
 
+from .backdoorbench import export_backdoorbench, import_run  # noqa: E402  (also registers its loader)
 from .data import DatasetNotFoundError, DatasetPair, ImageSet, defense_pool_split, load_dataset  # noqa: E402
 from .metrics import Metrics, der, evaluate  # noqa: E402
 from .models import create_model, list_models, list_residual_blocks, set_skip_gamma  # noqa: E402
@@ -16,4 +17,5 @@ __all__ = [
     "DatasetNotFoundError", "DatasetPair", "ImageSet", "Metrics", "Suspect", "SuspectLoadError",
     "create_model", "defense_pool_split", "der", "evaluate", "list_demo_suspects", "list_models",
     "list_residual_blocks", "list_triggers", "load", "load_dataset", "make_trigger", "save", "set_skip_gamma",
+    "export_backdoorbench", "import_run",
 ]

@@ -182,6 +182,8 @@ def _safe_globals() -> list:
     except ImportError:  # pragma: no cover
         from numpy._core.multiarray import _reconstruct, scalar  # type: ignore[attr-defined]
     allowed += [_reconstruct, scalar]
+    # files written with numpy 1.x (most BackdoorBench runs) name these numpy.core.multiarray.*
+    allowed += [(_reconstruct, "numpy.core.multiarray._reconstruct"), (scalar, "numpy.core.multiarray.scalar")]
     for name in dir(np.dtypes):
         obj = getattr(np.dtypes, name)
         if isinstance(obj, type) and issubclass(obj, np.dtype):
@@ -290,6 +292,9 @@ def save(suspect: Suspect, folder: str | os.PathLike, overwrite: bool = False) -
             (tmp / POISON_FILE).write_text(json.dumps({
                 "poison_idx": suspect._plan.poison_idx.tolist(), "noise_idx": suspect._plan.noise_idx.tolist()}))
             card.setdefault("poison", {})["indices_file"] = POISON_FILE
+        write_files = getattr(suspect._trigger_override, "write_files", None)
+        if callable(write_files):  # a trigger with data files (stored poisoned images) keeps them beside the card
+            write_files(tmp)
         (tmp / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=False))
         os.chmod(tmp, 0o755)
         for f in tmp.iterdir():

@@ -1,0 +1,602 @@
+"""BackdoorBench interoperability: open attack runs and defense results as suspects, export repaired suspects.
+
+Only BackdoorBench's *file format* is read and written (dictionary keys, state-dict key names, folder layout,
+normalisation constants); none of its code is used. A run folder ``record/<run>/`` holds ``attack_result.pt``
+(model state dict, dataset name, the poisoned test and training sets as PNG paths with their labels), the PNGs
+under ``bd_test_dataset/`` and ``bd_train_dataset/``, and ``defense/<method>/defense_result.pt`` per defense.
+
+Opening a run (``suspects.load(RUN_DIR, data=DATA_ROOT)`` or :func:`import_run`) gives a suspect whose
+
+- model is the run's network mapped onto this project's architectures (``preactresnet18`` ->
+  ``preact_resnet18``, ``resnet18`` -> ``resnet18_torchvision``; width and input channels read off the weights);
+- clean data is the run's dataset (``cifar10`` or ``mnist``, torchvision's order) found under the data root;
+- trigger is a :class:`~suspects.stored_trigger.StoredTrigger` holding the run's poisoned test PNGs (and the
+  poisoned training PNGs), so BA / ASR / RA are those of the run's own images;
+- poisoned training indices come from ``bd_train``; WaNet-style noise ("cross") samples, which keep their true
+  label, are kept apart and not counted as poisoned.
+
+Files are read with ``torch.load(weights_only=True)`` and an allow-list of the numpy types they contain
+(``numpy.core.*`` names of files written with numpy 1.x included); anything else is refused unexecuted.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import pickle
+import tempfile
+from collections import OrderedDict
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import tv_resnet  # noqa: F401  (registers resnet18_torchvision)
+from .data import DatasetNotFoundError, DatasetPair, load_dataset
+from .models import create_model, get_skip_gammas
+from .store import (
+    CARD_FILE,
+    MAX_CHECKPOINT_BYTES,
+    Suspect,
+    SuspectLoadError,
+    _load_folder,
+    _safe_globals,
+    load_weights,
+    register_loader,
+)
+from .stored_trigger import (
+    KIND_TEST,
+    KIND_TRAIN_NOISE,
+    KIND_TRAIN_POISON,
+    STORED_FILE,
+    StoredImages,
+    StoredTrigger,
+    changed_pixels,
+    fit_affine,
+    image_keys,
+)
+from .triggers import PoisonPlan
+
+__all__ = ["import_run", "export_backdoorbench", "export_notes", "find_run", "safe_torch_load", "MODEL_NAMES",
+           "DATASETS"]
+
+ATTACK_FILE = "attack_result.pt"
+DEFENSE_FILE = "defense_result.pt"
+ATTACK_KEYS = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_train", "bd_test")
+# BackdoorBench model_name -> this project's architecture
+MODEL_NAMES = {"preactresnet18": "preact_resnet18", "resnet18": "resnet18_torchvision"}
+# BackdoorBench clean_data -> data source, (C, H, W), normalisation (BackdoorBench's own constants)
+DATASETS: dict[str, dict[str, Any]] = {
+    "cifar10": {"source": "cifar10", "shape": (3, 32, 32), "mean": [0.4914, 0.4822, 0.4465],
+                "std": [0.247, 0.243, 0.261], "probe": ("cifar-10-batches-py",)},
+    "mnist": {"source": "mnist", "shape": (1, 28, 28), "mean": [0.5], "std": [0.5],
+              "probe": ("MNIST/raw", "train-images-idx3-ubyte", "train-images-idx3-ubyte.gz")},
+}
+NOISE_ATTACKS = {"wanet", "inputaware", "input_aware"}
+
+
+# --- reading files safely --------------------------------------------------------------------------
+
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """``torch.load(weights_only=True)`` with the numpy allow-list; refusals become :class:`SuspectLoadError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise SuspectLoadError(f"{path} does not exist")
+    if path.stat().st_size > MAX_CHECKPOINT_BYTES:
+        raise SuspectLoadError(f"{path} is larger than {MAX_CHECKPOINT_BYTES // 1024**2} MB")
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        wanted = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), text.splitlines()[0])
+        if "PIL." in text:
+            raise SuspectLoadError(
+                f"{path} keeps its poisoned images inside the file as pickled PIL images; only runs whose "
+                f"images are PNG files (BackdoorBench's default) can be opened. ({wanted})") from err
+        raise SuspectLoadError(
+            f"refused to load {path}: it asks to import or run something that is not on the allow-list of "
+            f"tensors, numpy arrays and plain containers, so it was not executed. ({wanted})") from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise SuspectLoadError(f"{path} is not a readable PyTorch file: {err}") from err
+
+
+# --- locating a run ------------------------------------------------------------------------------------
+
+
+def find_run(path: str | os.PathLike) -> tuple[Path, Path | None] | None:
+    """``(run folder, defense folder or None)`` for a run folder, a defense folder or one of their ``.pt``
+    files; None when ``path`` is none of these."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.name in (ATTACK_FILE, DEFENSE_FILE):
+        p = p.parent
+    if not p.is_dir():
+        return None
+    if (p / ATTACK_FILE).is_file():
+        return p, None
+    if (p / DEFENSE_FILE).is_file():
+        run = p.parent.parent
+        if p.parent.name != "defense" or not (run / ATTACK_FILE).is_file():
+            raise SuspectLoadError(
+                f"{p / DEFENSE_FILE} is a BackdoorBench defense result, but its attack run is not at {run}: the "
+                f"poisoned data comes from the run's {ATTACK_FILE}, so keep it in <run>/defense/<method>/")
+        return run, p
+    return None
+
+
+def _dataset_root(clean_data: str, run_dir: Path, data_root: str | os.PathLike | None) -> Path:
+    info = DATASETS[clean_data]
+    if data_root is not None:
+        base = Path(data_root).expanduser()
+        candidates = [base, base / clean_data]
+    else:
+        bb = run_dir.resolve().parent.parent  # BackdoorBench's working folder (record/<run>)
+        candidates = [bb / "data" / clean_data, bb / "data", Path("~/.cache/backdoor-lens").expanduser()]
+    for c in candidates:
+        if any((c / probe).exists() for probe in info["probe"]):
+            return c.resolve()
+    looked = ", ".join(str(c) for c in candidates)
+    raise SuspectLoadError(
+        f"missing dataset root: the run was trained on {clean_data}, whose clean train and test splits (torchvision "
+        f"layout: {info['probe'][0]}/) were not found in {looked}. Pass the folder with --data-root (library: data=...)")
+
+
+def _read_csv_metrics(folder: Path, pattern: str) -> dict[str, float]:
+    """The last row's test_acc / test_asr / test_ra of a BackdoorBench metrics CSV, when there is one."""
+    for f in sorted(folder.glob(pattern)):
+        if f.name.endswith("_summary.csv"):
+            continue
+        try:
+            with open(f, newline="") as fh:
+                rows = list(csv.DictReader(fh))
+        except (OSError, csv.Error, UnicodeDecodeError):
+            continue
+        if rows:
+            out = {}
+            for key, name in (("test_acc", "ba"), ("test_asr", "asr"), ("test_ra", "ra")):
+                try:
+                    out[name] = float(rows[-1][key])
+                except (KeyError, TypeError, ValueError):
+                    pass
+            if out:
+                return {**out, "file": f.name}  # type: ignore[dict-item]
+    return {}
+
+
+# --- state dicts ----------------------------------------------------------------------------------------
+
+
+def _clean_state_dict(raw: Any, model_name: str, source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Undo DataParallel / DBD / Fine-Pruning wrappers and rename torchvision keys; returns the notes too."""
+    if not isinstance(raw, dict) or not raw:
+        raise SuspectLoadError(f"{source}: 'model' is not a state dict")
+    notes: list[str] = []
+    sd = {str(k): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    if any(k.startswith("module.") for k in sd):
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+        notes.append("stripped the DataParallel prefix 'module.'")
+    if any(k.startswith("backbone.") for k in sd):
+        sd = {k.removeprefix("backbone."): v for k, v in sd.items()}
+        notes.append("stripped DBD's 'backbone.' prefix")
+    for key in [k for k in sd if k.endswith(".weight_orig")]:
+        stem = key[: -len("_orig")]
+        mask = sd.pop(stem + "_mask", None)
+        if mask is None:
+            raise SuspectLoadError(f"{source}: {key} without its {stem}_mask (a pruning reparametrisation)")
+        sd[stem] = sd.pop(key) * mask
+        notes.append(f"folded the pruning mask into {stem} = {stem}_orig * {stem}_mask")
+    if model_name == "resnet18":
+        sd = {tv_resnet.project_key(k): v for k, v in sd.items()}
+        notes.append("renamed torchvision keys: downsample -> shortcut, fc -> linear")
+    return sd, notes
+
+
+def _build(model_name: str, sd: dict[str, torch.Tensor], num_classes: int, shape: tuple[int, int, int],
+           norm: dict[str, Any], source: str) -> tuple[torch.nn.Module, str, dict[str, Any]]:
+    if model_name not in MODEL_NAMES:
+        raise SuspectLoadError(
+            f"{source}: unsupported architecture {model_name!r}; Backdoor Lens maps "
+            f"{', '.join(sorted(MODEL_NAMES))} onto its own networks")
+    arch = MODEL_NAMES[model_name]
+    conv1, head = sd.get("conv1.weight"), sd.get("linear.weight")
+    if conv1 is None or conv1.dim() != 4 or head is None or head.dim() != 2:
+        raise SuspectLoadError(f"{source}: not a {model_name} state dict (no conv1.weight / classifier weight); "
+                               f"keys start with {', '.join(list(sd)[:5])}")
+    if head.shape[0] != num_classes:
+        raise SuspectLoadError(f"{source}: wrong class count: the classifier has {head.shape[0]} outputs but the run "
+                               f"says num_classes={num_classes}")
+    if conv1.shape[1] != shape[0]:
+        raise SuspectLoadError(f"{source}: the first convolution takes {conv1.shape[1]} channels, the dataset has "
+                               f"{shape[0]}")
+    kwargs = {"width": int(conv1.shape[0])}
+    model = create_model(arch, num_classes=num_classes, in_channels=shape[0], mean=norm["mean"], std=norm["std"],
+                         **kwargs)
+    load_weights(model, sd, source)
+    return model.eval(), arch, kwargs
+
+
+# --- poisoned samples ------------------------------------------------------------------------------------
+
+
+def _png_path(run_dir: Path, stored: str) -> Path:
+    """A stored PNG path (relative to BackdoorBench's working folder) re-rooted in ``run_dir``, never outside it."""
+    parts = PurePosixPath(str(stored).replace("\\", "/")).parts
+    if "record" in parts:
+        at = len(parts) - 1 - parts[::-1].index("record")
+        rel = parts[at + 2:]
+    else:
+        rel = parts[-3:]
+    if not rel or any(p in ("..", "/", "") for p in rel):
+        raise SuspectLoadError(f"{run_dir}: unusable image path {stored!r} in {ATTACK_FILE}")
+    path = run_dir.joinpath(*rel)
+    if not path.resolve().is_relative_to(run_dir.resolve()):
+        raise SuspectLoadError(f"{run_dir}: image path {stored!r} points outside the run folder")
+    return path
+
+
+def _entries(state: Any, split: str, n: int) -> tuple[np.ndarray, dict[int, tuple[str, int, int]]]:
+    """Indicator-1 indices of a dataset state, and index -> (stored path, bd_label, original label)."""
+    if not isinstance(state, dict):
+        raise SuspectLoadError(f"{ATTACK_FILE}: {split} is not a dataset state")
+    indicator = state.get("poison_indicator")
+    container = state.get("bd_data_container")
+    data_dict = container.get("data_dict") if isinstance(container, dict) else None
+    if not isinstance(data_dict, dict):
+        raise SuspectLoadError(f"{ATTACK_FILE}: {split} lacks bd_data_container.data_dict")
+    if indicator is None:
+        idx = np.array(sorted(int(k) for k in data_dict), dtype=np.int64)
+    else:
+        indicator = np.asarray(indicator)
+        if len(indicator) != n:
+            raise SuspectLoadError(f"{ATTACK_FILE}: {split}.poison_indicator has {len(indicator)} entries but the "
+                                   f"dataset's split has {n} images: is the data root the run's dataset?")
+        idx = np.nonzero(indicator == 1)[0].astype(np.int64)
+    out: dict[int, tuple[str, int, int]] = {}
+    for key, entry in data_dict.items():
+        if isinstance(entry, dict) and "path" in entry and len(entry.get("other_info") or []) >= 2:
+            info = entry["other_info"]
+            out[int(key)] = (str(entry["path"]), int(info[0]), int(info[1]))
+        else:
+            raise SuspectLoadError(f"{ATTACK_FILE}: {split} entry {int(key)} is not a PNG path with "
+                                   f"[bd_label, original_label] (only PNG-backed runs can be opened)")
+    if len(idx) and (idx.min() < 0 or idx.max() >= n):
+        raise SuspectLoadError(f"{ATTACK_FILE}: {split} names image {int(idx.max())}, but the dataset's split has {n} "
+                               f"images: is the data root the run's dataset?")
+    lost = [int(i) for i in idx if int(i) not in out]
+    if lost:
+        raise SuspectLoadError(f"{ATTACK_FILE}: {len(lost)} poisoned {split} indices have no data_dict entry "
+                               f"(first: {lost[:5]})")
+    return idx, out
+
+
+def _read_pngs(run_dir: Path, paths: list[str], shape: tuple[int, int, int], split: str) -> np.ndarray:
+    from PIL import Image
+
+    files = [_png_path(run_dir, p) for p in paths]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise SuspectLoadError(
+            f"missing files: {len(missing)} of the {len(files)} poisoned {split} PNGs are not in the run folder "
+            f"(first: {missing[0]}); copied or zipped runs often lack bd_*_dataset/")
+    c, h, w = shape
+    out = np.empty((len(files), c, h, w), dtype=np.uint8)
+    for i, f in enumerate(files):
+        try:
+            with Image.open(f) as im:
+                if im.size != (w, h):
+                    raise SuspectLoadError(f"{f} is {im.size[0]}x{im.size[1]}, the run's images are {w}x{h}")
+                arr = np.asarray(im.convert("L" if c == 1 else "RGB"))
+        except OSError as err:
+            raise SuspectLoadError(f"{f} is not a readable image: {err}") from err
+        out[i] = arr[None] if c == 1 else arr.transpose(2, 0, 1)
+    return out
+
+
+def _mapping(bd: np.ndarray, orig: np.ndarray, k: int, declared: str | None) -> tuple[str, int]:
+    """All-to-one (target) or all-to-all, read off the poisoned test labels."""
+    one = len(bd) > 0 and bool((bd == bd[0]).all()) and bool((orig != bd[0]).all())
+    everyone = bool((bd == (orig + 1) % k).all())
+    if one and not (everyone and declared == "all2all"):
+        return "all-to-one", int(bd[0])
+    if everyone:
+        return "all-to-all", 0
+    raise SuspectLoadError(f"{ATTACK_FILE}: the poisoned test labels follow neither all-to-one (one target) nor "
+                           f"all-to-all ((y + 1) mod {k})")
+
+
+# --- import ---------------------------------------------------------------------------------------------------
+
+
+def import_run(path: str | os.PathLike, data_root: str | os.PathLike | None = None,
+               name: str | None = None) -> Suspect:
+    """Open a BackdoorBench attack run (or a defense result inside one) as a suspect; see the module docstring."""
+    found = find_run(path)
+    if found is None:
+        raise SuspectLoadError(f"{path} is not a BackdoorBench run folder (no {ATTACK_FILE}) nor a defense "
+                               f"folder (no {DEFENSE_FILE})")
+    run_dir, defense_dir = found
+    attack = safe_torch_load(run_dir / ATTACK_FILE)
+    if not isinstance(attack, dict):
+        raise SuspectLoadError(f"{run_dir / ATTACK_FILE} holds a {type(attack).__name__}, not BackdoorBench's dict")
+    lacking = [k for k in ATTACK_KEYS if k not in attack]
+    if lacking:
+        raise SuspectLoadError(f"{run_dir / ATTACK_FILE} is not a BackdoorBench attack result: lacks {', '.join(lacking)}")
+    info: dict[str, Any] = {}
+    if (run_dir / "info.pickle").is_file():
+        loaded = safe_torch_load(run_dir / "info.pickle")
+        info = loaded if isinstance(loaded, dict) else {}
+    clean_data = str(attack["clean_data"])
+    if clean_data not in DATASETS:
+        raise SuspectLoadError(f"the run's dataset {clean_data!r} is not supported (supported: "
+                               f"{', '.join(DATASETS)}); its clean images could not be found in BackdoorBench's order")
+    ds = DATASETS[clean_data]
+    try:
+        h, w, c = (int(v) for v in attack["img_size"])
+    except (TypeError, ValueError) as err:
+        raise SuspectLoadError(f"{ATTACK_FILE}: img_size {attack['img_size']!r} is not (H, W, C)") from err
+    shape = (c, h, w)
+    if shape != tuple(ds["shape"]):
+        raise SuspectLoadError(f"{ATTACK_FILE}: img_size {(h, w, c)} does not match {clean_data} {ds['shape']}")
+    root = _dataset_root(clean_data, run_dir, data_root)
+    try:
+        pair: DatasetPair = load_dataset({"name": ds["source"], "root": str(root)})
+    except DatasetNotFoundError as err:
+        raise SuspectLoadError(f"missing dataset root: {err}") from err
+    k = len(pair.classes)
+
+    # the model: the attack's, or the defense's repaired one
+    weights_file = run_dir / ATTACK_FILE
+    model_name, num_classes, raw_sd = attack["model_name"], attack["num_classes"], attack["model"]
+    if defense_dir is not None:
+        weights_file = defense_dir / DEFENSE_FILE
+        result = safe_torch_load(weights_file)
+        if not isinstance(result, dict) or not {"model_name", "num_classes", "model"} <= set(result):
+            raise SuspectLoadError(f"{weights_file} is not a BackdoorBench defense result "
+                                   f"(needs model_name, num_classes, model)")
+        if "index" in result:
+            raise SuspectLoadError(f"{weights_file} is an older Fine-Pruning result with a physically pruned network "
+                                   f"(extra 'index' key, fewer channels); it cannot be mapped onto "
+                                   f"{result['model_name']}")
+        model_name, num_classes, raw_sd = result["model_name"], result["num_classes"], result["model"]
+    try:
+        num_classes = int(num_classes)
+    except (TypeError, ValueError) as err:
+        raise SuspectLoadError(f"{weights_file}: num_classes {num_classes!r} is not a number") from err
+    if num_classes != k:
+        raise SuspectLoadError(f"{weights_file}: wrong class count: num_classes={num_classes}, but {clean_data} has "
+                               f"{k} classes")
+    sd, key_notes = _clean_state_dict(raw_sd, str(model_name), str(weights_file))
+    model, arch, arch_kwargs = _build(str(model_name), sd, num_classes, shape, ds, str(weights_file))
+
+    # the poisoned test images
+    test_idx, test_entries = _entries(attack["bd_test"], "bd_test", len(pair.test))
+    t_bd = np.array([test_entries[int(i)][1] for i in test_idx], dtype=np.int64)
+    t_orig = np.array([test_entries[int(i)][2] for i in test_idx], dtype=np.int64)
+    if len(test_idx) == 0:
+        raise SuspectLoadError(f"{ATTACK_FILE}: bd_test holds no poisoned test images")
+    true = pair.test.labels.numpy()
+    wrong = np.nonzero(true[test_idx] != t_orig)[0]
+    if len(wrong):
+        raise SuspectLoadError(
+            f"dataset order mismatch: {len(wrong)} poisoned test images have another true label in the run than in "
+            f"{root} (first: index {int(test_idx[wrong[0]])}); the data root must hold {clean_data} in torchvision's order")
+    declared = str(info.get("attack_label_trans", "")) or None
+    mapping, target = _mapping(t_bd, t_orig, k, declared)
+    required = np.nonzero(true != target)[0] if mapping == "all-to-one" else np.arange(len(true))
+    lacking_idx = np.setdiff1d(required, test_idx)
+    if len(lacking_idx):
+        raise SuspectLoadError(f"{ATTACK_FILE}: bd_test covers {len(required) - len(lacking_idx)} of the "
+                               f"{len(required)} test images the attack should poison (first missing index: "
+                               f"{int(lacking_idx[0])})")
+    t_px = _read_pngs(run_dir, [test_entries[int(i)][0] for i in test_idx], shape, "test")
+
+    # the poisoned training set: indices always (when recorded), images when the PNGs are there
+    attack_name = str(info.get("attack") or "") or None
+    notes: list[str] = []
+    tr_idx = np.zeros(0, dtype=np.int64)
+    tr_entries: dict[int, tuple[str, int, int]] = {}
+    if attack["bd_train"] is not None:
+        tr_idx, tr_entries = _entries(attack["bd_train"], "bd_train", len(pair.train))
+    elif (run_dir / "train_poison_index_list.pickle").is_file():
+        ind = np.asarray(safe_torch_load(run_dir / "train_poison_index_list.pickle"))
+        tr_idx = np.nonzero(ind == 1)[0].astype(np.int64)
+        notes.append("bd_train is absent: poisoned training indices from train_poison_index_list.pickle, no images")
+    tr_bd = np.array([tr_entries[int(i)][1] for i in tr_idx], dtype=np.int64) if tr_entries else None
+    tr_orig = pair.train.labels.numpy()[tr_idx]
+    if tr_entries:
+        rec_orig = np.array([tr_entries[int(i)][2] for i in tr_idx], dtype=np.int64)
+        if (rec_orig != tr_orig).any():
+            raise SuspectLoadError(f"dataset order mismatch: poisoned training images have other true labels in the "
+                                   f"run than in {root}")
+    want = (np.full_like(tr_orig, target) if mapping == "all-to-one" else (tr_orig + 1) % k)
+    kept = np.ones(len(tr_idx), dtype=bool) if tr_bd is None else tr_bd == tr_orig
+    sure_noise = kept & ((tr_orig != target) | (mapping == "all-to-all"))
+    noise_mode = (attack_name or "").lower() in NOISE_ATTACKS or (run_dir / "cross_test_dataset").is_dir() \
+        or (tr_bd is not None and bool(sure_noise.any()))
+    if tr_bd is None or not noise_mode:
+        is_noise = np.zeros(len(tr_idx), dtype=bool)
+    else:
+        is_noise = kept
+        notes.append("noise-mode attack: training samples that keep their true label are noise ('cross') samples, "
+                     "not poisoned; warped samples of the target class cannot be told apart and count as noise")
+    if tr_bd is not None and (tr_bd[~is_noise] != want[~is_noise]).any():
+        raise SuspectLoadError(f"{ATTACK_FILE}: bd_train labels do not follow the {mapping} rule of bd_test")
+    poison_idx, noise_idx = tr_idx[~is_noise], tr_idx[is_noise]
+    tr_px = None
+    if tr_entries and len(tr_idx):
+        try:
+            tr_px = _read_pngs(run_dir, [tr_entries[int(i)][0] for i in tr_idx], shape, "training")
+        except SuspectLoadError as err:
+            notes.append(f"the poisoned training set is not available: {err}")
+
+    # the stored trigger
+    clean_test = pair.test.pixels.numpy()[test_idx]
+    fit_a, fit_b, fit_err = fit_affine(clean_test, t_px)
+    rows_px, rows_kind, rows_idx, rows_lab, rows_bd, rows_clean = [t_px], [np.full(len(test_idx), KIND_TEST)], \
+        [test_idx], [t_orig], [t_bd], [clean_test]
+    if tr_px is not None and tr_bd is not None:
+        rows_px.append(tr_px)
+        rows_kind.append(np.where(is_noise, KIND_TRAIN_NOISE, KIND_TRAIN_POISON))
+        rows_idx.append(tr_idx)
+        rows_lab.append(tr_orig)
+        rows_bd.append(tr_bd)
+        rows_clean.append(pair.train.pixels.numpy()[tr_idx])
+    images = StoredImages(
+        keys=image_keys(np.concatenate(rows_clean)), poisoned=np.concatenate(rows_px),
+        kind=np.concatenate(rows_kind).astype(np.int8), index=np.concatenate(rows_idx).astype(np.int64),
+        label=np.concatenate(rows_lab).astype(np.int64), bd_label=np.concatenate(rows_bd).astype(np.int64),
+        footprint=changed_pixels(clean_test, t_px),
+        fit_a=fit_a if fit_a is not None else np.zeros(0, np.float32),
+        fit_b=fit_b if fit_b is not None else np.zeros(0, np.float32),
+        train_poison_index=poison_idx.astype(np.int64), train_noise_index=noise_idx.astype(np.int64))
+    trig_info = {"source": "BackdoorBench", "attack": attack_name,
+                 "fit_error": None if fit_err is None else round(fit_err, 4)}
+    trigger = StoredTrigger(shape, k, images, target=target, mapping=mapping, info=trig_info)
+
+    run_name = run_dir.resolve().name
+    method = defense_dir.name if defense_dir is not None else None
+    card: dict[str, Any] = {
+        "name": name or (f"{run_name}+{method}" if method else run_name),
+        "arch": arch, "arch_kwargs": arch_kwargs, "classes": list(pair.classes), "input_shape": list(shape),
+        "normalization": {"mean": list(ds["mean"]), "std": list(ds["std"])},
+        "data": {"name": ds["source"], "root": str(root)},
+        "trigger": trigger.spec(),
+        "provenance": {"source": "BackdoorBench defense result" if method else "BackdoorBench attack run",
+                       "run": str(run_dir.resolve()), "file": str(weights_file.resolve()), "defense": method,
+                       "attack": attack_name},
+        "backdoorbench": {
+            "model_name": str(model_name), "clean_data": clean_data, "attack": attack_name, "target": target,
+            "mapping": mapping, "n_bd_test": int(len(test_idx)), "n_train_poisoned": int(len(poison_idx)),
+            "n_train_noise": int(len(noise_idx)), "key_changes": key_notes, "notes": notes,
+            "reported": _read_csv_metrics(defense_dir, "*_df.csv") if defense_dir else
+            _read_csv_metrics(run_dir, "attack_df.csv"),
+        },
+    }
+    plan = None
+    if tr_px is not None:
+        plan = PoisonPlan(torch.from_numpy(poison_idx), torch.from_numpy(noise_idx))
+        card["poison"] = {"rate": round(len(poison_idx) / max(len(pair.train), 1), 6),
+                          "n_poisoned": int(len(poison_idx)), "n_noise": int(len(noise_idx)),
+                          "source": "BackdoorBench bd_train PNGs"}
+    suspect = Suspect(model, card, None, _plan=plan, _trigger_override=trigger)
+    suspect.__dict__["data"] = pair  # already loaded and checked; fills the cached property
+    return suspect
+
+
+# --- loader hooks --------------------------------------------------------------------------------------------
+
+
+def _data_root_from(data: Any) -> str | None:
+    if isinstance(data, dict):
+        return data.get("root")
+    if isinstance(data, str) and data not in DATASETS:
+        return data
+    return None
+
+
+def _load_stored_folder(folder: Path) -> Suspect:
+    suspect = _load_folder(folder)
+    spec = suspect.card["trigger"]
+    file = folder / str((spec.get("params") or {}).get("file") or STORED_FILE)
+    if file.name != STORED_FILE or not file.is_file():
+        raise SuspectLoadError(f"{folder} is an imported suspect but lacks its stored poisoned images ({STORED_FILE})")
+    try:
+        suspect._trigger_override = StoredTrigger.from_file(file, spec, suspect.input_shape, suspect.num_classes)
+    except ValueError as err:
+        raise SuspectLoadError(f"{folder}: {err}") from err
+    return suspect
+
+
+def _loader(path: Path, data: Any = None, **_: Any) -> Suspect | None:
+    """``suspects.load`` hook: BackdoorBench runs / defense results, and saved suspects with a stored trigger."""
+    if path.is_dir() and (path / CARD_FILE).is_file():
+        try:
+            import json
+
+            spec = json.loads((path / CARD_FILE).read_text()).get("trigger") or {}
+        except (OSError, ValueError, AttributeError):
+            return None
+        return _load_stored_folder(path) if isinstance(spec, dict) and spec.get("name") == StoredTrigger.name else None
+    if find_run(path) is None:
+        return None
+    return import_run(path, data_root=_data_root_from(data))
+
+
+register_loader(_loader)
+
+
+# --- export ------------------------------------------------------------------------------------------------
+
+
+def _bb_model_name(suspect: Suspect) -> str:
+    arch = str(suspect.card.get("arch") or getattr(suspect.model, "arch_name", ""))
+    names = {v: k for k, v in MODEL_NAMES.items()}
+    if arch not in names:
+        raise SuspectLoadError(f"architecture {arch!r} has no BackdoorBench counterpart; exportable: "
+                               f"{', '.join(f'{a} (as {b})' for a, b in names.items())}")
+    return names[arch]
+
+
+def _export_state_dict(suspect: Suspect, bb_name: str) -> OrderedDict[str, torch.Tensor]:
+    sd = {k: v.detach().cpu().clone().contiguous() for k, v in suspect.model.state_dict().items()}
+    for block, gamma in get_skip_gammas(suspect.model, non_default_only=True).items():
+        conv, bn = f"{block}.shortcut.0.weight", f"{block}.shortcut.1.weight"
+        if bn in sd:  # post-activation block: gamma * BN(conv(x)) is a BN with scaled weight and bias
+            sd[bn] = sd[bn] * gamma
+            sd[f"{block}.shortcut.1.bias"] = sd[f"{block}.shortcut.1.bias"] * gamma
+        elif conv in sd:  # pre-activation block: gamma * conv(a) is a conv with scaled weight
+            sd[conv] = sd[conv] * gamma
+        else:
+            raise SuspectLoadError(
+                f"block {block} scales an identity skip connection by gamma={gamma}, which {bb_name} cannot "
+                f"express (no shortcut layer to fold it into); export is not possible for this suspect")
+    if bb_name == "resnet18":
+        sd = {tv_resnet.torchvision_key(k): v for k, v in sd.items()}
+    return OrderedDict(sd)
+
+
+def export_notes(suspect: Suspect) -> list[str]:
+    """Why an exported file may not behave the same inside BackdoorBench (empty when it will)."""
+    notes = []
+    data = (suspect.card.get("data") or {}).get("name")
+    bb_data = next((k for k, v in DATASETS.items() if v["source"] == data), None)
+    norm = suspect.card.get("normalization") or {}
+    if bb_data is None:
+        notes.append(f"data source {data!r} is not one of BackdoorBench's datasets ({', '.join(DATASETS)})")
+    elif norm.get("mean") is not None and (
+            not np.allclose(norm["mean"], DATASETS[bb_data]["mean"]) or not np.allclose(norm["std"], DATASETS[bb_data]["std"])):
+        notes.append(f"the model normalises with mean {norm['mean']} / std {norm['std']}, BackdoorBench's {bb_data} "
+                     f"pipeline with {DATASETS[bb_data]['mean']} / {DATASETS[bb_data]['std']}")
+    width = (suspect.card.get("arch_kwargs") or {}).get("width", 64)
+    if int(width) != 64:
+        notes.append(f"width {width}: BackdoorBench builds its networks with width 64, so its own loader will refuse "
+                     f"the shapes (Backdoor Lens opens the file)")
+    return notes
+
+
+def export_backdoorbench(suspect: Suspect, out: str | os.PathLike, method: str | None = None) -> Path:
+    """Write ``defense_result.pt`` (``{'model_name', 'num_classes', 'model'}``) in BackdoorBench's layout.
+
+    With ``method`` the file goes to ``out/defense/<method>/`` (``out`` being the attack run's folder), as
+    BackdoorBench's defenses place it; otherwise to ``out/``. Non-default skip scales are folded into the
+    shortcut layers; one on an identity skip cannot be expressed and raises :class:`SuspectLoadError`.
+    """
+    bb_name = _bb_model_name(suspect)
+    folder = Path(out).expanduser()
+    if method:
+        if "/" in method or "\\" in method or method in (".", ".."):
+            raise SuspectLoadError(f"method {method!r} must be a plain folder name")
+        folder = folder / "defense" / method
+    folder.mkdir(parents=True, exist_ok=True)
+    obj = {"model_name": bb_name, "num_classes": suspect.num_classes, "model": _export_state_dict(suspect, bb_name)}
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{DEFENSE_FILE}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, folder / DEFENSE_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return folder / DEFENSE_FILE
