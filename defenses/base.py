@@ -29,6 +29,7 @@ __all__ = [
     "params_from",
     "param_specs",
     "Progress",
+    "ArtifactFile",
 ]
 
 Progress = Callable[[float, str, dict], None]
@@ -71,12 +72,21 @@ class ThreatModel:
 
 
 @dataclass
+class ArtifactFile:
+    """Tensors a defense keeps with its run (``<name>.safetensors`` in the run folder), e.g. DBD's stage-1 backbone."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class DefenseOutput:
-    """What :meth:`Defense.run` returns: the repaired model and the method's own artifacts."""
+    """What :meth:`Defense.run` returns: the repaired model, the method's own artifacts and any files to keep."""
 
     model: nn.Module
     artifacts: dict[str, Any] = field(default_factory=dict)
     curves: dict[str, list] = field(default_factory=dict)
+    files: dict[str, ArtifactFile] = field(default_factory=dict)
 
 
 def param_specs(params_cls: type) -> list[dict[str, Any]]:
@@ -144,6 +154,7 @@ class Defense:
     Params: ClassVar[type] = object
     presets: ClassVar[dict[str, dict[str, Any]]] = {"quick": {}, "paper": {}}
     artifact_labels: ClassVar[dict[str, str]] = {}
+    curve_labels: ClassVar[dict[str, str]] = {}  # curve name -> chart title on the Defenses page
 
     def make_params(self, preset: str = "quick", overrides: dict[str, Any] | None = None) -> Any:
         if preset not in self.presets:

@@ -25,7 +25,7 @@ from typing import Any
 from .base import Cancelled, ParamError
 from .registry import get_defense
 from .runner import run_defense
-from .runstore import RunStore
+from .runstore import ACTIVE_ROOT, RunStore
 
 __all__ = ["create_run", "submit", "ensure_worker", "device_lock", "run_queued", "execute"]
 
@@ -115,13 +115,14 @@ def execute(store: RunStore, run_id: str, device: str | None = None, progress_ho
         if progress_hook is not None:
             progress_hook(fraction, message, metrics)
 
+    token = ACTIVE_ROOT.set(store.root)  # a defense may refer to an earlier run of this store by id
     try:
         suspect = suspects.load(rec.suspect)
         overrides = {k: v for k, v in rec.params.items() if not k.startswith("_")}
         report = run_defense(rec.defense, suspect, rec.preset, overrides, progress=progress,
                              should_stop=lambda: store.cancel_requested(run_id), pool_size=rec.pool_size,
                              seed=rec.seed, device=device or rec.device, suspect_ref=rec.suspect)
-        store.finish(run_id, dict(report), report.suspect, log.getvalue())
+        store.finish(run_id, dict(report), report.suspect, log.getvalue(), files=report.files)
         return "finished"
     except Cancelled:
         store.fail(run_id, "cancelled by the user", status="cancelled")
@@ -129,6 +130,8 @@ def execute(store: RunStore, run_id: str, device: str | None = None, progress_ho
     except Exception as err:  # noqa: BLE001 - recorded for the user
         store.fail(run_id, f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
         return "failed"
+    finally:
+        ACTIVE_ROOT.reset(token)
 
 
 def run_queued(store: RunStore, device: str | None = None) -> int:

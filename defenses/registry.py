@@ -15,7 +15,7 @@ def register_defense(cls: type[Defense]) -> type[Defense]:
 
 
 def _load_all() -> None:
-    from . import anp, awm, fineprune, finetune, linf_prune, shortcut  # noqa: F401
+    from . import anp, awm, cbd, dbd, fineprune, finetune, linf_prune, shortcut  # noqa: F401
 
 
 def get_defense(name: str) -> Defense:
@@ -25,7 +25,7 @@ def get_defense(name: str) -> Defense:
     return _REGISTRY[name]
 
 
-ORDER = ("shortcut", "linf_prune", "awm", "anp", "fineprune", "finetune")
+ORDER = ("shortcut", "linf_prune", "awm", "anp", "fineprune", "finetune", "dbd", "cbd")
 
 
 def list_defenses() -> list[str]:

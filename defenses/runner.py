@@ -21,7 +21,7 @@ from suspects.metrics import DEFINITIONS, der, evaluate
 from suspects.store import Suspect
 from suspects.training import seed_everything
 
-from .base import Cancelled, Defense, ParamError, Progress
+from .base import ArtifactFile, Cancelled, Defense, ParamError, Progress
 from .registry import get_defense
 
 __all__ = ["defense_pool", "run_defense", "DefenseRun"]
@@ -43,9 +43,11 @@ def defense_pool(suspect: Suspect, n: int = 500, val_fraction: float = 0.2, seed
 
 
 class DefenseRun(dict):
-    """The report: a plain dict (JSON-able) with the repaired suspect attached as ``.suspect``."""
+    """The report: a plain dict (JSON-able) with the repaired suspect attached as ``.suspect`` and the defense's
+    extra files (name -> :class:`~defenses.base.ArtifactFile`) as ``.files``."""
 
     suspect: Suspect
+    files: dict[str, ArtifactFile]
 
 
 def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: dict[str, Any] | None = None,
@@ -98,6 +100,7 @@ def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: d
         "device": describe_device(device),
         "artifacts": out.artifacts,
         "curves": out.curves,
+        "files": sorted(f"{k}.safetensors" for k in out.files),
         "metric_definitions": DEFINITIONS,
         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     })
@@ -110,5 +113,6 @@ def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: d
     card.pop("created", None)
     card.pop("versions", None)
     report.suspect = Suspect(repaired, card, None, _plan=suspect._plan, _trigger_override=suspect._trigger_override)
+    report.files = dict(out.files)
     report_progress(1.0, "done", {"ba": after.ba, **({"asr": after.asr} if after.asr is not None else {})})
     return report

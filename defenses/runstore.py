@@ -5,7 +5,8 @@ Root: ``./runs`` by default, moved by ``BACKDOOR_LENS_RUNS`` or an explicit path
 - ``index.sqlite`` holds one row per run (queued / running / finished / failed / cancelled / interrupted) with
   its progress, and the interim metrics it reported (table ``events``), so any page or tab can follow it.
 - A finished run is the folder ``<root>/<run id>/`` with ``model.safetensors`` and ``suspect.json`` (the repaired
-  suspect), ``report.json`` and ``log.txt``. It is written to ``<root>/.<run id>.partial/`` and renamed when
+  suspect), ``report.json``, ``log.txt`` and any extra tensors the defense keeps (``<name>.safetensors``, e.g.
+  DBD's stage-1 backbone; :func:`run_file` finds them again from a run id). It is written to ``<root>/.<run id>.partial/`` and renamed when
   complete, and its row says ``finished`` only after the rename: a crash never leaves a run that looks complete.
 - A run whose worker process died (a killed server, a crash) is marked ``interrupted``, never finished.
 """
@@ -14,18 +15,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import time
 import uuid
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from suspects.store import Suspect, save
 
-__all__ = ["RunStore", "RunRecord", "default_root", "STATUSES", "ACTIVE"]
+__all__ = ["RunStore", "RunRecord", "default_root", "STATUSES", "ACTIVE", "ACTIVE_ROOT", "run_file"]
 
 STATUSES = ("queued", "running", "finished", "failed", "cancelled", "interrupted")
 ACTIVE = ("queued", "running")
@@ -65,6 +68,38 @@ CREATE INDEX IF NOT EXISTS events_run ON events(run_id);
 
 def default_root() -> Path:
     return Path(os.environ.get("BACKDOOR_LENS_RUNS", "runs")).expanduser().resolve()
+
+
+# The store a run is executing under (set by defenses.jobs.execute), so a defense can find an earlier run by id.
+ACTIVE_ROOT: ContextVar[Path | None] = ContextVar("backdoor_lens_active_runs_root", default=None)
+_FILE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def run_file(ref: str, filename: str) -> Path:
+    """``filename`` of a finished run, given the run's id, its folder, or the file itself.
+
+    A run id is looked up in the store the current run executes under, else in :func:`default_root`.
+    Raises FileNotFoundError with the places tried.
+    """
+    ref = str(ref).strip()
+    if not ref:
+        raise FileNotFoundError("no run given")
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        candidates = [path / filename]
+    elif _RUN_ID.match(ref):
+        roots = [r for r in (ACTIVE_ROOT.get(), default_root()) if r is not None]
+        candidates = [Path(r) / ref / filename for r in dict.fromkeys(roots)]
+    else:
+        candidates = []
+    for c in candidates:
+        if c.is_file():
+            return c
+    tried = ", ".join(str(c) for c in candidates) or ref
+    raise FileNotFoundError(f"no finished run with {filename} found for {ref!r} (tried {tried})")
 
 
 @dataclass
@@ -170,8 +205,19 @@ class RunStore:
                 c.execute("INSERT INTO events (run_id, t, fraction, message, metrics) VALUES (?, ?, ?, ?, ?)",
                           (run_id, time.time(), float(fraction), message, json.dumps(metrics)))
 
-    def finish(self, run_id: str, report: dict[str, Any], suspect: Suspect, log: str = "") -> Path:
-        """Write the run folder atomically, then mark the run finished."""
+    def finish(self, run_id: str, report: dict[str, Any], suspect: Suspect, log: str = "",
+               files: dict[str, Any] | None = None) -> Path:
+        """Write the run folder atomically, then mark the run finished.
+
+        ``files`` maps a name to an :class:`~defenses.base.ArtifactFile` (tensors + metadata) written as
+        ``<name>.safetensors`` next to the model.
+        """
+        from safetensors.torch import save_file
+
+        files = dict(files or {})
+        for name in files:
+            if not _FILE_NAME.match(name) or name in ("model", "suspect", "report"):
+                raise ValueError(f"invalid run file name {name!r} (lower-case letters, digits, '_' and '-')")
         final = self.root / run_id
         partial = self.root / f".{run_id}.partial"
         shutil.rmtree(partial, ignore_errors=True)
@@ -181,6 +227,10 @@ class RunStore:
             for f in (partial / "suspect").iterdir():
                 os.replace(f, partial / f.name)
             (partial / "suspect").rmdir()
+            for name, art in files.items():
+                tensors = {k: v.detach().cpu().contiguous() for k, v in art.tensors.items()}
+                save_file(tensors, str(partial / f"{name}.safetensors"),
+                          metadata={str(k): str(v) for k, v in art.metadata.items()})
             report = {**report, "run_id": run_id, "run_dir": str(final)}
             (partial / "report.json").write_text(json.dumps(report, indent=2, default=str))
             (partial / "log.txt").write_text(log)

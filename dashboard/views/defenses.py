@@ -11,7 +11,7 @@ import streamlit as st
 from dashboard.common import load_suspect, sidebar, store, trigger_notice
 from defenses.base import ParamError, param_specs
 from defenses.jobs import ensure_worker, submit
-from defenses.registry import all_defenses
+from defenses.registry import all_defenses, get_defense, list_defenses
 from defenses.runstore import RunRecord
 from suspects.metrics import DEFINITIONS
 
@@ -72,6 +72,7 @@ def _render_finished(rec: RunRecord) -> None:
                f"RA {_fmt(report['ra_before'])} · preset {report['preset']} · pool {report['pool_size']} images · "
                f"run {rec.id}")
     arts = {k: v for k, v in report.get("artifacts", {}).items() if v is not None}
+    histograms = {k: arts.pop(k) for k in list(arts) if isinstance(arts[k], dict) and "series" in arts[k]}
     if arts:
         short = {k: v for k, v in arts.items() if not isinstance(v, (list, dict)) or len(str(v)) < 120}
         st.dataframe(pd.DataFrame({"artifact": list(short), "value": [str(v) for v in short.values()]}),
@@ -80,23 +81,50 @@ def _render_finished(rec: RunRecord) -> None:
         if long:
             with st.expander("More artifacts"):
                 st.json(long)
+    titles = get_defense(report["defense"]).curve_labels if report.get("defense") in list_defenses() else {}
     for name, rows in (report.get("curves") or {}).items():
         if rows and isinstance(rows[0], dict):
             df = pd.DataFrame(rows)
             x = df.columns[0]
             ys = [col for col in df.columns[1:] if pd.api.types.is_numeric_dtype(df[col])]
             if ys:
-                fig = px.line(df, x=x, y=ys, markers=True, height=250, title=name.replace("_", " "))
+                fig = px.line(df, x=x, y=ys, markers=True, height=250, title=titles.get(name, name.replace("_", " ")))
                 fig.update_layout(margin=dict(t=40, b=10))
                 st.plotly_chart(fig, key=f"curve_{rec.id}_{name}")
+    for name, hist in histograms.items():
+        _poisoned_vs_clean(rec.id, name, hist)
     if st.button("Open the repaired model in the analysis pages", key=f"open_{rec.id}", icon=":material/search:"):
         st.session_state["suspect"] = rec.run_dir
         st.switch_page("views/overview.py")
 
 
+def _poisoned_vs_clean(run_id: str, name: str, hist: dict) -> None:
+    """A per-epoch histogram of poisoned vs. clean training samples (DBD's split losses, CBD's weights)."""
+    series = [s for s in hist.get("series", []) if s.get("edges")]
+    if not series:
+        return
+    epochs = [s["epoch"] for s in series]
+    epoch = (st.select_slider("Epoch", epochs, value=epochs[-1], key=f"hist_{run_id}_{name}")
+             if len(epochs) > 1 else epochs[0])
+    s = series[epochs.index(epoch)]
+    edges = s["edges"]
+    centres = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    df = pd.DataFrame({"bin": centres * 2, "share": s["clean"] + s["poisoned"],
+                       "samples": ["clean"] * len(centres) + ["poisoned"] * len(centres)})
+    fig = px.bar(df, x="bin", y="share", color="samples", barmode="overlay", opacity=0.6, height=260,
+                 title=f"{hist.get('x_label', name)}: poisoned vs. clean training samples (epoch {epoch})",
+                 labels={"bin": hist.get("x_label", name), "share": "share of the group"})
+    if s.get("cut") is not None:
+        fig.add_vline(x=s["cut"], line_dash="dash", annotation_text=hist.get("cut_label", "cut"))
+    fig.update_layout(margin=dict(t=40, b=10))
+    st.plotly_chart(fig, key=f"histplot_{run_id}_{name}")
+    st.caption("Poisoned vs. clean uses the suspect's known poisoned indices, for display only: the defense "
+               "never sees them.")
+
+
 def _live_chart(rec: RunRecord) -> None:
     events = runs.events(rec.id)
-    cols = [k for k in ("held_out_ba", "held_out_asr") if any(k in e for e in events)]
+    cols = [k for k in ("held_out_ba", "held_out_asr", "knn_ba", "knn_asr") if any(k in e for e in events)]
     if not cols:
         cols = [k for k in ("loss", "loss_clean", "loss_perturbed", "loss_triggered") if any(k in e for e in events)]
     if events and cols:
@@ -105,8 +133,9 @@ def _live_chart(rec: RunRecord) -> None:
                       labels={"fraction": "progress", "value": "value"})
         fig.update_layout(margin=dict(t=10, b=10))
         st.plotly_chart(fig, key=f"live_{rec.id}_{len(events)}")
-        if "held_out_ba" in cols:
-            st.caption("Live: BA and ASR on the held-out part of the defense pool (not the test split).")
+        if "held_out_ba" in cols or "knn_ba" in cols:
+            st.caption("Live: BA and ASR on the held-out part of the defense pool (not the test split); knn_* "
+                       "classify the current features by their nearest pool images (stages without a head).")
 
 
 @st.fragment(run_every=1.0)

@@ -1,0 +1,334 @@
+"""CBD: Causality-inspired Backdoor Defense. Zhang, Liu, Wang, Lu & Hu, "Backdoor Defense via Deconfounded
+Representation Learning", CVPR 2023 (arXiv 2303.06818; official code zaixizhang/CBD).
+
+The backdoor attack is a confounder that opens a spurious image -> label path. CBD captures it with a
+deliberately backdoored model and trains the deployed model away from it:
+
+1. **f_B.** Train the suspect's architecture from scratch with plain cross-entropy on the poisoned training set
+   for a few epochs (5). Backdoors are learned much faster than the clean task, so f_B fits the poisoned
+   samples almost perfectly (loss l_B ~ 0) while its loss on clean samples is still large. Then freeze it.
+2. **f_C.** Train a fresh model on the same set with per-sample weights w_i = l_B,i / (l_B,i + l_C,i)
+   (l_C detached; renormalised so the weights of a batch average 1), which down-weights what f_B finds easy
+   (the poisoned samples), plus a penalty on the mutual information between f_B's and f_C's penultimate features:
+   I(r; z) ~ mi_scale * (mean T(r, z) - mean T(r, z_shuffled)), a WGAN-style estimate with a discriminator T
+   (MLP on the concatenated features, leaky ReLU, dropout, spectrally normalised after each step) that is first
+   maximised over T for a full pass every epoch and then minimised by f_C (f_B's features detached).
+3. The last f_C is returned.
+
+The run records the weight distribution of poisoned vs. clean samples over training (from the known poisoned
+indices, which the method itself never uses).
+
+Deliberate deviations from the paper / official code:
+- The mutual-information penalty is **on** by default (``disentangle``), as the paper describes; the official
+  code's default (``--disentangle 0``) trains the re-weighting only. The penalty can be switched off.
+- The official learning-rate drops at epochs 20 and 70 of 100 are kept as shares of ``epochs`` (20% and 70%); the
+  discriminator's StepLR(20, 0.1) is stepped after each epoch (the official code steps it one epoch early).
+- Spectral normalisation divides each discriminator weight matrix by its exact largest singular value instead of a
+  5-step power-iteration estimate; biases are left alone.
+- The architecture is the suspect's (the official code only runs a WRN-16-1). Augmentation is the project's random
+  crop (zero padding of H/8) and horizontal flip; the official Cutout (one 3x3 hole) is left out.
+- ``quick`` preset: fewer f_C epochs (15 instead of 100) and batch 128 instead of 64 so a run fits ~10 CPU
+  minutes on the demo suspects. The held-out part of the defense pool is left out of the training set so the
+  live BA / ASR on it stays held out.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from suspects.device import autocast, to_device
+from suspects.models import penultimate_features
+from suspects.training import augment_batch
+
+from .base import Defense, DefenseOutput, ThreatModel, param
+from .common import head, pool_monitor
+from .registry import register_defense
+from .retrain import StageClock, TrainingSet, auroc, histogram, poisoned_training_set, reinitialize
+
+__all__ = ["CBD", "CBDParams", "cbd_weights", "MIDiscriminator", "train_backdoored", "train_deconfounded_epoch",
+           "lr_at"]
+
+WEIGHT_EDGES = torch.linspace(0.0, 3.0, 31)  # per-batch normalised weights average 1; larger ones land in the last bin
+
+
+@dataclass
+class CBDParams:
+    epochs_b: int = param(5, help="epochs of the deliberately backdoored model f_B (official: 5, hard-coded)",
+                          min=1, max=1000)
+    epochs: int = param(100, help="epochs of f_C; its learning rate drops x0.1 after 20% and again after 70% of "
+                                  "them (official: 100 epochs, drops at 20 and 70)", min=1, max=5000)
+    lr: float = param(0.1, help="SGD learning rate of f_B (constant) and f_C (start)", min=1e-6, max=10.0)
+    momentum: float = param(0.9, help="SGD (Nesterov) momentum", min=0.0, max=0.999)
+    weight_decay: float = param(1e-4, help="L2 weight decay", min=0.0, max=0.1)
+    batch_size: int = param(64, help="images per step", min=2, max=8192)
+    disentangle: bool = param(True, help="mutual-information penalty between f_B's and f_C's features (the paper's "
+                                         "method; the official code's default turns it off)")
+    mi_scale: float = param(0.01, help="scale of the mutual-information estimate", min=0.0, max=100.0)
+    disc_lr: float = param(0.2, help="Adam learning rate of the MI discriminator (x0.1 every 20 epochs)",
+                           min=1e-7, max=10.0)
+    disc_dropout: float = param(0.2, help="dropout of the MI discriminator", min=0.0, max=0.9)
+    augment: str = param("crop-flip", help="training augmentation", choices=("none", "crop", "crop-flip"))
+    subset: int = param(0, help="use a random subset of this many poisoned training images (0 = all)",
+                        min=0, max=10**8)
+
+
+def cbd_weights(loss_b: torch.Tensor, loss_c: torch.Tensor) -> torch.Tensor:
+    """w = l_B / (l_B + l_C + 1e-8), renormalised so the batch's weights average 1."""
+    w = loss_b / (loss_b + loss_c + 1e-8)
+    return w * len(w) / w.sum().clamp_min(1e-12)
+
+
+def lr_at(epoch: int, epochs: int, lr: float) -> float:
+    """The official step schedule as shares of the run: lr, then x0.1 after 20% and x0.01 after 70% of epochs."""
+    if epoch < round(0.2 * epochs):
+        return lr
+    if epoch < round(0.7 * epochs):
+        return lr * 0.1
+    return lr * 0.01
+
+
+class MIDiscriminator(nn.Module):
+    """T(r, z): MLP on concat(r, z) -> hidden -> 1 with leaky ReLU and dropout; I = scale * (E T(r,z) - E T(r,z'))."""
+
+    def __init__(self, dim_r: int, dim_z: int, hidden: int | None = None, dropout: float = 0.2, scale: float = 0.01):
+        super().__init__()
+        hidden = hidden or dim_z
+        self.l_in, self.l_out = nn.Linear(dim_r + dim_z, hidden), nn.Linear(hidden, 1)
+        self.dropout, self.scale = nn.Dropout(dropout), scale
+
+    def score(self, r: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        h = F.leaky_relu(self.l_in(self.dropout(torch.cat([r, z], dim=1))))
+        return self.l_out(self.dropout(h)).squeeze(1)
+
+    def forward(self, r: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The MI estimate for a batch (pairs (r_i, z_i) against shuffled pairs (r_i, z_{i-1}))."""
+        return self.scale * (self.score(r, z).mean() - self.score(r, z.roll(1, dims=0)).mean())
+
+    @torch.no_grad()
+    def spectral_normalise(self) -> None:
+        """Divide each weight matrix by its largest singular value (the critic's Lipschitz constraint)."""
+        for lin in (self.l_in, self.l_out):
+            lin.weight.div_(torch.linalg.matrix_norm(lin.weight.float(), ord=2).clamp_min(1e-12))
+
+
+def _sgd(model: nn.Module, p: CBDParams) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay,
+                           nesterov=p.momentum > 0)
+
+
+def _batches(n: int, bs: int, gen: torch.Generator) -> list[torch.Tensor]:
+    perm = torch.randperm(n, generator=gen)
+    return [perm[s:s + bs] for s in range(0, n, bs) if len(perm[s:s + bs]) >= 2]
+
+
+def train_backdoored(model: nn.Module, data: TrainingSet, device, p: CBDParams, gen: torch.Generator,
+                     tick=None, max_steps: int | None = None) -> list[float]:
+    """Stage 1: plain cross-entropy on the poisoned set for ``p.epochs_b`` epochs at a constant learning rate."""
+    opt = _sgd(model, p)
+    losses, done = [], 0
+    for epoch in range(p.epochs_b):
+        model.train()
+        batches = _batches(len(data), p.batch_size, gen)
+        total, seen = 0.0, 0
+        for i, idx in enumerate(batches):
+            xb = to_device(augment_batch(data.x[idx], p.augment, gen), device)
+            with autocast(device):
+                loss = F.cross_entropy(model(xb).float(), data.y[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            seen += len(idx)
+            done += 1
+            if tick is not None:
+                tick((epoch + (i + 1) / len(batches)) / p.epochs_b, f"stage 1/2 f_B: epoch {epoch + 1}/{p.epochs_b}")
+            if max_steps is not None and done >= max_steps:
+                break
+        losses.append(total / max(seen, 1))
+        if max_steps is not None and done >= max_steps:
+            break
+    model.eval()
+    return losses
+
+
+def _features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    feats = penultimate_features(model, x)
+    return feats, head(model)(feats)
+
+
+def train_deconfounded_epoch(fc: nn.Module, fb: nn.Module, disc: MIDiscriminator | None,
+                             opt: torch.optim.Optimizer, disc_opt: torch.optim.Optimizer | None, data: TrainingSet,
+                             device, p: CBDParams, gen: torch.Generator, tick=None,
+                             max_steps: int | None = None) -> dict:
+    """Stage 2, one epoch: the discriminator pass (when ``disc``), then f_C with CBD weights (+ MI penalty).
+
+    Returns the mean losses and every sample's weight in this epoch (``weights``, NaN where not drawn).
+    """
+    fb.eval()
+    mi_sum, mi_n = 0.0, 0
+    if disc is not None:
+        disc.train()
+        fc.train()
+        for i, idx in enumerate(_batches(len(data), p.batch_size, gen)):
+            xb = to_device(augment_batch(data.x[idx], p.augment, gen), device)
+            with torch.no_grad(), autocast(device):
+                z = penultimate_features(fc, xb).float()
+                r = penultimate_features(fb, xb).float()
+            mi = disc(r, z)
+            disc_opt.zero_grad(set_to_none=True)
+            (-mi).backward()
+            disc_opt.step()
+            disc.spectral_normalise()
+            mi_sum, mi_n = mi_sum + float(mi.detach()), mi_n + 1
+            if tick is not None:
+                tick(0.3 * (i + 1) * p.batch_size / len(data))
+            if max_steps is not None and i + 1 >= max_steps:
+                break
+    weights = torch.full((len(data),), float("nan"))
+    fc.train()
+    total = wsum = pen = 0.0
+    seen = 0
+    batches = _batches(len(data), p.batch_size, gen)
+    start = 0.3 if disc is not None else 0.0
+    for i, idx in enumerate(batches):
+        xb = to_device(augment_batch(data.x[idx], p.augment, gen), device)
+        yb = data.y[idx].to(device)
+        with autocast(device):
+            z, logits = _features_and_logits(fc, xb)
+        with torch.no_grad(), autocast(device):
+            r, logits_b = _features_and_logits(fb, xb)
+        ce = F.cross_entropy(logits.float(), yb, reduction="none")
+        with torch.no_grad():
+            w = cbd_weights(F.cross_entropy(logits_b.float(), yb, reduction="none"), ce.detach())
+        loss = (w * ce).mean()
+        total_loss = loss
+        if disc is not None:
+            mi = disc(r.float().detach(), z.float())
+            total_loss = loss + mi
+            pen += float(mi.detach()) * len(idx)
+        opt.zero_grad(set_to_none=True)
+        total_loss.backward()
+        opt.step()
+        weights[idx] = w.float().cpu()
+        total += float(loss.detach()) * len(idx)
+        wsum += float(ce.detach().mean()) * len(idx)
+        seen += len(idx)
+        if tick is not None:
+            tick(start + (1 - start) * (i + 1) / len(batches))
+        if max_steps is not None and i + 1 >= max_steps:
+            break
+    return {"weighted_loss": total / max(seen, 1), "ce": wsum / max(seen, 1),
+            "mi": pen / max(seen, 1) if disc is not None else None,
+            "mi_disc": mi_sum / mi_n if mi_n else None, "weights": weights}
+
+
+def weight_stats(weights: torch.Tensor, poisoned: torch.Tensor) -> dict[str, float | None]:
+    """Mean / median weight of poisoned and clean samples, and the AUROC of 'low weight' flagging poison."""
+    seen = ~torch.isnan(weights)
+    w, pois = weights[seen], poisoned[seen]
+    out: dict[str, float | None] = {}
+    for name, mask in (("clean", ~pois), ("poisoned", pois)):
+        out[f"w_{name}_mean"] = float(w[mask].mean()) if mask.any() else None
+        out[f"w_{name}_median"] = float(w[mask].median()) if mask.any() else None
+    out["weight_auroc"] = auroc(-w, pois)
+    return out
+
+
+@register_defense
+class CBD(Defense):
+    name = "cbd"
+    title = "Causality-inspired Backdoor Defense (CBD)"
+    paper = "Zhang et al., CVPR 2023 (arXiv 2303.06818)"
+    summary = ("Trains a deliberately backdoored model for a few epochs to capture the trigger shortcut, then trains "
+               "a fresh model from the poisoned training set with per-sample weights that down-weight what the "
+               "backdoored model finds easy, plus a mutual-information penalty that keeps the two models' features "
+               "apart.")
+    threat = ThreatModel(clean_pool=False, poisoned_training_set=True,
+                         note="retrains from scratch; the clean pool only feeds the live held-out BA / ASR")
+    Params = CBDParams
+    presets = {"quick": {"epochs": 15, "batch_size": 128}, "paper": {}}
+    artifact_labels = {"weight_auroc": "AUROC of a low CBD weight flagging the poisoned samples (last epoch)"}
+    curve_labels = {"fb": "f_B: cross-entropy on the poisoned set",
+                    "weights": "CBD weights of poisoned vs. clean training samples (mean, median, AUROC)",
+                    "training": "f_C: held-out BA / ASR and losses"}
+
+    def repair(self, suspect, model, params: CBDParams, pool, device, progress, should_stop):
+        data = poisoned_training_set(suspect, pool, params.subset, seed=0)
+        if len(data) < 2:
+            raise ValueError("CBD needs at least two training images")
+        gen = torch.Generator().manual_seed(int(torch.initial_seed()) % 2**31)
+        n = len(data)
+        per_fc = 4 + (2 if params.disentangle else 0)
+        clock = StageClock(progress, should_stop, {"fb": params.epochs_b * n * 3, "fc": params.epochs * n * per_fc})
+
+        fb = reinitialize(copy.deepcopy(model))
+        fb_losses = train_backdoored(fb, data, device, params, gen,
+                                     tick=lambda f, m: clock.tick("fb", f, m))
+        fb_metrics = pool_monitor(fb, pool, suspect.trigger, device)()
+        for q in fb.parameters():
+            q.requires_grad_(False)
+        clock.tick("fb", 1.0, f"stage 1/2 f_B trained ({params.epochs_b} epochs)",
+                   {"fb_loss": fb_losses[-1], **{f"fb_{k}": v for k, v in fb_metrics.items()}})
+
+        fc = reinitialize(model)
+        opt = _sgd(fc, params)
+        disc = disc_opt = disc_sched = None
+        if params.disentangle:
+            d = head(fc).in_features
+            disc = MIDiscriminator(head(fb).in_features, d, dropout=params.disc_dropout, scale=params.mi_scale).to(device)
+            disc_opt = torch.optim.Adam(disc.parameters(), lr=params.disc_lr)
+            disc_sched = torch.optim.lr_scheduler.StepLR(disc_opt, step_size=20, gamma=0.1)
+        monitor = pool_monitor(fc, pool, suspect.trigger, device)
+        rows, histos = [], []
+        keep = set(torch.linspace(0, params.epochs - 1, min(params.epochs, 20)).round().long().tolist())
+        for epoch in range(params.epochs):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(epoch, params.epochs, params.lr)
+            label = f"stage 2/2 f_C: epoch {epoch + 1}/{params.epochs}"
+            res = train_deconfounded_epoch(
+                fc, fb, disc, opt, disc_opt, data, device, params, gen,
+                tick=lambda f, e=epoch, lab=label: clock.tick("fc", (e + f) / params.epochs, lab))
+            if disc_sched is not None:
+                disc_sched.step()
+            stats = weight_stats(res["weights"], data.poisoned)
+            row = {"epoch": epoch + 1, **{k: v for k, v in stats.items() if k != "weight_auroc"},
+                   "weight_auroc": stats["weight_auroc"], **monitor()}
+            rows.append(row)
+            if epoch in keep:
+                seen = ~torch.isnan(res["weights"])
+                w, pois = res["weights"][seen], data.poisoned[seen]
+                histos.append({"epoch": epoch + 1, "edges": WEIGHT_EDGES.tolist(),
+                               "clean": histogram(w[~pois], WEIGHT_EDGES), "poisoned": histogram(w[pois], WEIGHT_EDGES)})
+            loss_row = {"weighted_loss": res["weighted_loss"], "ce": res["ce"]}
+            if res["mi"] is not None:
+                loss_row["mi"] = res["mi"]
+            rows[-1].update(loss_row)
+            clock.tick("fc", (epoch + 1) / params.epochs, label,
+                       {k: v for k, v in row.items() if k != "epoch" and v is not None and not
+                        (isinstance(v, float) and math.isnan(v))})
+        fc.eval()
+        last = rows[-1]
+        weights_curve = [{k: r[k] for k in ("epoch", "w_clean_mean", "w_poisoned_mean", "w_clean_median",
+                                            "w_poisoned_median", "weight_auroc")} for r in rows]
+        training_curve = [{k: r[k] for k in ("epoch", "held_out_ba", "held_out_asr", "weighted_loss", "ce")
+                           if k in r} for r in rows]
+        artifacts = {
+            "n_train": n, "n_poisoned_train": int(data.poisoned.sum()), "poison_rate_train": round(data.poison_rate, 4),
+            "disentangle": params.disentangle,
+            "fb_held_out_ba": fb_metrics.get("held_out_ba"), "fb_held_out_asr": fb_metrics.get("held_out_asr"),
+            "weight_auroc": last["weight_auroc"],
+            "w_clean_mean": last["w_clean_mean"], "w_poisoned_mean": last["w_poisoned_mean"],
+            "weight_note": "weights normalised per batch (mean 1); poisoned vs clean from the known poisoned "
+                           "indices, which the defense never uses",
+            "held_out_ba": last.get("held_out_ba"), "held_out_asr": last.get("held_out_asr"),
+            "weight_histograms": {"x_label": "CBD weight (per-batch normalised)", "series": histos},
+        }
+        curves = {"fb": [{"epoch": i + 1, "loss": v} for i, v in enumerate(fb_losses)], "weights": weights_curve,
+                  "training": training_curve}
+        return DefenseOutput(fc, artifacts, curves)
