@@ -325,7 +325,11 @@ def import_run(path: str | os.PathLike, data_root: str | os.PathLike | None = No
         raise SuspectLoadError(f"{run_dir / ATTACK_FILE} is not a BackdoorBench attack result: lacks {', '.join(lacking)}")
     info: dict[str, Any] = {}
     if (run_dir / "info.pickle").is_file():
-        loaded = safe_torch_load(run_dir / "info.pickle")
+        try:
+            loaded = safe_torch_load(run_dir / "info.pickle")
+        except SuspectLoadError as err:
+            raise SuspectLoadError(f"{err} info.pickle only holds the attack's settings: move it out of the run "
+                                   f"folder to import the run without them") from err
         info = loaded if isinstance(loaded, dict) else {}
     clean_data = str(attack["clean_data"])
     if clean_data not in DATASETS:

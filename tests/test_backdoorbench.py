@@ -48,6 +48,15 @@ def warp_like(img: np.ndarray, seed: int) -> np.ndarray:
     return np.clip(img.astype(int) + noise, 0, 255).astype(np.uint8)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is as fast, and far faster when other jobs share the two cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data():
     rng = np.random.default_rng(0)
@@ -252,9 +261,17 @@ def test_cli_import_and_export_and_sidebar_lists_import(tmp_path, data, net, run
     assert out["suspect"] == str(runs_dir.resolve() / "imports" / "badnet_run")
     assert (out["metrics"]["ba"], out["metrics"]["asr"], out["metrics"]["ra"]) == (hand["ba"], hand["asr"], hand["ra"])
     assert out["n_train_poisoned"] == len(TRAIN_POISON) and out["reported"]["asr"] == 0.9
+    from streamlit.testing.v1 import AppTest
+
     from dashboard.common import stored_suspects
 
     assert out["suspect"] in stored_suspects()
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py"), default_timeout=120)
+    at.query_params["suspect"] = out["suspect"]
+    at.run()  # the overview page: the imported suspect, its metrics and its stored triggered examples
+    assert not at.exception, at.exception
+    assert "badnet_run" in at.title[0].value
+    assert [m.value for m in at.metric] == [f"{100 * hand[k]:.1f}%" for k in ("ba", "asr", "ra")]
     assert main(["export-backdoorbench", out["suspect"], "--out", str(tmp_path / "exp")]) == 0
     assert "width 8" in capsys.readouterr().err
     obj = torch.load(tmp_path / "exp" / "defense_result.pt", weights_only=True)
