@@ -22,6 +22,7 @@ Files are read with ``torch.load(weights_only=True)`` and an allow-list of the n
 from __future__ import annotations
 
 import csv
+import json
 import os
 import pickle
 import tempfile
@@ -236,15 +237,19 @@ def _png_path(run_dir: Path, stored: str) -> Path:
     return path
 
 
-def _entries(state: Any, split: str, n: int) -> tuple[np.ndarray, dict[int, tuple[str, int, int]]]:
-    """Indicator-1 indices of a dataset state, and index -> (stored path, bd_label, original label)."""
+def _entries(state: Any, split: str, n: int,
+             required: bool = True) -> tuple[np.ndarray, dict[int, tuple[str, int, int]]]:
+    """Indicator-1 indices of a dataset state, and index -> (stored path, bd_label, original label); without
+    ``required``, a state with an indicator but no ``data_dict`` gives the indices and no entries."""
     if not isinstance(state, dict):
         raise SuspectLoadError(f"{ATTACK_FILE}: {split} is not a dataset state")
     indicator = state.get("poison_indicator")
     container = state.get("bd_data_container")
     data_dict = container.get("data_dict") if isinstance(container, dict) else None
     if not isinstance(data_dict, dict):
-        raise SuspectLoadError(f"{ATTACK_FILE}: {split} lacks bd_data_container.data_dict")
+        if required or indicator is None:
+            raise SuspectLoadError(f"{ATTACK_FILE}: {split} lacks bd_data_container.data_dict")
+        data_dict = {}
     if indicator is None:
         idx = np.array(sorted(int(k) for k in data_dict), dtype=np.int64)
     else:
@@ -265,7 +270,7 @@ def _entries(state: Any, split: str, n: int) -> tuple[np.ndarray, dict[int, tupl
         raise SuspectLoadError(f"{ATTACK_FILE}: {split} names image {int(idx.max())}, but the dataset's split has {n} "
                                f"images: is the data root the run's dataset?")
     lost = [int(i) for i in idx if int(i) not in out]
-    if lost:
+    if lost and (required or out):
         raise SuspectLoadError(f"{ATTACK_FILE}: {len(lost)} poisoned {split} indices have no data_dict entry "
                                f"(first: {lost[:5]})")
     return idx, out
@@ -402,7 +407,9 @@ def import_run(path: str | os.PathLike, data_root: str | os.PathLike | None = No
     tr_idx = np.zeros(0, dtype=np.int64)
     tr_entries: dict[int, tuple[str, int, int]] = {}
     if attack["bd_train"] is not None:
-        tr_idx, tr_entries = _entries(attack["bd_train"], "bd_train", len(pair.train))
+        tr_idx, tr_entries = _entries(attack["bd_train"], "bd_train", len(pair.train), required=False)
+        if len(tr_idx) and not tr_entries:
+            notes.append("bd_train has no data_dict: poisoned training indices only, no labels or images")
     elif (run_dir / "train_poison_index_list.pickle").is_file():
         ind = np.asarray(safe_torch_load(run_dir / "train_poison_index_list.pickle"))
         tr_idx = np.nonzero(ind == 1)[0].astype(np.int64)
@@ -513,19 +520,24 @@ def _load_stored_folder(folder: Path) -> Suspect:
     return suspect
 
 
-def _loader(path: Path, data: Any = None, **_: Any) -> Suspect | None:
-    """``suspects.load`` hook: BackdoorBench runs / defense results, and saved suspects with a stored trigger."""
+def _loader(path: Path, data: Any = None, arch: str | None = None, **_: Any) -> Suspect | None:
+    """``suspects.load`` hook: BackdoorBench runs / defense results, and saved suspects with a stored trigger.
+
+    A ``defense_result.pt`` outside its run opens as a bare state dict when ``arch`` is named.
+    """
     if path.is_dir() and (path / CARD_FILE).is_file():
         try:
-            import json
-
             spec = json.loads((path / CARD_FILE).read_text()).get("trigger") or {}
         except (OSError, ValueError, AttributeError):
             return None
         return _load_stored_folder(path) if isinstance(spec, dict) and spec.get("name") == StoredTrigger.name else None
-    if find_run(path) is None:
-        return None
-    return import_run(path, data_root=_data_root_from(data))
+    try:
+        found = find_run(path)
+    except SuspectLoadError:
+        if arch is not None and path.is_file():
+            return None
+        raise
+    return None if found is None else import_run(path, data_root=_data_root_from(data))
 
 
 register_loader(_loader)

@@ -326,6 +326,9 @@ def test_clear_errors(tmp_path, data, net):
     torch.save({"model_name": "preactresnet18", "num_classes": K, "model": sd}, run / "defense" / "x" / "defense_result.pt")
     with pytest.raises(SuspectLoadError, match="its attack run is not at"):
         import_run(run / "defense" / "x")
+    bare = suspects.load(run / "defense" / "x" / "defense_result.pt", arch="preact_resnet18", num_classes=K,
+                         input_shape=(1, 28, 28), arch_kwargs={"width": 8})  # with its architecture named: a state dict
+    assert all(torch.equal(bare.model.state_dict()[k], v) for k, v in sd.items())
     evil_run = make_run(tmp_path / "e", data, sd)
     Evil.marker = tmp_path / "pwned"
     torch.save({"model_name": "preactresnet18", "payload": Evil()}, evil_run / "attack_result.pt")
