@@ -17,7 +17,7 @@ BLOCKS = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
 
 def test_registry():
     assert {"preact_resnet18", "resnet18", "vgg11_bn"} <= set(list_models())
-    assert list_models("resnet*") == ["resnet18"]
+    assert list_models("resnet*") == ["resnet18", "resnet18_torchvision"]
     with pytest.raises(ValueError, match="unknown architecture"):
         create_model("resnet1000")
 
