@@ -311,6 +311,56 @@ def _mapping(bd: np.ndarray, orig: np.ndarray, k: int, declared: str | None) -> 
                            f"all-to-all ((y + 1) mod {k})")
 
 
+def _training_poison(state: Any, run_dir: Path, pair: DatasetPair, root: Path, shape: tuple[int, int, int],
+                     target: int, mapping: str, attack_name: str | None) -> tuple[np.ndarray, np.ndarray | None,
+                                                                                 np.ndarray, np.ndarray,
+                                                                                 np.ndarray | None, list[str]]:
+    """Poisoned training indices, their bd / true labels, which are noise samples, their PNGs (or None), notes."""
+    notes: list[str] = []
+    k = len(pair.classes)
+    tr_idx = np.zeros(0, dtype=np.int64)
+    tr_entries: dict[int, tuple[str, int, int]] = {}
+    if state is not None:
+        tr_idx, tr_entries = _entries(state, "bd_train", len(pair.train), required=False)
+        if len(tr_idx) and not tr_entries:
+            notes.append("bd_train has no data_dict: poisoned training indices only, no labels or images")
+    elif (run_dir / "train_poison_index_list.pickle").is_file():
+        ind = np.asarray(safe_torch_load(run_dir / "train_poison_index_list.pickle")).reshape(-1)
+        if len(ind) != len(pair.train):
+            raise SuspectLoadError(f"train_poison_index_list.pickle has {len(ind)} entries but the training split "
+                                   f"has {len(pair.train)} images: is the data root the run's dataset?")
+        tr_idx = np.nonzero(ind == 1)[0].astype(np.int64)
+        notes.append("bd_train is absent: poisoned training indices from train_poison_index_list.pickle, no images")
+    tr_bd = np.array([tr_entries[int(i)][1] for i in tr_idx], dtype=np.int64) if tr_entries else None
+    tr_orig = pair.train.labels.numpy()[tr_idx]
+    if tr_entries:
+        rec_orig = np.array([tr_entries[int(i)][2] for i in tr_idx], dtype=np.int64)
+        if (rec_orig != tr_orig).any():
+            raise SuspectLoadError(f"dataset order mismatch: poisoned training images have other true labels in the "
+                                   f"run than in {root}")
+    # noise ("cross") samples keep their label; one of a non-target class (or any, all-to-all) can be nothing else
+    kept = np.ones(len(tr_idx), dtype=bool) if tr_bd is None else tr_bd == tr_orig
+    sure_noise = kept & ((tr_orig != target) | (mapping == "all-to-all"))
+    noise_mode = (attack_name or "").lower() in NOISE_ATTACKS or (run_dir / "cross_test_dataset").is_dir() \
+        or (tr_bd is not None and bool(sure_noise.any()))
+    if tr_bd is None or not noise_mode:
+        is_noise = np.zeros(len(tr_idx), dtype=bool)
+    else:
+        is_noise = kept
+        notes.append("noise-mode attack: training samples that keep their true label are noise ('cross') samples, "
+                     "not poisoned; warped samples of the target class cannot be told apart and count as noise")
+    want = np.full_like(tr_orig, target) if mapping == "all-to-one" else (tr_orig + 1) % k
+    if tr_bd is not None and (tr_bd[~is_noise] != want[~is_noise]).any():
+        raise SuspectLoadError(f"{ATTACK_FILE}: bd_train labels do not follow the {mapping} rule of bd_test")
+    tr_px = None
+    if tr_entries and len(tr_idx):
+        try:
+            tr_px = _read_pngs(run_dir, [tr_entries[int(i)][0] for i in tr_idx], shape, "training")
+        except SuspectLoadError as err:
+            notes.append(f"the poisoned training set is not available: {err}")
+    return tr_idx, tr_bd, tr_orig, is_noise, tr_px, notes
+
+
 # --- import ---------------------------------------------------------------------------------------------------
 
 
@@ -403,44 +453,9 @@ def import_run(path: str | os.PathLike, data_root: str | os.PathLike | None = No
 
     # the poisoned training set: indices always (when recorded), images when the PNGs are there
     attack_name = str(info.get("attack") or "") or None
-    notes: list[str] = []
-    tr_idx = np.zeros(0, dtype=np.int64)
-    tr_entries: dict[int, tuple[str, int, int]] = {}
-    if attack["bd_train"] is not None:
-        tr_idx, tr_entries = _entries(attack["bd_train"], "bd_train", len(pair.train), required=False)
-        if len(tr_idx) and not tr_entries:
-            notes.append("bd_train has no data_dict: poisoned training indices only, no labels or images")
-    elif (run_dir / "train_poison_index_list.pickle").is_file():
-        ind = np.asarray(safe_torch_load(run_dir / "train_poison_index_list.pickle"))
-        tr_idx = np.nonzero(ind == 1)[0].astype(np.int64)
-        notes.append("bd_train is absent: poisoned training indices from train_poison_index_list.pickle, no images")
-    tr_bd = np.array([tr_entries[int(i)][1] for i in tr_idx], dtype=np.int64) if tr_entries else None
-    tr_orig = pair.train.labels.numpy()[tr_idx]
-    if tr_entries:
-        rec_orig = np.array([tr_entries[int(i)][2] for i in tr_idx], dtype=np.int64)
-        if (rec_orig != tr_orig).any():
-            raise SuspectLoadError(f"dataset order mismatch: poisoned training images have other true labels in the "
-                                   f"run than in {root}")
-    want = (np.full_like(tr_orig, target) if mapping == "all-to-one" else (tr_orig + 1) % k)
-    kept = np.ones(len(tr_idx), dtype=bool) if tr_bd is None else tr_bd == tr_orig
-    sure_noise = kept & ((tr_orig != target) | (mapping == "all-to-all"))
-    noise_mode = (attack_name or "").lower() in NOISE_ATTACKS or (run_dir / "cross_test_dataset").is_dir() \
-        or (tr_bd is not None and bool(sure_noise.any()))
-    if tr_bd is None or not noise_mode:
-        is_noise = np.zeros(len(tr_idx), dtype=bool)
-    else:
-        is_noise = kept
-        notes.append("noise-mode attack: training samples that keep their true label are noise ('cross') samples, "
-                     "not poisoned; warped samples of the target class cannot be told apart and count as noise")
-    if tr_bd is not None and (tr_bd[~is_noise] != want[~is_noise]).any():
-        raise SuspectLoadError(f"{ATTACK_FILE}: bd_train labels do not follow the {mapping} rule of bd_test")
+    train = _training_poison(attack["bd_train"], run_dir, pair, root, shape, target, mapping, attack_name)
+    tr_idx, tr_bd, tr_orig, is_noise, tr_px, notes = train
     poison_idx, noise_idx = tr_idx[~is_noise], tr_idx[is_noise]
-    tr_px = None
-    if tr_entries and len(tr_idx):
-        try:
-            tr_px = _read_pngs(run_dir, [tr_entries[int(i)][0] for i in tr_idx], shape, "training")
-        except SuspectLoadError as err:
-            notes.append(f"the poisoned training set is not available: {err}")
 
     # the stored trigger
     clean_test = pair.test.pixels.numpy()[test_idx]
