@@ -168,3 +168,25 @@ def test_defenses_page_run_button_shows_the_result_card(server, browser, shots):
     page.get_by_role("button", name="Open the repaired model in the analysis pages").wait_for(timeout=120_000)
     page.screenshot(path=str(shots / "defenses.png"), full_page=False)
     page.close()
+
+
+def test_detection_page_scans_and_shows_the_verdict(server, browser, shots):
+    page = open_page(browser, f"{server}/detection?suspect=demo:badnets")
+    page.wait_for_selector("text=Detection: recover the trigger", timeout=120_000)
+    page.wait_for_selector("text=No scan of this suspect")
+    for label, value in (("Images (defense pool)", "50"), ("Steps per class", "10")):
+        box = page.locator(f"input[aria-label='{label}']")
+        box.fill(value)
+        box.press("Tab")  # commit the value to the form before it is submitted
+    page.get_by_role("button", name="Scan all classes").click()
+    page.wait_for_selector("text=Verdict", timeout=600_000)
+    settle(page)
+    body = page.inner_text("body")
+    assert "Traceback" not in body
+    assert "Anomaly index per class" in body or page.locator(".js-plotly-plot").count() >= 2
+    assert "Recovered masks and patterns" in body and "known trigger" in body
+    page.screenshot(path=str(shots / "detection.png"), full_page=False)
+    page.get_by_role("button", name="Adopt this trigger").click()
+    page.wait_for_selector("text=not known", timeout=120_000)
+    settle(page)
+    page.close()
