@@ -146,3 +146,14 @@ def test_views_accept_a_recovered_trigger(page, badnets, tiny_scan, monkeypatch,
     assert not at.exception, at.exception
     assert any("recovered" in w.value for w in at.warning), [w.value for w in at.warning]
     assert not any("No trigger is known" in i.value for i in at.info)
+
+
+def test_a_defense_runs_on_the_recovered_trigger(badnets, tiny_scan, tmp_path):
+    from defenses import run_defense
+
+    folder = save_recovered_suspect(badnets, tiny_scan[1], 0, tmp_path, parent="demo:badnets")
+    adopted = suspects.load(folder)
+    report = run_defense("linf_prune", adopted, "quick", pool_size=200, suspect_ref=str(folder))
+    # before/after ASR are measured with the recovered trigger, and l_inf pruning ranked channels with it
+    assert report["asr_before"] > 0.5 and report["asr"] < report["asr_before"], report
+    assert report.suspect.trigger.name == "recovered"
