@@ -26,10 +26,16 @@ def main() -> None:
     ap.add_argument("--defenses", default="")
     ap.add_argument("--suspects", default="badnets,blended,sig,wanet")
     ap.add_argument("--markdown", help="also write the table as Markdown to this file")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads (0 = torch's default); 1 is much faster on a busy shared CPU")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     import suspects
-    from defenses import list_defenses, run_defense
+    from defenses import get_defense, list_defenses, run_defense
     from suspects.device import describe_device, pick_device
 
     names = [d for d in (args.defenses.split(",") if args.defenses else list_defenses()) if d]
@@ -52,8 +58,10 @@ def main() -> None:
                 print(f"{d:12s} {s:9s} failed: {err}", flush=True)
                 continue
             rows.append((d, s, r["ba"], r["asr"], r["ra"], r["der"], r["seconds"]))
+            extra = {k: r["artifacts"].get(k) for k in get_defense(d).artifact_labels if k in r["artifacts"]}
             print(f"{d:12s} {s:9s} {r['ba']:6.3f} {r['asr']:6.3f} {r['ra']:6.3f} {r['der']:6.3f} "
-                  f"{time.time() - t:6.1f}", flush=True)
+                  f"{time.time() - t:6.1f}" + "".join(f" {k}={v:.3f}" for k, v in extra.items()
+                                                      if isinstance(v, float)), flush=True)
     if args.markdown:
         lines = ["| defense | suspect | BA | ASR | RA | DER | seconds |", "|---|---|---|---|---|---|---|"]
         for d, s, ba, asr, ra, der, sec in rows:
