@@ -243,7 +243,8 @@ def tradeoff_figure(table: pd.DataFrame, height: int = 420) -> go.Figure:
         fig.add_trace(go.Scatter(x=[table["asr_before"].median()], y=[table["ba_before"].median()], mode="markers",
                                  name="suspect (before)", marker=dict(symbol="star", size=16, color="#d62728"),
                                  hovertemplate="before any defense<br>BA %{y:.3f}<br>ASR %{x:.3f}<extra></extra>"))
-    fig.update_layout(height=height, margin=dict(t=30, b=10, l=10, r=10), legend_title_text="defense",
+    fig.update_layout(height=height, margin=dict(t=30, b=10, l=10, r=10), legend_title_text="",
+                      legend=dict(orientation="h", yanchor="top", y=-0.18, x=0),
                       xaxis_title=METRIC_LABELS["asr"] + " — lower is better" if has_asr else "seconds",
                       yaxis_title=METRIC_LABELS["ba"] + " — higher is better", title="BA vs. ASR")
     if has_asr:
@@ -252,9 +253,10 @@ def tradeoff_figure(table: pd.DataFrame, height: int = 420) -> go.Figure:
 
 
 def metric_bars_figure(table: pd.DataFrame, metrics: Sequence[str] = METRICS, height: int = 380) -> go.Figure:
-    """One panel per metric, one bar per run (coloured by defense); dashed: the suspect before the defense."""
+    """One panel per metric (titled BA, ASR, RA, DER: see ``METRIC_LABELS``), one bar per run (coloured by
+    defense); dashed: the suspect before the defense."""
     metrics = [m for m in metrics if table[m].notna().any()] or ["ba"]
-    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[METRIC_LABELS[m] for m in metrics],
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[m.upper() for m in metrics],
                         shared_yaxes=True, horizontal_spacing=0.03)
     colors = _defense_colors(table["defense"])
     labels = np.array([run_label(r) for _, r in table.iterrows()], dtype=object)

@@ -30,9 +30,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def runs_root(tmp_path_factory) -> Path:
+    """The run store the dashboard under test reads (tests may add runs to it directly)."""
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def server(runs_root):
     port = free_port()
-    env = dict(os.environ, BACKDOOR_LENS_DEVICE="cpu", BACKDOOR_LENS_RUNS=str(tmp_path_factory.mktemp("runs")))
+    env = dict(os.environ, BACKDOOR_LENS_DEVICE="cpu", BACKDOOR_LENS_RUNS=str(runs_root))
     cmd = [sys.executable, "-m", "backdoor_lens.cli", "serve", "demo:badnets", "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
@@ -189,4 +195,35 @@ def test_detection_page_scans_and_shows_the_verdict(server, browser, shots):
     page.get_by_role("button", name="Adopt this trigger").click()
     page.wait_for_selector("text=not known", timeout=120_000)
     settle(page)
+    page.close()
+
+
+def test_compare_page_shows_the_runs_table_and_charts(server, browser, shots, runs_root):
+    import torch
+
+    from defenses.jobs import create_run, execute
+    from defenses.runstore import RunStore
+
+    store = RunStore(runs_root)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the server shares the 2 cores
+    try:
+        for defense, overrides in (("linf_prune", {}), ("finetune", {"epochs": 2})):
+            run_id = create_run(store, defense, "demo:badnets", "quick", overrides, pool_size=300, pid=os.getpid())
+            assert execute(store, run_id) == "finished", store.get(run_id).error
+    finally:
+        torch.set_num_threads(threads)
+    page = open_page(browser, f"{server}/compare?suspect=demo:badnets")
+    page.wait_for_selector("text=Stored runs", timeout=120_000)
+    page.wait_for_selector("text=Trigger-attention share, triggered inputs", timeout=180_000)
+    settle(page)
+    body = page.inner_text("body")
+    assert "Traceback" not in body and "Before / after, side by side" in body
+    assert page.locator("[data-testid=stDataFrame]").count() == 1
+    assert page.locator(".js-plotly-plot").count() >= 2  # BA vs. ASR with its Pareto front, bars per metric
+    assert "Pareto front" in page.locator(".js-plotly-plot").first.inner_text()
+    assert page.get_by_role("button", name="HTML report").count() == 1
+    page.set_viewport_size({"width": 1500, "height": 2000})  # the app scrolls inside its own container
+    settle(page)
+    page.screenshot(path=str(shots / "compare.png"), full_page=True)
     page.close()

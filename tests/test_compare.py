@@ -149,8 +149,8 @@ def test_charts_show_the_front_and_the_suspect_before(fake_store):
     assert list(traces["suspect (before)"].x) == [1.0]
     bars = metric_bars_figure(table)
     titles = [a.text for a in bars.layout.annotations]
-    assert titles == ["BA (benign accuracy)", "ASR (attack success rate)", "RA (robust accuracy)",
-                      "DER (defense effectiveness rating)"]
+    assert titles == ["BA", "ASR", "RA", "DER"]
+    assert [round(s.y0, 3) for s in bars.layout.shapes] == [0.9, 1.0, 0.0]  # the suspect before (no DER)
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None and not os.environ.get("BROWSER_PATH"),
