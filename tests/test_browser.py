@@ -213,7 +213,8 @@ def test_compare_page_shows_the_runs_table_and_charts(server, browser, shots, ru
             assert execute(store, run_id) == "finished", store.get(run_id).error
     finally:
         torch.set_num_threads(threads)
-    page = open_page(browser, f"{server}/compare?suspect=demo:badnets")
+    page = browser.new_page(viewport={"width": 1500, "height": 1100}, accept_downloads=True)
+    page.goto(f"{server}/compare?suspect=demo:badnets")
     page.wait_for_selector("text=Stored runs", timeout=120_000)
     page.wait_for_selector("text=Trigger-attention share, triggered inputs", timeout=180_000)
     settle(page)
@@ -223,6 +224,10 @@ def test_compare_page_shows_the_runs_table_and_charts(server, browser, shots, ru
     assert page.locator(".js-plotly-plot").count() >= 2  # BA vs. ASR with its Pareto front, bars per metric
     assert "Pareto front" in page.locator(".js-plotly-plot").first.inner_text()
     assert page.get_by_role("button", name="HTML report").count() == 1
+    with page.expect_download(timeout=60_000) as download:
+        page.get_by_role("button", name="Table (CSV)").click()
+    csv = Path(download.value.path()).read_text()
+    assert csv.startswith("run_id,defense,preset,") and ",linf_prune,quick," in csv and ",finetune,quick," in csv
     page.set_viewport_size({"width": 1500, "height": 2000})  # the app scrolls inside its own container
     settle(page)
     page.screenshot(path=str(shots / "compare.png"), full_page=True)

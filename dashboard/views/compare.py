@@ -212,9 +212,10 @@ e[2].download_button("Charts (PNG, zip)", lambda: figures_zip(charts), file_name
                      disabled=not charts, help="the charts on this page rendered by a headless Chromium (kaleido); "
                      "each chart's camera button also saves it as PNG")
 picked = table.set_index("run_dir").loc[[r for r in chosen if r != ref], "run_id"].tolist()
-e[3].download_button("HTML report", lambda: html_report(ref, store=runs, runs=picked or None, n=n),
+report_n = min(n, 200)  # the report runs all four analyses on every model shown: cap its sample
+e[3].download_button("HTML report", lambda: html_report(ref, store=runs, runs=picked or None, n=report_n),
                      file_name=f"{stem}-report.html", mime="text/html", icon=":material/description:",
                      on_click="ignore", key="cmp_html",
                      help=f"one self-contained file (opens offline): every stored run of this suspect, the charts, "
-                          f"and the suspect side by side with the run(s) chosen above on {n} images; takes a while "
-                          "on a CPU")
+                          f"and the suspect side by side with the run(s) chosen above on {report_n} images; takes one to "
+                          "a few minutes on a CPU")
