@@ -4,6 +4,7 @@ poisoned indices, the full pipeline with a tiny budget (stored run, backbone reu
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,10 +236,20 @@ def test_mi_discriminator_detects_dependence():
 # --- pipelines, storage, cancellation -----------------------------------------------------------------------
 
 
-def test_dbd_pipeline_stores_its_backbone_and_reuses_it(tmp_path, badnets):
-    store = RunStore(tmp_path / "runs")
-    first = create_run(store, "dbd", "demo:badnets", "quick", TINY_DBD, pool_size=100)
-    assert execute(store, first) == "finished", store.get(first).error
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory):
+    """A run store with one finished DBD and one finished CBD run on the BadNets demo (tiny budgets)."""
+    store = RunStore(tmp_path_factory.mktemp("runs"))
+    ids = {}
+    for name, overrides in (("dbd", TINY_DBD), ("cbd", TINY_CBD)):
+        ids[name] = create_run(store, name, "demo:badnets", "quick", overrides, pool_size=100)
+        assert execute(store, ids[name]) == "finished", store.get(ids[name]).error
+    return store, ids
+
+
+def test_dbd_pipeline_stores_its_backbone_and_reuses_it(finished_runs):
+    store, ids = finished_runs
+    first = ids["dbd"]
     folder = store.root / first
     assert (folder / f"{BACKBONE_FILE}.safetensors").is_file()
     report = store.report(first)
@@ -267,14 +278,32 @@ def test_dbd_pipeline_stores_its_backbone_and_reuses_it(tmp_path, badnets):
         load_backbone(str(folder), model, ProjectionHead(model.linear.in_features), suspect_fingerprint(blended))
 
 
-def test_cbd_pipeline_tiny_budget(badnets):
-    report = run_defense("cbd", badnets, "quick", TINY_CBD, pool_size=100)
+def test_cbd_pipeline_tiny_budget(finished_runs):
+    store, ids = finished_runs
+    report = store.report(ids["cbd"])
     arts = report["artifacts"]
     assert arts["n_train"] == 300 and arts["disentangle"] is True
     series = arts["weight_histograms"]["series"]
     assert len(series) == 1 and sum(series[0]["clean"]) == pytest.approx(1.0)
     assert {"w_clean_mean", "w_poisoned_mean"} <= set(report["curves"]["weights"][0])
-    assert report["ba"] is not None and report.suspect.card["provenance"]["defense"] == "cbd"
+    assert report["ba"] is not None and report["files"] == []
+    card = suspects.load(str(store.root / ids["cbd"])).card
+    assert card["provenance"]["defense"] == "cbd"
+
+
+def test_defenses_page_draws_poisoned_vs_clean(finished_runs, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    store, _ = finished_runs
+    monkeypatch.setenv("BACKDOOR_LENS_RUNS", str(store.root))
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py"), default_timeout=240)
+    at.query_params["suspect"] = "demo:badnets"
+    at.run()
+    at.switch_page("views/defenses.py").run()
+    assert not at.exception, at.exception
+    titles = [s.value for s in at.subheader]
+    assert titles[-2:] == ["Decoupling-based Backdoor Defense (DBD)", "Causality-inspired Backdoor Defense (CBD)"]
+    assert sum("Poisoned vs. clean" in c.value for c in at.caption) == 2  # DBD's loss and CBD's weight histograms
 
 
 @pytest.mark.parametrize("name,overrides", [("dbd", TINY_DBD), ("cbd", TINY_CBD)])
