@@ -31,3 +31,13 @@ def runs_dir(tmp_path, monkeypatch):
     d = tmp_path / "runs"
     monkeypatch.setenv("BACKDOOR_LENS_RUNS", str(d))
     return d
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models: as fast alone, and far faster when other jobs share the two
+    cores (two spinning OpenMP threads slow each other down). Use with ``pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from streamlit.testing.v1 import AppTest
 
 import suspects
@@ -54,14 +53,7 @@ def _fake_report(defense: str, ba: float, asr: float) -> dict:
             "finished": "2026-11-22T10:00:00+00:00"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread here: on 2 shared cores, two OpenMP threads per process slow these small models down
-    several-fold when another process is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

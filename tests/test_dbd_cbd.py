@@ -51,13 +51,7 @@ TINY_DBD = {"subset": 300, "simclr_epochs": 1, "simclr_batch_size": 100, "warmup
 TINY_CBD = {"subset": 300, "epochs_b": 1, "epochs": 1, "batch_size": 100}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine, two spinning threads are several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
