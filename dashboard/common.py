@@ -7,7 +7,10 @@ import json
 import os
 import tempfile
 import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import streamlit as st
@@ -207,6 +210,42 @@ def trigger_notice(suspect: suspects.Suspect) -> None:
                f"{src.get('anomaly_index', '?')}. Triggered inputs on this page are stamped with the recovered "
                "mask and pattern" + (f"; the attacker's own trigger ({true.get('name')}) is not used." if true else "."),
                icon=":material/troubleshoot:")
+
+
+T = TypeVar("T")
+
+
+class _Memo:
+    """A small thread-safe LRU shared by every session of this server process."""
+
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        self.items: OrderedDict[Hashable, object] = OrderedDict()
+        self.lock = threading.Lock()
+
+
+@st.cache_resource
+def _memo(name: str, max_entries: int) -> _Memo:
+    return _Memo(max_entries)
+
+
+def memoized(name: str, key: Hashable, compute: Callable[[], T], max_entries: int = 16) -> T:
+    """``compute()`` once per ``key``, for long computations that draw a live :class:`StreamlitProgress`.
+
+    ``st.cache_data`` replays the elements a cached function draws and refuses to touch a bar created outside
+    it (``CacheReplayClosureError``), so results computed under a progress bar are kept here instead.
+    """
+    memo = _memo(name, max_entries)
+    with memo.lock:
+        if key in memo.items:
+            memo.items.move_to_end(key)
+            return memo.items[key]  # type: ignore[return-value]
+    value = compute()
+    with memo.lock:
+        memo.items[key] = value
+        while len(memo.items) > memo.max_entries:
+            memo.items.popitem(last=False)
+    return value
 
 
 class StreamlitProgress:

@@ -70,6 +70,10 @@ def test_features_page_pca_and_umap():
     assert metrics["Separation in full feature space"] > 0.5
     at.radio(key="emb_method").set_value("UMAP").run()
     assert not at.exception, at.exception
+    first = at.get("plotly_chart")[0].proto.spec
+    at.run()  # a rerun takes the stored UMAP (computed under a live progress bar) without recomputing
+    assert not at.exception, at.exception
+    assert at.get("plotly_chart")[0].proto.spec == first
 
 
 def test_shortcuts_page_and_no_skip_message():
@@ -80,6 +84,10 @@ def test_shortcuts_page_and_no_skip_message():
     assert "Critical block" in labels
     spec = at.get("plotly_chart")[0].proto.spec
     assert "(critical)" in spec
+    critical = at.metric[labels.index("Critical block")].value
+    at.run()  # the rerun is served from the stored ablation, drawn with the same bar, without an error
+    assert not at.exception, at.exception
+    assert at.metric[labels.index("Critical block")].value == critical
 
 
 def test_pages_without_a_trigger_explain_themselves():

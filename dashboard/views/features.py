@@ -8,7 +8,15 @@ import plotly.express as px
 import streamlit as st
 
 from analysis.features import feature_set, pca_2d, separation_score, umap_2d
-from dashboard.common import StreamlitProgress, load_suspect, sample_size, sidebar, to_display, trigger_notice
+from dashboard.common import (
+    StreamlitProgress,
+    load_suspect,
+    memoized,
+    sample_size,
+    sidebar,
+    to_display,
+    trigger_notice,
+)
 
 ref = sidebar()
 suspect, lock = load_suspect(ref)
@@ -30,9 +38,6 @@ def cached_features(ref: str, n: int, seed: int = 0):
         return feature_set(s, n_clean=n, n_triggered=n // 2 if s.trigger else 0, n_train=n // 2, seed=seed)
 
 
-@st.cache_data(show_spinner=False, max_entries=8)
-def cached_umap(ref: str, n: int, n_neighbors: int, _fs, _progress=None):
-    return umap_2d(_fs.features, n_neighbors=n_neighbors, progress=_progress)
 
 
 n = sample_size()
@@ -45,7 +50,8 @@ if method == "PCA":
     emb = pca_2d(fs.features)
 else:
     bar = StreamlitProgress("UMAP")
-    emb = cached_umap(ref, n, n_neighbors, fs, _progress=bar)
+    emb = memoized("umap", (ref, n, n_neighbors),
+                   lambda: umap_2d(fs.features, n_neighbors=n_neighbors, progress=bar), max_entries=8)
     bar.done()
 
 classes = suspect.classes

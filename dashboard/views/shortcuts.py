@@ -8,7 +8,7 @@ from plotly.subplots import make_subplots
 
 from analysis.samples import paired_sample
 from analysis.shortcuts import DEFAULT_GAMMAS, NoSkipConnectionsError, skip_ablation
-from dashboard.common import StreamlitProgress, load_suspect, sample_size, sidebar, trigger_notice
+from dashboard.common import StreamlitProgress, load_suspect, memoized, sample_size, sidebar, trigger_notice
 from suspects.models import list_residual_blocks
 
 ref = sidebar()
@@ -35,21 +35,21 @@ if trigger is None:
     st.stop()
 
 
-@st.cache_data(show_spinner=False, max_entries=16)
-def cached_ablation(ref: str, n: int, gammas: tuple[float, ...], _progress=None):
+def ablation(ref: str, n: int, gammas: tuple[float, ...], progress: StreamlitProgress):
     s, lk = load_suspect(ref)
     smp = paired_sample(s.test, s.trigger, n)
     clean_idx = paired_sample(s.test, None, n).index
     with lk:
         return skip_ablation(s.model, s.test.images(clean_idx), s.test.labels[clean_idx], smp.triggered,
-                             smp.attack_labels, gammas, progress=_progress)
+                             smp.attack_labels, gammas, progress=progress)
 
 
 n = sample_size()
 bar = StreamlitProgress(f"Ablating every block on {n} clean + {n} triggered images")
 try:
-    res = cached_ablation(ref, n, DEFAULT_GAMMAS, _progress=bar)
+    res = memoized("skip_ablation", (ref, n, DEFAULT_GAMMAS), lambda: ablation(ref, n, DEFAULT_GAMMAS, bar))
 except NoSkipConnectionsError as err:
+    bar.done()
     st.info(str(err))
     st.stop()
 bar.done()
