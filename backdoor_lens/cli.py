@@ -23,7 +23,8 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _parse_sets(items: list[str] | None) -> dict[str, Any]:
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """``name=value`` items (values parsed as JSON when they can be) into a dict."""
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
@@ -92,7 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.download:
         data["download"] = True
     attack = None if args.attack in ("none", "clean") else args.attack
-    attack_params = _parse_sets(args.attack_param)
+    attack_params = parse_sets(args.attack_param)
     cfg = TrainConfig(data=data, model=args.model, width=args.width, attack=attack, attack_params=attack_params,
                       target=args.target, mapping=args.mapping, poison_rate=args.poison_rate, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
@@ -145,10 +146,10 @@ def _load_suspect(args: argparse.Namespace):
     trigger = None
     if getattr(args, "attack", None):
         trigger = {"name": args.attack, "target": args.target, "mapping": args.mapping,
-                   "params": _parse_sets(args.attack_param)}
+                   "params": parse_sets(args.attack_param)}
     suspect = suspects.load(args.suspect, arch=args.arch, num_classes=args.num_classes, data=args.data,
                             input_shape=tuple(args.input_shape) if args.input_shape else None,
-                            arch_kwargs=_parse_sets(args.arch_arg) or None, trigger=trigger)
+                            arch_kwargs=parse_sets(args.arch_arg) or None, trigger=trigger)
     if trigger is not None and suspect.card.get("trigger") != trigger:
         from suspects.triggers import trigger_from_spec
 
@@ -168,7 +169,7 @@ def cmd_defend(args: argparse.Namespace) -> int:
     store = RunStore(args.runs)
     with device_lock(store, args.device, wait=True):
         # nonsense is refused here, before a run is recorded or anything runs
-        run_id = create_run(store, args.defense, args.suspect, args.preset, _parse_sets(args.set), args.pool_size,
+        run_id = create_run(store, args.defense, args.suspect, args.preset, parse_sets(args.set), args.pool_size,
                             args.seed, args.device, pid=os.getpid())
         bar = TqdmProgress(f"{args.defense}", disable=args.quiet or args.json)
         try:

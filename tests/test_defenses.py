@@ -96,3 +96,25 @@ def test_defense_pool_never_overlaps_test_and_is_never_poisoned(badnets):
     poisoned = set(badnets.poisoned_train().poison_idx.tolist())
     assert not poisoned & set(pool.tolist())
     assert badnets.card["data"] == {"name": "demo"}  # train and test are different splits of the bundle
+
+
+def test_odd_batches_train_on_the_cpu_without_crashing():
+    """torch's CPU channels-last backward of a strided 1x1 conv with < 16 input channels corrupts memory for odd
+    batch sizes (the 8 -> 16 shortcut of the width-8 demo models); prepare_model keeps that conv in the standard
+    format. Run in a child process so a crash fails this test instead of killing the session."""
+    import subprocess
+    import sys
+
+    code = ("import copy, torch, torch.nn.functional as F, suspects\n"
+            "from defenses import run_defense\n"
+            "from suspects.device import prepare_model, to_device\n"
+            "s = suspects.load('demo:badnets')\n"
+            "m = prepare_model(copy.deepcopy(s.model), 'cpu').train()\n"
+            "for n in (3, 7):\n"
+            "    F.cross_entropy(m(to_device(s.test.images(torch.arange(n)), 'cpu')), s.test.labels[:n]).backward()\n"
+            "for n in (3, 5):\n"
+            "    r = run_defense('finetune', s, 'quick', {'epochs': 2}, pool_size=n)\n"
+            "    assert r['pool_split']['train'] == n, r['pool_split']\n"
+            "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, (done.returncode, done.stderr[-2000:])
