@@ -81,8 +81,8 @@ class AWM(Defense):
                "the network stops reacting to it; works down to one clean image per class.")
     threat = ThreatModel(clean_pool=True, note="one image per class suffices in the one-shot setting")
     Params = AWMParams
-    presets = {"quick": {"outer": 20, "inner": 3}, "paper": {}, "one-shot": {"one_shot": True, "batch_size": 32, "alpha": 0.99,
-                                                             "outer": 8}}
+    presets = {"quick": {"outer": 20, "inner": 3}, "paper": {},
+               "one-shot": {"one_shot": True, "batch_size": 32, "alpha": 0.99, "outer": 8}}
 
     def repair(self, suspect, model, params, pool, device, progress, should_stop):
         x, y = pool["x"], pool["y"]

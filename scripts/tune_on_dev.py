@@ -29,9 +29,8 @@ def development_split(n: int, seed: int = 123):
 
     from suspects.data import DEMO_DATA, load_dataset
 
-    used = set(np.load(DEMO_DATA)["train_source_index"].tolist())
     full = load_dataset({"name": "fashion-mnist"})
-    free = np.array([i for i in range(len(full.train)) if i not in used])
+    free = np.setdiff1d(np.arange(len(full.train)), np.load(DEMO_DATA)["train_source_index"])
     pick = np.random.default_rng(seed).choice(free, n, replace=False)
     return full.train.subset(torch.as_tensor(pick), "development")
 

@@ -59,9 +59,8 @@ def prepare_model(model: torch.nn.Module, device: torch.device | str) -> torch.n
         for conv in model.modules():
             if _cpu_channels_last_unsafe(conv):
                 conv.to(memory_format=torch.contiguous_format)
-                if not getattr(conv, "_standard_format_hook", False):
+                if _standard_format_input not in conv._forward_pre_hooks.values():
                     conv.register_forward_pre_hook(_standard_format_input)
-                    conv._standard_format_hook = True
     return model
 
 

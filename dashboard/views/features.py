@@ -38,8 +38,6 @@ def cached_features(ref: str, n: int, seed: int = 0):
         return feature_set(s, n_clean=n, n_triggered=n // 2 if s.trigger else 0, n_train=n // 2, seed=seed)
 
 
-
-
 n = sample_size()
 fs = cached_features(ref, n)
 c1, c2 = st.columns([1, 3])
