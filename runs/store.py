@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from suspects.atomic import atomic_folder, save_safetensors, write_json, write_text
-from suspects.store import Suspect, save
+from suspects.store import Suspect, write_suspect_files
 
-__all__ = ["RunStore", "RunRecord", "runs_root", "default_root", "STATUSES", "ACTIVE", "ACTIVE_ROOT", "run_file",
-           "DEFAULT_FOLDER", "ENV_VAR", "INDEX_FILE"]
+__all__ = ["RunStore", "RunRecord", "runs_root", "STATUSES", "ACTIVE", "ACTIVE_ROOT", "run_file", "DEFAULT_FOLDER",
+           "ENV_VAR", "INDEX_FILE"]
 
 STATUSES = ("queued", "running", "finished", "failed", "cancelled", "interrupted")
 ACTIVE = ("queued", "running")
@@ -96,11 +96,6 @@ def runs_root(override: str | os.PathLike | None = None) -> Path:
                   "keep it where it is.", file=sys.stderr)
         return legacy
     return new
-
-
-def default_root() -> Path:
-    """Alias of :func:`runs_root` with no override (kept for existing callers)."""
-    return runs_root()
 
 
 # The store a run is executing under (set by runs.jobs.execute), so a defense can find an earlier run by id.
@@ -251,10 +246,7 @@ class RunStore:
                 raise ValueError(f"invalid run file name {name!r} (lower-case letters, digits, '_' and '-')")
         final = self.root / run_id
         with atomic_folder(final, partial=self._partial(run_id)) as partial:
-            save(suspect, partial / "suspect", overwrite=True)
-            for f in (partial / "suspect").iterdir():
-                os.replace(f, partial / f.name)  # a move within the unfinished folder
-            (partial / "suspect").rmdir()
+            write_suspect_files(suspect, partial)
             for name, art in files.items():
                 save_safetensors(partial / f"{name}.safetensors", art.tensors, art.metadata)
             report = {**report, "run_id": run_id, "run_dir": str(final)}
