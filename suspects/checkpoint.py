@@ -66,6 +66,9 @@ class CheckpointError(SuspectLoadError):
         self.kind = kind
         self.refused_global = refused_global
 
+    def __reduce__(self):  # picklable (a worker process may hand it back), with every field
+        return (type(self), (self.file, self.kind, str(self), self.details, self.refused_global))
+
 
 # --- the allow-list -----------------------------------------------------------------------------------------
 

@@ -95,6 +95,8 @@ def test_a_malicious_pickle_is_refused_in_one_line_and_never_runs(files):
             suspects.load(files / name, **ARCH)
         e = err.value
         assert e.kind == "refused" and e.refused_global in ("posix.system", "os.system", "nt.system")
+        again = pickle.loads(pickle.dumps(e))  # survives a trip back from a worker process
+        assert (again.summary, again.details, again.kind, again.file) == (e.summary, e.details, e.kind, e.file)
         assert e.summary == f"refused to load {files / name}: it asks to run code ({e.refused_global})"
         assert "\n" not in str(e)
         for text in (str(e), e.details):
