@@ -8,18 +8,17 @@ threshold (2 by default) on the small side. Only clean defense-pool images are u
 
 Deviation from the paper: a fixed lambda (no adaptive schedule) and a fixed number of Adam steps per class, so a
 scan of 10 classes fits in minutes on a CPU.
+
+This module is the algorithm only; storing scans once per (weights, data, budget) and saving a suspect that adopts
+a recovered trigger live in :mod:`runs.scans`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,8 +29,7 @@ from torch import nn
 from suspects.device import to_device
 
 __all__ = ["ReverseResult", "ScanConfig", "reverse_engineer_class", "neural_cleanse", "anomaly_indices",
-           "scan_suspect", "load_scan", "model_fingerprint", "trigger_overlap", "recovered_trigger_spec",
-           "scan_images", "save_recovered_suspect", "stored_scan"]
+           "scan_suspect", "model_fingerprint", "trigger_overlap", "recovered_trigger_spec", "scan_images"]
 
 
 @dataclass
@@ -133,7 +131,7 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, num_classes: int, steps: i
                          seconds=time.time() - t0)
 
 
-# --- scanning a suspect, with results stored once per (model, data, budget) ----------------------------------
+# --- scanning a suspect --------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -178,67 +176,18 @@ def scan_images(suspect, config: ScanConfig) -> torch.Tensor:
     return pool.images(idx)
 
 
-def _cache_file(cache_root: Path, suspect, model: nn.Module, config: ScanConfig) -> Path:
-    key = json.dumps({"config": asdict(config), "data": suspect.card.get("data"),
-                      "split": suspect.card.get("split")}, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return Path(cache_root) / "detections" / model_fingerprint(model)[:24] / f"neural_cleanse-{digest}"
-
-
-def _save_scan(base: Path, result: ReverseResult) -> None:
-    base.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=base.parent, prefix=f".{base.name}.", suffix=".npz")
-    os.close(fd)
-    np.savez_compressed(tmp, masks=result.masks, patterns=result.patterns, l1=result.l1, success=result.success)
-    os.replace(tmp, base.with_suffix(".npz"))
-    fd, tmp = tempfile.mkstemp(dir=base.parent, prefix=f".{base.name}.", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(result.to_dict(), fh)
-    os.replace(tmp, base.with_suffix(".json"))  # written last: a scan is complete only when its JSON exists
-
-
-def load_scan(base: Path) -> ReverseResult | None:
-    """A stored scan, or None when it is missing or unreadable (then it is simply computed again)."""
-    try:
-        meta = json.loads(base.with_suffix(".json").read_text())
-        with np.load(base.with_suffix(".npz"), allow_pickle=False) as arr:
-            masks, patterns, l1, success = arr["masks"], arr["patterns"], arr["l1"], arr["success"]
-    except (OSError, ValueError, KeyError):
-        return None
-    anomaly = anomaly_indices(l1)
-    threshold = float(meta.get("threshold", 2.0))
-    flagged = [int(i) for i in np.nonzero(anomaly > threshold)[0]]
-    return ReverseResult(masks, patterns, l1, success, anomaly, flagged, threshold,
-                         seconds=float(meta.get("seconds", 0.0)), config=dict(meta.get("config") or {}))
-
-
-def stored_scan(suspect, config: ScanConfig, cache_root: str | os.PathLike) -> ReverseResult | None:
-    """The stored scan of this suspect's weights, data and budget, or None when it was never run."""
-    return load_scan(_cache_file(Path(cache_root), suspect, suspect.model, config))
-
-
-def scan_suspect(suspect, config: ScanConfig | None = None, cache_root: str | os.PathLike | None = None,
+def scan_suspect(suspect, config: ScanConfig | None = None,
                  progress: Callable[[float, str, dict], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None, recompute: bool = False) -> ReverseResult:
-    """Neural Cleanse over every class of ``suspect`` on its defense pool.
-
-    With ``cache_root`` the result is stored under ``<cache_root>/detections/<model fingerprint>/`` and reused by
-    any later scan of the same weights, data and budget, so it is computed once.
-    """
+                 should_stop: Callable[[], bool] | None = None) -> ReverseResult:
+    """Neural Cleanse over every class of ``suspect`` on its defense pool (computed every time; a stored scan,
+    reused across runs, is :func:`runs.scans.scan_suspect`)."""
     config = config or ScanConfig()
     config.check()
     model = suspect.model
-    base = _cache_file(Path(cache_root), suspect, model, config) if cache_root is not None else None
-    if base is not None and not recompute:
-        found = load_scan(base)
-        if found is not None:
-            return found
     x = scan_images(suspect, config)
     result = neural_cleanse(model, x, suspect.num_classes, steps=config.steps, lr=config.lr, lam=config.lam,
                             threshold=config.threshold, progress=progress, should_stop=should_stop)
     result.config = {**asdict(config), "images": int(len(x)), "source": "defense pool"}
-    if base is not None:
-        _save_scan(base, result)
     return result
 
 
@@ -261,15 +210,3 @@ def recovered_trigger_spec(result: ReverseResult, target: int) -> dict[str, Any]
                        "source": {"method": "neural_cleanse", "anomaly_index": round(float(result.anomaly[target]), 3),
                                   "flagged": target in result.flagged, "mask_l1": round(float(result.l1[target]), 3),
                                   "config": result.config}}}
-
-
-def save_recovered_suspect(suspect, result: ReverseResult, target: int, root: str | os.PathLike,
-                           parent: str | None = None) -> Path:
-    """Save a copy of ``suspect`` that uses the recovered trigger of class ``target`` under ``<root>/recovered/``;
-    the dashboard's suspect picker lists it, and every view and defense then uses that trigger."""
-    from suspects.store import adopt_trigger, save
-
-    adopted = adopt_trigger(suspect, recovered_trigger_spec(result, target), parent=parent)
-    slug = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in (parent or suspect.name).removeprefix("demo:"))
-    folder = Path(root) / "recovered" / f"{slug}-class{int(target)}-{model_fingerprint(suspect.model)[:8]}"
-    return save(adopted, folder, overwrite=True)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -18,18 +15,15 @@ import torch
 
 import suspects
 from analysis.gradcam import cam_overlay
-from defenses.runstore import RunStore
-from suspects.data import list_sources
+from runs import uploads
+from runs.store import RunStore, runs_root
+from suspects.data import DatasetNotFoundError, list_sources
 from suspects.device import describe_device, pick_device, prepare_model
 from suspects.models import list_models
 from suspects.store import DEMO_SUSPECTS, SuspectLoadError, list_demo_suspects
 
 DEFAULT_SUSPECT = "demo:badnets"
-UPLOAD_LIMIT_MB = 200
-
-
-def runs_root() -> Path:
-    return Path(os.environ.get("BACKDOOR_LENS_RUNS", "runs")).expanduser().resolve()
+UPLOAD_LIMIT_MB = uploads.UPLOAD_LIMIT_MB
 
 
 @st.cache_resource
@@ -48,12 +42,9 @@ def stored_suspects() -> list[str]:
     """Repaired models of finished runs (complete on disk), then recovered, uploaded and imported (BackdoorBench)
     suspects; newest first."""
     root = runs_root()
-    if not root.is_dir():
-        return []
-    finished = store().finished_suspects() if (root / "index.sqlite").exists() else []
-    extra = sorted((p.parent for sub in ("recovered", "uploads", "imports") for p in (root / sub).glob("*/suspect.json")),
-                   key=lambda p: p.stat().st_mtime, reverse=True)
-    return finished + [str(p) for p in extra]
+    if not (root / "index.sqlite").exists():
+        return uploads.stored_suspects(root)
+    return uploads.stored_suspects(root, store())
 
 
 def suspect_choices() -> list[str]:
@@ -69,12 +60,7 @@ def label_of(ref: str) -> str:
         rel = p.relative_to(runs_root())
     except ValueError:
         return str(p)
-    card = p / "suspect.json"
-    try:
-        name = json.loads(card.read_text()).get("name", rel.name)
-    except (OSError, json.JSONDecodeError):
-        name = rel.name
-    return f"{name} · {rel} (run store)"
+    return f"{uploads.card_name(p, rel.name)} · {rel} (run store)"
 
 
 @st.cache_resource(show_spinner="Loading suspect ...", max_entries=8)
@@ -104,6 +90,15 @@ def _on_pick() -> None:
     st.session_state["suspect"] = st.session_state["suspect_picker"]
 
 
+def load_error(err: Exception) -> None:
+    """A loading error as one line, with the underlying details in an expander when there are any."""
+    st.error(getattr(err, "summary", None) or str(err))
+    details = getattr(err, "details", "")
+    if details:
+        with st.expander("Details"):
+            st.code(details, language=None)
+
+
 def _upload_form() -> None:
     with st.expander("Upload a checkpoint"):
         st.caption(f"A state dict (.safetensors, .pt, .pth; at most {UPLOAD_LIMIT_MB} MB). Nothing in it is executed: "
@@ -117,26 +112,15 @@ def _upload_form() -> None:
             if file.size > UPLOAD_LIMIT_MB * 1024**2:
                 st.error(f"{file.name} is larger than {UPLOAD_LIMIT_MB} MB")
                 return
-            raw = file.getvalue()
-            digest = hashlib.sha256(raw).hexdigest()[:12]
             try:
-                pair = suspects.load_dataset(data)
-            except Exception as err:  # noqa: BLE001 - shown to the user
-                st.error(f"data source {data!r}: {err}")
+                folder, _ = uploads.save_upload(file.getvalue(), file.name, arch, data,
+                                                arch_kwargs={"width": int(width)}, root=runs_root())
+            except DatasetNotFoundError as err:
+                st.error(str(err))
                 return
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / f"upload{Path(file.name).suffix}"
-                path.write_bytes(raw)
-                try:
-                    suspect = suspects.load(path, arch=arch, classes=pair.classes, input_shape=pair.input_shape,
-                                            data={"name": data}, arch_kwargs={"width": int(width)},
-                                            name=Path(file.name).stem)
-                except SuspectLoadError as err:
-                    st.error(str(err))
-                    return
-            suspect.card["provenance"] = {"source": "upload", "file": file.name, "sha256_prefix": digest}
-            folder = runs_root() / "uploads" / f"{Path(file.name).stem}-{digest}"
-            suspects.save(suspect, folder, overwrite=True)
+            except SuspectLoadError as err:
+                load_error(err)
+                return
             st.session_state["suspect"] = str(folder)
             st.rerun()
 
@@ -191,7 +175,7 @@ def reference_models(ref: str, suspect: suspects.Suspect) -> list[str]:
         oref = f"demo:{other}"
         if oref == ref:
             continue
-        card = json.loads((DEMO_SUSPECTS / other / "suspect.json").read_text())
+        card = uploads.read_card(DEMO_SUSPECTS / other) or {}
         if not card.get("trigger") and card.get("data") == suspect.card.get("data") \
                 and list(card.get("input_shape", [])) == list(suspect.input_shape):
             out.append(oref)

@@ -34,7 +34,7 @@ def _warm_up(port: int, timeout: float = 60.0) -> None:
             time.sleep(0.05)
     import pandas  # noqa: F401
 
-    import dashboard.common  # noqa: F401  (torch, suspects, defenses.runstore, streamlit)
+    import dashboard.common  # noqa: F401  (torch, suspects, runs.store, streamlit)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Defenses behind one interface, the job runner and the run store.
+"""Defenses behind one interface, and the runner that measures them (the run store and job queue are in ``runs``).
 
 >>> from defenses import list_defenses, run_defense
 >>> report = run_defense("finetune", suspects.load("demo:badnets"), preset="quick")

@@ -73,7 +73,6 @@ from .retrain import (
     split_quality,
     suspect_fingerprint,
 )
-from .runstore import run_file
 
 __all__ = ["DBD", "DBDParams", "simclr_augment", "nt_xent", "sce_loss", "ProjectionHead", "simclr_train",
            "warmup_train", "sce_split", "mixmatch_epoch", "lambda_u_at", "BACKBONE_FILE"]
@@ -460,6 +459,9 @@ def load_backbone(ref: str, model: nn.Module, proj: ProjectionHead, fingerprint:
     """Load a stored stage-1 backbone into ``model`` and ``proj``; returns the file's metadata."""
     from safetensors import safe_open
     from safetensors.torch import load_file
+
+    # TODO(issue 11): the repair context replaces this look-up in the run store (defenses must not import runs)
+    from runs.store import run_file
 
     try:
         path = run_file(ref, f"{BACKBONE_FILE}.safetensors")

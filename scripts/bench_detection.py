@@ -25,8 +25,9 @@ import numpy as np  # noqa: E402
 import suspects  # noqa: E402
 from analysis.activations import activation_stats  # noqa: E402
 from analysis.gradcam import compare_gradcam  # noqa: E402
-from analysis.reverse import ScanConfig, recovered_trigger_spec, scan_suspect, trigger_overlap  # noqa: E402
+from analysis.reverse import ScanConfig, recovered_trigger_spec, trigger_overlap  # noqa: E402
 from analysis.samples import paired_sample  # noqa: E402
+from runs.scans import scan_suspect  # noqa: E402
 from suspects.store import adopt_trigger  # noqa: E402
 
 

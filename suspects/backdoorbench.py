@@ -15,8 +15,10 @@ Opening a run (``suspects.load(RUN_DIR, data=DATA_ROOT)`` or :func:`import_run`)
 - poisoned training indices come from ``bd_train``; WaNet-style noise ("cross") samples, which keep their true
   label, are kept apart and not counted as poisoned.
 
-Files are read with ``torch.load(weights_only=True)`` and an allow-list of the numpy types they contain
-(``numpy.core.*`` names of files written with numpy 1.x included); anything else is refused unexecuted.
+Files are read by :func:`suspects.checkpoint.load_checkpoint`: ``torch.load(weights_only=True)`` and an allow-list
+of the numpy types they contain (``numpy.core.*`` names of files written with numpy 1.x included); anything else
+is refused unexecuted. ``suspects.load`` reaches this module through :func:`load_hook`, registered by name in
+:mod:`suspects.store` and imported the first time a suspect is loaded.
 """
 
 from __future__ import annotations
@@ -24,8 +26,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import pickle
-import tempfile
 from collections import OrderedDict
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -34,18 +34,11 @@ import numpy as np
 import torch
 
 from . import tv_resnet  # noqa: F401  (registers resnet18_torchvision)
+from .atomic import replacing
+from .checkpoint import CheckpointError, load_checkpoint
 from .data import DatasetNotFoundError, DatasetPair, load_dataset
 from .models import create_model, get_skip_gammas
-from .store import (
-    CARD_FILE,
-    MAX_CHECKPOINT_BYTES,
-    Suspect,
-    SuspectLoadError,
-    _load_folder,
-    _safe_globals,
-    load_weights,
-    register_loader,
-)
+from .store import CARD_FILE, Suspect, SuspectLoadError, _load_folder, load_weights
 from .stored_trigger import (
     KIND_TEST,
     KIND_TRAIN_NOISE,
@@ -59,8 +52,7 @@ from .stored_trigger import (
 )
 from .triggers import PoisonPlan
 
-__all__ = ["import_run", "export_backdoorbench", "export_notes", "find_run", "safe_torch_load", "MODEL_NAMES",
-           "DATASETS"]
+__all__ = ["import_run", "export_backdoorbench", "export_notes", "find_run", "load_hook", "MODEL_NAMES", "DATASETS"]
 
 ATTACK_FILE = "attack_result.pt"
 DEFENSE_FILE = "defense_result.pt"
@@ -80,28 +72,17 @@ NOISE_ATTACKS = {"wanet", "inputaware", "input_aware"}
 # --- reading files safely --------------------------------------------------------------------------
 
 
-def safe_torch_load(path: str | os.PathLike) -> Any:
-    """``torch.load(weights_only=True)`` with the numpy allow-list; refusals become :class:`SuspectLoadError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise SuspectLoadError(f"{path} does not exist")
-    if path.stat().st_size > MAX_CHECKPOINT_BYTES:
-        raise SuspectLoadError(f"{path} is larger than {MAX_CHECKPOINT_BYTES // 1024**2} MB")
+def _read(path: Path) -> Any:
+    """:func:`~suspects.checkpoint.load_checkpoint`, with a hint for runs that pickle their images as PIL objects."""
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        text = str(err)
-        wanted = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), text.splitlines()[0])
-        if "PIL." in text:
-            raise SuspectLoadError(
-                f"{path} keeps its poisoned images inside the file as pickled PIL images; only runs whose "
-                f"images are PNG files (BackdoorBench's default) can be opened. ({wanted})") from err
-        raise SuspectLoadError(
-            f"refused to load {path}: it asks to import or run something that is not on the allow-list of "
-            f"tensors, numpy arrays and plain containers, so it was not executed. ({wanted})") from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise SuspectLoadError(f"{path} is not a readable PyTorch file: {err}") from err
+        return load_checkpoint(path)
+    except CheckpointError as err:
+        if err.kind == "refused" and (err.refused_global or "").startswith("PIL."):
+            raise CheckpointError(
+                err.file, "refused", f"{path} keeps its poisoned images inside the file as pickled PIL images; only "
+                f"runs whose images are PNG files (BackdoorBench's default) can be opened ({err.refused_global})",
+                err.details, err.refused_global) from None
+        raise
 
 
 # --- locating a run ------------------------------------------------------------------------------------
@@ -325,7 +306,7 @@ def _training_poison(state: Any, run_dir: Path, pair: DatasetPair, root: Path, s
         if len(tr_idx) and not tr_entries:
             notes.append("bd_train has no data_dict: poisoned training indices only, no labels or images")
     elif (run_dir / "train_poison_index_list.pickle").is_file():
-        ind = np.asarray(safe_torch_load(run_dir / "train_poison_index_list.pickle")).reshape(-1)
+        ind = np.asarray(_read(run_dir / "train_poison_index_list.pickle")).reshape(-1)
         if len(ind) != len(pair.train):
             raise SuspectLoadError(f"train_poison_index_list.pickle has {len(ind)} entries but the training split "
                                    f"has {len(pair.train)} images: is the data root the run's dataset?")
@@ -372,7 +353,7 @@ def import_run(path: str | os.PathLike, data_root: str | os.PathLike | None = No
         raise SuspectLoadError(f"{path} is not a BackdoorBench run folder (no {ATTACK_FILE}) nor a defense "
                                f"folder (no {DEFENSE_FILE})")
     run_dir, defense_dir = found
-    attack = safe_torch_load(run_dir / ATTACK_FILE)
+    attack = _read(run_dir / ATTACK_FILE)
     if not isinstance(attack, dict):
         raise SuspectLoadError(f"{run_dir / ATTACK_FILE} holds a {type(attack).__name__}, not BackdoorBench's dict")
     lacking = [k for k in ATTACK_KEYS if k not in attack]
@@ -381,7 +362,7 @@ def import_run(path: str | os.PathLike, data_root: str | os.PathLike | None = No
     info: dict[str, Any] = {}
     if (run_dir / "info.pickle").is_file():
         try:
-            loaded = safe_torch_load(run_dir / "info.pickle")
+            loaded = _read(run_dir / "info.pickle")
         except SuspectLoadError as err:
             raise SuspectLoadError(f"{err} info.pickle only holds the attack's settings: move it out of the run "
                                    f"folder to import the run without them") from err
@@ -410,7 +391,7 @@ def import_run(path: str | os.PathLike, data_root: str | os.PathLike | None = No
     model_name, num_classes, raw_sd = attack["model_name"], attack["num_classes"], attack["model"]
     if defense_dir is not None:
         weights_file = defense_dir / DEFENSE_FILE
-        result = safe_torch_load(weights_file)
+        result = _read(weights_file)
         if not isinstance(result, dict) or not {"model_name", "num_classes", "model"} <= set(result):
             raise SuspectLoadError(f"{weights_file} is not a BackdoorBench defense result "
                                    f"(needs model_name, num_classes, model)")
@@ -535,7 +516,7 @@ def _load_stored_folder(folder: Path) -> Suspect:
     return suspect
 
 
-def _loader(path: Path, data: Any = None, arch: str | None = None, **_: Any) -> Suspect | None:
+def load_hook(path: Path, data: Any = None, arch: str | None = None, **_: Any) -> Suspect | None:
     """``suspects.load`` hook: BackdoorBench runs / defense results, and saved suspects with a stored trigger.
 
     A ``defense_result.pt`` outside its run opens as a bare state dict when ``arch`` is named.
@@ -554,8 +535,6 @@ def _loader(path: Path, data: Any = None, arch: str | None = None, **_: Any) -> 
         raise
     return None if found is None else import_run(path, data_root=_data_root_from(data))
 
-
-register_loader(_loader)
 
 
 # --- export ------------------------------------------------------------------------------------------------
@@ -622,12 +601,6 @@ def export_backdoorbench(suspect: Suspect, out: str | os.PathLike, method: str |
         folder = folder / "defense" / method
     folder.mkdir(parents=True, exist_ok=True)
     obj = {"model_name": bb_name, "num_classes": suspect.num_classes, "model": _export_state_dict(suspect, bb_name)}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{DEFENSE_FILE}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with replacing(folder / DEFENSE_FILE) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, folder / DEFENSE_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return folder / DEFENSE_FILE

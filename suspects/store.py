@@ -2,21 +2,19 @@
 
 A suspect folder holds ``model.safetensors`` and ``suspect.json`` (the card) and, for suspects trained
 here, ``poisoned_indices.json``. :func:`load` also takes a bare state dict (``.safetensors``, ``.pt``,
-``.pth``) with the architecture named. Loading never executes code from a file: safetensors, or
-``torch.load(weights_only=True)`` with an allow-list of numpy types (the kind BackdoorBench files hold).
-Other formats plug in through :func:`register_loader`.
+``.pth``) with the architecture named. Loading never executes code from a file (see :mod:`suspects.checkpoint`:
+safetensors, or ``torch.load(weights_only=True)`` with an allow-list of numpy types). Other formats plug in
+through :func:`register_loader`; BackdoorBench's is registered by name and imported on first use.
 """
 
 from __future__ import annotations
 
 import copy
 import datetime as _dt
+import importlib
 import json
 import os
-import pickle
 import platform
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -26,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import atomic_folder, save_safetensors, write_json, write_text
+from .checkpoint import MAX_CHECKPOINT_BYTES, CheckpointError, SuspectLoadError, load_state_dict_file
 from .data import DatasetPair, ImageSet, defense_pool_split, load_dataset
 from .models import create_model, get_skip_gammas, set_skip_gamma
 from .poison import PoisonedDataset
@@ -34,9 +34,12 @@ from .triggers import PoisonPlan, Trigger, trigger_from_spec
 __all__ = [
     "Suspect",
     "SuspectLoadError",
+    "CheckpointError",
     "load",
     "save",
+    "write_suspect_files",
     "load_state_dict_file",
+    "MAX_CHECKPOINT_BYTES",
     "register_loader",
     "library_versions",
     "adopt_trigger",
@@ -49,12 +52,6 @@ CARD_FILE = "suspect.json"
 MODEL_FILE = "model.safetensors"
 POISON_FILE = "poisoned_indices.json"
 DEMO_SUSPECTS = Path(__file__).resolve().parent.parent / "assets" / "demo" / "suspects"
-MAX_CHECKPOINT_BYTES = 2 * 1024**3
-
-
-class SuspectLoadError(ValueError):
-    """A checkpoint or suspect folder could not be loaded; the message says why."""
-
 
 def library_versions() -> dict[str, str]:
     import numpy
@@ -173,56 +170,7 @@ def adopt_trigger(suspect: Suspect, spec: dict[str, Any], parent: str | None = N
 # --- checkpoint readers ------------------------------------------------------------------------------
 
 
-def _safe_globals() -> list:
-    import numpy as np
-
-    allowed: list = [np.ndarray, np.dtype]
-    try:
-        from numpy.core.multiarray import _reconstruct, scalar  # type: ignore[attr-defined]
-    except ImportError:  # pragma: no cover
-        from numpy._core.multiarray import _reconstruct, scalar  # type: ignore[attr-defined]
-    allowed += [_reconstruct, scalar]
-    # files written with numpy 1.x (most BackdoorBench runs) name these numpy.core.multiarray.*
-    allowed += [(_reconstruct, "numpy.core.multiarray._reconstruct"), (scalar, "numpy.core.multiarray.scalar")]
-    for name in dir(np.dtypes):
-        obj = getattr(np.dtypes, name)
-        if isinstance(obj, type) and issubclass(obj, np.dtype):
-            allowed.append(obj)
-    return allowed
-
-
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint without executing code from it. Returns whatever dict the file holds."""
-    path = Path(path)
-    if not path.is_file():
-        raise SuspectLoadError(f"checkpoint {path} does not exist")
-    if path.stat().st_size > MAX_CHECKPOINT_BYTES:
-        raise SuspectLoadError(f"checkpoint {path} is larger than {MAX_CHECKPOINT_BYTES // 1024**2} MB")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise SuspectLoadError(f"{path} is not a valid safetensors file: {err}") from err
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise SuspectLoadError(
-            f"refused to load {path}: it asks to run or import code that is not on the allow-list of plain "
-            f"tensors and numpy arrays, so it was not executed. Re-save the model's state_dict() with "
-            f"safetensors or torch.save(model.state_dict()). Details: {str(err).splitlines()[0]}"
-        ) from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise SuspectLoadError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
-    if not isinstance(obj, dict):
-        raise SuspectLoadError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    return obj
-
-
-def _unwrap_state_dict(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _unwrap_state_dict(obj: dict[str, Any], name: str = "the checkpoint") -> dict[str, torch.Tensor]:
     for key in ("state_dict", "model", "model_state_dict", "net"):
         inner = obj.get(key)
         if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
@@ -230,12 +178,13 @@ def _unwrap_state_dict(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
             break
     sd = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not sd:
-        raise SuspectLoadError("the checkpoint holds no tensors (expected a model state dict)")
+        raise CheckpointError(name, "not-a-state-dict", f"{name} holds no tensors (expected a model state dict)")
     return sd
 
 
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Load strictly; a mismatch names the missing, unexpected and mis-shaped keys."""
+    """Load strictly; a mismatch (:class:`CheckpointError`, kind ``mismatch``) names the class counts and the
+    missing, unexpected and mis-shaped keys. ``source`` names the file in the message."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -256,60 +205,39 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
             parts.append("unexpected keys: " + ", ".join(unexpected[:8])
                          + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
         arch = getattr(model, "arch_name", type(model).__name__)
-        raise SuspectLoadError(f"{source} does not fit architecture {arch}: " + "; ".join(parts))
+        raise CheckpointError(source, "mismatch", f"{source}: wrong architecture / class count for {arch}: "
+                              + "; ".join(parts))
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)
 
 
 # --- saving --------------------------------------------------------------------------------------------
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def write_suspect_files(suspect: Suspect, folder: str | os.PathLike) -> dict[str, Any]:
+    """Write a suspect's files (weights, card, poisoned indices, trigger data) into an existing ``folder``, which the
+    caller makes appear atomically (:func:`save`, the run store); returns the card as written."""
+    folder = Path(folder)
+    card = dict(suspect.card)
+    card["skip_gammas"] = get_skip_gammas(suspect.model, non_default_only=True)
+    card.setdefault("versions", library_versions())
+    card.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    save_safetensors(folder / MODEL_FILE, suspect.model.state_dict(), {"arch": str(card.get("arch", ""))})
+    if suspect._plan is not None:
+        write_json(folder / POISON_FILE, {"poison_idx": suspect._plan.poison_idx.tolist(),
+                                          "noise_idx": suspect._plan.noise_idx.tolist()})
+        card.setdefault("poison", {})["indices_file"] = POISON_FILE
+    write_files = getattr(suspect._trigger_override, "write_files", None)
+    if callable(write_files):  # a trigger with data files (stored poisoned images) keeps them beside the card
+        write_files(folder)
+    write_text(folder / CARD_FILE, json.dumps(card, indent=2, sort_keys=False))
+    return card
 
 
 def save(suspect: Suspect, folder: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write a suspect folder atomically: everything goes to a temporary sibling folder that is renamed at the end."""
-    from safetensors.torch import save_file
-
+    """Write a suspect folder atomically: it appears (or replaces the old one) only once complete."""
     folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise FileExistsError(f"{folder} exists (pass overwrite=True to replace it)")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".partial"))
-    try:
-        card = dict(suspect.card)
-        card["skip_gammas"] = get_skip_gammas(suspect.model, non_default_only=True)
-        card.setdefault("versions", library_versions())
-        card.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-        sd = {k: v.detach().cpu().contiguous() for k, v in suspect.model.state_dict().items()}
-        save_file(sd, str(tmp / MODEL_FILE), metadata={"arch": str(card.get("arch", ""))})
-        if suspect._plan is not None:
-            (tmp / POISON_FILE).write_text(json.dumps({
-                "poison_idx": suspect._plan.poison_idx.tolist(), "noise_idx": suspect._plan.noise_idx.tolist()}))
-            card.setdefault("poison", {})["indices_file"] = POISON_FILE
-        write_files = getattr(suspect._trigger_override, "write_files", None)
-        if callable(write_files):  # a trigger with data files (stored poisoned images) keeps them beside the card
-            write_files(tmp)
-        (tmp / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=False))
-        os.chmod(tmp, 0o755)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        if folder.exists():
-            backup = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(folder, backup)
-            os.replace(tmp, folder)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_folder(folder, overwrite=overwrite) as tmp:
+        write_suspect_files(suspect, tmp)
     suspect.path = folder
     return folder
 
@@ -317,13 +245,27 @@ def save(suspect: Suspect, folder: str | os.PathLike, overwrite: bool = False) -
 # --- loading ---------------------------------------------------------------------------------------------
 
 Loader = Callable[..., "Suspect | None"]
-_LOADERS: list[Loader] = []
+# A loader, or "module:function" naming one that is imported the first time a suspect is loaded (so importing
+# suspects does not import every format's module). Tried in order; the first to return a Suspect wins.
+_LOADERS: list[Loader | str] = ["suspects.backdoorbench:load_hook"]
 
 
-def register_loader(fn: Loader) -> Loader:
-    """Add a loader: ``fn(path, **kw)`` returns a Suspect, or None when the path is not its format."""
-    _LOADERS.insert(0, fn)
+def register_loader(fn: Loader | str) -> Loader | str:
+    """Add a loader: ``fn(path, **kw)`` returns a Suspect, or None when the path is not its format.
+
+    ``fn`` may be ``"package.module:function"``: the module is imported when a suspect is first loaded.
+    """
+    if fn not in _LOADERS:
+        _LOADERS.insert(0, fn)
     return fn
+
+
+def _loaders() -> list[Loader]:
+    for i, entry in enumerate(_LOADERS):
+        if isinstance(entry, str):
+            module, _, attr = entry.partition(":")
+            _LOADERS[i] = getattr(importlib.import_module(module), attr)
+    return list(_LOADERS)  # type: ignore[arg-type]
 
 
 def list_demo_suspects() -> list[str]:
@@ -373,7 +315,7 @@ def _load_folder(folder: Path) -> Suspect:
     weights = folder / MODEL_FILE
     if not weights.is_file():
         raise SuspectLoadError(f"{folder} has no {MODEL_FILE}")
-    load_weights(model, _unwrap_state_dict(load_state_dict_file(weights)), str(weights))
+    load_weights(model, _unwrap_state_dict(load_state_dict_file(weights), str(weights)), str(weights))
     for name, gamma in (card.get("skip_gammas") or {}).items():
         set_skip_gamma(model, name, gamma)
     model.eval()
@@ -383,19 +325,22 @@ def _load_folder(folder: Path) -> Suspect:
 def load(path: str | os.PathLike, arch: str | None = None, num_classes: int | None = None,
          input_shape: tuple[int, int, int] | None = None, classes: list[str] | None = None,
          data: dict | str | None = None, arch_kwargs: dict | None = None, trigger: dict | None = None,
-         name: str | None = None) -> Suspect:
+         name: str | None = None, label: str | None = None) -> Suspect:
     """Load a suspect.
 
     ``path`` is a suspect folder, ``demo:NAME`` (a bundled demo suspect) or a bare state dict
     (``.safetensors`` / ``.pt`` / ``.pth``); a bare state dict needs ``arch`` and either ``num_classes``
     or ``classes`` (and ``input_shape`` unless it is (3, 32, 32)). ``data`` names the data source to
-    measure it on; ``trigger`` a trigger spec when the attack is known.
+    measure it on; ``trigger`` a trigger spec when the attack is known. ``label`` names a bare state dict in
+    error messages (e.g. an upload's own filename rather than its temporary copy; default ``path``).
+
+    Raises :class:`SuspectLoadError`; a bad checkpoint file raises its subclass :class:`CheckpointError`.
     """
     text = str(path)
     if text.startswith("demo:"):
         return _load_folder(demo_suspect_path(text[5:]))
     p = Path(text).expanduser()
-    for loader in _LOADERS:
+    for loader in _loaders():
         found = loader(p, arch=arch, num_classes=num_classes, input_shape=input_shape, classes=classes, data=data)
         if found is not None:
             return found
@@ -403,12 +348,13 @@ def load(path: str | os.PathLike, arch: str | None = None, num_classes: int | No
         if not (p / CARD_FILE).is_file():
             raise SuspectLoadError(f"{p} is a folder without {CARD_FILE}; is it a suspect folder?")
         return _load_folder(p)
+    shown = label or str(p)
     if not p.exists():
-        raise SuspectLoadError(f"{p} does not exist")
+        raise CheckpointError(shown, "missing", f"{shown} does not exist")
     if p.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
-        raise SuspectLoadError(f"{p}: unsupported file type {p.suffix!r} (use .safetensors, .pt or .pth)")
+        raise SuspectLoadError(f"{shown}: unsupported file type {p.suffix!r} (use .safetensors, .pt or .pth)")
     if arch is None:
-        raise SuspectLoadError(f"{p} is a bare state dict: name its architecture (arch=...; CLI --arch)")
+        raise SuspectLoadError(f"{shown} is a bare state dict: name its architecture (arch=...; CLI --arch)")
     shape = tuple(input_shape) if input_shape else (3, 32, 32)
     if classes is None:
         if num_classes is None:
@@ -420,9 +366,9 @@ def load(path: str | os.PathLike, arch: str | None = None, num_classes: int | No
     card: dict[str, Any] = {
         "name": name or p.stem, "arch": arch, "arch_kwargs": dict(arch_kwargs or {}), "classes": list(classes),
         "input_shape": list(shape), "data": data_spec, "trigger": trigger,
-        "provenance": {"source": "state dict", "file": str(p)},
+        "provenance": {"source": "state dict", "file": shown},
     }
     model = _build_model(card)
-    load_weights(model, _unwrap_state_dict(load_state_dict_file(p)), str(p))
+    load_weights(model, _unwrap_state_dict(load_state_dict_file(p, shown), shown), shown)
     model.eval()
     return Suspect(model, card, None)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 os.environ.setdefault("TQDM_DISABLE", "1")
-# never write into the checkout's ./runs: every test session gets its own run store unless a test sets one
+# never write into the checkout's ./lens-runs: every test session gets its own run store unless a test sets one
 os.environ["BACKDOOR_LENS_RUNS"] = tempfile.mkdtemp(prefix="backdoor-lens-test-runs-")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -203,8 +203,8 @@ def test_detection_page_scans_and_shows_the_verdict(server, browser, shots):
 def test_compare_page_shows_the_runs_table_and_charts(server, browser, shots, runs_root):
     import torch
 
-    from defenses.jobs import create_run, execute
-    from defenses.runstore import RunStore
+    from runs.jobs import create_run, execute
+    from runs.store import RunStore
 
     store = RunStore(runs_root)
     threads = torch.get_num_threads()

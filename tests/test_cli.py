@@ -81,7 +81,7 @@ def test_defend_refuses_nonsense(tmp_path, capsys):
 
 
 def test_defend_refuses_a_bad_pool_size_before_recording_a_run(tmp_path, capsys):
-    from defenses.runstore import RunStore
+    from runs.store import RunStore
 
     assert main(["defend", "finetune", "demo:badnets", "--pool-size", "0", "--runs", str(tmp_path)]) == 2
     assert "pool size must lie in" in capsys.readouterr().err

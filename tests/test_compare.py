@@ -18,7 +18,7 @@ from streamlit.testing.v1 import AppTest
 
 import suspects
 from backdoor_lens.cli import main
-from defenses.compare import (
+from runs.compare import (
     COLUMN_DEFINITIONS,
     COLUMNS,
     PARTS,
@@ -35,9 +35,9 @@ from defenses.compare import (
     table_json,
     tradeoff_figure,
 )
-from defenses.jobs import create_run, execute
-from defenses.report import figures_png, run_figures
-from defenses.runstore import RunStore
+from runs.jobs import create_run, execute
+from runs.report import figures_png, run_figures
+from runs.store import RunStore
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "dashboard" / "app.py")

@@ -34,7 +34,6 @@ from defenses.dbd import (
     simclr_train,
     warmup_train,
 )
-from defenses.jobs import create_run, execute
 from defenses.retrain import (
     TrainingSet,
     poisoned_training_set,
@@ -43,7 +42,8 @@ from defenses.retrain import (
     suspect_fingerprint,
 )
 from defenses.runner import defense_pool
-from defenses.runstore import RunStore, run_file
+from runs.jobs import create_run, execute
+from runs.store import RunStore, run_file
 from suspects.device import prepare_model
 
 TINY_DBD = {"subset": 300, "simclr_epochs": 1, "simclr_batch_size": 100, "warmup_epochs": 1, "semi_epochs": 1,

@@ -9,15 +9,9 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 import suspects
-from analysis.reverse import (
-    ScanConfig,
-    recovered_trigger_spec,
-    save_recovered_suspect,
-    scan_suspect,
-    stored_scan,
-    trigger_overlap,
-)
+from analysis.reverse import ScanConfig, recovered_trigger_spec, trigger_overlap
 from backdoor_lens.cli import main
+from runs.scans import save_recovered_suspect, scan_suspect, stored_scan
 from suspects.metrics import evaluate
 from suspects.store import adopt_trigger
 from suspects.triggers import list_triggers, make_trigger

@@ -9,8 +9,8 @@ import time
 import pytest
 
 import suspects
-from defenses.jobs import device_lock, execute, submit
-from defenses.runstore import RunStore
+from runs.jobs import device_lock, execute, submit
+from runs.store import RunStore
 from suspects.models import create_model
 from suspects.store import Suspect
 
@@ -42,7 +42,7 @@ def test_a_crash_mid_write_leaves_nothing_that_looks_finished(tmp_path, monkeypa
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("defenses.runstore.json.dumps", boom)
+    monkeypatch.setattr("runs.store.json.dumps", boom)
     with pytest.raises(OSError):
         store.finish(rid, {"ba": 0.9}, tiny_suspect())
     monkeypatch.undo()

@@ -8,7 +8,7 @@ import streamlit as st
 from analysis.gradcam import compare_gradcam, default_target_layer
 from analysis.samples import paired_sample
 from dashboard.common import load_suspect, sample_size, sidebar, store, trigger_notice
-from defenses.compare import (
+from runs.compare import (
     COLUMN_DEFINITIONS,
     METRIC_LABELS,
     PART_TITLES,
@@ -29,7 +29,7 @@ from defenses.compare import (
     tradeoff_figure,
     with_model,
 )
-from defenses.report import figures_zip, html_report, run_figures
+from runs.report import figures_zip, html_report, run_figures
 from suspects.metrics import DEFINITIONS
 from suspects.models import list_residual_blocks
 

@@ -10,9 +10,9 @@ import streamlit as st
 
 from dashboard.common import load_suspect, sidebar, store, trigger_notice
 from defenses.base import ParamError, param_specs
-from defenses.jobs import ensure_worker, submit
 from defenses.registry import all_defenses, get_defense, list_defenses
-from defenses.runstore import RunRecord
+from runs.jobs import ensure_worker, submit
+from runs.store import RunRecord
 from suspects.metrics import DEFINITIONS
 
 ref = sidebar()

@@ -6,8 +6,9 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from analysis.reverse import ScanConfig, save_recovered_suspect, scan_suspect, stored_scan, trigger_overlap
+from analysis.reverse import ScanConfig, trigger_overlap
 from dashboard.common import StreamlitProgress, load_suspect, runs_root, sidebar, to_display, trigger_notice
+from runs.scans import save_recovered_suspect, scan_suspect, stored_scan
 
 ref = sidebar()
 suspect, lock = load_suspect(ref)

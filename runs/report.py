@@ -29,6 +29,7 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 import suspects
+from suspects.atomic import write_text
 from suspects.metrics import DEFINITIONS
 from suspects.store import Suspect
 
@@ -48,7 +49,7 @@ from .compare import (
     side_by_side,
     tradeoff_figure,
 )
-from .runstore import RunStore
+from .store import RunStore
 
 __all__ = ["png_bytes", "figures_png", "figures_zip", "run_figures", "pick_runs", "html_report", "write_report"]
 
@@ -291,15 +292,4 @@ def html_report(suspect_ref: str, store: RunStore | None = None, runs: Sequence[
 
 def write_report(path: str | os.PathLike, suspect_ref: str, **kwargs) -> Path:
     """Write :func:`html_report` to ``path`` atomically (a temporary file renamed at the end)."""
-    path = Path(path)
-    text = html_report(suspect_ref, **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text(Path(path), html_report(suspect_ref, **kwargs))

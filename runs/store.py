@@ -1,6 +1,7 @@
 """The run store: one folder per finished run, indexed in SQLite, under one root.
 
-Root: ``./runs`` by default, moved by ``BACKDOOR_LENS_RUNS`` or an explicit path (CLI ``--runs``).
+Root: :func:`runs_root` (``./lens-runs`` by default, moved by ``BACKDOOR_LENS_RUNS`` or an explicit path, CLI
+``--runs``).
 
 - ``index.sqlite`` holds one row per run (queued / running / finished / failed / cancelled / interrupted) with
   its progress, and the interim metrics it reported (table ``events``), so any page or tab can follow it.
@@ -18,6 +19,7 @@ import os
 import re
 import shutil
 import sqlite3
+import sys
 import time
 import uuid
 from contextlib import contextmanager
@@ -26,9 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from suspects.store import Suspect, save
+from suspects.atomic import atomic_folder, save_safetensors, write_json, write_text
+from suspects.store import Suspect, write_suspect_files
 
-__all__ = ["RunStore", "RunRecord", "default_root", "STATUSES", "ACTIVE", "ACTIVE_ROOT", "run_file"]
+__all__ = ["RunStore", "RunRecord", "runs_root", "STATUSES", "ACTIVE", "ACTIVE_ROOT", "run_file", "DEFAULT_FOLDER",
+           "ENV_VAR", "INDEX_FILE"]
 
 STATUSES = ("queued", "running", "finished", "failed", "cancelled", "interrupted")
 ACTIVE = ("queued", "running")
@@ -66,11 +70,35 @@ CREATE INDEX IF NOT EXISTS events_run ON events(run_id);
 """
 
 
-def default_root() -> Path:
-    return Path(os.environ.get("BACKDOOR_LENS_RUNS", "runs")).expanduser().resolve()
+ENV_VAR = "BACKDOOR_LENS_RUNS"
+DEFAULT_FOLDER = "lens-runs"
+INDEX_FILE = "index.sqlite"
+_LEGACY_FOLDER = "runs"  # the default before the ``runs`` package took that name
+_told_legacy: set[Path] = set()
 
 
-# The store a run is executing under (set by defenses.jobs.execute), so a defense can find an earlier run by id.
+def runs_root(override: str | os.PathLike | None = None) -> Path:
+    """The run-store folder: ``override`` (CLI ``--runs``), else ``$BACKDOOR_LENS_RUNS``, else ``./lens-runs``.
+
+    A store left at the old default ``./runs`` (it holds ``index.sqlite``) keeps being used while ``./lens-runs``
+    does not exist, so no run is lost; the user is told once where the new default is.
+    """
+    chosen = override or os.environ.get(ENV_VAR)
+    if chosen:
+        return Path(chosen).expanduser().resolve()
+    new = Path(DEFAULT_FOLDER).resolve()
+    legacy = Path(_LEGACY_FOLDER).resolve()
+    if not new.exists() and (legacy / INDEX_FILE).is_file():
+        if legacy not in _told_legacy:
+            _told_legacy.add(legacy)
+            print(f"backdoor-lens: using the run store at {legacy} (the old default). The default is now "
+                  f"./{DEFAULT_FOLDER}: move the folder there, or set {ENV_VAR}={legacy} (or pass --runs) to "
+                  "keep it where it is.", file=sys.stderr)
+        return legacy
+    return new
+
+
+# The store a run is executing under (set by runs.jobs.execute), so a defense can find an earlier run by id.
 ACTIVE_ROOT: ContextVar[Path | None] = ContextVar("backdoor_lens_active_runs_root", default=None)
 _FILE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -79,7 +107,7 @@ _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 def run_file(ref: str, filename: str) -> Path:
     """``filename`` of a finished run, given the run's id, its folder, or the file itself.
 
-    A run id is looked up in the store the current run executes under, else in :func:`default_root`.
+    A run id is looked up in the store the current run executes under, else in :func:`runs_root`.
     Raises FileNotFoundError with the places tried.
     """
     ref = str(ref).strip()
@@ -91,7 +119,7 @@ def run_file(ref: str, filename: str) -> Path:
     if path.is_dir():
         candidates = [path / filename]
     elif _RUN_ID.match(ref):
-        roots = [r for r in (ACTIVE_ROOT.get(), default_root()) if r is not None]
+        roots = [r for r in (ACTIVE_ROOT.get(), runs_root()) if r is not None]
         candidates = [Path(r) / ref / filename for r in dict.fromkeys(roots)]
     else:
         candidates = []
@@ -149,9 +177,9 @@ class RunStore:
     """SQLite-indexed run folders under ``root`` (see the module docstring)."""
 
     def __init__(self, root: str | os.PathLike | None = None):
-        self.root = Path(root).expanduser().resolve() if root else default_root()
+        self.root = runs_root(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.db_path = self.root / "index.sqlite"
+        self.db_path = self.root / INDEX_FILE
         with self._conn() as c:
             c.executescript(_SCHEMA)
 
@@ -212,32 +240,18 @@ class RunStore:
         ``files`` maps a name to an :class:`~defenses.base.ArtifactFile` (tensors + metadata) written as
         ``<name>.safetensors`` next to the model.
         """
-        from safetensors.torch import save_file
-
         files = dict(files or {})
         for name in files:
             if not _FILE_NAME.match(name) or name in ("model", "suspect", "report"):
                 raise ValueError(f"invalid run file name {name!r} (lower-case letters, digits, '_' and '-')")
         final = self.root / run_id
-        partial = self.root / f".{run_id}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        try:
-            save(suspect, partial / "suspect", overwrite=True)
-            for f in (partial / "suspect").iterdir():
-                os.replace(f, partial / f.name)
-            (partial / "suspect").rmdir()
+        with atomic_folder(final, partial=self._partial(run_id)) as partial:
+            write_suspect_files(suspect, partial)
             for name, art in files.items():
-                tensors = {k: v.detach().cpu().contiguous() for k, v in art.tensors.items()}
-                save_file(tensors, str(partial / f"{name}.safetensors"),
-                          metadata={str(k): str(v) for k, v in art.metadata.items()})
+                save_safetensors(partial / f"{name}.safetensors", art.tensors, art.metadata)
             report = {**report, "run_id": run_id, "run_dir": str(final)}
-            (partial / "report.json").write_text(json.dumps(report, indent=2, default=str))
-            (partial / "log.txt").write_text(log)
-            os.replace(partial, final)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
+            write_json(partial / "report.json", report, indent=2, default=str)
+            write_text(partial / "log.txt", log)
         summary = {k: report.get(k) for k in ("ba_before", "asr_before", "ra_before", "ba", "asr", "ra", "der",
                                               "seconds", "device")}
         with self._conn() as c:
@@ -251,7 +265,11 @@ class RunStore:
         with self._conn() as c:
             c.execute("UPDATE runs SET status = ?, error = ?, finished = ?, message = ? WHERE id = ?",
                       (status, error, time.time(), status, run_id))
-        shutil.rmtree(self.root / f".{run_id}.partial", ignore_errors=True)
+        shutil.rmtree(self._partial(run_id), ignore_errors=True)
+
+    def _partial(self, run_id: str) -> Path:
+        """Where a run's folder is written before it is complete (``finish`` renames it)."""
+        return self.root / f".{run_id}.partial"
 
     def request_cancel(self, run_id: str) -> None:
         """Ask a run to stop; a queued run is cancelled at once."""

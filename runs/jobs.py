@@ -1,15 +1,14 @@
 """Background jobs: defenses run in a worker subprocess, one at a time per device, from a durable queue.
 
 ``submit`` validates everything first (nonsense parameters are refused before a row is written), queues the
-run in the store and makes sure a worker is running. The worker (``python -m defenses.jobs --runs ROOT``) holds
-a per-device lock file, takes queued runs oldest first and exits when the queue is empty. It is started in its
+run in the store and makes sure a worker is running. The worker (``python -m runs.worker --runs ROOT``, see
+:mod:`runs.worker`) holds a per-device lock file, takes queued runs oldest first and exits when the queue is empty. It is started in its
 own session, so it survives page reloads, other tabs and a restart of the dashboard server; if it dies, the
 store marks its run ``interrupted``. Cancelling sets a flag the worker checks at every progress report.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import io
@@ -22,10 +21,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .base import Cancelled, ParamError
-from .registry import get_defense
-from .runner import run_defense
-from .runstore import ACTIVE_ROOT, RunStore
+from defenses.base import Cancelled, ParamError
+from defenses.registry import get_defense
+from defenses.runner import run_defense
+
+from .store import ACTIVE_ROOT, RunStore
 
 __all__ = ["create_run", "submit", "ensure_worker", "device_lock", "run_queued", "execute"]
 
@@ -88,7 +88,7 @@ def ensure_worker(store: RunStore, device: str | None = None) -> None:
     with device_lock(store, device, wait=False) as free:
         if not free:
             return
-    cmd = [sys.executable, "-m", "defenses.jobs", "--runs", str(store.root)]
+    cmd = [sys.executable, "-m", "runs.worker", "--runs", str(store.root)]
     if device:
         cmd += ["--device", device]
     log = open(store.root / "worker.log", "ab")
@@ -147,23 +147,3 @@ def run_queued(store: RunStore, device: str | None = None) -> int:
                 return n
             execute(store, rec.id, device)
             n += 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Backdoor Lens defense worker (started by the dashboard).")
-    ap.add_argument("--runs", required=True)
-    ap.add_argument("--device")
-    args = ap.parse_args(argv)
-    store = RunStore(args.runs)
-    while True:
-        run_queued(store, args.device)
-        time.sleep(0.5)  # a run queued while the lock was being released is picked up here
-        if not store.list(status="queued"):
-            return 0
-        with device_lock(store, args.device, wait=False) as free:
-            if not free:
-                return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

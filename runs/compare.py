@@ -10,7 +10,7 @@
   models, or repaired models only) with the suspect's trigger and the same images: :func:`side_by_side`, and
   its pieces and figures, which the Compare page calls one at a time.
 
-Used by the Compare page, ``backdoor-lens compare`` and the HTML report (:mod:`defenses.report`).
+Used by the Compare page, ``backdoor-lens compare`` and the HTML report (:mod:`runs.report`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from suspects.models import list_residual_blocks
 from suspects.store import Suspect
 from suspects.triggers import Trigger
 
-from .runstore import RunStore
+from .store import RunStore
 
 __all__ = [
     "COLUMNS", "COLUMN_DEFINITIONS", "METRICS", "METRIC_LABELS", "PARTS", "PART_TITLES", "same_suspect", "runs_table",

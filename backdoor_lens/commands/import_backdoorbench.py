@@ -1,0 +1,68 @@
+"""``backdoor-lens import-backdoorbench``: open a BackdoorBench attack run (or one of its defense results) and write
+it as a suspect folder under ``<runs>/imports/<name>/``, where the dashboard lists it."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from backdoor_lens.cli import add_runs_flag, print_json, runs_root_of
+
+ORDER = 120
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("import-backdoorbench", help="open a BackdoorBench run (or defense result) as a suspect",
+                              description="Open a BackdoorBench attack run folder (record/<run>), one of its defense "
+                                          "folders (record/<run>/defense/<method>) or their .pt file, and write it as "
+                                          "a suspect folder under <runs>/imports/<name>/, where the dashboard lists "
+                                          "it.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="BackdoorBench run folder, defense folder, or .pt file")
+    p.add_argument("--data-root", help="folder with the run's clean dataset in torchvision's layout (default: "
+                                       "BackdoorBench's ./data next to record/)")
+    p.add_argument("--name", help="suspect name (default: the run's folder name, +<method> for a defense)")
+    add_runs_flag(p)
+    p.add_argument("--out", help="write the suspect folder here instead of <runs>/imports/<name>")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing suspect folder")
+    p.add_argument("--no-evaluate", action="store_true", help="do not measure BA / ASR / RA on import")
+    p.add_argument("--device", help="cpu, cuda, mps (default: best available)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import suspects
+    from suspects.backdoorbench import import_run
+    from suspects.device import pick_device, prepare_model
+
+    suspect = import_run(args.run_dir, data_root=args.data_root, name=args.name)
+    out = Path(args.out) if args.out else runs_root_of(args) / "imports" / re.sub(r"[^\w.+-]", "_", suspect.name)
+    if not args.overwrite and out.exists():
+        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
+    if not args.no_evaluate:
+        device = pick_device(args.device)
+        m = suspects.evaluate(prepare_model(suspect.model, device), suspect.test, suspect.trigger, device=device)
+        suspect.card["metrics"] = {**m.to_dict(), "evaluated_on": "test split"}
+    folder = suspects.save(suspect, out, overwrite=args.overwrite)
+    bb = suspect.card["backdoorbench"]
+    result = {"suspect": str(folder), "name": suspect.name, "arch": suspect.card["arch"],
+              "arch_kwargs": suspect.card["arch_kwargs"], "target": bb["target"], "mapping": bb["mapping"],
+              "n_bd_test": bb["n_bd_test"], "n_train_poisoned": bb["n_train_poisoned"],
+              "n_train_noise": bb["n_train_noise"], "metrics": suspect.card.get("metrics"),
+              "reported": bb["reported"] or None, "notes": bb["key_changes"] + bb["notes"]}
+    if args.json:
+        print_json(result)
+        return 0
+    print(f"imported {suspect.name} ({result['arch']} {result['arch_kwargs']}) -> {folder}")
+    print(f"  attack: {bb['attack'] or 'unknown'}, {bb['mapping']}, target {bb['target']}; {bb['n_bd_test']} poisoned "
+          f"test images, {bb['n_train_poisoned']} poisoned training samples ({bb['n_train_noise']} noise samples apart)")
+    for key, label in (("ba", "BA"), ("asr", "ASR"), ("ra", "RA")):
+        measured = (result["metrics"] or {}).get(key)
+        reported = (bb["reported"] or {}).get(key)
+        if measured is not None or reported is not None:
+            text = "n/a" if measured is None else f"{measured:.4f}"
+            print(f"  {label:4s} {text}" + ("" if reported is None else f"   (run's own CSV: {reported:.4f})"))
+    for note in result["notes"]:
+        print(f"  note: {note}")
+    return 0

@@ -1,0 +1,36 @@
+"""The background worker: ``python -m runs.worker --runs ROOT [--device DEV]``, started by :func:`runs.jobs.ensure_worker`.
+
+It runs the queued runs of the store one at a time under the device's lock (:func:`runs.jobs.run_queued`) and
+exits when the queue stays empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .jobs import device_lock, run_queued
+from .store import RunStore
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Backdoor Lens defense worker (started by the dashboard).")
+    ap.add_argument("--runs", required=True)
+    ap.add_argument("--device")
+    args = ap.parse_args(argv)
+    store = RunStore(args.runs)
+    while True:
+        run_queued(store, args.device)
+        time.sleep(0.5)  # a run queued while the lock was being released is picked up here
+        if not store.list(status="queued"):
+            return 0
+        with device_lock(store, args.device, wait=False) as free:
+            if not free:
+                return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
