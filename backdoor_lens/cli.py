@@ -573,6 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write into (with --method: the attack run's folder)")
     p.add_argument("--method", help="write to OUT/defense/METHOD/defense_result.pt, BackdoorBench's layout")
     p.set_defaults(func=cmd_export_backdoorbench)
+
+    from backdoor_lens.commands import screen
+    screen.register(sub)
     return ap
 
 
