@@ -260,10 +260,10 @@ class Strip(Screener):
                "the trigger survives the superimposition and dominates the decision, so a triggered input keeps "
                "its (target) prediction whatever is overlaid: low prediction entropy. Blending-style or sample-"
                "specific triggers that are washed out by the overlay escape it. Needs N clean images and costs "
-               "N forward passes per input (N = 100 in the paper, 16 in the quick preset).")
+               "N forward passes per input (N = 100 in the paper, 8 in the quick preset).")
     score_label = "minus mean prediction entropy (nats)"
     Params = StripParams
-    presets = {"quick": {"n": 16}, "paper": {}}
+    presets = {"quick": {"n": 8}, "paper": {}}
 
     def forward_passes(self) -> int:
         return int(self.params.n)
@@ -306,8 +306,10 @@ class ScaleUp(Screener):
     consistency SPC. Triggered inputs stay in the target class under amplification; clean ones drift.
 
     ``standardize`` is the paper's data-limited variant (per predicted class, (SPC - mean) / std over clean pool
-    images). Deviation: the SPC takes only n + 1 values, so, to break ties, the score adds 1e-3 times the mean
-    softmax confidence of the amplified copies in the original class (it never reorders different SPC values).
+    images). Deviation: the SPC takes only n + 1 values, and a threshold that falls on a tie flags all or none of
+    the tied images, so the score adds a tie-breaker smaller than half an SPC step: how confidently the amplified
+    copies keep the original class (from ``-log(1 - mean p)``, see :func:`_resolved_consistency`). It never
+    reorders images with different SPC values.
     """
 
     name = "scale-up"
@@ -320,7 +322,7 @@ class ScaleUp(Screener):
                "only predicted labels) and needs no clean data (the data-limited variant uses some to standardize "
                "per class); costs 6 forward passes per input. Triggers that amplification destroys (dark or "
                "low-contrast patterns, warps) can escape it.")
-    score_label = "scaled prediction consistency (SPC)"
+    score_label = "scaled prediction consistency (SPC) + a tie-breaker below half a step"
     Params = ScaleUpParams
     presets = {"quick": {}, "paper": {}}
 
@@ -405,8 +407,14 @@ class IbdPsc(Screener):
     taken in reverse order of registration (the last first); k* is the smallest k for which amplifying the last
     k layers makes the clean-pool error rate exceed xi; the n models amplify the last k*, k* + 1, ..., k* + n - 1
     layers (capped at the number of layers; when no k reaches xi, the last n layers' prefixes are used).
-    Scaling a BatchNorm's weight and bias by omega equals scaling its output by omega, which is how it is done here
-    (a forward hook), so the model is never copied.
+    The official code starts one layer further (k* + 1); on the demo suspects neither start is consistently
+    better. Scaling a BatchNorm's weight and bias by omega equals scaling its output by omega, which is how it is
+    done here (a forward hook), so the model is never copied.
+
+    The score is ``-log(1 - PSC)``, a strictly increasing function of the PSC (same ranking, same ROC curve)
+    computed from the logits so that it does not round to a tie at PSC = 1: a confidently triggered input and a
+    confidently classified clean one would otherwise both score exactly 1.0 in float32, and a threshold on the
+    clean pool could not separate them.
     """
 
     name = "ibd-psc"
@@ -418,7 +426,7 @@ class IbdPsc(Screener):
                "neurons whose effect only grows under amplification, while clean predictions degrade. Needs "
                "BatchNorm layers, white-box access and a few hundred clean images to choose the layers "
                "(adaptively, from the error rate); costs n + 1 = 6 forward passes per input.")
-    score_label = "parameter-oriented scaling consistency (PSC)"
+    score_label = "-log(1 - PSC), PSC = parameter-oriented scaling consistency"
     Params = IbdPscParams
     presets = {"quick": {}, "paper": {}}
 
