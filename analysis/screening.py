@@ -649,6 +649,10 @@ def screen_suspect(suspect: Suspect, method: str = DEFAULT_METHOD, *, preset: st
 
     t0 = time.perf_counter()
     report = progress or (lambda *_: None)
+    if limit is not None and int(limit) < 1:
+        raise ValueError(f"limit must be at least 1 test image, got {limit}")
+    if calibration is not None and calibration.method != method.lower().replace("_", "-"):
+        raise ValueError(f"the calibration is for {calibration.method!r}, not {method!r}")
     model, device = _model_on(suspect, device)
     if calibration is None:
         calibration = calibrate_on_pool(
@@ -821,8 +825,12 @@ def screen_images(suspect: Suspect, method: str, images: Sequence[ImageSource], 
         screener = calibration.screener
     t = float(threshold) if threshold is not None else calibration.threshold  # type: ignore[union-attr]
     scores = screener.scores(model, x, device)
-    with torch.inference_mode():
-        model.eval()
-        preds = _logits(model, x.to(device), device).argmax(1).cpu().tolist()
+    was_training = model.training
+    try:
+        with torch.inference_mode():
+            model.eval()
+            preds = _logits(model, x.to(device), device).argmax(1).cpu().tolist()
+    finally:
+        model.train(was_training)
     return [ImageVerdict(n, float(s), t, bool(s > t), int(p), suspect.classes[int(p)])
             for n, s, p in zip(labels, scores, preds, strict=True)]
