@@ -68,9 +68,21 @@ class TqdmProgress:
         self.bar.close()
 
 
+def rounded(obj: Any, digits: int = 4) -> Any:
+    """``obj`` with every float rounded to ``digits`` decimals (nested dicts, lists and tuples too)."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [rounded(v, digits) for v in obj]
+    return obj
+
+
 def print_json(obj: Any) -> None:
-    """The JSON a command prints with ``--json`` (indented; values JSON cannot hold as their ``str``)."""
-    print(json.dumps(obj, indent=2, default=str))
+    """The JSON a command prints with ``--json``: indented, floats rounded to 4 decimals, values JSON cannot hold
+    as their ``str``."""
+    print(json.dumps(rounded(obj), indent=2, default=str))
 
 
 # --- arguments shared by several commands ----------------------------------------------------------------------
