@@ -4,6 +4,7 @@
 >>> report = run_defense("finetune", suspects.load("demo:badnets"), preset="quick")
 """
 
-from .base import Cancelled, Defense, DefenseOutput, ParamError, ThreatModel, param_specs  # noqa: F401
+from .base import Defense, DefenseOutput, ParamError, ThreatModel, param_specs  # noqa: F401
+from .context import Cancelled, DefensePool, RepairContext  # noqa: F401
 from .registry import all_defenses, get_defense, list_defenses  # noqa: F401
 from .runner import defense_pool, run_defense  # noqa: F401

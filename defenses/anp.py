@@ -24,6 +24,7 @@ from suspects.training import augment_batch
 
 from .base import Defense, DefenseOutput, ThreatModel, param
 from .common import pool_accuracy
+from .context import RepairContext
 from .registry import register_defense
 
 
@@ -88,15 +89,17 @@ class ANP(Defense):
     name = "anp"
     title = "Adversarial Neuron Pruning (ANP)"
     paper = "Wu & Wang, NeurIPS 2021 (arXiv 2110.14430)"
+    order = 40
     summary = ("Perturbs every BN channel adversarially and learns which channels the model can lose; the ones "
                "that make it collapse toward the target under small noise are pruned.")
     threat = ThreatModel(clean_pool=True)
     Params = ANPParams
     presets = {"quick": {"iterations": 300, "batch_size": 64}, "paper": {}}
 
-    def repair(self, suspect, model, params, pool, device, progress, should_stop):
+    def repair(self, model, params: ANPParams, ctx: RepairContext) -> DefenseOutput:
         import copy
 
+        pool, device = ctx.pool, ctx.device
         work = copy.deepcopy(model)
         if not any(isinstance(m, nn.BatchNorm2d) for m in work.modules()):
             raise ValueError("ANP needs BatchNorm layers (its neurons are BN channels)")
@@ -110,9 +113,10 @@ class ANP(Defense):
         mask_opt = torch.optim.SGD(masks, lr=params.lr, momentum=0.9)
         noise_opt = torch.optim.SGD(noise, lr=params.eps / params.steps)
         gen = torch.Generator().manual_seed(0)
-        x, y = pool["x"], pool["y"]
+        x, y = pool.x, pool.y
         work.train()
         for it in range(params.iterations):
+            ctx.check_cancel()
             idx = torch.randint(0, len(x), (params.batch_size,), generator=gen)
             xb = to_device(augment_batch(x[idx], "crop", gen), device)
             yb = y[idx].to(device)
@@ -144,7 +148,7 @@ class ANP(Defense):
                 for m in masks:
                     m.clamp_(0, 1)
             if (it + 1) % 10 == 0 or it + 1 == params.iterations:
-                progress(0.85 * (it + 1) / params.iterations, f"mask iteration {it + 1}/{params.iterations}",
+                ctx.tick(0.85 * (it + 1) / params.iterations, f"mask iteration {it + 1}/{params.iterations}",
                          {"loss_clean": float(loss_nat.detach()), "loss_perturbed": float(loss_rob.detach())})
         mask_values = {name: nb.mask.detach().cpu() for name, nb in noisy.items()}
         original = copy.deepcopy(model.state_dict())
@@ -152,12 +156,12 @@ class ANP(Defense):
         curve = []
         threshold = params.threshold
         if params.auto_threshold:
-            base = pool_accuracy(model, pool["x_val"], pool["y_val"], device)
+            base = pool_accuracy(model, pool.x_val, pool.y_val, device)
             threshold = 0.0
             for t in thresholds:
                 model.load_state_dict(original)
                 n = _prune(model, mask_values, t)
-                ba = pool_accuracy(model, pool["x_val"], pool["y_val"], device)
+                ba = pool_accuracy(model, pool.x_val, pool.y_val, device)
                 curve.append({"threshold": t, "pruned": n, "held_out_ba": ba})
                 if base - ba <= params.ba_tolerance:
                     threshold = t
@@ -170,5 +174,5 @@ class ANP(Defense):
             "n_neurons": int(len(all_m)),
             "pruned_share": n_pruned / max(1, len(all_m)),
             "mask_histogram": torch.histc(all_m, bins=10, min=0, max=1).int().tolist(),
-            "held_out_ba_after": pool_accuracy(model, pool["x_val"], pool["y_val"], device),
+            "held_out_ba_after": pool_accuracy(model, pool.x_val, pool.y_val, device),
         }, {"threshold_curve": curve})

@@ -36,6 +36,7 @@ from suspects.training import augment_batch
 
 from .base import Defense, DefenseOutput, ThreatModel, param
 from .common import pool_accuracy
+from .context import RepairContext
 from .registry import register_defense
 
 
@@ -77,6 +78,7 @@ class AWM(Defense):
     name = "awm"
     title = "Adversarial Weight Masking (AWM)"
     paper = "Chai & Chen, NeurIPS 2022 (arXiv 2207.04497)"
+    order = 30
     summary = ("Recovers a universal trigger-like perturbation and learns soft masks on all convolution weights so "
                "the network stops reacting to it; works down to one clean image per class.")
     threat = ThreatModel(clean_pool=True, note="one image per class suffices in the one-shot setting")
@@ -84,8 +86,9 @@ class AWM(Defense):
     presets = {"quick": {"outer": 20, "inner": 3}, "paper": {},
                "one-shot": {"one_shot": True, "batch_size": 32, "alpha": 0.99, "outer": 8}}
 
-    def repair(self, suspect, model, params, pool, device, progress, should_stop):
-        x, y = pool["x"], pool["y"]
+    def repair(self, model, params: AWMParams, ctx: RepairContext) -> DefenseOutput:
+        pool, device = ctx.pool, ctx.device
+        x, y = pool.x, pool.y
         if params.one_shot:
             x, y = one_shot_pool(x, y, params.augmentations)
         n = len(x)
@@ -114,6 +117,7 @@ class AWM(Defense):
             delta = torch.zeros(1, c, h, w, device=device, requires_grad=True)
             trig_opt = torch.optim.SGD([delta], lr=params.lr1)
             for _ in range(steps):
+                ctx.check_cancel()
                 xb, _ = batch()
                 with torch.no_grad():
                     y_hat = forward(xb).argmax(1)
@@ -127,6 +131,7 @@ class AWM(Defense):
                     delta.mul_(tau / norm)
             delta = delta.detach()
             for _ in range(steps):
+                ctx.check_cancel()
                 xb, yb = batch()
                 loss_nat = F.cross_entropy(forward(xb), yb)
                 loss_adv = F.cross_entropy(forward((xb + delta).clamp(0, 1)), yb)
@@ -142,7 +147,7 @@ class AWM(Defense):
             zero = sum(int((m < 1e-3).sum()) for m in masks.values())
             curve.append({"epoch": epoch + 1, "loss_clean": float(loss_nat.detach()), "loss_triggered": float(loss_adv.detach()),
                           "delta_l1": float(delta.abs().sum()), "mask_zero_share": zero / total})
-            progress((epoch + 1) / params.outer, f"outer epoch {epoch + 1}/{params.outer}",
+            ctx.tick((epoch + 1) / params.outer, f"outer epoch {epoch + 1}/{params.outer}",
                      {"loss_clean": float(loss_nat.detach()), "loss_triggered": float(loss_adv.detach())})
         modules = dict(model.named_modules())
         with torch.no_grad():
@@ -160,5 +165,5 @@ class AWM(Defense):
             "images_used": n,
             "one_shot": params.one_shot,
             "steps_per_phase": steps,
-            "held_out_ba_after": pool_accuracy(model, pool["x_val"], pool["y_val"], device),
+            "held_out_ba_after": pool_accuracy(model, pool.x_val, pool.y_val, device),
         }, {"outer": curve})

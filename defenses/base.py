@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
 from suspects.store import Suspect
+
+from .context import Cancelled, DefensePool, Progress, RepairContext
 
 __all__ = [
     "Defense",
@@ -29,18 +29,13 @@ __all__ = [
     "params_from",
     "param_specs",
     "Progress",
-    "ArtifactFile",
+    "DefensePool",
+    "RepairContext",
 ]
-
-Progress = Callable[[float, str, dict], None]
 
 
 class ParamError(ValueError):
     """A parameter is outside its range or of the wrong type; the message names it."""
-
-
-class Cancelled(RuntimeError):
-    """The user cancelled the run."""
 
 
 def param(default: Any, *, help: str, min: float | None = None, max: float | None = None,
@@ -72,21 +67,15 @@ class ThreatModel:
 
 
 @dataclass
-class ArtifactFile:
-    """Tensors a defense keeps with its run (``<name>.safetensors`` in the run folder), e.g. DBD's stage-1 backbone."""
-
-    tensors: dict[str, torch.Tensor]
-    metadata: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
 class DefenseOutput:
-    """What :meth:`Defense.run` returns: the repaired model, the method's own artifacts and any files to keep."""
+    """What :meth:`Defense.repair` returns: the repaired model and the method's own artifacts and curves.
+
+    Files a defense keeps with its run (e.g. DBD's stage-1 backbone) go to ``ctx.artifacts``, not here.
+    """
 
     model: nn.Module
     artifacts: dict[str, Any] = field(default_factory=dict)
     curves: dict[str, list] = field(default_factory=dict)
-    files: dict[str, ArtifactFile] = field(default_factory=dict)
 
 
 def param_specs(params_cls: type) -> list[dict[str, Any]]:
@@ -144,17 +133,25 @@ def params_from(params_cls: type, values: dict[str, Any] | None = None) -> Any:
 
 
 class Defense:
-    """Base class: subclasses set the class attributes and implement :meth:`repair`."""
+    """Base class: subclasses set the class attributes and implement :meth:`repair`.
+
+    The registry finds every subclass decorated with ``@register_defense`` in a module of the ``defenses``
+    package; ``order`` sorts the listing (the paper's methods first, then the baselines, then anything added).
+    """
 
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    order: ClassVar[int] = 1000
     threat: ClassVar[ThreatModel] = ThreatModel()
     Params: ClassVar[type] = object
     presets: ClassVar[dict[str, dict[str, Any]]] = {"quick": {}, "paper": {}}
     artifact_labels: ClassVar[dict[str, str]] = {}
     curve_labels: ClassVar[dict[str, str]] = {}  # curve name -> chart title on the Defenses page
+    # parameters that may name an earlier run (its id, folder or the file itself) -> the file of that run they need;
+    # whoever owns the run store resolves a run id to the file's path before the run, so a defense sees paths only
+    run_files: ClassVar[dict[str, str]] = {}
 
     def make_params(self, preset: str = "quick", overrides: dict[str, Any] | None = None) -> Any:
         if preset not in self.presets:
@@ -171,7 +168,7 @@ class Defense:
         if self.threat.trigger and suspect.trigger is None:
             raise ValueError(f"{self.title} needs a trigger (known or recovered) and {suspect.name!r} has none")
 
-    def repair(self, suspect: Suspect, model: nn.Module, params: Any, pool: dict[str, torch.Tensor],
-               device: torch.device, progress: Progress, should_stop: Callable[[], bool]) -> DefenseOutput:
-        """Return the repaired model (``model`` is the suspect's model, copied, on ``device``)."""
+    def repair(self, model: nn.Module, params: Any, ctx: RepairContext) -> DefenseOutput:
+        """Return the repaired model. ``model`` is a copy of the suspect's model on ``ctx.device``; everything else
+        (suspect, defense pool, trigger, progress and cancellation, the run's artifacts folder) is in ``ctx``."""
         raise NotImplementedError

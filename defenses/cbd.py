@@ -48,12 +48,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from suspects.device import autocast, to_device
+from suspects.device import full_precision, to_device
 from suspects.models import penultimate_features
-from suspects.training import augment_batch
+from suspects.training import FitStep, augment_batch, fit
 
 from .base import Defense, DefenseOutput, ParamError, ThreatModel, param
 from .common import head, pool_monitor
+from .context import RepairContext
 from .registry import register_defense
 from .retrain import StageClock, TrainingSet, auroc, histogram, poisoned_training_set, reinitialize
 
@@ -147,29 +148,24 @@ def _batches(n: int, bs: int, gen: torch.Generator) -> list[torch.Tensor]:
 def train_backdoored(model: nn.Module, data: TrainingSet, device, p: CBDParams, gen: torch.Generator,
                      tick=None, max_steps: int | None = None) -> list[float]:
     """Stage 1: plain cross-entropy on the poisoned set for ``p.epochs_b`` epochs at a constant learning rate."""
-    opt = _sgd(model, p)
-    losses, done = [], 0
-    for epoch in range(p.epochs_b):
-        model.train()
-        batches = _batches(len(data), p.batch_size, gen)
-        total, seen = 0.0, 0
-        for i, idx in enumerate(batches):
-            xb = to_device(augment_batch(data.x[idx], p.augment, gen), device)
-            with autocast(device):
-                loss = F.cross_entropy(model(xb).float(), data.y[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
-            done += 1
-            if tick is not None:
-                tick((epoch + (i + 1) / len(batches)) / p.epochs_b, f"stage 1/2 f_B: epoch {epoch + 1}/{p.epochs_b}")
-            if max_steps is not None and done >= max_steps:
-                break
-        losses.append(total / max(seen, 1))
-        if max_steps is not None and done >= max_steps:
-            break
+    n_batches = [1]
+
+    def batches(epoch: int):
+        idxs = _batches(len(data), p.batch_size, gen)
+        n_batches[0] = len(idxs)
+        for idx in idxs:
+            yield to_device(augment_batch(data.x[idx], p.augment, gen), device), data.y[idx].to(device)
+
+    def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        xb, yb = batch
+        return F.cross_entropy(model(xb).float(), yb), len(yb)
+
+    def on_step(s: FitStep) -> None:
+        if tick is not None:
+            tick((s.epoch + (s.batch + 1) / n_batches[0]) / p.epochs_b, f"stage 1/2 f_B: epoch {s.epoch + 1}/{p.epochs_b}")
+
+    losses = fit(model, batches, loss_fn, _sgd(model, p), device=device, epochs=p.epochs_b, max_steps=max_steps,
+                 tick=on_step)
     model.eval()
     return losses
 
@@ -185,73 +181,86 @@ def train_deconfounded_epoch(fc: nn.Module, fb: nn.Module, disc: MIDiscriminator
                              max_steps: int | None = None) -> dict:
     """Stage 2, one epoch: the discriminator pass (when ``disc``), then f_C with CBD weights (+ MI penalty).
 
-    Returns the mean losses and every sample's weight in this epoch (``weights``, NaN where not drawn).
+    Both passes go through :func:`suspects.training.fit`; the discriminator and the CBD weights are computed in
+    float32 (autocast off). Returns the mean losses and every sample's weight in this epoch (``weights``, NaN
+    where not drawn).
     """
     fb.eval()
-    mi_sum, mi_n = 0.0, 0
+    acc = {"mi_sum": 0.0, "mi_n": 0, "total": 0.0, "ce": 0.0, "pen": 0.0, "seen": 0}
     shared = disc is not None and p.disc_pass == "shared"
+
+    def disc_step(r: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        mi = disc(r, z)
+        acc["mi_sum"] += float(mi.detach())
+        acc["mi_n"] += 1
+        return -mi
+
     if disc is not None:
         disc.train()
     if disc is not None and not shared:
         fc.train()
-        for i, idx in enumerate(_batches(len(data), p.batch_size, gen)):
-            xb = to_device(augment_batch(data.x[idx], p.augment, gen), device)
-            with torch.no_grad(), autocast(device):
+
+        def disc_batches():
+            for idx in _batches(len(data), p.batch_size, gen):
+                yield to_device(augment_batch(data.x[idx], p.augment, gen), device)
+
+        def disc_loss(xb: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
                 z = penultimate_features(fc, xb).float()
                 r = penultimate_features(fb, xb).float()
-            mi = disc(r, z)
-            disc_opt.zero_grad(set_to_none=True)
-            (-mi).backward()
-            disc_opt.step()
-            disc.spectral_normalise()
-            mi_sum, mi_n = mi_sum + float(mi.detach()), mi_n + 1
+            with full_precision(device):
+                return disc_step(r, z)
+
+        def disc_tick(s: FitStep) -> None:
             if tick is not None:
-                tick(0.3 * (i + 1) * p.batch_size / len(data))
-            if max_steps is not None and i + 1 >= max_steps:
-                break
+                tick(0.3 * (s.batch + 1) * p.batch_size / len(data))
+
+        fit(disc, disc_batches(), disc_loss, disc_opt, device=device, max_steps=max_steps,
+            after_step=disc.spectral_normalise, tick=disc_tick)
     weights = torch.full((len(data),), float("nan"))
-    fc.train()
-    total = wsum = pen = 0.0
-    seen = 0
     batches = _batches(len(data), p.batch_size, gen)
     start = 0.3 if disc is not None and not shared else 0.0
-    for i, idx in enumerate(batches):
-        xb = to_device(augment_batch(data.x[idx], p.augment, gen), device)
-        yb = data.y[idx].to(device)
-        with autocast(device):
-            z, logits = _features_and_logits(fc, xb)
-        with torch.no_grad(), autocast(device):
-            r, logits_b = _features_and_logits(fb, xb)
-        ce = F.cross_entropy(logits.float(), yb, reduction="none")
+
+    def fc_batches():
+        for idx in batches:
+            yield idx, to_device(augment_batch(data.x[idx], p.augment, gen), device), data.y[idx].to(device)
+
+    def fc_loss(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        idx, xb, yb = batch
+        z, logits = _features_and_logits(fc, xb)
         with torch.no_grad():
-            w = cbd_weights(F.cross_entropy(logits_b.float(), yb, reduction="none"), ce.detach())
-        loss = (w * ce).mean()
-        total_loss = loss
-        if shared:  # the discriminator's ascent step on this batch's (detached) features
-            mi_d = disc(r.float().detach(), z.float().detach())
-            disc_opt.zero_grad(set_to_none=True)
-            (-mi_d).backward()
-            disc_opt.step()
-            disc.spectral_normalise()
-            mi_sum, mi_n = mi_sum + float(mi_d.detach()), mi_n + 1
-        if disc is not None:
-            mi = disc(r.float().detach(), z.float())
-            total_loss = loss + mi
-            pen += float(mi.detach()) * len(idx)
-        opt.zero_grad(set_to_none=True)
-        total_loss.backward()
-        opt.step()
+            r, logits_b = _features_and_logits(fb, xb)
+        with full_precision(device):
+            ce = F.cross_entropy(logits.float(), yb, reduction="none")
+            with torch.no_grad():
+                w = cbd_weights(F.cross_entropy(logits_b.float(), yb, reduction="none"), ce.detach())
+            loss = (w * ce).mean()
+            total_loss = loss
+            if shared:  # the discriminator's ascent step on this batch's (detached) features
+                neg_mi = disc_step(r.float().detach(), z.float().detach())
+                disc_opt.zero_grad(set_to_none=True)
+                neg_mi.backward()
+                disc_opt.step()
+                disc.spectral_normalise()
+            if disc is not None:
+                mi = disc(r.float().detach(), z.float())
+                total_loss = loss + mi
+                acc["pen"] += float(mi.detach()) * len(idx)
         weights[idx] = w.float().cpu()
-        total += float(loss.detach()) * len(idx)
-        wsum += float(ce.detach().mean()) * len(idx)
-        seen += len(idx)
+        acc["total"] += float(loss.detach()) * len(idx)
+        acc["ce"] += float(ce.detach().mean()) * len(idx)
+        acc["seen"] += len(idx)
+        return total_loss
+
+    def fc_tick(s: FitStep) -> None:
         if tick is not None:
-            tick(start + (1 - start) * (i + 1) / len(batches))
-        if max_steps is not None and i + 1 >= max_steps:
-            break
-    return {"weighted_loss": total / max(seen, 1), "ce": wsum / max(seen, 1),
-            "mi": pen / max(seen, 1) if disc is not None else None,
-            "mi_disc": mi_sum / mi_n if mi_n else None, "weights": weights}
+            tick(start + (1 - start) * (s.batch + 1) / len(batches))
+
+    fit(fc, fc_batches(), fc_loss, opt, device=device, max_steps=max_steps, tick=fc_tick)
+    seen = max(acc["seen"], 1)
+    return {"weighted_loss": acc["total"] / seen, "ce": acc["ce"] / seen,
+            "mi": acc["pen"] / seen if disc is not None else None,
+            "mi_disc": acc["mi_sum"] / acc["mi_n"] if acc["mi_n"] else None, "weights": weights}
 
 
 def weight_stats(weights: torch.Tensor, poisoned: torch.Tensor) -> dict[str, float | None]:
@@ -271,6 +280,7 @@ class CBD(Defense):
     name = "cbd"
     title = "Causality-inspired Backdoor Defense (CBD)"
     paper = "Zhang et al., CVPR 2023 (arXiv 2303.06818)"
+    order = 80
     summary = ("Trains a deliberately backdoored model for a few epochs to capture the trigger shortcut, then trains "
                "a fresh model from the poisoned training set with per-sample weights that down-weight what the "
                "backdoored model finds easy, plus a mutual-information penalty that keeps the two models' features "
@@ -284,14 +294,15 @@ class CBD(Defense):
                     "weights": "CBD weights of poisoned vs. clean training samples (mean, median, AUROC)",
                     "training": "f_C: held-out BA / ASR and losses"}
 
-    def repair(self, suspect, model, params: CBDParams, pool, device, progress, should_stop):
+    def repair(self, model, params: CBDParams, ctx: RepairContext) -> DefenseOutput:
+        suspect, pool, device = ctx.suspect, ctx.pool, ctx.device
         data = poisoned_training_set(suspect, pool, params.subset, seed=0)
         if len(data) < 2:
             raise ValueError("CBD needs at least two training images")
         gen = torch.Generator().manual_seed(int(torch.initial_seed()) % 2**31)
         n = len(data)
         per_fc = 4 + (2 if params.disentangle and params.disc_pass == "full" else 0)
-        clock = StageClock(progress, should_stop, {"fb": params.epochs_b * n * 3, "fc": params.epochs * n * per_fc})
+        clock = StageClock(ctx, {"fb": params.epochs_b * n * 3, "fc": params.epochs * n * per_fc})
 
         fb = reinitialize(copy.deepcopy(model))
         fb_losses = train_backdoored(fb, data, device, params, gen,

@@ -2,28 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from suspects.device import autocast, to_device
+from suspects.device import to_device
 from suspects.metrics import predict
-from suspects.training import augment_batch
+from suspects.training import FitStep, augment_batch, fit
 from suspects.triggers import Trigger
 
-from .base import Progress
+from .context import DefensePool, RepairContext
 
 __all__ = ["fine_tune", "pool_accuracy", "pool_asr", "pool_monitor", "last_feature_layer", "mask_linear_inputs",
            "head"]
 
 
-def pool_monitor(model: nn.Module, pool: dict, trigger: Trigger | None, device) -> Callable[[], dict]:
+def pool_monitor(model: nn.Module, pool: DefensePool, trigger: Trigger | None, device) -> Callable[[], dict]:
     """Held-out pool BA (and ASR when a trigger is known) for live charts; never the test split."""
     def measure() -> dict:
-        out = {"held_out_ba": pool_accuracy(model, pool["x_val"], pool["y_val"], device)}
-        asr = pool_asr(model, pool["x_val"], pool["y_val"], trigger, device)
+        out = {"held_out_ba": pool_accuracy(model, pool.x_val, pool.y_val, device)}
+        asr = pool_asr(model, pool.x_val, pool.y_val, trigger, device)
         if asr is not None:
             out["held_out_asr"] = asr
         return out
@@ -57,44 +57,41 @@ def pool_asr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, trigger: Trigge
     return float((preds == trigger.target_labels(y[mask])).float().mean())
 
 
-def fine_tune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, epochs: int, lr: float,
-              batch_size: int, momentum: float = 0.9, weight_decay: float = 5e-4, augment: str = "crop",
-              schedule: str = "cosine", params: Iterable[nn.Parameter] | None = None, seed: int = 0,
-              after_step: Callable[[], None] | None = None, progress: Progress | None = None,
-              train_mode: bool = True, label: str = "fine-tuning",
-              monitor: Callable[[], dict] | None = None) -> list[float]:
-    """Plain cross-entropy training on ``(x, y)``; returns the per-epoch mean loss."""
-    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+def fine_tune(model: nn.Module, ctx: RepairContext, *, epochs: int, lr: float, batch_size: int,
+              momentum: float = 0.9, weight_decay: float = 5e-4, augment: str = "crop",
+              after_step: Callable[[], None] | None = None, span: tuple[float, float] = (0.0, 1.0),
+              label: str = "fine-tuning") -> list[float]:
+    """Cross-entropy on the pool's training part (SGD, cosine schedule, the trainable parameters only) through the
+    one training loop :func:`suspects.training.fit`; reports every epoch with the held-out pool BA / ASR over the
+    ``span`` of the defense's progress. Returns the per-epoch mean loss; the model ends in eval mode."""
+    x, y, device = ctx.pool.x, ctx.pool.y, ctx.device
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     steps_per_epoch = max(1, -(-len(x) // batch_size))
-    total = epochs * steps_per_epoch
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total)) if schedule == "cosine"
-             else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
-    gen = torch.Generator().manual_seed(seed)
-    losses, step = [], 0
-    for epoch in range(epochs):
-        model.train(train_mode)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
+    gen = torch.Generator().manual_seed(0)
+    monitor = pool_monitor(model, ctx.pool, ctx.trigger, device)
+    lo, hi = span
+
+    def batches(epoch: int):
         perm = torch.randperm(len(x), generator=gen)
-        total_loss, seen = 0.0, 0
         for s in range(0, len(perm), batch_size):
             idx = perm[s:s + batch_size]
-            xb = to_device(augment_batch(x[idx], augment, gen), device)
-            yb = y[idx].to(device)
-            with autocast(device):
-                loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if after_step is not None:
-                after_step()
-            step += 1
-            total_loss += float(loss.detach()) * len(idx)
-            seen += len(idx)
-        losses.append(total_loss / max(seen, 1))
-        if progress is not None:
-            extra = monitor() if monitor is not None else {}
-            progress((epoch + 1) / epochs, f"{label}: epoch {epoch + 1}/{epochs}", {"loss": losses[-1], **extra})
+            yield to_device(augment_batch(x[idx], augment, gen), device), y[idx].to(device)
+
+    def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        xb, yb = batch
+        return F.cross_entropy(model(xb), yb), len(yb)
+
+    def tick(step: FitStep) -> None:
+        ctx.check_cancel()
+
+    def end_epoch(epoch: int, loss: float) -> None:
+        ctx.tick(lo + (hi - lo) * (epoch + 1) / epochs, f"{label}: epoch {epoch + 1}/{epochs}",
+                 {"loss": loss, **monitor()})
+
+    losses = fit(model, batches, loss_fn, opt, device=device, epochs=epochs, scheduler=sched, after_step=after_step,
+                 tick=tick, end_epoch=end_epoch)
     model.eval()
     return losses
 

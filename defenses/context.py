@@ -8,6 +8,7 @@ seed, ``ctx.tick(fraction, message, metrics)`` (progress; raises :class:`Cancell
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +61,11 @@ def _silent(fraction: float, message: str, metrics: dict) -> None:
 
 @dataclass
 class RepairContext:
-    """The world a defense's ``repair`` sees; built by :func:`defenses.runner.run_defense`."""
+    """The world a defense's ``repair`` sees; built by :func:`defenses.runner.run_defense`.
+
+    Cancellation: :meth:`tick` always asks ``should_stop``; :meth:`check_cancel` (for inner loops) asks it at most
+    every ``poll_interval`` seconds, since asking may cost a database query (the job queue's cancel flag).
+    """
 
     suspect: Suspect
     pool: DefensePool
@@ -69,6 +74,8 @@ class RepairContext:
     artifacts: Path | None = None
     progress: Progress = _silent
     should_stop: Callable[[], bool] = _never
+    poll_interval: float = 0.2
+    _last_poll: float = field(default=float("-inf"), init=False, repr=False)
 
     @property
     def trigger(self):
@@ -78,15 +85,20 @@ class RepairContext:
     def cancelled(self) -> bool:
         return bool(self.should_stop())
 
-    def check_cancel(self) -> None:
-        """Raise :class:`Cancelled` if the user asked to stop (call it inside long inner loops)."""
+    def _poll(self) -> None:
+        self._last_poll = time.monotonic()
         if self.should_stop():
             raise Cancelled("cancelled by the user")
+
+    def check_cancel(self) -> None:
+        """Raise :class:`Cancelled` if the user asked to stop (call it inside long inner loops)."""
+        if time.monotonic() - self._last_poll >= self.poll_interval:
+            self._poll()
 
     def tick(self, fraction: float, message: str, metrics: dict | None = None) -> None:
         """Report progress (fraction of this defense's work in [0, 1]); raise :class:`Cancelled` on cancel."""
         self.progress(min(max(float(fraction), 0.0), 1.0), message, dict(metrics or {}))
-        self.check_cancel()
+        self._poll()
 
     def artifact_dir(self) -> Path:
         """The run's own folder for files a defense keeps (created on first use)."""

@@ -11,19 +11,12 @@ test set), and the kept mask is the last one *within* the tolerance (BackdoorBen
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-import torch
-
-from .base import Defense, DefenseOutput, ThreatModel, param
-from .common import (
-    fine_tune,
-    head,
-    last_feature_layer,
-    last_layer_activations,
-    mask_linear_inputs,
-    pool_accuracy,
-    pool_monitor,
-)
+from .base import ThreatModel, param
+from .common import fine_tune, last_layer_activations, pool_accuracy
+from .context import RepairContext
+from .pruning import RankedPruning
 from .registry import register_defense
 
 
@@ -39,48 +32,32 @@ class FinePruneParams:
 
 
 @register_defense
-class FinePrune(Defense):
+class FinePrune(RankedPruning):
     name = "fineprune"
     title = "Fine-Pruning"
     paper = "Liu et al., RAID 2018 (arXiv 1805.12185)"
     summary = ("Prunes the last-layer channels that stay quiet on clean images, where backdoor neurons tend to hide, "
                "until clean accuracy starts to suffer; then fine-tunes on clean data.")
+    order = 50
     threat = ThreatModel(clean_pool=True)
     Params = FinePruneParams
     presets = {"quick": {"epochs": 20, "lr": 0.05, "batch_size": 64}, "paper": {}}
+    prune_share = 0.5
+    sort_pruned = True
 
-    def repair(self, suspect, model, params, pool, device, progress, should_stop):
-        acts = last_layer_activations(model, pool["x"], device)
-        mean_act = acts.mean(dim=(0, 2, 3))
-        order = mean_act.argsort().tolist()  # ascending: dormant first
-        n_ch = len(order)
-        step = max(1, int(round(params.once_prune_ratio * n_ch)))
-        lin = head(model)
-        original = lin.weight.detach().clone()
-        base = pool_accuracy(model, pool["x_val"], pool["y_val"], device)
-        kept_k, curve = 0, [{"pruned": 0, "held_out_ba": base}]
-        limit = int(params.max_ratio * n_ch)
-        for k in range(step, limit + 1, step):
-            with torch.no_grad():
-                lin.weight.copy_(original)
-            mask_linear_inputs(model, order[:k])
-            ba = pool_accuracy(model, pool["x_val"], pool["y_val"], device)
-            curve.append({"pruned": k, "held_out_ba": ba})
-            progress(0.5 * k / max(limit, 1), f"pruning {k}/{n_ch} channels", {"held_out_ba": ba})
-            if base - ba > params.acc_ratio * base:
-                break
-            kept_k = k
-        with torch.no_grad():
-            lin.weight.copy_(original)
-        reapply = mask_linear_inputs(model, order[:kept_k])
+    def rank_channels(self, model, params: FinePruneParams, ctx: RepairContext) -> tuple[list[int], dict[str, Any]]:
+        """Ascending mean activation on the pool's clean training images: dormant channels first."""
+        acts = last_layer_activations(model, ctx.pool.x, ctx.device)
+        return acts.mean(dim=(0, 2, 3)).argsort().tolist(), {}
+
+    def step_size(self, n_channels: int, params: FinePruneParams) -> int:
+        return max(1, int(round(params.once_prune_ratio * n_channels)))
+
+    def tolerated(self, base, now, params: FinePruneParams) -> bool:
+        return base["held_out_ba"] - now["held_out_ba"] <= params.acc_ratio * base["held_out_ba"]
+
+    def after_pruning(self, model, params: FinePruneParams, ctx: RepairContext, reapply) -> dict[str, Any]:
         if params.epochs > 0:
-            fine_tune(model, pool["x"], pool["y"], device, params.epochs, params.lr, params.batch_size,
-                      after_step=reapply, progress=lambda f, m, d: progress(0.5 + 0.5 * f, m, d),
-                      monitor=pool_monitor(model, pool, suspect.trigger, device))
-        return DefenseOutput(model, {
-            "layer": last_feature_layer(model),
-            "pruned_channels": sorted(order[:kept_k]),
-            "n_pruned": kept_k,
-            "n_channels": n_ch,
-            "held_out_ba_after": pool_accuracy(model, pool["x_val"], pool["y_val"], device),
-        }, {"prune_curve": curve})
+            fine_tune(model, ctx, epochs=params.epochs, lr=params.lr, batch_size=params.batch_size, after_step=reapply,
+                      span=(0.5, 1.0))
+        return {"held_out_ba_after": pool_accuracy(model, ctx.pool.x_val, ctx.pool.y_val, ctx.device)}

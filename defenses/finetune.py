@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import Defense, DefenseOutput, ThreatModel, param
-from .common import fine_tune, pool_accuracy, pool_monitor
+from .common import fine_tune, pool_accuracy
+from .context import RepairContext
 from .registry import register_defense
 
 
@@ -30,15 +31,16 @@ class FineTune(Defense):
     name = "finetune"
     title = "Fine-tuning"
     paper = "baseline (BackdoorBench defense/ft.py)"
+    order = 60
     summary = ("Keeps training the suspect on a small clean set with plain cross-entropy. The trigger pathway is "
                "never exercised, so it tends to fade; this is the control every defense must beat.")
     threat = ThreatModel(clean_pool=True)
     Params = FineTuneParams
     presets = {"quick": {"epochs": 20, "lr": 0.05, "batch_size": 64}, "paper": {}}
 
-    def repair(self, suspect, model, params, pool, device, progress, should_stop):
-        losses = fine_tune(model, pool["x"], pool["y"], device, params.epochs, params.lr, params.batch_size,
-                           params.momentum, params.weight_decay, params.augment, progress=progress,
-                           monitor=pool_monitor(model, pool, suspect.trigger, device))
-        return DefenseOutput(model, {"held_out_ba": pool_accuracy(model, pool["x_val"], pool["y_val"], device)},
+    def repair(self, model, params: FineTuneParams, ctx: RepairContext) -> DefenseOutput:
+        losses = fine_tune(model, ctx, epochs=params.epochs, lr=params.lr, batch_size=params.batch_size,
+                           momentum=params.momentum, weight_decay=params.weight_decay, augment=params.augment)
+        pool = ctx.pool
+        return DefenseOutput(model, {"held_out_ba": pool_accuracy(model, pool.x_val, pool.y_val, ctx.device)},
                              {"loss": losses})

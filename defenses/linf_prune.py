@@ -14,18 +14,14 @@ Threat model: needs a trigger. With a known trigger this is an *oracle* setting;
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .base import Defense, DefenseOutput, ThreatModel, param
-from .common import (
-    head,
-    last_feature_layer,
-    last_layer_activations,
-    mask_linear_inputs,
-    pool_accuracy,
-    pool_asr,
-)
+from .base import ThreatModel, param
+from .common import last_layer_activations, pool_accuracy, pool_asr
+from .context import RepairContext
+from .pruning import RankedPruning
 from .registry import register_defense
 
 
@@ -48,12 +44,13 @@ def _norm(a: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 @register_defense
-class LinfPrune(Defense):
+class LinfPrune(RankedPruning):
     name = "linf_prune"
     title = "l_inf neuron pruning"
     paper = "after Xu et al., arXiv 2002.12162"
     summary = ("Finds the last-layer channels whose strongest response (l_inf norm) jumps when the trigger is "
                "present and prunes them. A partial defense that needs a trigger, known or recovered.")
+    order = 20
     threat = ThreatModel(clean_pool=True, trigger=True, note="with the known trigger this is an oracle setting")
     Params = LinfPruneParams
     # paper: the 5-10% budget the reference suggests ([design], no official values); quick: on the narrow demo
@@ -61,43 +58,24 @@ class LinfPrune(Defense):
     # (the pool images were training images, so their BA falls faster than test BA as channels go).
     presets = {"quick": {"max_ratio": 0.5, "target_asr": 0.2, "ba_tolerance": 0.15}, "paper": {}}
 
-    def repair(self, suspect, model, params, pool, device, progress, should_stop):
-        trigger = suspect.trigger
-        x = pool["x"]
-        mask = trigger.test_mask(pool["y"])
-        clean_a = last_layer_activations(model, x[mask], device)
-        trig_a = last_layer_activations(model, trigger(x[mask]), device)
+    def rank_channels(self, model, params: LinfPruneParams, ctx: RepairContext) -> tuple[list[int], dict[str, Any]]:
+        """Descending s_k = E||A_k(x + trigger)|| - E||A_k(x)|| on the pool's non-target training images."""
+        trigger, x = ctx.trigger, ctx.pool.x
+        mask = trigger.test_mask(ctx.pool.y)
+        clean_a = last_layer_activations(model, x[mask], ctx.device)
+        trig_a = last_layer_activations(model, trigger(x[mask]), ctx.device)
         score = _norm(trig_a, params.norm).mean(0) - _norm(clean_a, params.norm).mean(0)
         order = score.argsort(descending=True).tolist()
-        n_ch = len(order)
-        limit = int(params.max_ratio * n_ch)
-        lin = head(model)
-        original = lin.weight.detach().clone()
-        base_ba = pool_accuracy(model, pool["x_val"], pool["y_val"], device)
-        base_asr = pool_asr(model, pool["x_val"], pool["y_val"], trigger, device)
-        curve = [{"pruned": 0, "held_out_ba": base_ba, "held_out_asr": base_asr}]
-        chosen = 0
-        for k in range(1, limit + 1):
-            with torch.no_grad():
-                lin.weight.copy_(original)
-            mask_linear_inputs(model, order[:k])
-            ba = pool_accuracy(model, pool["x_val"], pool["y_val"], device)
-            asr = pool_asr(model, pool["x_val"], pool["y_val"], trigger, device)
-            curve.append({"pruned": k, "held_out_ba": ba, "held_out_asr": asr})
-            progress(k / max(limit, 1), f"pruning {k}/{limit} channels", {"held_out_asr": asr, "held_out_ba": ba})
-            if base_ba - ba > params.ba_tolerance:
-                break
-            chosen = k
-            if asr is not None and asr <= params.target_asr:
-                break
-        with torch.no_grad():
-            lin.weight.copy_(original)
-        mask_linear_inputs(model, order[:chosen])
-        return DefenseOutput(model, {
-            "layer": last_feature_layer(model),
-            "pruned_channels": order[:chosen],
-            "n_pruned": chosen,
-            "n_channels": n_ch,
-            "top_scores": [round(float(score[c]), 4) for c in order[:10]],
-            "score": f"E||A_k(x+trigger)||_{params.norm} - E||A_k(x)||_{params.norm}",
-        }, {"prune_curve": curve})
+        return order, {"top_scores": [round(float(score[c]), 4) for c in order[:10]],
+                       "score": f"E||A_k(x+trigger)||_{params.norm} - E||A_k(x)||_{params.norm}"}
+
+    def measure(self, model, ctx: RepairContext) -> dict[str, float | None]:
+        pool = ctx.pool
+        return {"held_out_ba": pool_accuracy(model, pool.x_val, pool.y_val, ctx.device),
+                "held_out_asr": pool_asr(model, pool.x_val, pool.y_val, ctx.trigger, ctx.device)}
+
+    def tolerated(self, base, now, params: LinfPruneParams) -> bool:
+        return base["held_out_ba"] - now["held_out_ba"] <= params.ba_tolerance
+
+    def enough(self, now, params: LinfPruneParams) -> bool:
+        return now["held_out_asr"] is not None and now["held_out_asr"] <= params.target_asr

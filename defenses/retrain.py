@@ -2,7 +2,7 @@
 
 Training-time defenses retrain a model from the suspect's *poisoned training set* (known for the demo suspects
 and anything trained with ``backdoor-lens train``). The held-out part of the defense pool is removed from that
-set, so the live BA / ASR they report on it (``pool["x_val"]``) stays held out; the test split is never seen.
+set, so the live BA / ASR they report on it (``pool.x_val``) stays held out; the test split is never seen.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from suspects.models import penultimate_features, reset_skip_gammas
 from suspects.store import Suspect
 from suspects.triggers import Trigger
 
-from .base import Cancelled, Progress
+from .context import DefensePool, RepairContext
 
 __all__ = ["TrainingSet", "poisoned_training_set", "reinitialize", "StageClock", "batched_features",
            "knn_monitor", "suspect_fingerprint", "histogram", "auroc", "split_quality"]
@@ -45,14 +45,14 @@ class TrainingSet:
         return float(self.poisoned.float().mean()) if len(self.y) else 0.0
 
 
-def poisoned_training_set(suspect: Suspect, pool: dict, subset: int = 0, seed: int = 0) -> TrainingSet:
+def poisoned_training_set(suspect: Suspect, pool: DefensePool, subset: int = 0, seed: int = 0) -> TrainingSet:
     """The suspect's poisoned training set minus the held-out pool images; ``subset`` > 0 keeps a random subset."""
     data = suspect.poisoned_train()
     x, y, poisoned = data.materialize()
     keep = torch.ones(len(y), dtype=torch.bool)
-    n_val = len(pool.get("y_val", ()))
-    if n_val and "index" in pool:
-        held_out = suspect.split[1][pool["index"][:n_val]]
+    n_val = pool.n_held_out
+    if n_val and len(pool.index):
+        held_out = suspect.split[1][pool.index[:n_val]]
         keep[held_out] = False
     index = torch.nonzero(keep).flatten()
     if subset and subset < len(index):
@@ -87,12 +87,12 @@ class StageClock:
     """One progress fraction over the stages of a defense, with cancellation checked at every step.
 
     ``costs`` are the relative amounts of work of the stages (any unit); :meth:`tick` adds work done in
-    ``stage`` and reports it (at most every ``interval`` seconds unless ``metrics`` are given).
+    ``stage`` and reports it through ``ctx.tick`` (at most every ``interval`` seconds unless ``metrics`` are
+    given); in between it only checks for cancellation (``ctx.check_cancel``).
     """
 
-    def __init__(self, progress: Progress, should_stop: Callable[[], bool], costs: dict[str, float],
-                 interval: float = 0.5):
-        self.progress, self.should_stop = progress, should_stop
+    def __init__(self, ctx: RepairContext, costs: dict[str, float], interval: float = 0.5):
+        self.ctx = ctx
         total = sum(costs.values()) or 1.0
         self.start, acc = {}, 0.0
         for name, c in costs.items():
@@ -102,14 +102,14 @@ class StageClock:
         self.interval, self.last = interval, 0.0
 
     def tick(self, stage: str, fraction: float, message: str, metrics: dict | None = None) -> None:
-        """``fraction`` of ``stage`` is done; raise :class:`Cancelled` when the user asked to stop."""
-        if self.should_stop():
-            raise Cancelled("cancelled by the user")
+        """``fraction`` of ``stage`` is done; raise :class:`~defenses.context.Cancelled` when the user asked to stop."""
         now = time.time()
         if metrics or now - self.last >= self.interval:
             self.last = now
             overall = self.start[stage] + self.share[stage] * min(max(fraction, 0.0), 1.0)
-            self.progress(overall, message, dict(metrics or {}))
+            self.ctx.tick(overall, message, metrics)
+        else:
+            self.ctx.check_cancel()
 
 
 @torch.no_grad()
@@ -127,30 +127,31 @@ def batched_features(model: nn.Module, x: torch.Tensor, device, batch_size: int 
     return torch.cat(out) if out else torch.empty(0)
 
 
-def knn_monitor(model: nn.Module, pool: dict, trigger: Trigger | None, device, k: int = 10) -> Callable[[], dict]:
+def knn_monitor(model: nn.Module, pool: DefensePool, trigger: Trigger | None, device,
+                k: int = 10) -> Callable[[], dict]:
     """Held-out pool BA / ASR of a cosine k-NN on the current features (for stages without a classifier head).
 
     The reference set is the pool's training part; queries are the held-out part, clean and triggered.
     """
     def measure() -> dict:
-        if len(pool["y_val"]) == 0 or len(pool["y"]) == 0:
+        if pool.n_held_out == 0 or pool.n_train == 0:
             return {}
-        ref = F.normalize(batched_features(model, pool["x"], device), dim=1)
-        num_classes = int(max(pool["y"].max(), pool["y_val"].max())) + 1
+        ref = F.normalize(batched_features(model, pool.x, device), dim=1)
+        num_classes = int(max(pool.y.max(), pool.y_val.max())) + 1
 
         def classify(x: torch.Tensor) -> torch.Tensor:
             q = F.normalize(batched_features(model, x, device), dim=1)
             sim, nn_idx = (q @ ref.T).topk(min(k, len(ref)), dim=1)
             votes = torch.zeros(len(q), num_classes)
-            votes.scatter_add_(1, pool["y"][nn_idx], (sim / 0.1).exp())
+            votes.scatter_add_(1, pool.y[nn_idx], (sim / 0.1).exp())
             return votes.argmax(1)
 
-        out = {"knn_ba": float((classify(pool["x_val"]) == pool["y_val"]).float().mean())}
+        out = {"knn_ba": float((classify(pool.x_val) == pool.y_val).float().mean())}
         if trigger is not None:
-            mask = trigger.test_mask(pool["y_val"])
+            mask = trigger.test_mask(pool.y_val)
             if mask.any():
-                xt = trigger(pool["x_val"][mask])
-                out["knn_asr"] = float((classify(xt) == trigger.target_labels(pool["y_val"][mask])).float().mean())
+                xt = trigger(pool.x_val[mask])
+                out["knn_asr"] = float((classify(xt) == trigger.target_labels(pool.y_val[mask])).float().mean())
         return out
     return measure
 

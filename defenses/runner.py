@@ -12,6 +12,7 @@ import datetime as _dt
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,13 +22,14 @@ from suspects.metrics import DEFINITIONS, der, evaluate
 from suspects.store import Suspect
 from suspects.training import seed_everything
 
-from .base import ArtifactFile, Cancelled, Defense, ParamError, Progress
+from .base import Defense, ParamError
+from .context import Cancelled, DefensePool, Progress, RepairContext
 from .registry import get_defense
 
 __all__ = ["defense_pool", "run_defense", "DefenseRun"]
 
 
-def defense_pool(suspect: Suspect, n: int = 500, val_fraction: float = 0.2, seed: int = 0) -> dict[str, torch.Tensor]:
+def defense_pool(suspect: Suspect, n: int = 500, val_fraction: float = 0.2, seed: int = 0) -> DefensePool:
     """``n`` clean pool images as ``x``/``y`` (train part) and ``x_val``/``y_val`` (held-out part)."""
     pool = suspect.defense_pool
     if n < 1:
@@ -38,23 +40,27 @@ def defense_pool(suspect: Suspect, n: int = 500, val_fraction: float = 0.2, seed
     idx = torch.randperm(len(pool), generator=gen)[:n]
     n_val = int(round(n * val_fraction)) if n >= 10 else 0
     val, train = idx[:n_val], idx[n_val:]
-    return {"x": pool.images(train), "y": pool.labels[train], "x_val": pool.images(val), "y_val": pool.labels[val],
-            "index": idx.clone()}
+    return DefensePool(pool.images(train), pool.labels[train], pool.images(val), pool.labels[val], idx.clone())
 
 
 class DefenseRun(dict):
-    """The report: a plain dict (JSON-able) with the repaired suspect attached as ``.suspect`` and the defense's
-    extra files (name -> :class:`~defenses.base.ArtifactFile`) as ``.files``."""
+    """The report: a plain dict (JSON-able) with the repaired suspect attached as ``.suspect`` and the run's
+    artifacts folder (the files the defense kept, listed under ``files``) as ``.artifacts_dir``."""
 
     suspect: Suspect
-    files: dict[str, ArtifactFile]
+    artifacts_dir: Path | None
 
 
 def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: dict[str, Any] | None = None,
                 progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
                 pool_size: int = 500, seed: int = 0, device: str | torch.device | None = None,
-                suspect_ref: str | None = None) -> DefenseRun:
-    """Validate, run and measure a defense. Raises ParamError / ValueError before anything runs on bad input."""
+                suspect_ref: str | None = None, artifacts_dir: Path | None = None) -> DefenseRun:
+    """Validate, run and measure a defense. Raises ParamError / ValueError before anything runs on bad input.
+
+    ``artifacts_dir``: a folder this run owns, where a defense keeps files (``ctx.artifacts``; e.g. DBD's stage-1
+    backbone). The caller decides what becomes of it (the job queue moves it into the finished run's folder);
+    without one, nothing is kept on disk.
+    """
     defense: Defense = get_defense(name)
     params = defense.make_params(preset, overrides)
     defense.check_applicable(suspect)
@@ -73,10 +79,10 @@ def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: d
 
     def scaled(fraction: float, message: str, metrics: dict) -> None:
         report_progress(0.02 + 0.93 * min(max(fraction, 0.0), 1.0), message, metrics)
-        if stop():
-            raise Cancelled("cancelled by the user")
 
-    out = defense.repair(suspect, model, params, pool, device, scaled, stop)
+    artifacts = Path(artifacts_dir) if artifacts_dir is not None else None
+    ctx = RepairContext(suspect, pool, device, seed=seed, artifacts=artifacts, progress=scaled, should_stop=stop)
+    out = defense.repair(model, params, ctx)
     repaired = out.model.eval()
     report_progress(0.96, "measuring the repaired model", {})
     after = evaluate(repaired, suspect.test, trigger, device=device)
@@ -90,7 +96,7 @@ def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: d
         "preset": preset,
         "params": asdict(params),
         "pool_size": pool_size,
-        "pool_split": {"train": int(len(pool["y"])), "held_out": int(len(pool["y_val"]))},
+        "pool_split": {"train": pool.n_train, "held_out": pool.n_held_out},
         "seed": seed,
         "ba_before": before.ba, "asr_before": before.asr, "ra_before": before.ra,
         "ba": after.ba, "asr": after.asr, "ra": after.ra,
@@ -100,7 +106,8 @@ def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: d
         "device": describe_device(device),
         "artifacts": out.artifacts,
         "curves": out.curves,
-        "files": sorted(f"{k}.safetensors" for k in out.files),
+        "files": (sorted(p.name for p in artifacts.iterdir() if p.is_file())
+                  if artifacts is not None and artifacts.is_dir() else []),
         "metric_definitions": DEFINITIONS,
         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     })
@@ -113,6 +120,6 @@ def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: d
     card.pop("created", None)
     card.pop("versions", None)
     report.suspect = Suspect(repaired, card, None, _plan=suspect._plan, _trigger_override=suspect._trigger_override)
-    report.files = dict(out.files)
+    report.artifacts_dir = artifacts
     report_progress(1.0, "done", {"ba": after.ba, **({"asr": after.asr} if after.asr is not None else {})})
     return report

@@ -17,7 +17,8 @@ from analysis.shortcuts import DEFAULT_GAMMAS, skip_ablation
 from suspects.models import list_residual_blocks, set_skip_gamma
 
 from .base import Defense, DefenseOutput, ParamError, ThreatModel, param
-from .common import fine_tune, pool_accuracy, pool_asr, pool_monitor
+from .common import fine_tune, pool_accuracy, pool_asr
+from .context import RepairContext
 from .registry import register_defense
 
 
@@ -37,6 +38,7 @@ class ShortcutSuppression(Defense):
     name = "shortcut"
     title = "Shortcut suppression (SSFT)"
     paper = "Yang et al., ICASSP 2023 (arXiv 2211.05631)"
+    order = 10
     summary = ("Switches off the skip connection the trigger travels through (the critical block of the ablation) "
                "and fine-tunes that stage on clean data to win back accuracy.")
     threat = ThreatModel(clean_pool=True, trigger=True,
@@ -48,17 +50,17 @@ class ShortcutSuppression(Defense):
         if not list_residual_blocks(suspect.model):
             raise ValueError(f"{self.title} needs skip connections; {suspect.card.get('arch')} has none")
 
-    def repair(self, suspect, model, params, pool, device, progress, should_stop):
+    def repair(self, model, params: ShortcutParams, ctx: RepairContext) -> DefenseOutput:
         blocks = list_residual_blocks(model)
-        trigger = suspect.trigger
+        trigger, pool, device = ctx.trigger, ctx.pool, ctx.device
         scores = None
         if params.block == "auto":
             if trigger is None:
                 raise ValueError("block='auto' needs a trigger to run the ablation; name a block instead")
-            x, y = pool["x"], pool["y"]
+            x, y = pool.x, pool.y
             mask = trigger.test_mask(y)
             res = skip_ablation(model, x, y, trigger(x[mask]), trigger.target_labels(y[mask]), DEFAULT_GAMMAS,
-                                progress=lambda f, m, d: progress(0.4 * f, m, d))
+                                progress=lambda f, m, d: ctx.tick(0.4 * f, m, d))
             block, scores = res.critical_block, {k: round(v, 4) for k, v in res.scores.items()}
         else:
             if params.block not in blocks:
@@ -69,18 +71,17 @@ class ShortcutSuppression(Defense):
         for name, child in model.named_children():
             for p in child.parameters():
                 p.requires_grad_(name == stage)
-        after_cut = {"held_out_ba": pool_accuracy(model, pool["x_val"], pool["y_val"], device),
-                     "held_out_asr": pool_asr(model, pool["x_val"], pool["y_val"], trigger, device)}
+        after_cut = {"held_out_ba": pool_accuracy(model, pool.x_val, pool.y_val, device),
+                     "held_out_asr": pool_asr(model, pool.x_val, pool.y_val, trigger, device)}
+        ctx.tick(0.4, f"suppressed the skip connection of {block}")
         losses = []
         if params.epochs > 0:
-            losses = fine_tune(model, pool["x"], pool["y"], device, params.epochs, params.lr, params.batch_size,
-                               params.momentum, params.weight_decay,
-                               progress=lambda f, m, d: progress(0.4 + 0.6 * f, m, d),
-                               monitor=pool_monitor(model, pool, trigger, device))
+            losses = fine_tune(model, ctx, epochs=params.epochs, lr=params.lr, batch_size=params.batch_size,
+                               momentum=params.momentum, weight_decay=params.weight_decay, span=(0.4, 1.0))
         for p in model.parameters():
             p.requires_grad_(True)
         return DefenseOutput(model, {
             "block": block, "gamma": params.gamma, "trained_stage": stage, "block_scores": scores,
             "right_after_suppression": after_cut,
-            "held_out_ba_after": pool_accuracy(model, pool["x_val"], pool["y_val"], device),
+            "held_out_ba_after": pool_accuracy(model, pool.x_val, pool.y_val, device),
         }, {"loss": losses})

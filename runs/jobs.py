@@ -25,7 +25,7 @@ from defenses.base import Cancelled, ParamError
 from defenses.registry import get_defense
 from defenses.runner import run_defense
 
-from .store import ACTIVE_ROOT, RunStore
+from .store import RunStore, run_file
 
 __all__ = ["create_run", "submit", "ensure_worker", "device_lock", "run_queued", "execute"]
 
@@ -115,14 +115,17 @@ def execute(store: RunStore, run_id: str, device: str | None = None, progress_ho
         if progress_hook is not None:
             progress_hook(fraction, message, metrics)
 
-    token = ACTIVE_ROOT.set(store.root)  # a defense may refer to an earlier run of this store by id
     try:
         suspect = suspects.load(rec.suspect)
         overrides = {k: v for k, v in rec.params.items() if not k.startswith("_")}
+        for key, filename in get_defense(rec.defense).run_files.items():  # an earlier run, by id: pass its file
+            if str(overrides.get(key) or "").strip():
+                overrides[key] = str(run_file(str(overrides[key]), filename, root=store.root))
         report = run_defense(rec.defense, suspect, rec.preset, overrides, progress=progress,
                              should_stop=lambda: store.cancel_requested(run_id), pool_size=rec.pool_size,
-                             seed=rec.seed, device=device or rec.device, suspect_ref=rec.suspect)
-        store.finish(run_id, dict(report), report.suspect, log.getvalue(), files=report.files)
+                             seed=rec.seed, device=device or rec.device, suspect_ref=rec.suspect,
+                             artifacts_dir=store.artifacts_dir(run_id))
+        store.finish(run_id, dict(report), report.suspect, log.getvalue())
         return "finished"
     except Cancelled:
         store.fail(run_id, "cancelled by the user", status="cancelled")
@@ -130,8 +133,6 @@ def execute(store: RunStore, run_id: str, device: str | None = None, progress_ho
     except Exception as err:  # noqa: BLE001 - recorded for the user
         store.fail(run_id, f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
         return "failed"
-    finally:
-        ACTIVE_ROOT.reset(token)
 
 
 def run_queued(store: RunStore, device: str | None = None) -> int:

@@ -6,9 +6,9 @@ Root: :func:`runs_root` (``./lens-runs`` by default, moved by ``BACKDOOR_LENS_RU
 - ``index.sqlite`` holds one row per run (queued / running / finished / failed / cancelled / interrupted) with
   its progress, and the interim metrics it reported (table ``events``), so any page or tab can follow it.
 - A finished run is the folder ``<root>/<run id>/`` with ``model.safetensors`` and ``suspect.json`` (the repaired
-  suspect), ``report.json``, ``log.txt`` and any extra tensors the defense keeps (``<name>.safetensors``, e.g.
-  DBD's stage-1 backbone; :func:`run_file` finds them again from a run id). It is written to ``<root>/.<run id>.partial/`` and renamed when
-  complete, and its row says ``finished`` only after the rename: a crash never leaves a run that looks complete.
+  suspect), ``report.json``, ``log.txt`` and the files the defense kept in the run's artifacts folder
+  (``<root>/.<run id>.artifacts/`` while it runs, e.g. DBD's stage-1 backbone; :func:`run_file` finds them again from
+  a run id). It is written to ``<root>/.<run id>.partial/`` and renamed when complete, and its row says ``finished`` only after the rename: a crash never leaves a run that looks complete.
 - A run whose worker process died (a killed server, a crash) is marked ``interrupted``, never finished.
 """
 
@@ -23,15 +23,14 @@ import sys
 import time
 import uuid
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from suspects.atomic import atomic_folder, save_safetensors, write_json, write_text
+from suspects.atomic import atomic_folder, write_json, write_text
 from suspects.store import Suspect, write_suspect_files
 
-__all__ = ["RunStore", "RunRecord", "runs_root", "STATUSES", "ACTIVE", "ACTIVE_ROOT", "run_file", "DEFAULT_FOLDER",
+__all__ = ["RunStore", "RunRecord", "runs_root", "STATUSES", "ACTIVE", "run_file", "DEFAULT_FOLDER",
            "ENV_VAR", "INDEX_FILE"]
 
 STATUSES = ("queued", "running", "finished", "failed", "cancelled", "interrupted")
@@ -97,17 +96,14 @@ def runs_root(override: str | os.PathLike | None = None) -> Path:
         return legacy
     return new
 
-
-# The store a run is executing under (set by runs.jobs.execute), so a defense can find an earlier run by id.
-ACTIVE_ROOT: ContextVar[Path | None] = ContextVar("backdoor_lens_active_runs_root", default=None)
 _FILE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-def run_file(ref: str, filename: str) -> Path:
+def run_file(ref: str, filename: str, root: str | os.PathLike | None = None) -> Path:
     """``filename`` of a finished run, given the run's id, its folder, or the file itself.
 
-    A run id is looked up in the store the current run executes under, else in :func:`runs_root`.
+    A run id is looked up in the store under ``root``, else in :func:`runs_root`.
     Raises FileNotFoundError with the places tried.
     """
     ref = str(ref).strip()
@@ -119,8 +115,8 @@ def run_file(ref: str, filename: str) -> Path:
     if path.is_dir():
         candidates = [path / filename]
     elif _RUN_ID.match(ref):
-        roots = [r for r in (ACTIVE_ROOT.get(), runs_root()) if r is not None]
-        candidates = [Path(r) / ref / filename for r in dict.fromkeys(roots)]
+        roots = [Path(r).expanduser().resolve() for r in (root, runs_root()) if r is not None]
+        candidates = [r / ref / filename for r in dict.fromkeys(roots)]
     else:
         candidates = []
     for c in candidates:
@@ -233,25 +229,26 @@ class RunStore:
                 c.execute("INSERT INTO events (run_id, t, fraction, message, metrics) VALUES (?, ?, ?, ?, ?)",
                           (run_id, time.time(), float(fraction), message, json.dumps(metrics)))
 
-    def finish(self, run_id: str, report: dict[str, Any], suspect: Suspect, log: str = "",
-               files: dict[str, Any] | None = None) -> Path:
-        """Write the run folder atomically, then mark the run finished.
+    def artifacts_dir(self, run_id: str) -> Path:
+        """The folder a running run owns for the files its defense keeps (moved into the run folder by :meth:`finish`)."""
+        return self.root / f".{run_id}.artifacts"
 
-        ``files`` maps a name to an :class:`~defenses.base.ArtifactFile` (tensors + metadata) written as
-        ``<name>.safetensors`` next to the model.
-        """
-        files = dict(files or {})
-        for name in files:
-            if not _FILE_NAME.match(name) or name in ("model", "suspect", "report"):
-                raise ValueError(f"invalid run file name {name!r} (lower-case letters, digits, '_' and '-')")
+    def finish(self, run_id: str, report: dict[str, Any], suspect: Suspect, log: str = "") -> Path:
+        """Write the run folder atomically (with the files of :meth:`artifacts_dir`), then mark the run finished."""
+        kept = sorted(p for p in self.artifacts_dir(run_id).glob("*") if p.is_file())
+        for f in kept:
+            stem = f.name.split(".", 1)[0]
+            if not _FILE_NAME.match(stem) or stem in ("model", "suspect", "report", "log"):
+                raise ValueError(f"invalid run file name {f.name!r} (lower-case letters, digits, '_' and '-')")
         final = self.root / run_id
         with atomic_folder(final, partial=self._partial(run_id)) as partial:
             write_suspect_files(suspect, partial)
-            for name, art in files.items():
-                save_safetensors(partial / f"{name}.safetensors", art.tensors, art.metadata)
+            for f in kept:
+                shutil.copy2(f, partial / f.name)
             report = {**report, "run_id": run_id, "run_dir": str(final)}
             write_json(partial / "report.json", report, indent=2, default=str)
             write_text(partial / "log.txt", log)
+        shutil.rmtree(self.artifacts_dir(run_id), ignore_errors=True)
         summary = {k: report.get(k) for k in ("ba_before", "asr_before", "ra_before", "ba", "asr", "ra", "der",
                                               "seconds", "device")}
         with self._conn() as c:
@@ -266,6 +263,7 @@ class RunStore:
             c.execute("UPDATE runs SET status = ?, error = ?, finished = ?, message = ? WHERE id = ?",
                       (status, error, time.time(), status, run_id))
         shutil.rmtree(self._partial(run_id), ignore_errors=True)
+        shutil.rmtree(self.artifacts_dir(run_id), ignore_errors=True)
 
     def _partial(self, run_id: str) -> Path:
         """Where a run's folder is written before it is complete (``finish`` renames it)."""

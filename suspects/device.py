@@ -7,7 +7,8 @@ import os
 
 import torch
 
-__all__ = ["pick_device", "autocast", "prepare_model", "describe_device"]
+__all__ = ["pick_device", "amp_dtype", "needs_grad_scaler", "grad_scaler", "autocast", "full_precision",
+           "prepare_model", "describe_device"]
 
 
 def pick_device(override: str | None = None) -> torch.device:
@@ -27,12 +28,42 @@ def pick_device(override: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def autocast(device: torch.device | str, enabled: bool = True):
-    """Mixed precision on CUDA (bfloat16 where supported, else float16); a no-op elsewhere."""
+def amp_dtype(device: torch.device | str, enabled: bool = True) -> torch.dtype | None:
+    """The one choice of mixed precision: bfloat16 on a CUDA device that supports it, float16 on older CUDA
+    devices (which then need a gradient scaler, see :func:`needs_grad_scaler`), none on the CPU and MPS."""
     device = torch.device(device)
-    if device.type == "cuda" and enabled:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def needs_grad_scaler(dtype: torch.dtype | None) -> bool:
+    """float16 gradients underflow without loss scaling (Micikevicius et al., ICLR 2018); bfloat16 has float32's
+    exponent range and needs none."""
+    return dtype == torch.float16
+
+
+def grad_scaler(device: torch.device | str, dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
+    """A gradient scaler for float16 autocast on ``device``; None for bfloat16 and full precision."""
+    if not needs_grad_scaler(dtype):
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
+
+
+def autocast(device: torch.device | str, enabled: bool = True, dtype: torch.dtype | None = None):
+    """Autocast to ``dtype`` (default: :func:`amp_dtype`, i.e. mixed precision on CUDA only); a no-op without one."""
+    device = torch.device(device)
+    dtype = dtype if dtype is not None else amp_dtype(device, enabled)
+    if not enabled or dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def full_precision(device: torch.device | str):
+    """Switch autocast off inside an autocast region (for losses and small heads that want float32)."""
+    device = torch.device(device)
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
 

@@ -1,8 +1,11 @@
-"""Train a (possibly backdoored) suspect from a data source and an attack: ``backdoor-lens train``.
+"""The one training loop (:func:`fit`) and training a (possibly backdoored) suspect: ``backdoor-lens train``.
 
-SGD with momentum and a cosine schedule by default; random-crop augmentation applied after poisoning
-(as BackdoorBench does); mixed precision and channels-last on GPU. Per-epoch BA and ASR on the test split
-are reported for the user only: nothing is selected or stopped on them.
+:func:`fit` is used by every training stage in the project (suspect training, fine-tuning defenses, CBD, DBD):
+autocast to the dtype :func:`~suspects.device.amp_dtype` picks, with a gradient scaler for float16 only.
+
+Suspect training: SGD with momentum and a cosine schedule by default; random-crop augmentation applied after
+poisoning (as BackdoorBench does); mixed precision and channels-last on GPU. Per-epoch BA and ASR on the test
+split are reported for the user only: nothing is selected or stopped on them.
 """
 
 from __future__ import annotations
@@ -10,24 +13,25 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .data import defense_pool_split, load_dataset
-from .device import autocast, describe_device, pick_device, prepare_model, to_device
+from .device import amp_dtype, autocast, describe_device, grad_scaler, pick_device, prepare_model, to_device
 from .metrics import DEFINITIONS, evaluate
 from .models import create_model
 from .poison import PoisonedDataset
 from .store import Suspect, library_versions, save
 from .triggers import make_trigger
 
-__all__ = ["TrainConfig", "train_suspect", "Progress", "seed_everything", "augment_batch"]
+__all__ = ["TrainConfig", "train_suspect", "Progress", "seed_everything", "augment_batch", "fit", "FitStep"]
 
 Progress = Callable[[float, str, dict], None]
 """progress(fraction in [0, 1], message, metrics) — one callback type for tqdm and the dashboard."""
@@ -103,6 +107,86 @@ def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator, pad: int | N
         out[flip] = out[flip].flip(-1)
     return out.contiguous()
 
+class FitStep(NamedTuple):
+    """What :func:`fit` tells its ``tick`` after every optimiser step."""
+
+    epoch: int  # 0-based epoch
+    batch: int  # 0-based batch within the epoch
+    step: int  # steps done so far over the whole run (1 after the first)
+    loss: float  # this batch's loss
+    epoch_loss: float  # weighted mean loss of the epoch so far
+
+
+def fit(model: nn.Module, batches: Iterable[Any] | Callable[[int], Iterable[Any]],
+        loss_fn: Callable[[Any], torch.Tensor | tuple[torch.Tensor, float]], optimizer: torch.optim.Optimizer, *,
+        device: torch.device | str, epochs: int = 1, scheduler: Any = None, amp: bool | torch.dtype = True,
+        train_mode: bool = True, max_steps: int | None = None, tick: Callable[[FitStep], None] | None = None,
+        should_stop: Callable[[], bool] | None = None, after_step: Callable[[], None] | None = None,
+        end_epoch: Callable[[int, float], None] | None = None) -> list[float]:
+    """The one training loop: for each epoch and batch, ``loss_fn(batch)`` under autocast, backward, optimiser step.
+
+    - ``batches``: a callable ``batches(epoch)`` returning that epoch's batches (drawn lazily, so augmentation uses
+      its random generator in the same order as a hand-written loop), or an iterable for a single epoch.
+    - ``loss_fn(batch)`` returns the loss, or ``(loss, weight)`` where weight is the batch's share of the epoch mean
+      (e.g. its size; 1 by default).
+    - ``amp``: True = the device's mixed precision (:func:`~suspects.device.amp_dtype`: bfloat16 / float16 on CUDA,
+      none on the CPU), False = full precision, or an explicit autocast dtype. float16 gets a
+      :class:`torch.amp.GradScaler` (:func:`~suspects.device.grad_scaler`); bfloat16 and float32 get none.
+    - ``model.train(train_mode)`` at the start of every epoch (hooks in between may switch to eval mode).
+    - Per step, in this order: ``optimizer.step()``, ``scheduler.step()``, ``after_step()``, ``tick(FitStep)``.
+      ``tick`` may raise (e.g. :class:`~defenses.context.Cancelled`) to abort the run.
+    - Before each batch is drawn: stop once ``max_steps`` steps are done or ``should_stop()`` is true; the epoch
+      in progress still counts and gets its ``end_epoch(epoch, mean_loss)`` call (no further epochs start).
+
+    Returns the per-epoch weighted mean losses.
+    """
+    if not callable(batches) and epochs != 1:
+        raise ValueError("fit: give batches as a callable batches(epoch) to train for more than one epoch")
+    dtype = amp if isinstance(amp, torch.dtype) else amp_dtype(device, bool(amp))
+    scaler = grad_scaler(device, dtype)
+    losses: list[float] = []
+    step = 0
+    for epoch in range(epochs):
+        model.train(train_mode)
+        it: Iterator[Any] = iter(batches(epoch) if callable(batches) else batches)
+        total, seen, i, stopped = 0.0, 0.0, 0, False
+        while True:
+            if (max_steps is not None and step >= max_steps) or (should_stop is not None and should_stop()):
+                stopped = True
+                break
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            with autocast(device, enabled=dtype is not None, dtype=dtype):
+                out = loss_fn(batch)
+            loss, weight = out if isinstance(out, tuple) else (out, 1.0)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            if after_step is not None:
+                after_step()
+            value = float(loss.detach())
+            total += value * weight
+            seen += weight
+            step += 1
+            if tick is not None:
+                tick(FitStep(epoch, i, step, value, total / seen if seen else 0.0))
+            i += 1
+        losses.append(total / seen if seen else 0.0)
+        if end_epoch is not None:
+            end_epoch(epoch, losses[-1])
+        if stopped:
+            break
+    return losses
+
 
 def train_suspect(cfg: TrainConfig, out_dir: str | Path | None = None, progress: Progress = _no_progress,
                   overwrite: bool = False) -> Suspect:
@@ -131,39 +215,36 @@ def train_suspect(cfg: TrainConfig, out_dir: str | Path | None = None, progress:
         total_steps = min(total_steps, int(cfg.max_steps))
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps) if cfg.schedule == "cosine"
              else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
     gen = torch.Generator().manual_seed(cfg.seed)
-    step, history, t0 = 0, [], time.time()
-    for epoch in range(cfg.epochs):
-        model.train()
+    history: list[dict] = []
+    done = [0]
+    t0 = time.time()
+
+    def epoch_batches(epoch: int):
         perm = torch.randperm(len(x_all), generator=gen)
-        loss_sum, seen = 0.0, 0
         for start in range(0, len(perm), cfg.batch_size):
-            if step >= total_steps:
-                break
             idx = perm[start:start + cfg.batch_size]
-            xb = augment_batch(x_all[idx], cfg.augment, gen)
-            xb, yb = to_device(xb, device), y_all[idx].to(device)
-            with autocast(device):
-                loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            step += 1
-            loss_sum += float(loss.detach()) * len(idx)
-            seen += len(idx)
-            if step % 10 == 0:
-                progress(step / total_steps, f"epoch {epoch + 1}/{cfg.epochs}", {"loss": loss_sum / seen})
+            yield to_device(augment_batch(x_all[idx], cfg.augment, gen), device), y_all[idx].to(device)
+
+    def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        xb, yb = batch
+        return F.cross_entropy(model(xb), yb), len(yb)
+
+    def tick(s: FitStep) -> None:
+        done[0] = s.step
+        if s.step % 10 == 0:
+            progress(s.step / total_steps, f"epoch {s.epoch + 1}/{cfg.epochs}", {"loss": s.epoch_loss})
+
+    def end_epoch(epoch: int, loss: float) -> None:
         m = evaluate(model, test, trigger, device=device)
-        row = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "ba": m.ba, "asr": m.asr, "ra": m.ra,
+        row = {"epoch": epoch + 1, "loss": loss, "ba": m.ba, "asr": m.asr, "ra": m.ra,
                "seconds": round(time.time() - t0, 1)}
         history.append(row)
-        progress(step / total_steps, f"epoch {epoch + 1}/{cfg.epochs}",
+        progress(done[0] / total_steps, f"epoch {epoch + 1}/{cfg.epochs}",
                  {k: v for k, v in row.items() if v is not None})
-        if step >= total_steps:
-            break
+
+    fit(model, epoch_batches, loss_fn, opt, device=device, epochs=cfg.epochs, scheduler=sched,
+        max_steps=total_steps, tick=tick, end_epoch=end_epoch)
     model = model.cpu().to(memory_format=torch.contiguous_format).eval()
     final = evaluate(model, test, trigger, device="cpu")
     name = cfg.name or (Path(out_dir).name if out_dir else (cfg.attack or "clean"))

@@ -85,7 +85,7 @@ def _gen(seed: int = 0) -> torch.Generator:
 def test_training_set_leaves_out_the_held_out_pool_and_knows_the_poison(badnets, small_set):
     pool = defense_pool(badnets, 100)
     full = poisoned_training_set(badnets, pool)
-    held_out = set(badnets.split[1][pool["index"][:len(pool["y_val"])]].tolist())
+    held_out = set(badnets.split[1][pool.index[:pool.n_held_out]].tolist())
     assert len(full) == len(badnets.data.train) - len(held_out)
     assert not held_out & set(full.index.tolist())
     assert set(full.index[full.poisoned].tolist()) == set(badnets.poisoned_train().poison_idx.tolist())
