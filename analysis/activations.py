@@ -7,6 +7,9 @@ more its l_inf grows under the trigger than its l1 does (a log-ratio, 0 = grows 
 score is s_k = E||A_k(x + trigger)||_inf - E||A_k(x)||_inf.
 
 Pre-activation blocks output a sum that is not passed through a ReLU; its absolute value is used.
+
+:func:`activation_stats` is the view's one computation (:func:`activation_summary` its per-layer summary, as the
+Compare page and the HTML report show it); :mod:`analysis.figures` draws it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ from torch import nn
 from suspects.device import to_device
 from suspects.models import list_residual_blocks
 
-__all__ = ["NORMS", "default_layers", "channel_norms", "ActivationStats", "activation_stats"]
+from .samples import PairedSample
+
+__all__ = ["NORMS", "default_layers", "channel_norms", "ActivationStats", "activation_stats", "activation_summary",
+           "channel_maps"]
 
 NORMS = ("l1", "l2", "linf")
 
@@ -123,6 +129,12 @@ def activation_stats(model: nn.Module, clean: torch.Tensor, triggered: torch.Ten
         df["linf_score"] = tm[:, 2] - cm[:, 2]
         frames.append(df)
     return ActivationStats(layers, c, t, pd.concat(frames, ignore_index=True))
+
+
+def activation_summary(model: nn.Module, sample: PairedSample) -> pd.DataFrame:
+    """Per layer: the mean l_inf bias of its top 5% channels (:meth:`ActivationStats.layer_summary`) on the clean
+    and triggered images of ``sample``."""
+    return activation_stats(model, sample.clean, sample.triggered).layer_summary()
 
 
 @torch.no_grad()

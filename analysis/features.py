@@ -3,6 +3,9 @@
 Poisoned samples form their own cluster in the feature space of a backdoored model, next to (not inside)
 the target class: the observation behind activation clustering (Chen et al., 2019) and the motivation of
 DBD (Huang et al., ICLR 2022). PCA gives an instant view; UMAP (McInnes et al., 2018) a faithful one.
+
+The view's one computation is :func:`feature_set` then :func:`embed` (together: :func:`embed_features`);
+:func:`analysis.figures.embedding_figure` draws it on the Feature-space page, the Compare page and the HTML report.
 """
 
 from __future__ import annotations
@@ -15,14 +18,16 @@ import torch
 from torch import nn
 
 from suspects.device import to_device
-from suspects.models import penultimate_features
+from suspects.models import model_api, penultimate_features
 from suspects.store import Suspect
 
 from .samples import balanced_indices
 
-__all__ = ["FeatureSet", "extract_features", "feature_set", "pca_2d", "umap_2d", "separation_score", "KINDS"]
+__all__ = ["FeatureSet", "extract_features", "feature_set", "pca_2d", "umap_2d", "separation_score", "KINDS",
+           "EMBEDDINGS", "Embedding", "embed", "embed_features"]
 
 KINDS = ("clean test", "triggered test", "clean train", "poisoned train")
+EMBEDDINGS = ("PCA", "UMAP")
 
 
 @dataclass
@@ -49,7 +54,7 @@ def extract_features(model: nn.Module, images: torch.Tensor, batch_size: int = 5
     was = model.training
     model.eval()
     feats, preds = [], []
-    head = model.linear
+    head = model_api(model).get_classifier()
     try:
         for start in range(0, len(images), batch_size):
             f = penultimate_features(model, to_device(images[start:start + batch_size], device)).float()
@@ -147,3 +152,41 @@ def separation_score(points: np.ndarray, poisoned: np.ndarray, k: int = 10) -> d
     _, ind = NearestNeighbors(n_neighbors=k + 1).fit(points).kneighbors(points[poisoned])
     share = poisoned[ind[:, 1:]].mean(1)
     return {"score": float(share.mean()), "chance": float((n_p - 1) / (len(points) - 1)), "k": k, "n_poisoned": n_p}
+
+
+@dataclass
+class Embedding:
+    """2-D embedding of one model's penultimate features, per point: kind, true label, prediction, poisoned flag;
+    ``separation`` is the poisoned-cluster score in the full feature space (:func:`separation_score`)."""
+
+    points: np.ndarray
+    kind: np.ndarray
+    label: np.ndarray
+    pred: np.ndarray
+    poisoned: np.ndarray
+    separation: dict
+    method: str
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+
+def embed(fs: FeatureSet, method: str = "PCA", n_neighbors: int = 15, seed: int = 0,
+          progress: Callable[[float, str, dict], None] | None = None) -> Embedding:
+    """Embed a feature set in 2-D by PCA (:func:`pca_2d`) or UMAP (:func:`umap_2d`), with its separation score."""
+    if method not in EMBEDDINGS:
+        raise ValueError(f"method must be PCA or UMAP, got {method!r}")
+    points = pca_2d(fs.features) if method == "PCA" else umap_2d(fs.features, n_neighbors=n_neighbors, seed=seed,
+                                                                   progress=progress)
+    return Embedding(points, fs.kind, fs.label, fs.pred, fs.poisoned, separation_score(fs.features, fs.poisoned),
+                     method)
+
+
+def embed_features(suspect: Suspect, n: int = 300, method: str = "PCA", seed: int = 0) -> Embedding:
+    """Features of ``n`` clean and ``n // 2`` triggered test images (the suspect's trigger), embedded by PCA or
+    UMAP (:func:`embed`)."""
+    if method not in EMBEDDINGS:
+        raise ValueError(f"method must be PCA or UMAP, got {method!r}")
+    fs = feature_set(suspect, n_clean=n, n_triggered=n // 2 if suspect.trigger is not None else 0, n_train=0,
+                     seed=seed)
+    return embed(fs, method)

@@ -6,7 +6,11 @@ to 0 while BA falls more gently. The paper picks the *critical* block by the lar
 between neighbouring gammas: score = max_i (ASR(g_i) - ASR(g_{i-1})) / exp(ASR(g_{i-1})), gammas ascending.
 
 Speed: the activations entering a block do not depend on that block's gamma, so each batch runs the prefix
-once and only the suffix once per gamma; gamma = 1 is shared by all blocks.
+(``forward_stem`` and the blocks before it, see :class:`~suspects.models.InspectableModel`) once and only the
+suffix once per gamma; gamma = 1 is shared by all blocks.
+
+:func:`ablation_curves` is the view's one computation (the Skip-ablation page, the Compare page and the HTML report
+call it); :func:`analysis.figures.ablation_figure` draws it.
 """
 
 from __future__ import annotations
@@ -20,10 +24,15 @@ import pandas as pd
 import torch
 from torch import nn
 
+from suspects.data import ImageSet
 from suspects.device import to_device
-from suspects.models import list_residual_blocks, residual_blocks
+from suspects.models import InspectableModel, list_residual_blocks, model_api, residual_blocks
+from suspects.triggers import Trigger
 
-__all__ = ["DEFAULT_GAMMAS", "NoSkipConnectionsError", "AblationResult", "skip_ablation", "critical_block_score"]
+from .samples import paired_sample
+
+__all__ = ["DEFAULT_GAMMAS", "NoSkipConnectionsError", "AblationResult", "skip_ablation", "critical_block_score",
+           "ablation_curves"]
 
 DEFAULT_GAMMAS = tuple(round(1.0 - 0.1 * i, 1) for i in range(11))
 
@@ -55,34 +64,22 @@ def critical_block_score(gammas: Sequence[float], asr: Sequence[float]) -> float
     return float(max((a[i] - a[i - 1]) / math.exp(a[i - 1]) for i in range(1, len(a))))
 
 
-def _has_fast_path(model: nn.Module) -> bool:
-    return all(hasattr(model, a) for a in ("stem", "trunk", "pool", "linear"))
-
-
 @torch.no_grad()
-def _preds_fast(model, x, block_pos, gammas, device):
-    trunk = model.trunk()
-    h = model.stem(x)
-    for _, blk in trunk[:block_pos]:
+def _predictions(api: InspectableModel, x: torch.Tensor, block_pos: int, gammas: Sequence[float]
+                 ) -> dict[float, torch.Tensor]:
+    """Predictions with block ``block_pos`` scaled by each gamma: the stem and the blocks before it run once."""
+    blocks = [b for _, b in api.blocks()]
+    h = api.forward_stem(x)
+    for blk in blocks[:block_pos]:
         h = blk(h)
-    block = trunk[block_pos][1]
+    block = blocks[block_pos]
     out = {}
     for g in gammas:
         block.gamma = float(g)
         z = block(h)
-        for _, blk in trunk[block_pos + 1:]:
+        for blk in blocks[block_pos + 1:]:
             z = blk(z)
-        out[g] = model.linear(model.pool(z)).argmax(1).cpu()
-    block.gamma = 1.0
-    return out
-
-
-@torch.no_grad()
-def _preds_slow(model, x, block, gammas):
-    out = {}
-    for g in gammas:
-        block.gamma = float(g)
-        out[g] = model(x).argmax(1).cpu()
+        out[g] = api.forward_head(z).argmax(1).cpu()
     block.gamma = 1.0
     return out
 
@@ -114,8 +111,8 @@ def skip_ablation(model: nn.Module, clean: torch.Tensor, labels: torch.Tensor, t
     modules = dict(residual_blocks(model))
     was_training = model.training
     model.eval()
-    fast = _has_fast_path(model)
-    positions = {name: i for i, (name, _) in enumerate(model.trunk())} if fast else {}
+    api = model_api(model)
+    positions = {name: i for i, (name, _) in enumerate(api.blocks())}
     try:
         for _, b in residual_blocks(model):
             b.gamma = 1.0
@@ -137,10 +134,7 @@ def skip_ablation(model: nn.Module, clean: torch.Tensor, labels: torch.Tensor, t
             for key, xs, ys in (("ba", clean, labels), ("asr", triggered, attack_labels)):
                 for s in range(0, len(xs), batch_size):
                     x = to_device(xs[s:s + batch_size], device)
-                    if fast:
-                        preds = _preds_fast(model, x, positions[block], rest, device)
-                    else:
-                        preds = _preds_slow(model, x, modules[block], rest)
+                    preds = _predictions(api, x, positions[block], rest)
                     for g in rest:
                         correct[g][key] += int((preds[g] == ys[s:s + batch_size]).sum())
                     done += 1
@@ -160,3 +154,14 @@ def skip_ablation(model: nn.Module, clean: torch.Tensor, labels: torch.Tensor, t
     critical = max(blocks, key=lambda b: scores.get(b, -np.inf))
     report(1.0, "done", {})
     return AblationResult(table.reset_index(drop=True), scores, critical, len(clean), len(triggered))
+
+
+def ablation_curves(model: nn.Module, test: ImageSet, trigger: Trigger, n: int = 300,
+                    gammas: Sequence[float] = DEFAULT_GAMMAS,
+                    progress: Callable[[float, str, dict], None] | None = None) -> AblationResult:
+    """Skip ablation on ``n`` clean test images and ``n`` triggered ones (those that count for ASR), the same
+    deterministic samples (:func:`analysis.samples.paired_sample`) wherever the view is shown."""
+    smp = paired_sample(test, trigger, n)
+    clean_idx = paired_sample(test, None, n).index
+    return skip_ablation(model, test.images(clean_idx), test.labels[clean_idx], smp.triggered, smp.attack_labels,
+                         gammas, progress=progress)

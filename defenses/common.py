@@ -10,6 +10,7 @@ from torch import nn
 
 from suspects.device import to_device
 from suspects.metrics import predict
+from suspects.models import model_api
 from suspects.training import FitStep, augment_batch, fit
 from suspects.triggers import Trigger
 
@@ -31,10 +32,8 @@ def pool_monitor(model: nn.Module, pool: DefensePool, trigger: Trigger | None, d
 
 
 def head(model: nn.Module) -> nn.Linear:
-    lin = getattr(model, "linear", None)
-    if not isinstance(lin, nn.Linear):
-        raise ValueError("this defense needs a model whose classifier is a final nn.Linear named 'linear'")
-    return lin
+    """The final linear classifier (``get_classifier()`` of :class:`~suspects.models.InspectableModel`)."""
+    return model_api(model).get_classifier()
 
 
 def pool_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device) -> float:
@@ -98,13 +97,7 @@ def fine_tune(model: nn.Module, ctx: RepairContext, *, epochs: int, lr: float, b
 
 def last_feature_layer(model: nn.Module) -> str:
     """Name of the module whose output is pooled into the classifier (the 'last conv layer' of the papers)."""
-    trunk = getattr(model, "trunk", None)
-    if callable(trunk):
-        return trunk()[-1][0]
-    body = getattr(model, "features_body", None)
-    if body is not None:
-        return "features_body"
-    raise ValueError("cannot find the last feature layer of this model")
+    return model_api(model).feature_layer()
 
 
 @torch.no_grad()

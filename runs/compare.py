@@ -7,8 +7,9 @@
 - Charts (plotly figures): :func:`tradeoff_figure` (BA vs. ASR with the front and the suspect before any
   defense) and :func:`metric_bars_figure` (one panel per metric).
 - Side by side: the same analyses (``analysis.*``) on several models of one suspect (the suspect and repaired
-  models, or repaired models only) with the suspect's trigger and the same images: :func:`side_by_side`, and
-  its pieces and figures, which the Compare page calls one at a time.
+  models, or repaired models only) with the suspect's trigger and the same images: :func:`side_by_side`. Its
+  pieces (``activation_summary``, ``embed_features``, ``ablation_curves``, ``compare_gradcam``) and figures
+  (``analysis.figures``) are the views' own, re-exported here, which the Compare page calls one at a time.
 
 Used by the Compare page, ``backdoor-lens compare`` and the HTML report (:mod:`runs.report`).
 """
@@ -29,16 +30,15 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from torch import nn
 
-from analysis.activations import activation_stats
-from analysis.features import feature_set, pca_2d, separation_score, umap_2d
-from analysis.gradcam import GradCamComparison, cam_overlay, compare_gradcam, default_target_layer
+from analysis.activations import activation_summary
+from analysis.features import Embedding, embed_features
+from analysis.figures import ablation_figure, activations_figure, embedding_figure, gradcam_grid
+from analysis.gradcam import GradCamComparison, compare_gradcam, default_target_layer
 from analysis.samples import PairedSample, paired_sample
-from analysis.shortcuts import DEFAULT_GAMMAS, AblationResult, NoSkipConnectionsError, skip_ablation
-from suspects.data import ImageSet
+from analysis.shortcuts import AblationResult, NoSkipConnectionsError, ablation_curves
 from suspects.metrics import DEFINITIONS
 from suspects.models import list_residual_blocks
 from suspects.store import Suspect
-from suspects.triggers import Trigger
 
 from .store import RunStore
 
@@ -279,19 +279,8 @@ def metric_bars_figure(table: pd.DataFrame, metrics: Sequence[str] = METRICS, he
 
 
 # --- side by side: the analyses --------------------------------------------------------------------------
-
-
-@dataclass
-class Embedding:
-    """2-D embedding of one model's penultimate features of clean and triggered test images."""
-
-    points: np.ndarray
-    kind: np.ndarray
-    label: np.ndarray
-    pred: np.ndarray
-    poisoned: np.ndarray
-    separation: dict
-    method: str
+# Each view is computed by one function in analysis/ and drawn by one in analysis.figures (re-exported here):
+# the Compare page, the HTML report and the view's own page call the same two.
 
 
 def with_model(base: Suspect, model: nn.Module) -> Suspect:
@@ -300,108 +289,6 @@ def with_model(base: Suspect, model: nn.Module) -> Suspect:
     if "data" in base.__dict__:  # functools.cached_property keeps its value in the instance dict
         twin.__dict__["data"] = base.__dict__["data"]
     return twin
-
-
-def embed_features(suspect: Suspect, n: int = 300, method: str = "PCA", seed: int = 0) -> Embedding:
-    """Features of ``n`` clean and ``n // 2`` triggered test images (the suspect's trigger), embedded by PCA or
-    UMAP; ``separation`` is the poisoned-cluster score in the full feature space (:func:`separation_score`)."""
-    if method not in ("PCA", "UMAP"):
-        raise ValueError(f"method must be PCA or UMAP, got {method!r}")
-    fs = feature_set(suspect, n_clean=n, n_triggered=n // 2 if suspect.trigger is not None else 0, n_train=0,
-                     seed=seed)
-    points = pca_2d(fs.features) if method == "PCA" else umap_2d(fs.features)
-    return Embedding(points, fs.kind, fs.label, fs.pred, fs.poisoned, separation_score(fs.features, fs.poisoned),
-                     method)
-
-
-def activation_summary(model: nn.Module, sample: PairedSample) -> pd.DataFrame:
-    """Per layer: the mean l_inf bias of its top 5% channels (``ActivationStats.layer_summary``)."""
-    return activation_stats(model, sample.clean, sample.triggered).layer_summary()
-
-
-def ablation_curves(model: nn.Module, test: ImageSet, trigger: Trigger, n: int = 300,
-                    gammas: Sequence[float] = DEFAULT_GAMMAS,
-                    progress: Callable[[float, str, dict], None] | None = None) -> AblationResult:
-    """Skip ablation on ``n`` clean test images and ``n`` triggered ones (those that count for ASR)."""
-    smp = paired_sample(test, trigger, n)
-    clean_idx = paired_sample(test, None, n).index
-    return skip_ablation(model, test.images(clean_idx), test.labels[clean_idx], smp.triggered, smp.attack_labels,
-                         gammas, progress=progress)
-
-
-def gradcam_grid(sample: PairedSample, result: GradCamComparison, k: int = 8, scale: int = 3, gap: int = 2
-                 ) -> np.ndarray:
-    """One uint8 image: the first ``k`` clean overlays on top, their triggered copies below."""
-    k = min(k, len(sample))
-    rows = []
-    for images, cams in ((sample.clean, result.clean_cams), (sample.triggered, result.triggered_cams)):
-        tiles = [cam_overlay(images[i], cams[i], scale) for i in range(k)]
-        h, w = tiles[0].shape[:2]
-        row = np.full((h, k * w + (k - 1) * gap, 3), 255, dtype=np.uint8)
-        for i, t in enumerate(tiles):
-            row[:, i * (w + gap): i * (w + gap) + w] = t
-        rows.append(row)
-    spacer = np.full((gap, rows[0].shape[1], 3), 255, dtype=np.uint8)
-    return np.concatenate([rows[0], spacer, rows[1]])
-
-
-def activations_figure(summaries: dict[str, pd.DataFrame], height: int = 340) -> go.Figure:
-    """Grouped bars per layer: each model's mean l_inf bias of the top 5% channels."""
-    long = pd.concat([s.assign(model=name) for name, s in summaries.items()], ignore_index=True)
-    fig = px.bar(long, x="layer", y="top_linf_bias", color="model", barmode="group",
-                 labels={"top_linf_bias": "mean l_inf bias, top 5% channels", "model": "model"},
-                 hover_data=["channels", "max_linf_bias", "max_linf_score"])
-    fig.update_layout(height=height, margin=dict(t=10, b=10, l=10, r=10),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
-    return fig
-
-
-def embedding_figure(embeddings: dict[str, Embedding], classes: Sequence[str], height: int = 460) -> go.Figure:
-    """One panel per model: clean test images coloured by class, triggered copies marked with x."""
-    frames = []
-    for name, e in embeddings.items():
-        frames.append(pd.DataFrame({"x": e.points[:, 0], "y": e.points[:, 1], "model": name, "kind": e.kind,
-                                    "class": [classes[int(c)] for c in e.label],
-                                    "prediction": [classes[int(c)] for c in e.pred]}))
-    long = pd.concat(frames, ignore_index=True)
-    fig = px.scatter(long, x="x", y="y", color="class", symbol="kind", facet_col="model",
-                     symbol_map={"clean test": "circle", "triggered test": "x"},
-                     category_orders={"class": list(classes), "model": list(embeddings)},
-                     hover_data={"prediction": True, "x": False, "y": False}, facet_col_spacing=0.04)
-    fig.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
-    fig.update_traces(marker=dict(size=5, opacity=0.8))
-    method = next(iter(embeddings.values())).method if embeddings else "PCA"
-    fig.update_xaxes(matches=None, showticklabels=False, title_text=f"{method} 1")
-    fig.update_yaxes(matches=None, showticklabels=False, title_text="")
-    fig.update_yaxes(title_text=f"{method} 2", col=1)
-    fig.update_layout(height=height, margin=dict(t=30, b=10, l=10, r=10), legend=dict(itemsizing="constant"))
-    return fig
-
-
-def ablation_figure(results: dict[str, AblationResult], height: int = 520) -> go.Figure:
-    """Rows BA and ASR, one column per model; one line per block as its skip scale γ goes 1 -> 0, the critical
-    block bold."""
-    names = list(results)
-    fig = make_subplots(rows=2, cols=len(names), shared_xaxes=True, shared_yaxes=True, column_titles=names,
-                        row_titles=["BA", "ASR"], vertical_spacing=0.06, horizontal_spacing=0.03)
-    palette = px.colors.qualitative.Dark24
-    for col, name in enumerate(names, start=1):
-        res = results[name]
-        for i, block in enumerate(dict.fromkeys(res.table.block)):
-            t = res.curve(block)
-            crit = block == res.critical_block
-            style = dict(width=4 if crit else 1.5, dash="solid" if crit else "dot", color=palette[i % len(palette)])
-            for row, metric in ((1, "ba"), (2, "asr")):
-                fig.add_trace(go.Scatter(x=t.gamma, y=t[metric], mode="lines+markers", name=block, legendgroup=block,
-                                         line=style, marker=dict(size=6 if crit else 3),
-                                         showlegend=col == 1 and row == 1,
-                                         hovertemplate=f"{name}<br>{block}{' (critical)' if crit else ''}<br>"
-                                                       f"γ %{{x}}<br>{metric.upper()} %{{y:.3f}}<extra></extra>"),
-                              row=row, col=col)
-    fig.update_xaxes(autorange="reversed", title_text="γ (skip scale)", row=2)
-    fig.update_yaxes(range=[0, 1.02])
-    fig.update_layout(height=height, margin=dict(t=40, b=10, l=10, r=10), legend_title_text="block (bold: critical)")
-    return fig
 
 
 @dataclass

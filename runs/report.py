@@ -3,7 +3,7 @@
 The HTML report holds the suspect's card, the run table with every column's definition, the BA-vs-ASR chart
 with its Pareto front, the bars per metric, and the side-by-side analyses (Grad-CAM overlays, activation
 statistics, the feature-space embedding, skip-ablation curves) of the suspect and its best run (highest DER)
-or the runs asked for. plotly.js is inlined once and images are base64 PNGs: the file opens offline.
+or the runs asked for, drawn by the same figure functions (:mod:`analysis.figures`) as the dashboard's pages. plotly.js is inlined once and images are base64 PNGs: the file opens offline.
 
 PNG charts are rendered by kaleido in a headless Chrome / Chromium (found on PATH, or named by
 ``BROWSER_PATH``) with MathJax off, so nothing is fetched from the network.
@@ -29,6 +29,7 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 import suspects
+from analysis.figures import ablation_figure, activations_figure, embedding_figure, gradcam_grid
 from suspects.atomic import write_text
 from suspects.metrics import DEFINITIONS
 from suspects.store import Suspect
@@ -38,11 +39,7 @@ from .compare import (
     METRIC_LABELS,
     PARTS,
     SideBySide,
-    ablation_figure,
-    activations_figure,
     best_run,
-    embedding_figure,
-    gradcam_grid,
     metric_bars_figure,
     run_label,
     runs_table,

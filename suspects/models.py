@@ -8,12 +8,17 @@ set it through :func:`set_skip_gamma`.
 Input normalisation is part of every model (a :class:`Normalize` layer with non-persistent
 buffers, so state dicts keep BackdoorBench's key names), hence callers always feed raw images
 in [0, 1].
+
+Every architecture implements one explicit interface, :class:`InspectableModel`, with timm's method names
+(``forward_features``, ``forward_head(x, pre_logits)``, ``get_classifier``) plus ``forward_stem``, ``blocks`` and
+``feature_layer``. Analyses and defenses call it (through :func:`model_api`) instead of guessing attribute names.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +27,10 @@ from torch import nn
 __all__ = [
     "Normalize",
     "ResidualBlock",
+    "InspectableModel",
+    "ModelInterfaceError",
+    "INTERFACE_METHODS",
+    "model_api",
     "create_model",
     "list_models",
     "register_model",
@@ -84,6 +93,62 @@ class ResidualBlock(nn.Module):
     def scaled_skip(self, skip: torch.Tensor) -> torch.Tensor:
         # gamma == 1 must give the plain forward bit for bit, so skip the multiply then.
         return skip if self.gamma == 1.0 else skip * self.gamma
+
+
+@runtime_checkable
+class InspectableModel(Protocol):
+    """What Backdoor Lens needs from a classifier (method names after timm's ``forward_features`` /
+    ``forward_head`` / ``get_classifier``). Inputs are raw [0, 1] images; ``model(x)`` must equal
+    ``forward_head(forward_features(x))``.
+    """
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised input through the stem: the input of the first residual block (of the feature body for a
+        network without skips). With residual blocks, ``forward_features(x)`` is ``blocks()`` applied in order to
+        ``forward_stem(x)``."""
+        ...
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map (N, C, h, w), before pooling."""
+        ...
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pooling and the classifier applied to a ``forward_features`` map; with ``pre_logits`` the pooled
+        penultimate features (N, D), the classifier's input."""
+        ...
+
+    def get_classifier(self) -> nn.Linear:
+        """The final linear layer (D -> number of classes)."""
+        ...
+
+    def blocks(self) -> list[tuple[str, ResidualBlock]]:
+        """The residual blocks in forward order, ``[("layer1.0", block), ...]`` (empty without skip connections);
+        each block's skip scale is its ``gamma``."""
+        ...
+
+    def feature_layer(self) -> str:
+        """Name (in ``named_modules()``) of the module whose output is ``forward_features(x)``: the 'last
+        convolutional layer' that Fine-Pruning and l_inf pruning hook."""
+        ...
+
+
+INTERFACE_METHODS = ("forward_stem", "forward_features", "forward_head", "get_classifier", "blocks", "feature_layer")
+
+
+class ModelInterfaceError(TypeError, ValueError):
+    """A model lacks part of :class:`InspectableModel` (a TypeError; a ValueError too, for older callers)."""
+
+
+def model_api(model: nn.Module) -> InspectableModel:
+    """``model`` itself, checked against :class:`InspectableModel`; a model lacking part of it raises
+    :class:`ModelInterfaceError` naming the missing methods."""
+    if isinstance(model, InspectableModel):
+        return model
+    missing = [name for name in INTERFACE_METHODS if not callable(getattr(model, name, None))]
+    raise ModelInterfaceError(
+        f"{type(model).__name__} does not implement the Backdoor Lens model interface "
+        f"(suspects.models.InspectableModel): missing {', '.join(missing)}. Every registered architecture has it; a "
+        f"new one needs these methods (see suspects/models.py)")
 
 
 class PreActBlock(ResidualBlock):
@@ -171,26 +236,33 @@ class _CifarResNet(nn.Module):
             self.in_planes = planes
         return nn.Sequential(*layers)
 
-    def stem(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise and apply the first convolution: the input of ``layer1.0``."""
         out = self.conv1(self.normalize(x))
         return F.relu(self.bn1(out)) if self.stem_bn else out
 
-    def trunk(self) -> list[tuple[str, nn.Module]]:
+    def blocks(self) -> list[tuple[str, ResidualBlock]]:
         """The residual blocks in forward order, e.g. ``[("layer1.0", block), ...]``."""
         return [(f"layer{i}.{j}", b) for i in range(1, 5) for j, b in enumerate(getattr(self, f"layer{i}"))]
 
-    def pool(self, h: torch.Tensor) -> torch.Tensor:
-        """Pooled penultimate features from the last block's output."""
-        return torch.flatten(self.avgpool(h), 1)
+    def feature_layer(self) -> str:
+        """The last residual block (``layer4.1``), whose output is pooled into the classifier."""
+        return self.blocks()[-1][0]
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate (pooled) features of raw [0, 1] images."""
-        out = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
-        return self.pool(out)
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's output map of raw [0, 1] images."""
+        return self.layer4(self.layer3(self.layer2(self.layer1(self.forward_stem(x)))))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global average pooling, then ``linear`` unless ``pre_logits``."""
+        h = torch.flatten(self.avgpool(x), 1)
+        return h if pre_logits else self.linear(h)
+
+    def get_classifier(self) -> nn.Linear:
+        return self.linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.features(x))
+        return self.forward_head(self.forward_features(x))
 
 
 def _check_args(num_classes: int, in_channels: int, width: int, mean, std) -> None:
@@ -258,11 +330,31 @@ class VGG(nn.Module):
         self.num_classes = num_classes
         self.in_channels = in_channels
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.avgpool(self.features_body(self.normalize(x))), 1)
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalisation only: the input of ``features_body``."""
+        return self.normalize(x)
+
+    def blocks(self) -> list[tuple[str, ResidualBlock]]:
+        """None: VGG has no skip connections."""
+        return []
+
+    def feature_layer(self) -> str:
+        return "features_body"
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolutional body's output map (after its last max-pool) of raw [0, 1] images."""
+        return self.features_body(self.forward_stem(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global average pooling, then ``linear`` unless ``pre_logits``."""
+        h = torch.flatten(self.avgpool(x), 1)
+        return h if pre_logits else self.linear(h)
+
+    def get_classifier(self) -> nn.Linear:
+        return self.linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.features(x))
+        return self.forward_head(self.forward_features(x))
 
 
 @register_model
@@ -284,9 +376,7 @@ def vgg11_bn(
 
 def residual_blocks(model: nn.Module) -> Iterator[tuple[str, ResidualBlock]]:
     """``(name, block)`` for every residual block, in forward order (``layer1.0``, ``layer1.1``, ...)."""
-    for name, module in model.named_modules():
-        if isinstance(module, ResidualBlock):
-            yield name, module
+    yield from model_api(model).blocks()
 
 
 def list_residual_blocks(model: nn.Module) -> list[str]:
@@ -324,16 +414,6 @@ def get_skip_gammas(model: nn.Module, non_default_only: bool = False) -> dict[st
 
 
 def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Input of the final linear layer for raw [0, 1] images."""
-    if hasattr(model, "features") and callable(model.features):
-        return model.features(x)
-    captured: list[torch.Tensor] = []
-    head = getattr(model, "linear", None)
-    if head is None:
-        raise TypeError("model has neither a features() method nor a 'linear' head")
-    handle = head.register_forward_hook(lambda m, inp, out: captured.append(inp[0]))
-    try:
-        model(x)
-    finally:
-        handle.remove()
-    return captured[0]
+    """Input of the final linear layer for raw [0, 1] images: ``forward_head(forward_features(x), pre_logits=True)``."""
+    api = model_api(model)
+    return api.forward_head(api.forward_features(x), pre_logits=True)

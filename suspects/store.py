@@ -27,7 +27,7 @@ from torch import nn
 from .atomic import atomic_folder, save_safetensors, write_json, write_text
 from .checkpoint import MAX_CHECKPOINT_BYTES, CheckpointError, SuspectLoadError, load_state_dict_file
 from .data import DatasetPair, ImageSet, defense_pool_split, load_dataset
-from .models import create_model, get_skip_gammas, set_skip_gamma
+from .models import InspectableModel, create_model, get_skip_gammas, set_skip_gamma
 from .poison import PoisonedDataset
 from .triggers import PoisonPlan, Trigger, trigger_from_spec
 
@@ -191,10 +191,12 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     shapes = sorted(k for k in set(own) & set(state_dict) if tuple(own[k].shape) != tuple(state_dict[k].shape))
     if missing or unexpected or shapes:
         parts = []
-        head = getattr(model, "linear", None)
-        if isinstance(head, nn.Linear) and "linear.weight" in state_dict and "linear.weight" in shapes:
-            parts.append(f"class count: the checkpoint has {state_dict['linear.weight'].shape[0]} classes, "
-                         f"the model was built for {head.out_features}")
+        if isinstance(model, InspectableModel):
+            head = model.get_classifier()
+            key = next((f"{n}.weight" for n, m in model.named_modules() if m is head), None)
+            if key in shapes and key in state_dict:
+                parts.append(f"class count: the checkpoint has {state_dict[key].shape[0]} classes, "
+                             f"the model was built for {head.out_features}")
         if shapes:
             parts.append("shape mismatch: " + ", ".join(
                 f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}" for k in shapes[:8])

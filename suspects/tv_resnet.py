@@ -2,7 +2,8 @@
 
 It reuses the project's post-activation :class:`~suspects.models.BasicBlock` (so every block has a skip scale
 ``gamma``) and its names: torchvision's ``layerX.Y.downsample.{0,1}`` is ``layerX.Y.shortcut.{0,1}`` here and
-``fc`` is ``linear``. :func:`torchvision_key` / :func:`project_key` translate between the two.
+``fc`` is ``linear``. :func:`torchvision_key` / :func:`project_key` translate between the two. It implements
+:class:`~suspects.models.InspectableModel` through its base class, with its own ``forward_stem``.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ class TorchvisionStemResNet(_CifarResNet):
         self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)  # replaces the 3x3 stem, same key
         self.maxpool = nn.MaxPool2d(3, 2, 1)
 
-    def stem(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise, convolve, BN + ReLU, max-pool: the input of ``layer1.0``."""
-        return self.maxpool(super().stem(x))
+        return self.maxpool(super().forward_stem(x))
 
 
 @register_model

@@ -3,12 +3,17 @@ import torch
 import torch.nn.functional as F
 
 from suspects.models import (
+    INTERFACE_METHODS,
+    InspectableModel,
+    ModelInterfaceError,
     create_model,
     get_skip_gammas,
     list_models,
     list_residual_blocks,
+    model_api,
     penultimate_features,
     reset_skip_gammas,
+    residual_blocks,
     set_skip_gamma,
 )
 
@@ -94,3 +99,63 @@ def test_normalisation_is_part_of_the_model():
         create_model("preact_resnet18", in_channels=3, mean=[0.5], std=[0.5])
     with pytest.raises(ValueError, match="num_classes"):
         create_model("resnet18", num_classes=1)
+
+
+@pytest.mark.parametrize("arch", list_models())
+def test_every_architecture_implements_the_model_interface(arch):
+    torch.manual_seed(0)
+    m = create_model(arch, num_classes=5, in_channels=1, width=8).eval()
+    assert isinstance(m, InspectableModel) and model_api(m) is m
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        fmap = m.forward_features(x)
+        lin = m.get_classifier()
+        assert isinstance(lin, torch.nn.Linear) and lin.out_features == 5
+        assert fmap.dim() == 4 and fmap.shape[:2] == (3, lin.in_features)
+        pre = m.forward_head(fmap, pre_logits=True)
+        assert pre.shape == (3, lin.in_features)
+        assert torch.allclose(pre, fmap.mean((2, 3)), atol=1e-6)  # global average pooling
+        logits = m(x)
+        assert torch.equal(m.forward_head(fmap), logits) and torch.allclose(lin(pre), logits, atol=1e-6)
+        assert torch.equal(penultimate_features(m, x), pre)
+        # the named feature layer's output is the feature map (what Fine-Pruning and l_inf pruning hook)
+        seen = []
+        hook = dict(m.named_modules())[m.feature_layer()].register_forward_hook(lambda mod, i, o: seen.append(o))
+        m(x)
+        hook.remove()
+        assert torch.equal(seen[0], fmap)
+        # blocks(): the named residual blocks with their skip scales; the stem followed by them is the trunk
+        blocks = m.blocks()
+        assert [n for n, _ in blocks] == list_residual_blocks(m) == [n for n, _ in residual_blocks(m)]
+        assert all(b.gamma == 1.0 for _, b in blocks)
+        if blocks:
+            assert [n for n, _ in blocks] == BLOCKS and m.feature_layer() == BLOCKS[-1]
+            h = m.forward_stem(x)
+            for _, b in blocks:
+                h = b(h)
+            assert torch.equal(h, fmap)
+        else:
+            assert arch == "vgg11_bn"
+
+
+def test_a_model_without_the_interface_is_refused_by_name():
+    from defenses.common import head, last_feature_layer
+
+    plain = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    assert not isinstance(plain, InspectableModel)
+    with pytest.raises(ModelInterfaceError, match="missing " + ", ".join(INTERFACE_METHODS)):
+        model_api(plain)
+    for call in (lambda: penultimate_features(plain, torch.rand(1, 4)), lambda: list_residual_blocks(plain),
+                 lambda: head(plain), lambda: last_feature_layer(plain)):
+        with pytest.raises(ModelInterfaceError, match="InspectableModel"):
+            call()
+
+    class Partial(torch.nn.Module):
+        def forward_features(self, x):
+            return x
+
+        def get_classifier(self):
+            return torch.nn.Linear(2, 2)
+
+    with pytest.raises(TypeError, match=r"missing forward_stem, forward_head, blocks, feature_layer\."):
+        model_api(Partial())

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pandas as pd
-import plotly.express as px
 import streamlit as st
 
 from analysis.activations import NORMS, activation_stats, channel_maps, default_layers
+from analysis.figures import NORM_LABELS, activations_figure, norm_box_figure, norm_histogram_figure
 from analysis.samples import paired_sample
 from dashboard.common import load_suspect, sample_size, sidebar, to_display, trigger_notice
 
@@ -41,43 +39,20 @@ def cached_stats(ref: str, n: int, seed: int = 0):
 
 stats = cached_stats(ref, sample_size())
 summary = stats.layer_summary()
-labels = {"l1": "l1 = Σ|A|", "l2": "l2 = (ΣA²)^½", "linf": "l_inf = max|A|"}
 
 st.subheader("l_inf bias per layer")
-fig = px.bar(summary, x="layer", y="top_linf_bias", labels={"top_linf_bias": "mean l_inf bias of top 5% channels"},
-             hover_data=["channels", "max_linf_bias", "max_linf_score"])
-fig.update_layout(height=300, margin=dict(t=10, b=10))
-st.plotly_chart(fig, key="bias_per_layer")
+st.plotly_chart(activations_figure({suspect.name: summary}), key="bias_per_layer")
 st.caption("Mean l_inf bias of each layer's top 5% channels. Early layers see the raw trigger pixels in any model; "
            "a large bias in deep layers points at channels the backdoor has taken over.")
 
 st.subheader("Distributions, clean vs. triggered")
 c1, c2 = st.columns([1, 3])
-norm = c1.radio("Norm", NORMS, format_func=lambda k: labels[k], key="act_norm")
+norm = c1.radio("Norm", NORMS, format_func=lambda k: NORM_LABELS[k], key="act_norm")
 layer = c1.selectbox("Layer", stats.layers, index=len(stats.layers) - 1, key="act_layer")
-rows = []
-for cond, d in (("clean", stats.clean), ("triggered", stats.triggered)):
-    per_channel = d[layer][:, :, NORMS.index(norm)].mean(0)
-    rows.append(pd.DataFrame({"condition": cond, "channel": np.arange(len(per_channel)), "value": per_channel}))
-long = pd.concat(rows)
-fig = px.histogram(long, x="value", color="condition", barmode="overlay", nbins=40, opacity=0.6,
-                   labels={"value": f"per-channel mean {labels[norm]}"}, color_discrete_map={
-                       "clean": "#1f77b4", "triggered": "#d62728"})
-fig.update_layout(height=320, margin=dict(t=10, b=10))
-c2.plotly_chart(fig, key="norm_hist")
-c2.caption(f"{layer}: each channel's {labels[norm]} averaged over {stats.clean[layer].shape[0]} images.")
+c2.plotly_chart(norm_histogram_figure(stats, layer, norm), key="norm_hist")
+c2.caption(f"{layer}: each channel's {NORM_LABELS[norm]} averaged over {stats.clean[layer].shape[0]} images.")
 
-all_layers = []
-for cond, d in (("clean", stats.clean), ("triggered", stats.triggered)):
-    for ly in stats.layers:
-        v = d[ly][:, :, NORMS.index(norm)].mean(0)
-        v = v / max(float(stats.clean[ly][:, :, NORMS.index(norm)].mean()), 1e-8)
-        all_layers.append(pd.DataFrame({"layer": ly, "condition": cond, "value": v}))
-fig = px.box(pd.concat(all_layers), x="layer", y="value", color="condition",
-             labels={"value": f"{labels[norm]} / clean layer mean"},
-             color_discrete_map={"clean": "#1f77b4", "triggered": "#d62728"})
-fig.update_layout(height=320, margin=dict(t=10, b=10))
-st.plotly_chart(fig, key="norm_box")
+st.plotly_chart(norm_box_figure(stats, norm), key="norm_box")
 st.caption("Per-channel means, scaled by the layer's clean mean so layers compare; one box per layer and condition.")
 
 st.subheader("Top channels by l_inf bias")

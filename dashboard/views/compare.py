@@ -5,22 +5,19 @@ from __future__ import annotations
 
 import streamlit as st
 
+from analysis.activations import activation_summary
+from analysis.features import embed_features
+from analysis.figures import ablation_figure, activations_figure, embedding_figure, gradcam_grid
 from analysis.gradcam import compare_gradcam, default_target_layer
 from analysis.samples import paired_sample
+from analysis.shortcuts import ablation_curves
 from dashboard.common import load_suspect, sample_size, sidebar, store, trigger_notice
 from runs.compare import (
     COLUMN_DEFINITIONS,
     METRIC_LABELS,
     PART_TITLES,
-    ablation_curves,
-    ablation_figure,
-    activation_summary,
-    activations_figure,
     best_run,
-    embed_features,
-    embedding_figure,
     filter_runs,
-    gradcam_grid,
     metric_bars_figure,
     run_label,
     runs_table,

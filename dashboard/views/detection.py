@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import plotly.graph_objects as go
 import streamlit as st
 
+from analysis.figures import anomaly_figure, class_labels, mask_norm_figure, mask_tiles
 from analysis.reverse import ScanConfig, trigger_overlap
 from dashboard.common import StreamlitProgress, load_suspect, runs_root, sidebar, to_display, trigger_notice
 from runs.scans import save_recovered_suspect, scan_suspect, stored_scan
@@ -50,7 +50,7 @@ if result is None:
     st.stop()
 
 classes = suspect.classes
-names = [f"{k}: {c}" for k, c in enumerate(classes)]
+names = class_labels(classes)
 known = suspect.trigger if suspect.trigger is not None and suspect.trigger.name != "recovered" else None
 st.caption(f"Scan of {result.config.get('images', '?')} defense-pool images, {result.config.get('steps', '?')} steps "
            f"per class, λ = {result.config.get('lam', '?')}; {result.seconds:.1f} s.")
@@ -75,31 +75,20 @@ if known is not None and known.mapping == "all-to-one":
                 f"pixels, which are {100 * ov['footprint_share']:.1f}% of the image (IoU of the mask's peak with "
                 f"them: {ov['iou']:.2f}).")
 
-colors = ["#d62728" if k in result.flagged else "#7f7f7f" for k in range(len(classes))]
 left, right = st.columns(2)
-fig = go.Figure(go.Bar(x=names, y=result.anomaly, marker_color=colors,
-                       hovertemplate="%{x}<br>anomaly index %{y:.2f}<extra></extra>"))
-fig.add_hline(y=result.threshold, line_dash="dash", annotation_text=f"threshold {result.threshold:g}")
-fig.update_layout(title="Anomaly index per class", yaxis_title="(median − L1) / (1.4826·MAD)", height=360,
-                  margin=dict(t=40, b=10))
-left.plotly_chart(fig, key="anomaly_bars")
-fig = go.Figure(go.Bar(x=names, y=result.l1, marker_color=colors,
-                       customdata=result.success,
-                       hovertemplate="%{x}<br>mask L1 %{y:.1f}<br>success %{customdata:.2f}<extra></extra>"))
-fig.update_layout(title="Mask L1 norm per class", yaxis_title="sum of mask values (pixels)", height=360,
-                  margin=dict(t=40, b=10))
-right.plotly_chart(fig, key="l1_bars")
+left.plotly_chart(anomaly_figure(result, classes), key="anomaly_bars")
+right.plotly_chart(mask_norm_figure(result, classes), key="l1_bars")
 
 st.subheader("Recovered masks and patterns")
 st.caption("Per class: the mask m (white = 1), the pattern p, and m·p as it is stamped. Flagged classes are marked.")
 order = sorted(range(len(classes)), key=lambda k: -result.anomaly[k])
 cols = st.columns(5)
 for j, k in enumerate(order):
-    m = result.masks[k]
+    mask, stamp = mask_tiles(result, k)
     with cols[j % 5]:
         flag = " · flagged" if k in result.flagged else ""
-        st.image(to_display(m[None] / max(float(m.max()), 1e-6), 3), caption=f"{names[k]} · mask{flag}")
-        st.image(to_display(result.patterns[k] * m[None], 3), caption=f"m·p · L1 {result.l1[k]:.1f}")
+        st.image(to_display(mask, 3), caption=f"{names[k]} · mask{flag}")
+        st.image(to_display(stamp, 3), caption=f"m·p · L1 {result.l1[k]:.1f}")
 if known is not None:
     st.subheader("The known trigger, for comparison")
     x0 = suspect.defense_pool.images(np.arange(1))

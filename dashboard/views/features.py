@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
-import plotly.express as px
 import streamlit as st
 
-from analysis.features import feature_set, pca_2d, separation_score, umap_2d
+from analysis.features import embed, feature_set, separation_score
+from analysis.figures import embedding_figure
 from dashboard.common import (
     StreamlitProgress,
     load_suspect,
@@ -45,31 +44,20 @@ method = c1.radio("Embedding", ["PCA", "UMAP"], key="emb_method",
                   help="PCA is instant; UMAP (umap-learn, fixed seed) is computed once per suspect and sample size.")
 n_neighbors = c1.slider("UMAP neighbours", 5, 50, 15, key="emb_nn", disabled=method != "UMAP")
 if method == "PCA":
-    emb = pca_2d(fs.features)
+    embedding = embed(fs, "PCA")
 else:
     bar = StreamlitProgress("UMAP")
-    emb = memoized("umap", (ref, n, n_neighbors),
-                   lambda: umap_2d(fs.features, n_neighbors=n_neighbors, progress=bar), max_entries=8)
+    embedding = memoized("umap", (ref, n, n_neighbors),
+                         lambda: embed(fs, "UMAP", n_neighbors=n_neighbors, progress=bar), max_entries=8)
     bar.done()
 
 classes = suspect.classes
-df = pd.DataFrame({
-    "x": emb[:, 0], "y": emb[:, 1], "idx": np.arange(len(fs)),
-    "class": [classes[int(c)] for c in fs.label], "prediction": [classes[int(c)] for c in fs.pred],
-    "kind": fs.kind, "poisoned": fs.poisoned,
-})
-symbols = {"clean test": "circle", "triggered test": "x", "clean train": "circle-open", "poisoned train": "diamond"}
-fig = px.scatter(df, x="x", y="y", color="class", symbol="kind", symbol_map=symbols, custom_data=["idx"],
-                 hover_data={"prediction": True, "kind": True, "x": False, "y": False, "idx": False},
-                 category_orders={"class": classes}, height=560)
-fig.update_traces(marker=dict(size=6, opacity=0.8))
-fig.update_layout(dragmode="lasso", legend=dict(itemsizing="constant"), margin=dict(t=10, b=10),
-                  xaxis_title=f"{method} 1", yaxis_title=f"{method} 2")
+fig = embedding_figure({suspect.name: embedding}, classes, lasso=True)
 with c2:
     event = st.plotly_chart(fig, key="feature_scatter", on_select="rerun", selection_mode=("lasso", "box", "points"))
 
-sep = separation_score(emb, fs.poisoned)
-sep_full = separation_score(fs.features, fs.poisoned)
+sep = separation_score(embedding.points, fs.poisoned)
+sep_full = embedding.separation
 counts = pd.Series(fs.kind).value_counts()
 m = c1.container()
 if sep["n_poisoned"]:
@@ -106,9 +94,9 @@ st.subheader("Selected points")
 if not chosen:
     st.caption("Draw a lasso (or a box) around points in the scatter to see their images and predictions here.")
 else:
-    sel = df.iloc[chosen]
-    st.write(f"{len(chosen)} points selected: {int(sel.poisoned.sum())} poisoned; classes "
-             + ", ".join(f"{k} ({v})" for k, v in sel["class"].value_counts().items()))
+    picked = pd.Series([classes[int(c)] for c in fs.label[chosen]])
+    st.write(f"{len(chosen)} points selected: {int(fs.poisoned[chosen].sum())} poisoned; classes "
+             + ", ".join(f"{k} ({v})" for k, v in picked.value_counts().items()))
     show = chosen[:24]
     cols = st.columns(8)
     for k, i in enumerate(show):

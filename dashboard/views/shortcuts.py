@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import plotly.graph_objects as go
 import streamlit as st
-from plotly.subplots import make_subplots
 
-from analysis.samples import paired_sample
-from analysis.shortcuts import DEFAULT_GAMMAS, NoSkipConnectionsError, skip_ablation
+from analysis.figures import ablation_figure
+from analysis.shortcuts import DEFAULT_GAMMAS, NoSkipConnectionsError, ablation_curves
 from dashboard.common import StreamlitProgress, load_suspect, memoized, sample_size, sidebar, trigger_notice
 from suspects.models import list_residual_blocks
 
@@ -37,11 +35,8 @@ if trigger is None:
 
 def ablation(ref: str, n: int, gammas: tuple[float, ...], progress: StreamlitProgress):
     s, lk = load_suspect(ref)
-    smp = paired_sample(s.test, s.trigger, n)
-    clean_idx = paired_sample(s.test, None, n).index
     with lk:
-        return skip_ablation(s.model, s.test.images(clean_idx), s.test.labels[clean_idx], smp.triggered,
-                             smp.attack_labels, gammas, progress=progress)
+        return ablation_curves(s.model, s.test, s.trigger, n, gammas, progress=progress)
 
 
 n = sample_size()
@@ -54,21 +49,7 @@ except NoSkipConnectionsError as err:
     st.stop()
 bar.done()
 
-blocks = list(dict.fromkeys(res.table.block))
-fig = make_subplots(rows=1, cols=2, subplot_titles=("BA (clean test images)", "ASR (triggered test images)"))
-for b in blocks:
-    t = res.curve(b)
-    crit = b == res.critical_block
-    style = dict(width=4 if crit else 1.5, dash="solid" if crit else "dot")
-    name = f"{b} (critical)" if crit else b
-    fig.add_trace(go.Scatter(x=t.gamma, y=t.ba, mode="lines+markers", name=name, legendgroup=b, line=style,
-                             marker=dict(size=7 if crit else 4)), row=1, col=1)
-    fig.add_trace(go.Scatter(x=t.gamma, y=t.asr, mode="lines+markers", name=name, legendgroup=b, line=style,
-                             marker=dict(size=7 if crit else 4), showlegend=False), row=1, col=2)
-fig.update_xaxes(title_text="γ (skip scale)", autorange="reversed")
-fig.update_yaxes(range=[0, 1.02])
-fig.update_layout(height=430, margin=dict(t=40, b=10))
-st.plotly_chart(fig, key="ablation_curves")
+st.plotly_chart(ablation_figure({suspect.name: res}), key="ablation_curves")
 st.caption(f"{res.n_clean} clean and {res.n_triggered} triggered test images (all-to-one: the target class is "
            "excluded from the triggered set). γ = 1 is the unmodified model; the x axis runs from 1 down to 0.")
 
