@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from defenses.runstore import RunStore
 from streamlit.testing.v1 import AppTest
 
 import suspects
@@ -32,6 +31,7 @@ from analysis.samples import paired_sample
 from analysis.shortcuts import ablation_curves
 from runs.compare import side_by_side
 from runs.report import html_report
+from runs.store import RunStore
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 N = 40
