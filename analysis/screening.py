@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from suspects.device import autocast, pick_device
+from suspects.params import ParamError, param, param_specs, params_from
 from suspects.store import Suspect
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "get_screener",
     "list_screeners",
     "screener_param_specs",
+    "ParamError",
     "calibrate",
     "calibrate_on_pool",
     "screen_suspect",
@@ -64,46 +66,7 @@ DEFAULT_METHOD = "strip"
 _CHUNK = 512  # images per forward pass
 
 
-def _param(default: Any, *, help: str, min: float | None = None, max: float | None = None,
-           choices: tuple | None = None, integer: bool = False) -> Any:
-    """A dataclass field with the same metadata as ``defenses.base.param`` (widgets, flags, validation)."""
-    return field(default=default, metadata={"help": help, "min": min, "max": max, "choices": choices,
-                                            "integer": integer})
-
-
-def screener_param_specs(params_cls: type) -> list[dict[str, Any]]:
-    """Name, type, default and metadata of every parameter of a screener (for widgets, flags and docs)."""
-    return [{"name": f.name, "default": f.default, "type": type(f.default).__name__, **f.metadata}
-            for f in dataclasses.fields(params_cls)]
-
-
-def _coerce(name: str, value: Any, spec: dict[str, Any]) -> Any:
-    default = spec["default"]
-    if spec.get("choices"):
-        if value not in spec["choices"]:
-            raise ValueError(f"parameter {name!r} must be one of {list(spec['choices'])}, got {value!r}")
-        return value
-    if isinstance(default, bool):
-        if isinstance(value, str):
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(f"parameter {name!r} must be true or false, got {value!r}")
-            return value.lower() in ("true", "1", "yes")
-        return bool(value)
-    try:
-        num = float(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"parameter {name!r} must be a number, got {value!r}") from err
-    if not math.isfinite(num):
-        raise ValueError(f"parameter {name!r} must be finite, got {value!r}")
-    if spec.get("integer") or isinstance(default, int):
-        if num != int(num):
-            raise ValueError(f"parameter {name!r} must be a whole number, got {value!r}")
-        num = int(num)
-    lo, hi = spec.get("min"), spec.get("max")
-    if (lo is not None and num < lo) or (hi is not None and num > hi):
-        raise ValueError(f"parameter {name!r} must lie in [{lo if lo is not None else '-inf'}, "
-                         f"{hi if hi is not None else 'inf'}], got {value!r}")
-    return num
+screener_param_specs = param_specs  # name kept for callers of the screening API
 
 
 # --- the interface ----------------------------------------------------------------------------------------
@@ -133,15 +96,11 @@ class Screener:
 
     @classmethod
     def make_params(cls, preset: str = "quick", overrides: dict[str, Any] | None = None) -> Any:
-        """Parameters of ``preset`` with ``overrides`` applied; unknown names and bad values raise ValueError."""
+        """Parameters of ``preset`` with ``overrides`` applied; unknown names and bad values raise ParamError
+        (a ValueError)."""
         if preset not in cls.presets:
-            raise ValueError(f"{cls.name}: unknown preset {preset!r}; presets: {sorted(cls.presets)}")
-        values = {**cls.presets[preset], **(overrides or {})}
-        specs = {s["name"]: s for s in screener_param_specs(cls.Params)}
-        unknown = sorted(set(values) - set(specs))
-        if unknown:
-            raise ValueError(f"{cls.name}: unknown parameter(s) {unknown}; known: {sorted(specs)}")
-        return cls.Params(**{k: _coerce(k, v, specs[k]) for k, v in values.items()})
+            raise ParamError(f"{cls.name}: unknown preset {preset!r}; presets: {sorted(cls.presets)}")
+        return params_from(cls.Params, {**cls.presets[preset], **(overrides or {})})
 
     def forward_passes(self) -> int:
         """Forward passes per screened image (the cost in units of one prediction)."""
@@ -235,11 +194,11 @@ def _resolved_consistency(log_miss: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class StripParams:
-    n: int = _param(100, help="N: clean images superimposed on each input (the paper's 100; cost is N forward "
+    n: int = param(100, help="N: clean images superimposed on each input (the paper's 100; cost is N forward "
                               "passes per input)", min=2, max=1000, integer=True)
-    weight: float = _param(1.0, help="weight w of the overlay in clip(x + w * overlay, 0, 1); 1 = the paper's "
+    weight: float = param(1.0, help="weight w of the overlay in clip(x + w * overlay, 0, 1); 1 = the paper's "
                                      "additive superimposition", min=0.05, max=1.0)
-    seed: int = _param(0, help="seed of the choice of overlay images from the defense pool", min=0, integer=True)
+    seed: int = param(0, help="seed of the choice of overlay images from the defense pool", min=0, integer=True)
 
 
 @register_screener
@@ -293,9 +252,9 @@ class Strip(Screener):
 
 @dataclass
 class ScaleUpParams:
-    n_factors: int = _param(5, help="number of amplification factors: pixel values times 3, 5, ..., 2n+1 (the "
+    n_factors: int = param(5, help="number of amplification factors: pixel values times 3, 5, ..., 2n+1 (the "
                                     "paper's 3, 5, 7, 9, 11 for n = 5), clipped to [0, 1]", min=1, max=20, integer=True)
-    standardize: bool = _param(False, help="the paper's data-limited variant: standardize the SPC per predicted "
+    standardize: bool = param(False, help="the paper's data-limited variant: standardize the SPC per predicted "
                                            "class with its mean and standard deviation on clean pool images")
 
 
@@ -387,13 +346,13 @@ class ScaleUp(Screener):
 
 @dataclass
 class IbdPscParams:
-    n: int = _param(5, help="n: parameter-amplified models (the paper's 5); cost is n + 1 forward passes per input",
+    n: int = param(5, help="n: parameter-amplified models (the paper's 5); cost is n + 1 forward passes per input",
                     min=1, max=20, integer=True)
-    omega: float = _param(1.5, help="omega: factor multiplying the weight and bias of the amplified BatchNorm "
+    omega: float = param(1.5, help="omega: factor multiplying the weight and bias of the amplified BatchNorm "
                                     "layers (the paper's 1.5)", min=1.01, max=10.0)
-    xi: float = _param(0.6, help="xi: clean-pool error rate the layer selection must exceed (the paper's 0.6)",
+    xi: float = param(0.6, help="xi: clean-pool error rate the layer selection must exceed (the paper's 0.6)",
                        min=0.05, max=0.99)
-    n_select: int = _param(256, help="clean pool images used to select the layers (0 = all)", min=0, integer=True)
+    n_select: int = param(256, help="clean pool images used to select the layers (0 = all)", min=0, integer=True)
 
 
 @register_screener
