@@ -61,6 +61,8 @@ class StressParams:
     weight_decay: float = param(5e-4, help="L2 weight decay", min=0.0, max=0.1)
     batch_size: int = param(128, help="images per step", min=1, max=4096)
     augment: str = param("none", help="training augmentation", choices=("none", "crop", "crop-flip"))
+    test_limit: int = param(0, help="measure BA / ASR on the first N test images only (0 = the whole test split)",
+                            min=0, max=10_000_000)
     tolerance: float = param(0.05, help="verdict margin: ASR after re-tuning may exceed the clean reference's by "
                                         "this much (0.05 = 5 points) and still count as robust", min=0.0, max=1.0)
 
@@ -195,7 +197,7 @@ def stress_test(suspect: Suspect, reference: Suspect | None = None, params: Stre
         check()
         report(base, f"{role}: measuring before re-tuning", {})
         model = prepare_model(copy.deepcopy(s.model), dev).eval()
-        before = evaluate(model, suspect.test, trigger, device=dev)
+        before = evaluate(model, suspect.test, trigger, device=dev, limit=p.test_limit or None)
 
         def tick(epoch: int, loss: float, role: str = role, base: float = base) -> None:
             report(base + share * (0.2 + 0.6 * (epoch + 1) / p.epochs),
@@ -204,7 +206,7 @@ def stress_test(suspect: Suspect, reference: Suspect | None = None, params: Stre
 
         losses = retune(model, data, p, dev, seed=seed, tick=tick)
         report(base + share * 0.85, f"{role}: measuring after re-tuning", {})
-        after = evaluate(model, suspect.test, trigger, device=dev)
+        after = evaluate(model, suspect.test, trigger, device=dev, limit=p.test_limit or None)
         measured[role] = (before, after, losses)
         del model
     mb, ma, losses = measured["model"]
