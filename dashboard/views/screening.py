@@ -8,7 +8,14 @@ import torch
 
 from analysis.figures import roc_figure, screening_histogram_figure
 from analysis.gradcam import compute_cams, default_target_layer
-from analysis.screening import DEFAULT_METHOD, get_screener, list_screeners, load_image, screen_images, screen_suspect
+from analysis.screening import (
+    DEFAULT_METHOD,
+    get_screener,
+    list_screeners,
+    load_image,
+    screen_images,
+    screen_suspect,
+)
 from dashboard.common import (
     StreamlitProgress,
     device,
