@@ -117,7 +117,7 @@ def _fake_run(store: RunStore, parent: str = "demo:badnets") -> str:
     card["provenance"] = {"source": "defense", "defense": "finetune", "parent": parent}
     rid = store.create("finetune", parent, "quick", {}, 500, 0)
     store.finish(rid, {"defense": "finetune", "preset": "quick", "ba": 0.9, "asr": 1.0, "ra": 0.0, "der": 0.5,
-                       "seconds": 1.0, "pool_size": 500, "pool_split": {"train": 400, "held_out": 100},
+                       "ba_before": 0.9, "asr_before": 1.0, "ra_before": 0.0, "device": "cpu", "seconds": 1.0, "pool_size": 500, "pool_split": {"train": 400, "held_out": 100},
                        "finished": "2026-01-01T00:00:00+00:00"},
                  suspects.Suspect(s.model, card, None))
     return rid

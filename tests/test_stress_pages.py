@@ -43,6 +43,10 @@ def test_compare_shows_the_stored_stress_result_and_queues_one(runs_dir, monkeyp
     at.button(key=f"stress_cmp_{fresh}").click().run()
     assert not at.exception, at.exception
     assert latest_stress_job(store, fresh).status == "queued"
+    # the Defenses page shows the newest finetune run's stress panel under its result (queued, so no button)
+    at = _page("views/defenses.py")
+    assert any("queued" in i.value for i in at.info), [i.value for i in at.info]
+    assert not any(b.key == f"stress_def_{fresh}" and not b.disabled for b in at.button)
 
 
 def test_screen_inputs_page():
