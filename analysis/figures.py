@@ -17,6 +17,8 @@ feature space          :func:`analysis.features.feature_set` +                :f
 skip ablation          :func:`analysis.shortcuts.ablation_curves`             :func:`ablation_figure`
 detection              :func:`analysis.reverse.scan_suspect`                  :func:`anomaly_figure`,
                        (Neural Cleanse, Wang et al., IEEE S&P 2019)           :func:`mask_norm_figure`, :func:`mask_grid`
+input screening        :func:`analysis.screening.screen_suspect`              :func:`screening_histogram_figure`,
+                       (STRIP, SCALE-UP, IBD-PSC)                             :func:`roc_figure`
 =====================  =====================================================  ==========================================
 
 The side-by-side figures take ``{model label: result}``; with one model they draw that model alone (the layout of
@@ -38,6 +40,7 @@ from .activations import NORMS, ActivationStats
 from .features import Embedding
 from .gradcam import GradCamComparison, cam_overlay
 from .samples import PairedSample
+from .screening import ScreenResult
 from .shortcuts import AblationResult
 
 if TYPE_CHECKING:
@@ -46,7 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "NORM_LABELS", "KIND_SYMBOLS", "gradcam_grid", "activations_figure", "norm_histogram_figure", "norm_box_figure",
     "embedding_figure", "ablation_figure", "class_labels", "anomaly_figure", "mask_norm_figure", "mask_tiles",
-    "mask_grid",
+    "mask_grid", "screening_histogram_figure", "roc_figure",
 ]
 
 NORM_LABELS = {"l1": "l1 = Σ|A|", "l2": "l2 = (ΣA²)^½", "linf": "l_inf = max|A|"}
@@ -262,3 +265,41 @@ def mask_grid(result: ReverseResult, order: Sequence[int] | None = None, scale: 
         for i, t in enumerate(tiles):
             out[r * (h + gap): r * (h + gap) + h, i * (w + gap): i * (w + gap) + w] = t
     return out
+
+
+# --- input screening (analysis.screening) ------------------------------------------------------------------
+
+
+def screening_histogram_figure(result: ScreenResult, height: int = 320) -> go.Figure:
+    """Score histograms of clean and triggered test images (and the clean pool), with the threshold."""
+    edges = np.asarray(result.hist_edges, dtype=float)
+    if len(edges) < 2:
+        return go.Figure()
+    centres = (edges[:-1] + edges[1:]) / 2
+    fig = go.Figure()
+    groups = [("clean pool (calibration)", result.hist_pool, "#9e9e9e"),
+              ("clean test images", result.hist_clean, "#1f77b4")]
+    if result.hist_triggered:
+        groups.append(("triggered test images", result.hist_triggered, "#d62728"))
+    for name, counts, color in groups:
+        total = max(1, int(sum(counts)))
+        fig.add_bar(x=centres, y=[c / total for c in counts], name=name, marker_color=color, opacity=0.55)
+    fig.add_vline(x=result.threshold, line_dash="dash",
+                  annotation_text=f"threshold ({100 * result.fpr_target:g}% pool FPR)")
+    fig.update_layout(barmode="overlay", height=height, margin=dict(t=30, b=10),
+                      xaxis_title=f"{result.score_label} (higher = more likely triggered)",
+                      yaxis_title="share of the group", legend=dict(orientation="h", y=1.12))
+    return fig
+
+
+def roc_figure(result: ScreenResult, height: int = 320) -> go.Figure:
+    """ROC curve of clean vs. triggered test images, with the operating point at the threshold."""
+    fig = go.Figure()
+    fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="#999"), name="chance")
+    if result.roc_fpr:
+        fig.add_scatter(x=result.roc_fpr, y=result.roc_tpr, mode="lines", name=f"AUROC {result.auroc:.3f}")
+        fig.add_scatter(x=[result.fpr], y=[result.tpr_at_fpr], mode="markers", marker=dict(size=11, symbol="x"),
+                        name=f"threshold: FPR {result.fpr:.3f}, TPR {result.tpr_at_fpr:.3f}")
+    fig.update_layout(height=height, margin=dict(t=30, b=10), xaxis_title="false-positive rate (clean test images)",
+                      yaxis_title="true-positive rate (triggered test images)", legend=dict(orientation="h", y=1.12))
+    return fig

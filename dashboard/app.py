@@ -22,6 +22,7 @@ nav = st.navigation({
         st.Page(str(PAGES / "activations.py"), title="Activations", icon=":material/bar_chart:"),
         st.Page(str(PAGES / "features.py"), title="Feature space", icon=":material/scatter_plot:"),
         st.Page(str(PAGES / "shortcuts.py"), title="Skip ablation", icon=":material/alt_route:"),
+        st.Page(str(PAGES / "screening.py"), title="Screen inputs", icon=":material/filter_alt:"),
     ],
     "Remove it": [
         st.Page(str(PAGES / "defenses.py"), title="Defenses", icon=":material/shield:"),

@@ -41,6 +41,7 @@ from suspects.models import list_residual_blocks
 from suspects.store import Suspect
 
 from .store import RunStore
+from .stress import load_stress
 
 __all__ = [
     "COLUMNS", "COLUMN_DEFINITIONS", "METRICS", "METRIC_LABELS", "PARTS", "PART_TITLES", "same_suspect", "runs_table",
@@ -50,7 +51,7 @@ __all__ = [
     "side_by_side",
 ]
 
-COLUMNS = ["run_id", "defense", "preset", "overrides", "ba", "asr", "ra", "der", "seconds", "device", "clean_images", "held_out",
+COLUMNS = ["run_id", "defense", "preset", "overrides", "ba", "asr", "ra", "der", "asr_after_retune", "seconds", "device", "clean_images", "held_out",
            "date", "ba_before", "asr_before", "ra_before", "pareto", "run_dir"]
 METRICS = ("ba", "asr", "ra", "der")
 METRIC_LABELS = {"ba": "BA (benign accuracy)", "asr": "ASR (attack success rate)", "ra": "RA (robust accuracy)",
@@ -64,6 +65,9 @@ COLUMN_DEFINITIONS = {
     "asr": "ASR after the defense; " + DEFINITIONS["asr"],
     "ra": "RA after the defense; " + DEFINITIONS["ra"],
     "der": DEFINITIONS["der"],
+    "asr_after_retune": "ASR after re-tuning: the run's ASR after the stress test (retuning attack, Min et al., "
+                        "NeurIPS 2024: a few epochs of fine-tuning on the pool with 5 poisoned samples); empty "
+                        "until the run is stress-tested",
     "seconds": "wall-clock seconds of the run, measuring before and after included",
     "device": "the device the run used",
     "clean_images": "clean defense-pool images given to the defense (never poisoned, never the test split)",
@@ -111,6 +115,7 @@ def runs_table(store: RunStore, suspect: str) -> pd.DataFrame:
             "run_id": rec.id, "defense": rep.get("defense", rec.defense), "preset": rep.get("preset", rec.preset),
             "overrides": ", ".join(f"{k}={v}" for k, v in sorted(rec.params.items()) if not k.startswith("_")),
             **{k: _num(rep.get(k)) for k in ("ba", "asr", "ra", "der", "seconds")},
+            "asr_after_retune": _num((load_stress(rep.get("run_dir") or rec.run_dir) or {}).get("asr_after_retune")),
             "device": rep.get("device") or rec.device or "",
             "clean_images": int(rep.get("pool_size", rec.pool_size) or 0),
             "held_out": int(split.get("held_out", 0)),
@@ -181,20 +186,23 @@ def table_json(table: pd.DataFrame, suspect: str) -> str:
 
 def format_table(table: pd.DataFrame) -> str:
     """A fixed-width text table of the main columns (the Pareto front marked with *), then the definitions."""
-    cols = ["run_id", "defense", "preset", "overrides", "ba", "asr", "ra", "der", "seconds", "device", "clean_images", "date"]
+    cols = ["run_id", "defense", "preset", "overrides", "ba", "asr", "ra", "der", "asr_after_retune", "seconds", "device",
+            "clean_images", "date"]
     show = table[cols].copy()
-    for c in ("ba", "asr", "ra", "der"):
+    for c in ("ba", "asr", "ra", "der", "asr_after_retune"):
         show[c] = [("n/a" if math.isnan(v) else f"{v:.3f}") for v in table[c]]
     show["seconds"] = [f"{v:.1f}" for v in table["seconds"]]
     show["clean_images"] = [f"{n} ({h} held out)" for n, h in zip(table["clean_images"], table["held_out"], strict=True)]
     show.insert(0, "", ["*" if p else "" for p in table["pareto"]])
-    show = show.rename(columns={"ba": "BA", "asr": "ASR", "ra": "RA", "der": "DER", "clean_images": "clean data"})
+    show = show.rename(columns={"ba": "BA", "asr": "ASR", "ra": "RA", "der": "DER", "clean_images": "clean data",
+                                "asr_after_retune": "ASR re-tuned"})
     lines = [show.to_string(index=False)]
     lines.append("")
     lines.append("* on the Pareto front: " + COLUMN_DEFINITIONS["pareto"].split(": ", 1)[1])
     for key, label in (("ba", "BA"), ("asr", "ASR"), ("ra", "RA"), ("der", "DER")):
         lines.append(f"{label}: {DEFINITIONS[key]}")
     lines.append("clean data: " + COLUMN_DEFINITIONS["clean_images"] + "; " + COLUMN_DEFINITIONS["held_out"])
+    lines.append("ASR re-tuned: " + COLUMN_DEFINITIONS["asr_after_retune"].split(": ", 1)[1])
     return "\n".join(lines)
 
 

@@ -136,7 +136,8 @@ def execute(store: RunStore, run_id: str, device: str | None = None, progress_ho
 
 
 def run_queued(store: RunStore, device: str | None = None) -> int:
-    """Worker loop: take queued runs until none is left. Returns how many ran."""
+    """Worker loop: take queued runs, then queued stress tests (:mod:`runs.stress`), until none is left. Returns
+    how many ran."""
     n = 0
     with device_lock(store, device, wait=False) as free:
         if not free:
@@ -144,7 +145,13 @@ def run_queued(store: RunStore, device: str | None = None) -> int:
         while True:
             store.reconcile()
             rec = store.claim_next(os.getpid())
-            if rec is None:
-                return n
-            execute(store, rec.id, device)
+            if rec is None:  # then the queued stress tests (runs.stress), one at a time as well
+                from .stress import claim_next_stress, execute_stress
+
+                job = claim_next_stress(store, os.getpid())
+                if job is None:
+                    return n
+                execute_stress(store, job, device)
+            else:
+                execute(store, rec.id, device)
             n += 1

@@ -47,6 +47,7 @@ from .compare import (
     tradeoff_figure,
 )
 from .store import RunStore
+from .stress import load_stress
 
 __all__ = ["png_bytes", "figures_png", "figures_zip", "run_figures", "pick_runs", "html_report", "write_report"]
 
@@ -237,6 +238,32 @@ def _side_by_side_html(sbs: SideBySide, models: dict[str, Suspect], classes: Seq
     return "\n".join(out)
 
 
+def _stress_html(table: pd.DataFrame) -> str:
+    """The stress-test results stored with the listed runs (``stress.json``), or '' when none has one."""
+    rows = []
+    for _, r in table.iterrows():
+        res = load_stress(r["run_dir"])
+        if not res:
+            continue
+        cells = [run_label(r), res.get("verdict"), res.get("asr"), res.get("ba"), res.get("asr_after_retune"),
+                 res.get("ba_after_retune"), res.get("reference") or "none known",
+                 res.get("reference_asr_after_retune"), res.get("seconds")]
+        rows.append("<tr>" + "".join(
+            f'<td class="num">{_e(_fmt(c, 1 if i == 8 else 3))}</td>' if isinstance(c, (float, int))
+            else f"<td>{_e(_fmt(c))}</td>" for i, c in enumerate(cells)) + "</tr>")
+    if not rows:
+        return ""
+    head = "".join(f"<th>{h}</th>" for h in ("run", "verdict", "ASR", "BA", "ASR after re-tuning",
+                                            "BA after re-tuning", "clean reference", "reference ASR after",
+                                            "seconds"))
+    return ("<h2>Stress test (retuning attack)</h2>"
+            '<p class="muted">Min et al., NeurIPS 2024: each model is fine-tuned for a few epochs on clean '
+            "defense-pool images with a few poisoned ones mixed in, and so is the clean model of the same family. "
+            "<b>robust</b>: the ASR after re-tuning stays within a few points of the clean reference's; "
+            "<b>superficial</b>: the backdoor comes back. Test images are only measured.</p>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
 def html_report(suspect_ref: str, store: RunStore | None = None, runs: Sequence[str] | None = None,
                 n: int = 200, cam_images: int = 8, parts: Sequence[str] = PARTS,
                 progress: Progress | None = None) -> str:
@@ -276,7 +303,7 @@ def html_report(suspect_ref: str, store: RunStore | None = None, runs: Sequence[
                  _fig(tradeoff_figure(table)),
                  '<p class="muted">Top left is best. The dashed step line is the Pareto front; the star is the '
                  "suspect before any defense.</p>", _fig(metric_bars_figure(table)),
-                 '<p class="muted">Dashed red line: the suspect before the defense.</p>']
+                 '<p class="muted">Dashed red line: the suspect before the defense.</p>', _stress_html(table)]
     against = ", ".join(list(models)[1:]) or "no run"
     body += [f"<h2>Before / after: the suspect vs. {_e(against)}</h2>",
              f'<p class="muted">The same {n} test images (and {cam_images} for Grad-CAM) and the suspect\'s trigger '

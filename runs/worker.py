@@ -1,6 +1,6 @@
 """The background worker: ``python -m runs.worker --runs ROOT [--device DEV]``, started by :func:`runs.jobs.ensure_worker`.
 
-It runs the queued runs of the store one at a time under the device's lock (:func:`runs.jobs.run_queued`) and
+It runs the queued runs (then the queued stress tests) of the store one at a time under the device's lock (:func:`runs.jobs.run_queued`) and
 exits when the queue stays empty.
 """
 
@@ -12,6 +12,7 @@ import time
 
 from .jobs import device_lock, run_queued
 from .store import RunStore
+from .stress import queued_stress
 
 __all__ = ["main"]
 
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     while True:
         run_queued(store, args.device)
         time.sleep(0.5)  # a run queued while the lock was being released is picked up here
-        if not store.list(status="queued"):
+        if not store.list(status="queued") and not queued_stress(store):
             return 0
         with device_lock(store, args.device, wait=False) as free:
             if not free:

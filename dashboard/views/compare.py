@@ -12,6 +12,8 @@ from analysis.gradcam import compare_gradcam, default_target_layer
 from analysis.samples import paired_sample
 from analysis.shortcuts import ablation_curves
 from dashboard.common import load_suspect, sample_size, sidebar, store, trigger_notice
+from dashboard.stress import EXPLAIN as STRESS_EXPLAIN
+from dashboard.stress import stress_panel
 from runs.compare import (
     COLUMN_DEFINITIONS,
     METRIC_LABELS,
@@ -68,7 +70,9 @@ config = {c: st.column_config.Column(c.replace("_", " "), help=COLUMN_DEFINITION
 config |= {"seconds": st.column_config.NumberColumn("seconds", help=COLUMN_DEFINITIONS["seconds"], format="%.1f"),
            "clean_images": st.column_config.NumberColumn("clean images", help=COLUMN_DEFINITIONS["clean_images"]),
            "held_out": st.column_config.NumberColumn("held out", help=COLUMN_DEFINITIONS["held_out"]),
-           "pareto": st.column_config.CheckboxColumn("Pareto", help=COLUMN_DEFINITIONS["pareto"]), **numbers}
+           "pareto": st.column_config.CheckboxColumn("Pareto", help=COLUMN_DEFINITIONS["pareto"]), **numbers,
+           "asr_after_retune": st.column_config.NumberColumn("ASR after re-tuning", format="%.3f",
+                                                             help=COLUMN_DEFINITIONS["asr_after_retune"])}
 st.dataframe(shown, column_config=config, hide_index=True, key="cmp_table")
 if shown.empty:
     st.warning("No run passes the filters.")
@@ -81,6 +85,11 @@ else:
     c2.plotly_chart(metric_bars_figure(shown), key="cmp_bars")
     c2.caption("One bar per run (defense · preset · id); dashed red: the suspect before the defense. "
                + " ".join(f"{METRIC_LABELS[k]}: {DEFINITIONS[k]}." for k in ("ba", "asr", "ra", "der")))
+    with st.expander("Stress test a run (ASR after re-tuning)"):
+        st.markdown(STRESS_EXPLAIN)
+        pick = st.selectbox("Run", shown.run_id.tolist(), key="cmp_stress_run",
+                            format_func=lambda r: run_label(shown.set_index("run_id").loc[r].to_dict() | {"run_id": r}))
+        stress_panel(runs, pick, shown.set_index("run_id").loc[pick, "run_dir"], key="cmp_")
 
 # --- side by side -------------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import plotly.express as px
 import streamlit as st
 
 from dashboard.common import load_suspect, sidebar, store, trigger_notice
+from dashboard.stress import stress_panel
 from defenses.base import ParamError, param_specs
 from defenses.registry import all_defenses, get_defense, list_defenses
 from runs.jobs import ensure_worker, submit
@@ -93,6 +94,7 @@ def _render_finished(rec: RunRecord) -> None:
                 st.plotly_chart(fig, key=f"curve_{rec.id}_{name}")
     for name, hist in histograms.items():
         _poisoned_vs_clean(rec.id, name, hist)
+    stress_panel(runs, rec.id, rec.run_dir, key="def_")
     if st.button("Open the repaired model in the analysis pages", key=f"open_{rec.id}", icon=":material/search:"):
         st.session_state["suspect"] = rec.run_dir
         st.switch_page("views/overview.py")
