@@ -1,0 +1,172 @@
+"""Operations (issues 12.4, 12.9, 17.4): thread counts, one reaped worker, reuse of the stored "before" metrics,
+"after" on a subset with intervals, l_inf pruning that gives up, expected times."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import suspects
+from defenses import runner as runner_mod
+from defenses.base import ParamError
+from defenses.runner import parse_measure, run_defense
+from runs import jobs
+from runs.store import RunStore
+from suspects.device import cpu_threads
+from suspects.metrics import (
+    data_fingerprint,
+    evaluate,
+    model_fingerprint,
+    stamp_metrics,
+    stored_metrics,
+    wilson_interval,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# --- 12.4: one rule for thread counts ----------------------------------------------------------------------------
+
+
+def test_thread_counts_never_exceed_the_cores(monkeypatch):
+    monkeypatch.delenv("BACKDOOR_LENS_THREADS", raising=False)
+    for cores in (1, 2, 4, 16):
+        worker, ui = cpu_threads("worker", cores), cpu_threads("ui", cores)
+        assert worker >= 1 and ui == 1
+        assert worker + ui <= max(cores, 2)  # the dashboard and its worker together
+        assert cpu_threads("cli", cores, worker_running=True) + worker <= max(cores, 2)
+        assert cpu_threads("cli", cores) == cores  # alone, the CLI takes every core
+    assert cpu_threads("worker", 2) == 1 and cpu_threads("worker", 8) == 7
+    monkeypatch.setenv("BACKDOOR_LENS_THREADS", "3")
+    assert cpu_threads("worker", 16) == 3 and cpu_threads("ui", 16) == 3
+    monkeypatch.setenv("BACKDOOR_LENS_THREADS", "zero")
+    with pytest.raises(ValueError, match="BACKDOOR_LENS_THREADS"):
+        cpu_threads("cli")
+    with pytest.raises(ValueError, match="role"):
+        cpu_threads("gpu")
+
+
+# --- 12.9: at most one worker, reaped -----------------------------------------------------------------------------
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to see zombies")
+def test_ensure_worker_starts_one_and_reaps_it(tmp_path):
+    store = RunStore(tmp_path)
+    rid = jobs.submit(store, "finetune", "demo:badnets", "quick", {"epochs": 1}, pool_size=100, start_worker=False)
+    started = []
+    for _ in range(12):  # the Defenses page calls it on every 1-s refresh while the run is queued
+        proc = jobs.ensure_worker(store)
+        if proc is not None:
+            started.append(proc)
+        time.sleep(0.05)
+    assert len(started) == 1
+    assert jobs.worker_running(store)
+    store.request_cancel(rid)  # the queue empties: the worker exits on its own
+    pid = started[0].pid
+    deadline = time.time() + 120
+    while time.time() < deadline and jobs.reap_workers():
+        time.sleep(0.2)
+    assert jobs.reap_workers() == 0
+    assert not _zombie(pid) and not Path(f"/proc/{pid}").exists()
+    assert not jobs.worker_running(store)
+
+
+# --- 17.4: "before" from the card, "after" on a subset --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def badnets():
+    return suspects.load("demo:badnets")
+
+
+def _counting(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = runner_mod.evaluate
+
+    def counted(model, test, trigger=None, **kw):
+        calls.append(len(test))
+        return real(model, test, trigger, **kw)
+
+    monkeypatch.setattr(runner_mod, "evaluate", counted)
+    return calls
+
+
+def test_before_metrics_come_from_the_card_when_weights_and_data_match(badnets, monkeypatch):
+    calls = _counting(monkeypatch)
+    first = run_defense("finetune", badnets, "quick", {"epochs": 1}, pool_size=100)
+    assert first["before_source"] == "measured" and len(calls) == 2  # the demo card has no fingerprints
+    repaired = first.suspect
+    m = repaired.card["metrics"]
+    assert m["model_fingerprint"] == model_fingerprint(repaired.model)
+    assert m["data_fingerprint"] == data_fingerprint(repaired.test, repaired.trigger)
+
+    calls.clear()
+    second = run_defense("finetune", repaired, "quick", {"epochs": 1}, pool_size=100)
+    assert len(calls) == 1, "the stored metrics of the same weights and data are reused"
+    assert second["before_source"] == "card"
+    assert (second["ba_before"], second["asr_before"]) == (first["ba"], first["asr"])
+
+    # the same card on other weights: measured again, and the measurement is what the card would say
+    with torch.no_grad():
+        next(repaired.model.parameters()).add_(0.01)
+    assert stored_metrics(repaired.card, repaired.model, repaired.test, repaired.trigger) is None
+    calls.clear()
+    third = run_defense("finetune", repaired, "quick", {"epochs": 1}, pool_size=100)
+    assert len(calls) == 2 and third["before_source"] == "measured"
+
+
+def test_stored_metrics_need_the_same_test_split_and_trigger(badnets):
+    m = evaluate(badnets.model, badnets.test, badnets.trigger)
+    card = {"metrics": stamp_metrics(m, badnets.model, badnets.test, badnets.trigger)}
+    assert stored_metrics(card, badnets.model, badnets.test, badnets.trigger) == m
+    fewer = badnets.test.subset(torch.arange(len(badnets.test) - 1))
+    assert stored_metrics(card, badnets.model, fewer, badnets.trigger) is None
+    assert stored_metrics(card, badnets.model, badnets.test, None) is None
+
+
+def test_after_on_a_subset_with_intervals(badnets):
+    report = run_defense("finetune", badnets, "quick", {"epochs": 1}, pool_size=100, measure="subset:200")
+    assert report["n_clean"] == 200 and "subset" in report["measured_on"]
+    for key in ("ba", "asr", "ra"):
+        lo, hi = report["ci95"][key]
+        assert lo <= report[key] <= hi and hi - lo < 0.2
+    assert "model_fingerprint" not in report.suspect.card["metrics"]  # a subset is never reused as a "before"
+    lo, hi = report["ci95_before"]["ba"]
+    assert hi - lo < report["ci95"]["ba"][1] - report["ci95"]["ba"][0]  # the full split is the narrower one
+
+
+def test_measure_option_and_wilson_interval():
+    assert parse_measure("full") is None and parse_measure(None) is None and parse_measure("subset:500") == 500
+    for bad in ("subset:0", "subset:x", "half"):
+        with pytest.raises(ParamError, match="measure"):
+            parse_measure(bad)
+    lo, hi = wilson_interval(0.5, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    lo, hi = wilson_interval(1.0, 50)
+    assert hi == 1.0 and 0.92 < lo < 0.94
+    assert wilson_interval(None, 10) is None
+
+
+def test_a_queued_run_keeps_its_measure_option(tmp_path):
+    store = RunStore(tmp_path)
+    rid = jobs.submit(store, "finetune", "demo:badnets", "quick", {"epochs": 1}, pool_size=100,
+                      start_worker=False, measure="subset:150")
+    assert store.get(rid).params["_measure"] == "subset:150"
+    with pytest.raises(ParamError):
+        jobs.submit(store, "finetune", "demo:badnets", "quick", {}, pool_size=100, start_worker=False,
+                    measure="subset:-1")
+    store.claim_next(os.getpid())
+    assert jobs.execute(store, rid) == "finished"
+    report = store.report(rid)
+    assert report["n_clean"] == 150
