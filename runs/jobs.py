@@ -28,7 +28,7 @@ from defenses.runner import parse_measure, run_defense
 
 from .store import RunStore, run_file
 
-__all__ = ["create_run", "submit", "ensure_worker", "worker_running", "reap_workers", "device_lock", "run_queued",
+__all__ = ["create_run", "submit", "ensure_worker", "worker_running", "any_worker_running", "reap_workers", "device_lock", "run_queued",
            "execute"]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,19 +61,21 @@ def device_lock(store: RunStore, device: str | None = None, wait: bool = True):
 
 def create_run(store: RunStore, defense: str, suspect_ref: str, preset: str = "quick",
                overrides: dict[str, Any] | None = None, pool_size: int = 500, seed: int = 0,
-               device: str | None = None, pid: int | None = None, measure: str = "full") -> str:
+               device: str | None = None, pid: int | None = None, measure: str = "full",
+               suspect: Any = None) -> str:
     """Validate everything (parameters, suspect, threat model, pool size, ``measure``), then add the run to the store.
 
     Raises ParamError / ValueError / SuspectLoadError before any row is written. With ``pid`` the run is
     recorded as already running in that (foreground) process. ``measure`` (``full`` or ``subset:N``, see
-    :func:`defenses.runner.run_defense`) is kept with the run's parameters as ``_measure``.
+    :func:`defenses.runner.run_defense`) is kept with the run's parameters as ``_measure``. ``suspect``: the suspect
+    ``suspect_ref`` names, when the caller has loaded it already (not loaded again).
     """
     import suspects
 
     d = get_defense(defense)
     params = d.make_params(preset, overrides)
     parse_measure(measure)
-    suspect = suspects.load(suspect_ref)
+    suspect = suspect if suspect is not None else suspects.load(suspect_ref)
     d.check_applicable(suspect)
     pool_n = len(suspect.defense_pool)
     if not 1 <= int(pool_size) <= pool_n:
@@ -102,6 +104,18 @@ def reap_workers() -> int:
             if proc.poll() is not None:  # poll() waits for the exited child, which removes its zombie
                 del _WORKERS[key]
         return len(_WORKERS)
+
+
+def any_worker_running(root: str | os.PathLike) -> bool:
+    """Whether any process holds a device lock of the run store at ``root`` (a worker or a foreground ``defend``),
+    without creating the store."""
+    for path in Path(root).glob("worker-*.lock"):
+        with open(path, "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+    return False
 
 
 def worker_running(store: RunStore, device: str | None = None) -> bool:
@@ -141,8 +155,9 @@ def ensure_worker(store: RunStore, device: str | None = None) -> subprocess.Pope
         return proc
 
 
-def execute(store: RunStore, run_id: str, device: str | None = None, progress_hook=None) -> str:
-    """Run one claimed run to its end, recording progress, and return its final status."""
+def execute(store: RunStore, run_id: str, device: str | None = None, progress_hook=None, suspect: Any = None) -> str:
+    """Run one claimed run to its end, recording progress, and return its final status. ``suspect``: the run's
+    suspect when the caller has loaded it already (a foreground run), else it is loaded here."""
     import suspects
 
     rec = store.get(run_id)
@@ -159,7 +174,8 @@ def execute(store: RunStore, run_id: str, device: str | None = None, progress_ho
             progress_hook(fraction, message, metrics)
 
     try:
-        suspect = suspects.load(rec.suspect)
+        if suspect is None:
+            suspect = suspects.load(rec.suspect)
         overrides = {k: v for k, v in rec.params.items() if not k.startswith("_")}
         for key, filename in get_defense(rec.defense).run_files.items():  # an earlier run, by id: pass its file
             if str(overrides.get(key) or "").strip():

@@ -185,3 +185,44 @@ def test_linf_pruning_reports_failure_when_asr_does_not_move(badnets):
     assert report["asr"] == pytest.approx(report["asr_before"])  # returned unpruned
     ok = run_defense("linf_prune", badnets, "quick", pool_size=300)  # the default rule lets it work here
     assert ok["artifacts"]["failed"] is False and ok["artifacts"]["n_pruned"] > 6
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to see zombies")
+def test_defenses_page_starts_at_most_one_worker_and_reaps_it(tmp_path, monkeypatch):
+    """Issue 12.9: the page refreshes every second while a run is queued; it must start one worker, not one per
+    refresh, and leave no defunct process behind."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("BACKDOOR_LENS_RUNS", str(tmp_path))
+    store = RunStore(tmp_path)
+    rid = jobs.submit(store, "finetune", "demo:badnets", "quick", {"epochs": 1}, pool_size=100, start_worker=False)
+    started: list[subprocess.Popen] = []
+
+    def popen(cmd, **kw):  # a stand-in worker: a real child process that ends by itself, without running anything
+        assert cmd[1:3] == ["-m", "runs.worker"]
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(4)"], **kw)
+        started.append(proc)
+        return proc
+
+    monkeypatch.setattr(jobs, "subprocess", SimpleNamespace(Popen=popen, STDOUT=subprocess.STDOUT,
+                                                            DEVNULL=subprocess.DEVNULL))
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py"), default_timeout=240)
+    at.query_params["suspect"] = "demo:badnets"
+    at.run()
+    at.switch_page("views/defenses.py").run()
+    assert not at.exception, at.exception
+    for _ in range(4):  # refreshes while the run stays queued
+        at.run()
+        assert not at.exception, at.exception
+    assert len(started) == 1
+    assert any("Queued" in i.value for i in at.info)
+    store.request_cancel(rid)
+    time.sleep(5)  # the stand-in exits; nobody has waited for it yet
+    assert _zombie(started[0].pid)
+    at.run()  # the next page run reaps it
+    assert not at.exception, at.exception
+    assert not _zombie(started[0].pid) and jobs.reap_workers() == 0
