@@ -42,6 +42,8 @@ from .registry import get_defense
 
 __all__ = ["defense_pool", "run_defense", "DefenseRun", "parse_measure"]
 
+FULL_SPLIT = "the whole test split"
+
 
 def parse_measure(measure: str | None) -> int | None:
     """``"full"`` (or None) -> None (the whole test split); ``"subset:N"`` -> N (N random test images, N >= 1)."""
@@ -135,8 +137,8 @@ def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: d
         after = evaluate(repaired, suspect.test, trigger, device=device)
     else:
         after = evaluate_subset(repaired, suspect.test, trigger, subset, seed=seed, device=device)
-    measured_on = "test split" if subset is None or subset >= len(suspect.test) else \
-        f"{after.n_clean} random test images (subset)"
+    measured_on = FULL_SPLIT if subset is None or subset >= len(suspect.test) else \
+        f"{after.n_clean} random images of the test split"
     seconds = time.time() - t0
     repaired = repaired.cpu().to(memory_format=torch.contiguous_format)
     report = DefenseRun({
@@ -168,7 +170,7 @@ def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: d
     })
     card = copy.deepcopy(suspect.card)
     card["name"] = f"{suspect.name}+{name}"
-    if measured_on == "test split":  # stamped: a later run on these weights reuses them as its "before"
+    if measured_on == FULL_SPLIT:  # stamped: a later run on these weights reuses them as its "before"
         card["metrics"] = stamp_metrics(after, repaired, suspect.test, trigger)
     else:
         card["metrics"] = {**after.to_dict(), "evaluated_on": measured_on}

@@ -105,7 +105,9 @@ def _counting(monkeypatch) -> list[int]:
 def test_before_metrics_come_from_the_card_when_weights_and_data_match(badnets, monkeypatch):
     calls = _counting(monkeypatch)
     first = run_defense("finetune", badnets, "quick", {"epochs": 1}, pool_size=100)
-    assert first["before_source"] == "measured" and len(calls) == 2  # the demo card has no fingerprints
+    # the demo cards carry the fingerprints of their weights and data: only "after" is measured
+    assert first["before_source"] == "card" and calls == [len(badnets.test)]
+    assert (first["ba_before"], first["asr_before"]) == (badnets.card["metrics"]["ba"], badnets.card["metrics"]["asr"])
     repaired = first.suspect
     m = repaired.card["metrics"]
     assert m["model_fingerprint"] == model_fingerprint(repaired.model)
@@ -117,13 +119,25 @@ def test_before_metrics_come_from_the_card_when_weights_and_data_match(badnets, 
     assert second["before_source"] == "card"
     assert (second["ba_before"], second["asr_before"]) == (first["ba"], first["asr"])
 
-    # the same card on other weights: measured again, and the measurement is what the card would say
+    # the same card on other weights: measured again
     with torch.no_grad():
         next(repaired.model.parameters()).add_(0.01)
     assert stored_metrics(repaired.card, repaired.model, repaired.test, repaired.trigger) is None
     calls.clear()
     third = run_defense("finetune", repaired, "quick", {"epochs": 1}, pool_size=100)
     assert len(calls) == 2 and third["before_source"] == "measured"
+
+
+def test_the_card_metrics_are_what_a_measurement_gives(badnets, monkeypatch):
+    """A reused "before" equals a fresh measurement of the same weights (the stamped demo card is honest)."""
+    m = evaluate(badnets.model, badnets.test, badnets.trigger)
+    assert stored_metrics(badnets.card, badnets.model, badnets.test, badnets.trigger) == m
+    card = {**badnets.card, "metrics": {k: v for k, v in badnets.card["metrics"].items() if k != "model_fingerprint"}}
+    calls = _counting(monkeypatch)
+    report = run_defense("linf_prune", suspects.Suspect(badnets.model, card), "quick", {"max_ratio": 0.02},
+                         pool_size=100)
+    assert report["before_source"] == "measured" and len(calls) == 2
+    assert (report["ba_before"], report["asr_before"]) == (m.ba, m.asr)
 
 
 def test_stored_metrics_need_the_same_test_split_and_trigger(badnets):
@@ -137,7 +151,7 @@ def test_stored_metrics_need_the_same_test_split_and_trigger(badnets):
 
 def test_after_on_a_subset_with_intervals(badnets):
     report = run_defense("finetune", badnets, "quick", {"epochs": 1}, pool_size=100, measure="subset:200")
-    assert report["n_clean"] == 200 and "subset" in report["measured_on"]
+    assert report["n_clean"] == 200 and report["measured_on"] == "200 random images of the test split"
     for key in ("ba", "asr", "ra"):
         lo, hi = report["ci95"][key]
         assert lo <= report[key] <= hi and hi - lo < 0.2

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{defense.title} on {args.suspect} ({report['device']}, {report['seconds']:.1f} s) -> {report['run_dir']}")
     ci = report.get("ci95") or {}
     print(f"  before: {'from the card (same weights and data)' if report.get('before_source') == 'card' else 'measured'}"
-          f"; after: measured on the {report.get('measured_on', 'test split')}")
+          f"; after: measured on {report.get('measured_on', 'the whole test split')}")
     for key, label in (("ba", "BA"), ("asr", "ASR"), ("ra", "RA")):
         before, after = report.get(f"{key}_before"), report.get(key)
         if after is not None:

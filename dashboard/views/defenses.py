@@ -94,8 +94,8 @@ def _render_finished(rec: RunRecord) -> None:
     c[4].metric("Time", f"{report['seconds']:.0f} s", help=f"device: {report['device']}")
     st.caption(f"Before: BA {_fmt(report['ba_before'])}, ASR {_fmt(report['asr_before'])}, "
                f"RA {_fmt(report['ra_before'])}"
-               f"{' (from the card)' if report.get('before_source') == 'card' else ''} · after: measured on the "
-               f"{report.get('measured_on', 'test split')}"
+               f"{' (from the card)' if report.get('before_source') == 'card' else ''} · after: measured on "
+               f"{report.get('measured_on', 'the whole test split')}"
                + "".join(f", {k.upper()} 95% CI {_fmt(v[0])}-{_fmt(v[1])}"
                          for k, v in (report.get('ci95') or {}).items() if v)
                + f" · preset {report['preset']} · pool {report['pool_size']} images · run {rec.id}")
