@@ -240,3 +240,36 @@ def test_defenses_page_starts_at_most_one_worker_and_reaps_it(tmp_path, monkeypa
     at.run()  # the next page run reaps it
     assert not at.exception, at.exception
     assert not _zombie(started[0].pid) and jobs.reap_workers() == 0
+
+
+# --- 12.4: elapsed, ETA and the expected time of a run ---------------------------------------------------------------
+
+
+def test_eta_text_and_durations():
+    from runs.timing import eta_text, fmt_duration
+
+    assert fmt_duration(42) == "0:42" and fmt_duration(4210) == "1:10:10"
+    assert eta_text(0.25, 30) == "elapsed 0:30, about 1:30 left"
+    assert eta_text(0.0, 5) == "elapsed 0:05"  # nothing to extrapolate from yet
+    assert eta_text(1.0, 65) == "elapsed 1:05"
+
+
+def test_expected_time_is_measured_from_the_store_else_estimated(tmp_path, badnets):
+    from runs.timing import budget_passes, expected_time
+
+    store = RunStore(tmp_path)
+    first = expected_time(store, "finetune", "quick", {"epochs": 1}, badnets, "demo:badnets", 100, "cpu")
+    assert first.source == "estimated" and first.seconds > 0 and "estimated" in first.text()
+    rid = jobs.submit(store, "finetune", "demo:badnets", "quick", {"epochs": 1}, pool_size=100, start_worker=False,
+                      device="cpu")
+    store.claim_next(os.getpid())
+    assert jobs.execute(store, rid, suspect=badnets) == "finished"
+    seconds = store.report(rid)["seconds"]
+    again = expected_time(store, "finetune", "quick", {"epochs": 1}, badnets, "demo:badnets", 100, "cpu")
+    assert (again.source, again.n_runs, again.seconds) == ("measured", 1, seconds)
+    assert "measured from 1 run" in again.text()
+    other = expected_time(store, "finetune", "quick", {"epochs": 2}, badnets, "demo:badnets", 100, "cpu")
+    assert other.source == "estimated"  # other parameters: not the same run
+    assert budget_passes("finetune", {"epochs": 2}, 80, 20) > budget_passes("finetune", {"epochs": 1}, 80, 20)
+    unknown = expected_time(store, "dbd", "quick", None, badnets, "demo:badnets", 100, "cpu")
+    assert unknown.seconds is None and "unknown" in unknown.text()
