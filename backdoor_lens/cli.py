@@ -170,8 +170,22 @@ def _error_text(err: BaseException) -> tuple[str, str]:
     return summary, details
 
 
+def _apply_threads(args: argparse.Namespace) -> None:
+    """torch's CPU threads for this command (:func:`suspects.device.cpu_threads`, role ``cli``): every core, or one
+    while a background worker of the run store holds the others (issue 12.4)."""
+    from runs.jobs import any_worker_running
+    from suspects.device import apply_cpu_threads
+
+    try:
+        busy = any_worker_running(runs_root_of(args))
+    except OSError:
+        busy = False
+    apply_cpu_threads("cli", worker_running=busy)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _apply_threads(args)
     from suspects.data import DatasetNotFoundError
     from suspects.store import SuspectLoadError
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from pathlib import Path
@@ -17,13 +18,17 @@ import suspects
 from analysis.gradcam import cam_overlay
 from runs import uploads
 from runs.store import RunStore, runs_root
+from runs.timing import eta_text
 from suspects.data import DatasetNotFoundError, list_sources
-from suspects.device import describe_device, pick_device, prepare_model
+from suspects.device import apply_cpu_threads, describe_device, pick_device, prepare_model
 from suspects.models import list_models
 from suspects.store import DEMO_SUSPECTS, SuspectLoadError, list_demo_suspects
 
 DEFAULT_SUSPECT = "demo:badnets"
 UPLOAD_LIMIT_MB = uploads.UPLOAD_LIMIT_MB
+
+# the dashboard computes with one CPU thread; its background worker takes the other cores (issue 12.4)
+apply_cpu_threads("ui")
 
 
 @st.cache_resource
@@ -233,14 +238,17 @@ def memoized(name: str, key: Hashable, compute: Callable[[], T], max_entries: in
 
 
 class StreamlitProgress:
-    """The library's ``progress(fraction, message, metrics)`` callback drawn as an ``st.progress`` bar."""
+    """The library's ``progress(fraction, message, metrics)`` callback drawn as an ``st.progress`` bar, with the
+    elapsed time and the time left ("elapsed 0:42, about 1:10 left")."""
 
     def __init__(self, label: str):
         self.bar = st.progress(0.0, text=label)
         self.label = label
+        self.start = time.monotonic()
 
     def __call__(self, fraction: float, message: str, metrics: dict) -> None:
-        self.bar.progress(min(max(float(fraction), 0.0), 1.0), text=f"{self.label}: {message}")
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        self.bar.progress(fraction, text=f"{self.label}: {message} · {eta_text(fraction, time.monotonic() - self.start)}")
 
     def done(self) -> None:
         self.bar.empty()

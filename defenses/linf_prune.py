@@ -6,6 +6,10 @@ triggered copies, and prune the top-scoring channels (classifier input columns z
 features). No official code exists; the rule and its selection are our design:
 prune the fewest channels that bring the pool ASR (held-out pool images with the trigger) below
 ``target_asr``, never more than ``max_ratio`` of the layer nor beyond a held-out BA drop of ``ba_tolerance``.
+When the held-out pool ASR is still at or above ``give_up_asr`` after ``give_up_share`` of the layer's channels are
+pruned, the trigger is not carried by a few channels: the search stops, the model is returned unpruned and the
+report says ``failed: true`` with the reason (issue 17.4: a full-width model went to 256 of 512 channels with the
+held-out ASR at 1.0 at every step).
 
 Threat model: needs a trigger. With a known trigger this is an *oracle* setting; a recovered trigger
 (Neural-Cleanse style) makes it a practical one.
@@ -32,6 +36,11 @@ class LinfPruneParams:
     max_ratio: float = param(0.1, help="prune at most this share of the layer's channels", min=0.0, max=1.0)
     target_asr: float = param(0.05, help="stop once the held-out pool ASR is at or below this", min=0.0, max=1.0)
     ba_tolerance: float = param(0.05, help="largest allowed drop of held-out pool BA (absolute)", min=0.0, max=1.0)
+    give_up_share: float = param(0.25, help="give up (report failure, prune nothing) when this share of the layer "
+                                            "is pruned and the held-out pool ASR is still at or above give_up_asr",
+                                 min=0.0, max=1.0)
+    give_up_asr: float = param(0.95, help="held-out pool ASR that counts as 'not moved' for give_up_share",
+                               min=0.0, max=1.0)
 
 
 def _norm(a: torch.Tensor, kind: str) -> torch.Tensor:
@@ -79,3 +88,13 @@ class LinfPrune(RankedPruning):
 
     def enough(self, now, params: LinfPruneParams) -> bool:
         return now["held_out_asr"] is not None and now["held_out_asr"] <= params.target_asr
+
+    def give_up(self, now, k: int, n_channels: int, params: LinfPruneParams) -> str | None:
+        asr = now.get("held_out_asr")
+        if asr is None or params.give_up_share <= 0 or k < params.give_up_share * n_channels:
+            return None
+        if asr >= params.give_up_asr:
+            return (f"held-out pool ASR still {asr:.3f} (>= {params.give_up_asr}) after pruning {k} of {n_channels} "
+                    f"channels ({100 * k / n_channels:.0f}% of the layer): the trigger is not carried by a few "
+                    "channels, so l_inf pruning does not remove this backdoor")
+        return None

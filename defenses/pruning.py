@@ -48,6 +48,11 @@ class RankedPruning(Defense):
         """Stop at this (accepted) count: pruning more is not needed."""
         return False
 
+    def give_up(self, now: dict[str, Any], k: int, n_channels: int, params: Any) -> str | None:
+        """Why the search stops here and the defense reports failure (the model is returned unpruned), or None to
+        go on. Called after each accepted count that was not :meth:`enough`."""
+        return None
+
     def after_pruning(self, model: nn.Module, params: Any, ctx: RepairContext,
                       reapply: Callable[[], None]) -> dict[str, Any]:
         """Work after the channels are pruned (``reapply`` re-zeroes them, e.g. after fine-tuning steps)."""
@@ -63,6 +68,7 @@ class RankedPruning(Defense):
         base = self.measure(model, ctx)
         curve = [{"pruned": 0, **base}]
         kept = 0
+        failure: str | None = None
         for k in range(step, limit + 1, step):
             with torch.no_grad():
                 lin.weight.copy_(original)
@@ -75,11 +81,17 @@ class RankedPruning(Defense):
             kept = k
             if self.enough(now, params):
                 break
+            failure = self.give_up(now, k, n_ch, params)
+            if failure is not None:
+                kept = 0
+                break
         with torch.no_grad():
             lin.weight.copy_(original)
         reapply = mask_linear_inputs(model, order[:kept])
         extra = self.after_pruning(model, params, ctx, reapply)
         pruned = sorted(order[:kept]) if self.sort_pruned else order[:kept]
         artifacts = {"layer": last_feature_layer(model), "pruned_channels": pruned, "n_pruned": kept,
-                     "n_channels": n_ch, **ranking, **extra}
+                     "n_channels": n_ch, "failed": failure is not None, **ranking, **extra}
+        if failure is not None:
+            artifacts["reason"] = failure
         return DefenseOutput(model, artifacts, {"prune_curve": curve})

@@ -3,6 +3,11 @@
 The defense sees only the suspect's *defense pool* (clean training images, never poisoned, disjoint from
 the test split), split into a part it trains on and a held-out part its stopping and selection rules may
 use. BA / ASR / RA before and after are measured on the test split for the report only.
+
+"Before" is not measured again when the suspect's card holds metrics for exactly these weights and this test split
+and trigger (:func:`suspects.metrics.stored_metrics`); "after" is measured on the whole test split (``measure="full"``,
+the CLI's and the benchmarks' default) or, for a live run, on N random test images (``measure="subset:N"``), with
+a 95% Wilson interval beside each rate either way (issue 17.4).
 """
 
 from __future__ import annotations
@@ -18,7 +23,16 @@ from typing import Any
 import torch
 
 from suspects.device import describe_device, pick_device, prepare_model
-from suspects.metrics import DEFINITIONS, der, evaluate
+from suspects.metrics import (
+    DEFINITIONS,
+    Metrics,
+    der,
+    evaluate,
+    evaluate_subset,
+    stamp_metrics,
+    stored_metrics,
+    wilson_interval,
+)
 from suspects.store import Suspect
 from suspects.training import seed_everything
 
@@ -26,7 +40,33 @@ from .base import Defense, ParamError
 from .context import Cancelled, DefensePool, Progress, RepairContext
 from .registry import get_defense
 
-__all__ = ["defense_pool", "run_defense", "DefenseRun"]
+__all__ = ["defense_pool", "run_defense", "DefenseRun", "parse_measure"]
+
+FULL_SPLIT = "the whole test split"
+
+
+def parse_measure(measure: str | None) -> int | None:
+    """``"full"`` (or None) -> None (the whole test split); ``"subset:N"`` -> N (N random test images, N >= 1)."""
+    text = str(measure or "full").strip().lower()
+    if text == "full":
+        return None
+    if text.startswith("subset:"):
+        try:
+            n = int(text.split(":", 1)[1])
+        except ValueError:
+            n = 0
+        if n >= 1:
+            return n
+    raise ParamError(f"measure must be 'full' or 'subset:N' with N >= 1, got {measure!r}")
+
+
+def intervals(m: Metrics) -> dict[str, list[float] | None]:
+    """95% Wilson intervals of BA (on ``n_clean`` images) and ASR / RA (on ``n_poisoned``)."""
+    out: dict[str, list[float] | None] = {}
+    for key, n in (("ba", m.n_clean), ("asr", m.n_poisoned), ("ra", m.n_poisoned)):
+        ci = wilson_interval(getattr(m, key), n)
+        out[key] = None if ci is None else [round(ci[0], 4), round(ci[1], 4)]
+    return out
 
 
 def defense_pool(suspect: Suspect, n: int = 500, val_fraction: float = 0.2, seed: int = 0) -> DefensePool:
@@ -54,8 +94,12 @@ class DefenseRun(dict):
 def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: dict[str, Any] | None = None,
                 progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
                 pool_size: int = 500, seed: int = 0, device: str | torch.device | None = None,
-                suspect_ref: str | None = None, artifacts_dir: Path | None = None) -> DefenseRun:
+                suspect_ref: str | None = None, artifacts_dir: Path | None = None,
+                measure: str = "full") -> DefenseRun:
     """Validate, run and measure a defense. Raises ParamError / ValueError before anything runs on bad input.
+
+    ``measure``: ``"full"`` measures "after" on the whole test split; ``"subset:N"`` on N random test images
+    (faster, for live runs; the report states it and gives the 95% intervals).
 
     ``artifacts_dir``: a folder this run owns, where a defense keeps files (``ctx.artifacts``; e.g. DBD's stage-1
     backbone). The caller decides what becomes of it (the job queue moves it into the finished run's folder);
@@ -64,6 +108,7 @@ def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: d
     defense: Defense = get_defense(name)
     params = defense.make_params(preset, overrides)
     defense.check_applicable(suspect)
+    subset = parse_measure(measure)
     report_progress = progress or (lambda f, m, d: None)
     stop = should_stop or (lambda: False)
     device = pick_device(str(device) if device is not None else None)
@@ -72,8 +117,11 @@ def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: d
     pool = defense_pool(suspect, pool_size, seed=seed)
     report_progress(0.0, "measuring the suspect", {})
     trigger = suspect.trigger
+    before = stored_metrics(suspect.card, suspect.model, suspect.test, trigger)
+    before_source = "card" if before is not None else "measured"
     model = prepare_model(copy.deepcopy(suspect.model), device).eval()
-    before = evaluate(model, suspect.test, trigger, device=device)
+    if before is None:
+        before = evaluate(model, suspect.test, trigger, device=device)
     if stop():
         raise Cancelled("cancelled before the defense started")
 
@@ -85,7 +133,12 @@ def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: d
     out = defense.repair(model, params, ctx)
     repaired = out.model.eval()
     report_progress(0.96, "measuring the repaired model", {})
-    after = evaluate(repaired, suspect.test, trigger, device=device)
+    if subset is None:
+        after = evaluate(repaired, suspect.test, trigger, device=device)
+    else:
+        after = evaluate_subset(repaired, suspect.test, trigger, subset, seed=seed, device=device)
+    measured_on = FULL_SPLIT if subset is None or subset >= len(suspect.test) else \
+        f"{after.n_clean} random images of the test split"
     seconds = time.time() - t0
     repaired = repaired.cpu().to(memory_format=torch.contiguous_format)
     report = DefenseRun({
@@ -101,6 +154,10 @@ def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: d
         "ba_before": before.ba, "asr_before": before.asr, "ra_before": before.ra,
         "ba": after.ba, "asr": after.asr, "ra": after.ra,
         "n_clean": after.n_clean, "n_poisoned": after.n_poisoned,
+        "before_source": before_source,
+        "measured_on": measured_on,
+        "ci95": intervals(after),
+        "ci95_before": intervals(before),
         "der": (der(before.ba, before.asr, after.ba, after.asr) if before.asr is not None else None),
         "seconds": round(seconds, 2),
         "device": describe_device(device),
@@ -113,7 +170,10 @@ def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: d
     })
     card = copy.deepcopy(suspect.card)
     card["name"] = f"{suspect.name}+{name}"
-    card["metrics"] = {**after.to_dict(), "evaluated_on": "test split"}
+    if measured_on == FULL_SPLIT:  # stamped: a later run on these weights reuses them as its "before"
+        card["metrics"] = stamp_metrics(after, repaired, suspect.test, trigger)
+    else:
+        card["metrics"] = {**after.to_dict(), "evaluated_on": measured_on}
     card["provenance"] = {"source": "defense", "defense": name, "parent": suspect_ref or suspect.name,
                           "preset": preset, "params": asdict(params)}
     card.pop("skip_gammas", None)

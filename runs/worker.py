@@ -1,7 +1,8 @@
 """The background worker: ``python -m runs.worker --runs ROOT [--device DEV]``, started by :func:`runs.jobs.ensure_worker`.
 
-It runs the queued runs (then the queued stress tests) of the store one at a time under the device's lock (:func:`runs.jobs.run_queued`) and
-exits when the queue stays empty.
+It runs the queued runs (then the queued stress tests) of the store one at a time under the device's lock
+(:func:`runs.jobs.run_queued`) and exits when the queue stays empty. On the CPU it takes all cores but one
+(:func:`suspects.device.cpu_threads`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+
+from suspects.device import apply_cpu_threads
 
 from .jobs import device_lock, run_queued
 from .store import RunStore
@@ -22,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", required=True)
     ap.add_argument("--device")
     args = ap.parse_args(argv)
+    apply_cpu_threads("worker")  # all cores but one: the dashboard computes with the one left (issue 12.4)
     store = RunStore(args.runs)
     while True:
         run_queued(store, args.device)

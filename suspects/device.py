@@ -8,7 +8,56 @@ import os
 import torch
 
 __all__ = ["pick_device", "amp_dtype", "needs_grad_scaler", "grad_scaler", "autocast", "full_precision",
-           "prepare_model", "describe_device"]
+           "prepare_model", "describe_device", "cpu_cores", "cpu_threads", "apply_cpu_threads", "THREAD_ROLES"]
+
+THREAD_ROLES = ("worker", "ui", "cli")
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def cpu_threads(role: str, cores: int | None = None, worker_running: bool = False) -> int:
+    """The one rule for torch's CPU thread counts, so that processes sharing the cores never ask for more threads
+    than there are (oversubscribed, two jobs on two cores ran 6-18x slower than alone, issue 12.4):
+
+    - ``"worker"`` (the background defense worker): all cores but one, left to the dashboard's own computations;
+    - ``"ui"`` (the dashboard server): one;
+    - ``"cli"``: all cores, or one when a background worker is running (it holds the rest).
+
+    ``BACKDOOR_LENS_THREADS`` (a positive integer) overrides the rule for every role.
+    """
+    if role not in THREAD_ROLES:
+        raise ValueError(f"unknown thread role {role!r}; expected one of {', '.join(THREAD_ROLES)}")
+    forced = os.environ.get("BACKDOOR_LENS_THREADS", "").strip()
+    if forced:
+        try:
+            n = int(forced)
+        except ValueError:
+            raise ValueError(f"BACKDOOR_LENS_THREADS must be a positive integer, got {forced!r}") from None
+        if n < 1:
+            raise ValueError(f"BACKDOOR_LENS_THREADS must be a positive integer, got {forced!r}")
+        return n
+    cores = cpu_cores() if cores is None else max(1, int(cores))
+    if role == "worker":
+        return max(1, cores - 1)
+    if role == "ui":
+        return 1
+    return 1 if worker_running else cores
+
+
+def apply_cpu_threads(role: str, worker_running: bool = False) -> int:
+    """Set torch's intra-op thread count for this process by :func:`cpu_threads`; returns it. Inter-op threads are
+    set to match only where torch still allows it (before any parallel work has started)."""
+    n = cpu_threads(role, worker_running=worker_running)
+    torch.set_num_threads(n)
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(n)
+    return n
 
 
 def pick_device(override: str | None = None) -> torch.device:

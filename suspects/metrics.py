@@ -9,7 +9,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,7 +22,8 @@ from .data import ImageSet
 from .device import autocast, pick_device, to_device
 from .triggers import Trigger
 
-__all__ = ["Metrics", "DEFINITIONS", "predict", "evaluate", "der"]
+__all__ = ["Metrics", "DEFINITIONS", "predict", "evaluate", "der", "wilson_interval", "model_fingerprint",
+           "data_fingerprint", "stamp_metrics", "stored_metrics", "evaluate_subset"]
 
 DEFINITIONS = {
     "ba": "benign accuracy: accuracy on the clean test split",
@@ -89,3 +94,68 @@ def evaluate(model: nn.Module, test: ImageSet, trigger: Trigger | None = None, b
 def der(ba_before: float, asr_before: float, ba_after: float, asr_after: float) -> float:
     """Defense effectiveness rating (Zhu et al., FT-SAM, ICCV 2023), in [0, 1]; 0.5 = no change."""
     return ((max(0.0, asr_before - asr_after) - max(0.0, ba_before - ba_after)) + 1.0) / 2.0
+
+
+def wilson_interval(p: float | None, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """Wilson score interval (Wilson, JASA 1927) of a proportion ``p`` measured on ``n`` samples; 95% by default.
+    None without a measurement."""
+    if p is None or n <= 0 or math.isnan(p):
+        return None
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the model's state dict (names, dtypes, shapes and values; memory format does not matter): the
+    identity of the weights that stored metrics belong to."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:32]
+
+
+def data_fingerprint(test: ImageSet, trigger: Trigger | None) -> str:
+    """SHA-256 of the test split (pixels and labels) and the trigger's specification: what metrics were measured on."""
+    h = hashlib.sha256()
+    h.update(test.pixels.contiguous().numpy().tobytes())
+    h.update(test.labels.contiguous().numpy().tobytes())
+    spec: Any = trigger.spec() if trigger is not None and hasattr(trigger, "spec") else None
+    h.update(json.dumps(spec, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
+def stamp_metrics(metrics: Metrics, model: nn.Module, test: ImageSet, trigger: Trigger | None,
+                  evaluated_on: str = "test split") -> dict[str, Any]:
+    """The card's ``metrics`` entry: the metrics with the fingerprints of the weights and data they were measured
+    on, so a later run on the same weights and data can reuse them (:func:`stored_metrics`)."""
+    return {**metrics.to_dict(), "evaluated_on": evaluated_on, "model_fingerprint": model_fingerprint(model),
+            "data_fingerprint": data_fingerprint(test, trigger)}
+
+
+def stored_metrics(card: dict[str, Any], model: nn.Module, test: ImageSet, trigger: Trigger | None) -> Metrics | None:
+    """The card's metrics when they were measured on exactly these weights and this test split and trigger (both
+    fingerprints match); else None, and the caller measures."""
+    m = card.get("metrics") or {}
+    if not m.get("model_fingerprint") or not m.get("data_fingerprint") or m.get("ba") is None:
+        return None
+    if (trigger is None) != (m.get("asr") is None):
+        return None
+    if m["data_fingerprint"] != data_fingerprint(test, trigger) or m["model_fingerprint"] != model_fingerprint(model):
+        return None
+    if int(m.get("n_clean", -1)) != len(test):
+        return None
+    return Metrics(float(m["ba"]), None if m.get("asr") is None else float(m["asr"]),
+                   None if m.get("ra") is None else float(m["ra"]), int(m["n_clean"]), int(m.get("n_poisoned", 0)))
+
+
+def evaluate_subset(model: nn.Module, test: ImageSet, trigger: Trigger | None, n: int, seed: int = 0,
+                    device: torch.device | str | None = None) -> Metrics:
+    """:func:`evaluate` on ``n`` test images drawn at random (seeded; a test split may be sorted by class)."""
+    if n >= len(test):
+        return evaluate(model, test, trigger, device=device)
+    idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(int(seed) + 101))[:n]
+    return evaluate(model, test.subset(idx.sort().values), trigger, device=device)

@@ -25,7 +25,7 @@ from torch import nn
 
 from .data import defense_pool_split, load_dataset
 from .device import amp_dtype, autocast, describe_device, grad_scaler, pick_device, prepare_model, to_device
-from .metrics import DEFINITIONS, evaluate
+from .metrics import DEFINITIONS, evaluate, stamp_metrics
 from .models import create_model
 from .poison import PoisonedDataset
 from .store import Suspect, library_versions, save
@@ -262,7 +262,7 @@ def train_suspect(cfg: TrainConfig, out_dir: str | Path | None = None, progress:
         "poison": ({"rate": cfg.poison_rate, "seed": cfg.seed, "n_poisoned": len(dataset.poison_idx),
                     "n_noise": len(dataset.plan.noise_idx), "clean_label": trigger.clean_label}
                    if trigger else None),
-        "metrics": {**final.to_dict(), "evaluated_on": "test split (CPU, float32)"},
+        "metrics": stamp_metrics(final, model, test, trigger, "test split (CPU, float32)"),
         "metric_definitions": DEFINITIONS,
         "training": {**asdict(cfg), "device": describe_device(device), "seconds": round(time.time() - t0, 1),
                      "history": history},

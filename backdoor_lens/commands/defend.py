@@ -24,26 +24,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     add_runs_flag(p)
     p.add_argument("--device", help="cpu, cuda, mps (default: best available)")
+    p.add_argument("--measure", default="full", metavar="full|subset:N",
+                   help="measure 'after' on the whole test split (default) or on N random test images, with a 95%% "
+                        "interval either way; 'before' comes from the suspect's card when it holds metrics for the "
+                        "same weights and data")
+    p.add_argument("--no-estimate", action="store_true",
+                   help="do not time a training step to estimate the wall time before starting")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import suspects
     from defenses.base import Cancelled
     from defenses.registry import get_defense
     from runs.jobs import create_run, device_lock, execute
     from runs.store import RunStore
+    from runs.timing import expected_time
 
     defense = get_defense(args.defense)
     store = RunStore(args.runs)
+    suspect = suspects.load(args.suspect)  # once: validation, the estimate and the run share it
+    overrides = parse_sets(args.set)
     with device_lock(store, args.device, wait=True):
         # nonsense is refused here, before a run is recorded or anything runs
-        run_id = create_run(store, args.defense, args.suspect, args.preset, parse_sets(args.set), args.pool_size,
-                            args.seed, args.device, pid=os.getpid())
+        run_id = create_run(store, args.defense, args.suspect, args.preset, overrides, args.pool_size,
+                            args.seed, args.device, pid=os.getpid(), measure=args.measure, suspect=suspect)
+        if not args.quiet:
+            expected = expected_time(store, args.defense, args.preset, overrides, suspect, args.suspect,
+                                     args.pool_size, args.device, args.measure, estimate=not args.no_estimate)
+            print(f"{defense.title}, preset {args.preset}: {expected.text()}", file=sys.stderr, flush=True)
         bar = TqdmProgress(f"{args.defense}", disable=args.quiet or args.json)
         try:
-            status = execute(store, run_id, args.device, progress_hook=bar)
+            status = execute(store, run_id, args.device, progress_hook=bar, suspect=suspect)
         except (KeyboardInterrupt, Cancelled):
             store.fail(run_id, "cancelled by the user", status="cancelled")
             status = "cancelled"
@@ -58,10 +72,16 @@ def run(args: argparse.Namespace) -> int:
         print_json({k: v for k, v in report.items() if k != "metric_definitions"})
         return 0
     print(f"{defense.title} on {args.suspect} ({report['device']}, {report['seconds']:.1f} s) -> {report['run_dir']}")
+    ci = report.get("ci95") or {}
+    print(f"  before: {'from the card (same weights and data)' if report.get('before_source') == 'card' else 'measured'}"
+          f"; after: measured on {report.get('measured_on', 'the whole test split')}")
     for key, label in (("ba", "BA"), ("asr", "ASR"), ("ra", "RA")):
         before, after = report.get(f"{key}_before"), report.get(key)
         if after is not None:
-            print(f"  {label:4s} {before:.4f} -> {after:.4f}")
+            interval = f"   (95% CI {ci[key][0]:.4f}-{ci[key][1]:.4f})" if ci.get(key) else ""
+            print(f"  {label:4s} {before:.4f} -> {after:.4f}{interval}")
     if report.get("der") is not None:
         print(f"  DER  {report['der']:.4f}   ((max(0, dASR) - max(0, dBA)) + 1) / 2")
+    if (report.get("artifacts") or {}).get("failed"):
+        print(f"  the defense FAILED: {report['artifacts'].get('reason', 'no reason given')}")
     return 0

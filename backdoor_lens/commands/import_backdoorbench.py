@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     import suspects
     from suspects.backdoorbench import import_run
     from suspects.device import pick_device, prepare_model
+    from suspects.metrics import stamp_metrics
 
     suspect = import_run(args.run_dir, data_root=args.data_root, name=args.name)
     out = Path(args.out) if args.out else runs_root_of(args) / "imports" / re.sub(r"[^\w.+-]", "_", suspect.name)
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_evaluate:
         device = pick_device(args.device)
         m = suspects.evaluate(prepare_model(suspect.model, device), suspect.test, suspect.trigger, device=device)
-        suspect.card["metrics"] = {**m.to_dict(), "evaluated_on": "test split"}
+        suspect.card["metrics"] = stamp_metrics(m, suspect.model, suspect.test, suspect.trigger)
     folder = suspects.save(suspect, out, overwrite=args.overwrite)
     bb = suspect.card["backdoorbench"]
     result = {"suspect": str(folder), "name": suspect.name, "arch": suspect.card["arch"],

@@ -8,17 +8,19 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from dashboard.common import load_suspect, sidebar, store, trigger_notice
+from dashboard.common import load_suspect, memoized, sidebar, store, trigger_notice
 from dashboard.stress import stress_panel
 from defenses.base import ParamError, param_specs
 from defenses.registry import all_defenses, get_defense, list_defenses
-from runs.jobs import ensure_worker, submit
+from runs.jobs import ensure_worker, reap_workers, submit
 from runs.store import RunRecord
+from runs.timing import eta_text, expected_time
 from suspects.metrics import DEFINITIONS
 
 ref = sidebar()
-suspect, _ = load_suspect(ref)
+suspect, model_lock = load_suspect(ref)
 runs = store()
+reap_workers()  # a worker this server started and that has exited is waited for: no zombies (issue 12.9)
 
 st.title("Defenses")
 trigger_notice(suspect)
@@ -33,6 +35,28 @@ pool_n = len(suspect.defense_pool)
 pool_size = st.slider("Clean pool images given to the defense", 10, pool_n, min(500, pool_n), step=10, key="pool_size",
                       help="drawn from the suspect's defense pool (clean training images, never poisoned); "
                            "20% of them are held out for the defenses' stopping and selection rules")
+
+
+# live runs measure "after" on a random subset of the test split (with 95% intervals); the CLI and the benchmarks
+# measure on all of it (issue 17.4)
+LIVE_MEASURE = "subset:2000"
+
+
+def _expected(defense_name: str, preset: str, overrides: dict) -> str:
+    """The card's expected-time line: measured from finished runs in the store, else estimated (cached)."""
+    n_done = len(runs.list(status="finished", suspect=ref, defense=defense_name))
+    key = (ref, defense_name, preset, tuple(sorted((k, str(v)) for k, v in overrides.items())), pool_size, n_done)
+
+    def compute() -> str:
+        try:
+            with model_lock:
+                exp = expected_time(runs, defense_name, preset, overrides, suspect, ref, pool_size,
+                                    measure=LIVE_MEASURE)
+        except (ParamError, ValueError) as err:
+            return f"expected time: unknown ({err})"
+        return exp.text()
+
+    return memoized("expected_time", key, compute, max_entries=64)
 
 
 def _fmt(v) -> str:
@@ -70,8 +94,14 @@ def _render_finished(rec: RunRecord) -> None:
         c[3].metric("DER", f"{report['der']:.3f}", help=DEFINITIONS["der"])
     c[4].metric("Time", f"{report['seconds']:.0f} s", help=f"device: {report['device']}")
     st.caption(f"Before: BA {_fmt(report['ba_before'])}, ASR {_fmt(report['asr_before'])}, "
-               f"RA {_fmt(report['ra_before'])} · preset {report['preset']} · pool {report['pool_size']} images · "
-               f"run {rec.id}")
+               f"RA {_fmt(report['ra_before'])}"
+               f"{' (from the card)' if report.get('before_source') == 'card' else ''} · after: measured on "
+               f"{report.get('measured_on', 'the whole test split')}"
+               + "".join(f", {k.upper()} 95% CI {_fmt(v[0])}-{_fmt(v[1])}"
+                         for k, v in (report.get('ci95') or {}).items() if v)
+               + f" · preset {report['preset']} · pool {report['pool_size']} images · run {rec.id}")
+    if (report.get("artifacts") or {}).get("failed"):
+        st.warning(f"The defense failed: {report['artifacts'].get('reason', 'no reason given')}")
     arts = {k: v for k, v in report.get("artifacts", {}).items() if v is not None}
     histograms = {k: arts.pop(k) for k in list(arts) if isinstance(arts[k], dict) and "series" in arts[k]}
     if arts:
@@ -152,7 +182,9 @@ def live_panel(defense_name: str) -> None:
             ensure_worker(runs)
         st.info(f"Queued (run {rec.id}); waiting for the device.")
     else:
-        st.progress(min(max(rec.progress, 0.0), 1.0), text=f"{rec.message} ({100 * rec.progress:.0f}%)")
+        fraction = min(max(rec.progress, 0.0), 1.0)
+        elapsed = time.time() - (rec.started or rec.created)
+        st.progress(fraction, text=f"{rec.message} ({100 * fraction:.0f}%) · {eta_text(fraction, elapsed)}")
         _live_chart(rec)
     if st.button("Cancel", key=f"cancel_{rec.id}", icon=":material/stop:"):
         runs.request_cancel(rec.id)
@@ -182,12 +214,16 @@ for defense in all_defenses():
                 with cols[i % 3]:
                     values[spec["name"]] = _widget(defense.name, preset, spec, getattr(resolved, spec["name"]))
         overrides = {k: v for k, v in values.items() if v != getattr(resolved, k)}
+        if applicable and not busy:
+            st.caption(f":material/schedule: {_expected(defense.name, preset, overrides)}; \"after\" is measured "
+                       f"on {LIVE_MEASURE.split(':')[1]} random test images, with 95% intervals")
         if not applicable:
             st.warning(reason)
         if st.button(f"Run {defense.title}", key=f"run_{defense.name}", disabled=busy or not applicable,
                      type="primary", icon=":material/play_arrow:"):
             try:
-                run_id = submit(runs, defense.name, ref, preset, overrides, pool_size=pool_size)
+                run_id = submit(runs, defense.name, ref, preset, overrides, pool_size=pool_size,
+                                measure=LIVE_MEASURE)
                 st.session_state.setdefault("jobs", {})[defense.name] = run_id
                 st.query_params["job"] = run_id
                 st.rerun()

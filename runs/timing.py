@@ -1,0 +1,185 @@
+"""How long a defense run takes: elapsed time and ETA of a running one, and the expected time of one not yet started.
+
+The expected time is, in this order (issue 12.4 / 17.4):
+
+1. **measured**: the median wall time of finished runs in the store with the same defense, the same resolved
+   parameters, the same suspect, pool size and ``measure`` option, on the same kind of device;
+2. **estimated**: a budget in image passes (:func:`budget_passes`, from the defense's parameters) times the time
+   of one forward+backward pass per image, timed here on a few pool images for this model and device
+   (:func:`pass_seconds`, cached), plus the test-split measurements;
+3. otherwise no figure (a defense whose budget this module cannot count, e.g. DBD or CBD, until it has run once).
+
+The labels say which one a figure is, so an estimate is never shown as a measurement.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from defenses.registry import get_defense
+from defenses.runner import parse_measure
+from suspects.device import pick_device, prepare_model, to_device
+from suspects.metrics import model_fingerprint, stored_metrics
+from suspects.store import Suspect
+
+from .store import RunStore
+
+__all__ = ["Expected", "fmt_duration", "eta_text", "measured_seconds", "pass_seconds", "budget_passes",
+           "estimate_seconds", "expected_time"]
+
+FORWARD_SHARE = 1.0 / 3.0  # a forward pass alone costs about a third of forward + backward
+_PASS_CACHE: dict[tuple[str, str, int], float] = {}
+
+
+def fmt_duration(seconds: float) -> str:
+    """``42`` -> ``0:42``, ``4210`` -> ``1:10:10``."""
+    s = max(0, int(round(seconds)))
+    h, rest = divmod(s, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def eta_text(fraction: float, elapsed: float) -> str:
+    """``elapsed 0:42, about 1:10 left`` from the done ``fraction`` and the ``elapsed`` seconds (linear in the
+    fraction; no remaining time before 1% is done)."""
+    text = f"elapsed {fmt_duration(elapsed)}"
+    fraction = min(max(float(fraction), 0.0), 1.0)
+    if 0.01 <= fraction < 1.0 and elapsed > 0:
+        text += f", about {fmt_duration(elapsed * (1.0 - fraction) / fraction)} left"
+    return text
+
+
+@dataclass
+class Expected:
+    """An expected wall time: ``source`` is ``measured`` (from ``n_runs`` finished runs), ``estimated`` or
+    ``unknown`` (``seconds`` None)."""
+
+    seconds: float | None
+    source: str
+    n_runs: int = 0
+    detail: str = ""
+
+    def text(self) -> str:
+        if self.seconds is None:
+            return "expected time: unknown until one run has finished" + (f" ({self.detail})" if self.detail else "")
+        label = (f"measured from {self.n_runs} run{'s' if self.n_runs != 1 else ''}" if self.source == "measured"
+                 else "estimated" + (f": {self.detail}" if self.detail else ""))
+        return f"expected time: about {fmt_duration(self.seconds)} ({label})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _device_kind(device: str | None) -> str:
+    return (device or "").split(" ")[0].split(":")[0] or "cpu"
+
+
+def measured_seconds(store: RunStore, defense: str, resolved: dict[str, Any], suspect_ref: str, pool_size: int,
+                     device_kind: str, measure: str = "full") -> tuple[float | None, int]:
+    """Median seconds of matching finished runs (see the module docstring) and how many there were."""
+    times = []
+    for rec in store.list(status="finished", suspect=suspect_ref, defense=defense):
+        summary = rec.summary or {}
+        if (rec.params.get("_resolved") != resolved or int(rec.pool_size) != int(pool_size)
+                or str(rec.params.get("_measure") or "full") != measure
+                or _device_kind(summary.get("device")) != device_kind or summary.get("seconds") is None):
+            continue
+        times.append(float(summary["seconds"]))
+    return (statistics.median(times) if times else None), len(times)
+
+
+def pass_seconds(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                 batch_size: int = 32, repeats: int = 2) -> float:
+    """Seconds of one forward+backward pass per image for ``model`` on ``device`` (timed on a copy, after one
+    warm-up step; cached per weights, device and CPU thread count)."""
+    import copy
+
+    key = (model_fingerprint(model), str(device), torch.get_num_threads())
+    if key in _PASS_CACHE:
+        return _PASS_CACHE[key]
+    net = prepare_model(copy.deepcopy(model), device).train()
+    x = to_device(images[:batch_size], device)
+    y = labels[:batch_size].to(device)
+    n = len(y)
+    spent = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        F.cross_entropy(net(x), y).backward()
+        net.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            spent.append(time.perf_counter() - t0)
+    _PASS_CACHE[key] = min(spent) / max(1, n)
+    return _PASS_CACHE[key]
+
+
+def budget_passes(defense: str, params: Any, n_train: int, n_val: int, n_channels: int = 512) -> float | None:
+    """The defense's budget in image passes (forward+backward of one image = 1; forward only = 1/3), counted from
+    its parameters (pruning: at most ``max_ratio`` of the last layer's ``n_channels``, one held-out measurement per
+    channel); None for a defense this rule does not know."""
+    p = asdict(params) if not isinstance(params, dict) else params
+    if defense in ("finetune", "shortcut"):
+        return p["epochs"] * n_train + FORWARD_SHARE * 2 * n_val * p["epochs"]
+    if defense == "fineprune":
+        steps = max(1, int(p["max_ratio"] / max(p["once_prune_ratio"], 1e-6)))
+        return p["epochs"] * n_train + FORWARD_SHARE * (n_train + steps * n_val)
+    if defense == "linf_prune":
+        return FORWARD_SHARE * (2 * n_train + 2 * n_val * max(1, int(p["max_ratio"] * n_channels)))
+    if defense == "awm":
+        steps = max(1, n_train // p["batch_size"]) * p["inner"]
+        per_step = (p["augmentations"] + 1) if p.get("one_shot") else 1
+        return 2 * p["outer"] * steps * p["batch_size"] * per_step
+    if defense == "anp":
+        return p["iterations"] * p["batch_size"] * (p["steps"] + 1)
+    return None
+
+
+def estimate_seconds(defense: str, params: Any, suspect: Suspect, pool_size: int, device: torch.device,
+                     measure: str = "full") -> tuple[float | None, str]:
+    """Budget x timed pass + the test-split measurements ("before" only when the card cannot be reused)."""
+    n_val = int(round(pool_size * 0.2)) if pool_size >= 10 else 0
+    from defenses.common import head
+
+    passes = budget_passes(defense, params, pool_size - n_val, n_val, head(suspect.model).in_features)
+    if passes is None:
+        return None, f"{defense}'s budget is not counted here"
+    pool = suspect.defense_pool
+    idx = torch.arange(min(32, len(pool)))
+    per = pass_seconds(suspect.model, pool.images(idx), pool.labels[idx], device)
+    n_test = len(suspect.test)
+    subset = parse_measure(measure)
+    after_n = n_test if subset is None else min(subset, n_test)
+    triggered = 2.0 if suspect.trigger is not None else 1.0  # clean + triggered copies
+    reuse = stored_metrics(suspect.card, suspect.model, suspect.test, suspect.trigger) is not None
+    evals = FORWARD_SHARE * triggered * (after_n + (0 if reuse else n_test))
+    seconds = per * (passes + evals)
+    return seconds, (f"{passes:,.0f} training image passes at {1000 * per:.2f} ms each, timed here on "
+                     f"{torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else
+                     f"{passes:,.0f} training image passes at {1000 * per:.2f} ms each on {device.type}")
+
+
+def expected_time(store: RunStore, defense: str, preset: str, overrides: dict[str, Any] | None, suspect: Suspect,
+                  suspect_ref: str, pool_size: int = 500, device: str | torch.device | None = None,
+                  measure: str = "full", estimate: bool = True) -> Expected:
+    """The expected wall time of this run (see the module docstring); ``estimate=False`` skips the timed step."""
+    d = get_defense(defense)
+    params = d.make_params(preset, overrides)
+    dev = pick_device(str(device) if device is not None else None)
+    median, n = measured_seconds(store, defense, asdict(params), suspect_ref, pool_size, dev.type,
+                                 str(measure or "full"))
+    if median is not None:
+        return Expected(median, "measured", n)
+    if not estimate:
+        return Expected(None, "unknown")
+    seconds, detail = estimate_seconds(defense, params, suspect, pool_size, dev, measure)
+    if seconds is None or not math.isfinite(seconds):
+        return Expected(None, "unknown", 0, detail)
+    return Expected(seconds, "estimated", 0, detail)
