@@ -425,7 +425,8 @@ def _cell_task(suspect: Suspect | str, cell: dict[str, Any], device: str | None,
 
 @dataclass
 class SweepResult:
-    """What :func:`run_sweep` did: cell key -> run id (finished, including skipped ones) or error (failed)."""
+    """What :func:`run_sweep` did: cell key -> run id (finished, including skipped ones) or ``label: error``
+    (failed)."""
 
     sweep_id: str
     total: int
@@ -526,7 +527,7 @@ def run_sweep(spec: SweepSpec, store: RunStore, *, address: str | None = None, c
             todo.append((cell, _check_cell(cell, loaded[cell.suspect], store.root)))
         except (ValueError, KeyError) as err:  # ParamError is a ValueError
             _set_cell(store, sid, cell, "failed", error=f"{type(err).__name__}: {err}")
-            result.failed[cell.key] = f"{type(err).__name__}: {err}"
+            result.failed[cell.key] = f"{cell.label()}: {type(err).__name__}: {err}"
         else:
             _set_cell(store, sid, cell, "pending")
     if on_start is not None:
@@ -562,7 +563,7 @@ def run_sweep(spec: SweepSpec, store: RunStore, *, address: str | None = None, c
                     cause = getattr(err, "cause", None) or err
                     error = f"{type(cause).__name__}: {cause}"
                     _set_cell(store, sid, cell, "failed", error=error[:4000])
-                    result.failed[cell.key] = error
+                    result.failed[cell.key] = f"{cell.label()}: {error}"
                     status = "failed"
                 else:
                     run_id = _write_run(store, sid, cell, out, loaded[cell.suspect])
