@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
 import torch
 
 from defenses.base import ParamError
@@ -42,7 +41,8 @@ from suspects.store import Suspect
 from .store import RunStore, _pid_alive, run_file
 
 __all__ = ["SweepSpec", "Cell", "SweepRecord", "SweepResult", "run_sweep", "submit_sweep", "run_queued_sweeps",
-           "list_sweeps", "get_sweep", "sweep_cells", "cancel_sweep", "suspect_fingerprint", "CRASH_ENV"]
+           "list_sweeps", "get_sweep", "sweep_cells", "cancel_sweep", "suspect_fingerprint", "CRASH_ENV", "queued_sweeps",
+           "parse_sets"]
 
 # Fault injection for the tests: when the file this variable names exists, the next task to start deletes it and
 # kills its own worker process (``os._exit``), as a crashed or pre-empted worker would.
@@ -107,6 +107,20 @@ def _names(value: str | Iterable[str] | None) -> list[str]:
         return []
     items = value.split(",") if isinstance(value, str) else list(value)
     return [s.strip() for s in items if str(s).strip()]
+
+
+def parse_sets(items: Iterable[str]) -> dict[str, Any]:
+    """``defense.name=value`` lines (values parsed as JSON when they can be) into a dict; ParamError otherwise."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ParamError(f"expected defense.name=value, got {item!r}")
+        key, value = (x.strip() for x in item.split("=", 1))
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 @dataclass
@@ -180,6 +194,8 @@ class SweepSpec:
             [set.finetune]
             epochs = 1
         """
+        import tomllib
+
         try:
             data = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as err:

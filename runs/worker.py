@@ -1,7 +1,7 @@
 """The background worker: ``python -m runs.worker --runs ROOT [--device DEV]``, started by :func:`runs.jobs.ensure_worker`.
 
-It runs the queued runs of the store one at a time under the device's lock (:func:`runs.jobs.run_queued`) and
-exits when the queue stays empty.
+It runs the queued runs of the store one at a time under the device's lock (:func:`runs.jobs.run_queued`), then
+the queued sweeps (:func:`runs.sweep.run_queued_sweeps`, which run on Ray), and exits when both queues stay empty.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import time
 
 from .jobs import device_lock, run_queued
 from .store import RunStore
+from .sweep import queued_sweeps, run_queued_sweeps
 
 __all__ = ["main"]
 
@@ -24,8 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     store = RunStore(args.runs)
     while True:
         run_queued(store, args.device)
+        with device_lock(store, args.device, wait=False) as free:
+            if free:
+                run_queued_sweeps(store)
         time.sleep(0.5)  # a run queued while the lock was being released is picked up here
-        if not store.list(status="queued"):
+        if not store.list(status="queued") and not queued_sweeps(store):
             return 0
         with device_lock(store, args.device, wait=False) as free:
             if not free:

@@ -22,6 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a parameter, repeatable")
     p.add_argument("--pool-size", type=int, default=500, help="clean defense-pool images to use (default 500)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="run N times with seeds SEED..SEED+N-1 and report mean ± sd of BA / ASR / RA / DER")
     add_runs_flag(p)
     p.add_argument("--device", help="cpu, cuda, mps (default: best available)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -30,6 +32,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.seeds == 1:
+        return _run_one(args, args.seed)
+    from runs.compare import format_groups, group_runs, groups_records, runs_table
+    from runs.store import RunStore
+
+    ids, status = [], 0
+    for seed in range(args.seed, args.seed + args.seeds):
+        code, run_id = _run_one(args, seed, summary=False)
+        status = max(status, code)
+        if run_id is not None:
+            ids.append(run_id)
+        if code != 0:
+            break
+    table = runs_table(RunStore(args.runs), args.suspect)
+    table = table[table["run_id"].isin(ids)]
+    groups = group_runs(table)
+    if args.json:
+        print_json({"runs": ids, "groups": groups_records(groups)})
+    elif not table.empty:
+        print(f"{len(ids)} run(s) of {args.defense} on {args.suspect}, seeds {args.seed}..{args.seed + args.seeds - 1}")
+        print(format_groups(groups))
+    return status
+
+
+def _run_one(args: argparse.Namespace, seed: int, summary: bool = True):
+    """One run with ``seed``; returns the exit code (and, with ``summary=False``, the run id; nothing printed)."""
     from defenses.base import Cancelled
     from defenses.registry import get_defense
     from runs.jobs import create_run, device_lock, execute
@@ -40,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     with device_lock(store, args.device, wait=True):
         # nonsense is refused here, before a run is recorded or anything runs
         run_id = create_run(store, args.defense, args.suspect, args.preset, parse_sets(args.set), args.pool_size,
-                            args.seed, args.device, pid=os.getpid())
+                            seed, args.device, pid=os.getpid())
         bar = TqdmProgress(f"{args.defense}", disable=args.quiet or args.json)
         try:
             status = execute(store, run_id, args.device, progress_hook=bar)
@@ -52,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
     rec = store.get(run_id)
     if status != "finished":
         print(f"backdoor-lens defend: run {run_id} {status}: {rec.error}", file=sys.stderr)
-        return 1
+        return 1 if summary else (1, None)
+    if not summary:
+        return 0, run_id
     report = store.report(run_id)
     if args.json:
         print_json({k: v for k, v in report.items() if k != "metric_definitions"})
