@@ -150,3 +150,72 @@ def test_failing_cell_is_recorded_and_the_others_finish(ray_local, store):
     assert cells["linf_prune"]["status"] == "finished" and store.get(cells["linf_prune"]["run_id"]).status == "finished"
     rec = get_sweep(store, spec.id)
     assert (rec.status, rec.done, rec.failed) == ("finished", 1, 1)
+
+
+def test_cli_sweep_from_a_toml_file_and_compare_exports(ray_local, store, tiny, tmp_path, capsys):
+    import json
+
+    from backdoor_lens.cli import main
+
+    grid = tmp_path / "grid.toml"
+    grid.write_text('defenses = "finetune,linf_prune"\nsuspects = ["demo:badnets"]\nseeds = 2\npool_size = 50\n'
+                    '[set.finetune]\nepochs = 1\n[set.linf_prune]\nmax_ratio = 0.1\n')
+    root = str(store.root)
+    assert main(["sweep", str(grid), "--runs", root, "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert f"sweep {tiny.id}: 4 cell(s)" in captured.err
+    assert "0 ran, 4 skipped" in captured.out and "±" in captured.out
+    assert main(["compare", SUSPECT, "--runs", root, "--json"]) == 0
+    groups = {g["defense"]: g for g in json.loads(capsys.readouterr().out)["groups"] if g["overrides"] != ""}
+    assert groups["finetune"]["n_seeds"] == 2 and groups["finetune"]["ba_sd"] is not None
+    assert main(["compare", SUSPECT, "--runs", root, "--csv", "--backdoorbench"]) == 0
+    out = pd.read_csv(pd.io.common.StringIO(capsys.readouterr().out))
+    assert list(out.columns) == BACKDOORBENCH_COLUMNS and set(out["attack"]) == {"badnets"}
+    ft = out[(out.defense == "finetune") & (out.n_seeds == 2)].iloc[0]
+    assert ft["clean_acc"] == pytest.approx(round(100 * groups["finetune"]["ba_mean"], 2))
+
+
+def test_compare_page_shows_sweeps_and_queues_one_the_worker_runs(ray_local, store, tiny, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    import runs.jobs
+    from runs.sweep import run_queued_sweeps
+
+    started = []
+    monkeypatch.setattr(runs.jobs, "ensure_worker", lambda s, device=None: started.append(s.root))
+    monkeypatch.setenv("BACKDOOR_LENS_RUNS", str(store.root))
+    at = AppTest.from_file(str(__import__("pathlib").Path(__file__).parent.parent / "dashboard" / "app.py"),
+                           default_timeout=240)
+    at.query_params["suspect"] = SUSPECT
+    at.session_state["sample_size"] = 50
+    at.run()
+    at.switch_page("views/compare.py").run()
+    assert not at.exception, at.exception
+    assert any(s.value.startswith("Sweeps (") for s in at.subheader)
+    assert any("mean ± sample sd" in c.value for c in at.code)
+    at.multiselect(key="cmp_sw_defenses").set_value(["finetune", "linf_prune"])
+    at.number_input(key="cmp_sw_seeds").set_value(2)
+    at.number_input(key="cmp_sw_pool").set_value(50)
+    at.text_area(key="cmp_sw_sets").input("finetune.epochs=1\nlinf_prune.max_ratio=0.1")
+    next(b for b in at.button if b.label == "Start the sweep").click().run()
+    assert not at.exception, at.exception
+    assert any(tiny.id in s.value for s in at.success) and started == [store.root]
+    assert get_sweep(store, tiny.id).status == "queued"
+    assert run_queued_sweeps(store) == 1  # what the background worker does
+    rec = get_sweep(store, tiny.id)
+    assert rec.status == "finished" and rec.skipped == 4
+
+
+def test_defend_with_seeds_reports_the_spread(tmp_path, capsys):
+    import json
+
+    from backdoor_lens.cli import main
+
+    assert main(["defend", "linf_prune", SUSPECT, "--set", "max_ratio=0.1", "--pool-size", "50", "--seeds", "2",
+                 "--runs", str(tmp_path), "--json", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["runs"]) == 2 and len(out["groups"]) == 1
+    g = out["groups"][0]
+    assert g["n_seeds"] == 2 and g["seeds"] == [0, 1] and g["ba_sd"] is not None
+    table = runs_table(RunStore(tmp_path), SUSPECT)
+    assert g["ba_mean"] == pytest.approx(table["ba"].mean())

@@ -253,16 +253,15 @@ elif view == "ablation":
 st.subheader("Export")
 e = st.columns(4)
 stem = suspect.name.replace("/", "_").replace(" ", "_")
-e[0].download_button("Table (CSV)", table_csv(shown), file_name=f"{stem}-runs.csv", mime="text/csv",
+bb = st.toggle("CSV in BackdoorBench's leaderboard columns", key="cmp_bb_csv",
+               help="one row per (defense, preset, overrides): attack, defense, model, dataset, pratio, clean_acc, "
+                    "asr, ra (in percent, as the leaderboard shows them) plus sd, DER, n and seconds")
+e[0].download_button("Table (CSV)", backdoorbench_csv(group_runs(shown), suspect.card) if bb else table_csv(shown),
+                     file_name=f"{stem}-{'backdoorbench' if bb else 'runs'}.csv", mime="text/csv",
                      icon=":material/table:", on_click="ignore", key="cmp_csv")
 e[1].download_button("Table (JSON)", table_json(shown, ref), file_name=f"{stem}-runs.json", mime="application/json",
                      icon=":material/data_object:", on_click="ignore", key="cmp_json",
                      help="the rows with every column's definition")
-e[0].download_button("BackdoorBench CSV", backdoorbench_csv(group_runs(shown), suspect.card),
-                     file_name=f"{stem}-backdoorbench.csv", mime="text/csv", icon=":material/leaderboard:",
-                     on_click="ignore", key="cmp_bb_csv",
-                     help="grouped runs in the columns of BackdoorBench's leaderboard (attack, defense, model, "
-                          "dataset, pratio, clean_acc, asr, ra, in percent) plus sd, DER, n and seconds")
 charts = run_figures(shown) if not shown.empty else {}
 if side_fig is not None:
     charts[f"side_by_side_{view}"] = side_fig
