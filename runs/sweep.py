@@ -355,6 +355,9 @@ def _set_status(store: RunStore, sweep_id: str, status: str, error: str | None =
 def _upsert_sweep(store: RunStore, spec: SweepSpec, status: str, options: dict, pid: int | None) -> str:
     sid = spec.id
     now = time.time()
+    current = get_sweep(store, sid)
+    if current is not None and current.status == "running" and _pid_alive(current.pid) and current.pid != pid:
+        raise ValueError(f"sweep {sid} is already running (process {current.pid})")
     with _init(store)._conn() as c:
         c.execute("INSERT INTO sweeps (id, spec, suspects, status, total, options, created) VALUES (?, ?, ?, ?, ?, ?, ?) "
                   "ON CONFLICT(id) DO NOTHING",

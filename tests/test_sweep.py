@@ -69,6 +69,11 @@ def test_group_runs_mean_and_sd():
     assert list(out.columns) == BACKDOORBENCH_COLUMNS
     assert out.loc[0, "clean_acc"] == pytest.approx(round(100 * a.ba.mean(), 2))
     assert out.loc[0, "attack"] == "badnets" and out.loc[0, "pratio"] == 0.1
+    from runs.report import _groups_html
+
+    html = _groups_html(table)  # the HTML report's grouped table
+    assert f"{a.ba.mean():.3f} ± {np.std(a.ba.to_numpy(), ddof=1):.3f}" in html and html.count("<tr>") == 3
+    assert _groups_html(table[table.defense == "b"]) == ""  # no setting with several seeds: no table
 
 
 # --- on Ray ------------------------------------------------------------------------------------------------
