@@ -224,3 +224,17 @@ def test_defend_with_seeds_reports_the_spread(tmp_path, capsys):
     assert g["n_seeds"] == 2 and g["seeds"] == [0, 1] and g["ba_sd"] is not None
     table = runs_table(RunStore(tmp_path), SUSPECT)
     assert g["ba_mean"] == pytest.approx(table["ba"].mean())
+
+
+def test_cancel_stops_the_remaining_tasks_and_leaves_no_half_written_run(ray_local, store):
+    spec = SweepSpec.build("linf_prune", SUSPECT, "quick", [7, 8, 9], sets={"linf_prune.max_ratio": 0.1},
+                           pool_size=50)
+    before = len(store.list(status="finished"))
+    with pytest.raises(KeyboardInterrupt):  # what Ctrl-C (or Cancel on the page) does to the driver
+        run_sweep(spec, store, should_stop=lambda: len(store.list(status="finished")) > before)
+    rec = get_sweep(store, spec.id)
+    assert rec.status == "cancelled" and rec.done >= 1 and rec.done < 3
+    assert not list(store.root.glob(".*.partial")) and not list(store.root.glob(".*.artifacts"))
+    assert all(r.status == "finished" for r in store.list())
+    states = [c["status"] for c in sweep_cells(store, spec.id)]
+    assert "pending" in states and states.count("finished") == rec.done
