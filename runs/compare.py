@@ -48,11 +48,13 @@ __all__ = [
     "pareto_front", "filter_runs", "table_records", "table_csv", "table_json", "format_table", "run_label",
     "best_run", "tradeoff_figure", "metric_bars_figure", "Embedding", "with_model", "embed_features", "activation_summary",
     "ablation_curves", "gradcam_grid", "activations_figure", "embedding_figure", "ablation_figure", "SideBySide",
-    "side_by_side",
+    "side_by_side", "GROUP_KEYS", "GROUP_COLUMNS", "BACKDOORBENCH_COLUMNS", "group_runs", "format_groups",
+    "groups_records", "backdoorbench_csv",
 ]
 
-COLUMNS = ["run_id", "defense", "preset", "overrides", "ba", "asr", "ra", "der", "asr_after_retune", "seconds", "device", "clean_images", "held_out",
-           "date", "ba_before", "asr_before", "ra_before", "pareto", "run_dir"]
+COLUMNS = ["run_id", "defense", "preset", "overrides", "seed", "ba", "asr", "ra", "der", "asr_after_retune", "seconds",
+           "device", "clean_images", "held_out", "date", "ba_before", "asr_before", "ra_before", "pareto", "run_dir",
+           "sweep"]
 METRICS = ("ba", "asr", "ra", "der")
 METRIC_LABELS = {"ba": "BA (benign accuracy)", "asr": "ASR (attack success rate)", "ra": "RA (robust accuracy)",
                  "der": "DER (defense effectiveness rating)"}
@@ -61,6 +63,7 @@ COLUMN_DEFINITIONS = {
     "defense": "the defense's registered name (`backdoor-lens defenses`)",
     "preset": "parameter preset (quick: a CPU demo; paper: the official settings), before any overrides",
     "overrides": "parameters set away from the preset (name=value)",
+    "seed": "the run's random seed (pool draw, initialisation, batch order)",
     "ba": "BA after the defense; " + DEFINITIONS["ba"],
     "asr": "ASR after the defense; " + DEFINITIONS["asr"],
     "ra": "RA after the defense; " + DEFINITIONS["ra"],
@@ -79,6 +82,7 @@ COLUMN_DEFINITIONS = {
     "pareto": "on the Pareto front of the runs listed: no other run has a BA at least as high and an ASR at least "
               "as low, one of them strictly",
     "run_dir": "the run's folder (the repaired model, its card and report)",
+    "sweep": "the sweep that made the run (`backdoor-lens sweep`), if any",
 }
 PARTS = ("gradcam", "activations", "features", "ablation")
 PART_TITLES = {"gradcam": "Grad-CAM", "activations": "Activation statistics", "features": "Feature space",
@@ -114,6 +118,7 @@ def runs_table(store: RunStore, suspect: str) -> pd.DataFrame:
         rows.append({
             "run_id": rec.id, "defense": rep.get("defense", rec.defense), "preset": rep.get("preset", rec.preset),
             "overrides": ", ".join(f"{k}={v}" for k, v in sorted(rec.params.items()) if not k.startswith("_")),
+            "seed": int(rep.get("seed", rec.seed) or 0),
             **{k: _num(rep.get(k)) for k in ("ba", "asr", "ra", "der", "seconds")},
             "asr_after_retune": _num((load_stress(rep.get("run_dir") or rec.run_dir) or {}).get("asr_after_retune")),
             "device": rep.get("device") or rec.device or "",
@@ -122,6 +127,7 @@ def runs_table(store: RunStore, suspect: str) -> pd.DataFrame:
             "date": str(rep.get("finished", "")),
             **{k: _num(rep.get(k)) for k in ("ba_before", "asr_before", "ra_before")},
             "pareto": False, "run_dir": rep.get("run_dir") or rec.run_dir or "",
+            "sweep": str(rec.params.get("_sweep") or ""),
         })
     df = pd.DataFrame(rows, columns=COLUMNS)
     df["pareto"] = pareto_front(df["ba"], df["asr"])
@@ -178,10 +184,12 @@ def table_csv(table: pd.DataFrame) -> str:
 
 
 def table_json(table: pd.DataFrame, suspect: str) -> str:
-    """``{"suspect", "definitions", "runs"}``: the rows with every column's definition."""
+    """``{"suspect", "definitions", "runs", "groups"}``: the rows with every column's definition, and the runs
+    grouped by (defense, preset, overrides) with ``ba_mean``, ``ba_sd``, ``asr_mean``, ``asr_sd``, ``n_seeds``..."""
     return json.dumps({"suspect": suspect,
                        "definitions": {c: COLUMN_DEFINITIONS[c] for c in table.columns if c in COLUMN_DEFINITIONS},
-                       "runs": table_records(table)}, indent=2)
+                       "runs": table_records(table),
+                       "groups": groups_records(group_runs(table))}, indent=2)
 
 
 def format_table(table: pd.DataFrame) -> str:
@@ -220,6 +228,93 @@ def best_run(table: pd.DataFrame) -> pd.Series | None:
     return table.loc[order.index[0]]
 
 
+# --- spread over seeds: groups of runs of the same (defense, preset, overrides) ------------------------------
+
+GROUP_KEYS = ["defense", "preset", "overrides"]
+GROUP_METRICS = ("ba", "asr", "ra", "der", "seconds")
+GROUP_COLUMNS = [*GROUP_KEYS, "n_seeds", *(f"{m}_{s}" for m in GROUP_METRICS for s in ("mean", "sd")), "seeds",
+                 "run_ids"]
+BACKDOORBENCH_COLUMNS = ["attack", "defense", "model", "dataset", "pratio", "clean_acc", "asr", "ra",
+                         "clean_acc_sd", "asr_sd", "ra_sd", "der", "der_sd", "n_seeds", "seconds", "seconds_sd",
+                         "preset", "overrides"]
+
+
+def _mean_sd(values: pd.Series) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; NaN with fewer than two known values)."""
+    v = pd.to_numeric(values, errors="coerce").dropna().to_numpy(dtype=float)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+
+
+def group_runs(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per (defense, preset, overrides): ``n_seeds`` runs, mean and sd of BA / ASR / RA / DER / seconds.
+
+    Used by ``compare``, ``defend --seeds``, ``sweep``, the Compare page and the report; the sd is the sample
+    standard deviation over the group's runs (NaN for a single run).
+    """
+    rows = []
+    for key, g in table.groupby(GROUP_KEYS, sort=True, dropna=False):
+        row: dict = dict(zip(GROUP_KEYS, key, strict=True))
+        row["n_seeds"] = int(len(g))
+        for m in GROUP_METRICS:
+            row[f"{m}_mean"], row[f"{m}_sd"] = _mean_sd(g[m])
+        row["seeds"] = sorted(int(x) for x in g["seed"]) if "seed" in g else []
+        row["run_ids"] = list(g["run_id"])
+        rows.append(row)
+    return pd.DataFrame(rows, columns=GROUP_COLUMNS)
+
+
+def _pm(mean: float, sd: float, digits: int = 3) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.{digits}f}" + ("" if math.isnan(sd) else f" ± {sd:.{digits}f}")
+
+
+def format_groups(groups: pd.DataFrame) -> str:
+    """A fixed-width text table: defense, preset, overrides, n, BA / ASR / RA / DER as mean ± sd, seconds."""
+    show = groups[GROUP_KEYS].copy()
+    show["n"] = groups["n_seeds"]
+    for m, label in (("ba", "BA"), ("asr", "ASR"), ("ra", "RA"), ("der", "DER")):
+        show[label] = [_pm(a, b) for a, b in zip(groups[f"{m}_mean"], groups[f"{m}_sd"], strict=True)]
+    show["seconds"] = [_pm(a, b, 1) for a, b in zip(groups["seconds_mean"], groups["seconds_sd"], strict=True)]
+    return show.to_string(index=False) + "\nmean ± sample sd over the group's seeds (n runs)"
+
+
+def groups_records(groups: pd.DataFrame) -> list[dict]:
+    """Groups as JSON-able dicts (NaN -> None): ``ba_mean``, ``ba_sd``, ``asr_mean``, ``asr_sd``, ``n_seeds``..."""
+    return table_records(groups)
+
+
+def backdoorbench_csv(groups: pd.DataFrame, card: dict) -> str:
+    """The groups in the columns of BackdoorBench's leaderboard (``attack, defense, model, dataset, pratio,
+    clean_acc, asr, ra``, in percent as the leaderboard shows them) plus our sd, DER, n and seconds columns.
+
+    ``card``: the suspect's card (attack, architecture, data set and poisoning rate come from it).
+    """
+    trig = card.get("trigger") or {}
+    data = card.get("data") or {}
+    rate = (card.get("poison") or {}).get("rate")
+    rows = []
+    for _, g in groups.iterrows():
+        def pct(v: float) -> float:
+            return float("nan") if math.isnan(v) else round(100 * float(v), 2)
+
+        rows.append({
+            "attack": trig.get("name", "") if isinstance(trig, dict) else "",
+            "defense": g["defense"], "model": card.get("arch", ""),
+            "dataset": data.get("name", "") if isinstance(data, dict) else str(data),
+            "pratio": rate if rate is not None else "",
+            "clean_acc": pct(g["ba_mean"]), "asr": pct(g["asr_mean"]), "ra": pct(g["ra_mean"]),
+            "clean_acc_sd": pct(g["ba_sd"]), "asr_sd": pct(g["asr_sd"]), "ra_sd": pct(g["ra_sd"]),
+            "der": pct(g["der_mean"]), "der_sd": pct(g["der_sd"]), "n_seeds": int(g["n_seeds"]),
+            "seconds": round(float(g["seconds_mean"]), 2), "seconds_sd": round(float(g["seconds_sd"]), 2)
+            if not math.isnan(g["seconds_sd"]) else float("nan"),
+            "preset": g["preset"], "overrides": g["overrides"],
+        })
+    return pd.DataFrame(rows, columns=BACKDOORBENCH_COLUMNS).to_csv(index=False)
+
+
 # --- run charts --------------------------------------------------------------------------------------------
 
 
@@ -229,7 +324,8 @@ def _defense_colors(defenses: Iterable[str]) -> dict[str, str]:
 
 
 def tradeoff_figure(table: pd.DataFrame, height: int = 420) -> go.Figure:
-    """BA (y) vs. ASR (x) of every run, the Pareto front as a step line, and the suspect before any defense."""
+    """BA (y) vs. ASR (x) of every run, the Pareto front as a step line, and the suspect before any defense; a
+    setting run with several seeds also shows its mean with ± sd error bars (:func:`group_runs`)."""
     fig = go.Figure()
     colors = _defense_colors(table["defense"])
     has_asr = table["asr"].notna().any()
@@ -243,6 +339,20 @@ def tradeoff_figure(table: pd.DataFrame, height: int = 420) -> go.Figure:
             hovertemplate="%{customdata[0]}<br>preset %{customdata[1]}<br>BA %{y:.3f}<br>"
                           + ("ASR %{x:.3f}<br>RA %{customdata[3]}<br>DER %{customdata[2]}" if has_asr
                              else "%{x:.1f} s") + "<extra>%{fullData.name}</extra>"))
+    spread = group_runs(table)
+    spread = spread[spread["n_seeds"] > 1]
+    if has_asr and not spread.empty:  # several seeds of one setting: their mean with ± sd error bars
+        for defense, g in spread.groupby("defense", sort=True):
+            fig.add_trace(go.Scatter(
+                x=g["asr_mean"], y=g["ba_mean"], mode="markers", name=f"{defense} mean ± sd",
+                marker=dict(symbol="diamond-open", size=14, color=colors[defense], line=dict(width=2)),
+                error_x=dict(type="data", array=g["asr_sd"].fillna(0).tolist(), visible=True),
+                error_y=dict(type="data", array=g["ba_sd"].fillna(0).tolist(), visible=True),
+                customdata=np.stack([g["preset"], g["overrides"], g["n_seeds"], g["ba_sd"].round(3),
+                                     g["asr_sd"].round(3)], axis=1),
+                hovertemplate="preset %{customdata[0]} %{customdata[1]}<br>%{customdata[2]} seeds<br>"
+                              "BA %{y:.3f} ± %{customdata[3]}<br>ASR %{x:.3f} ± %{customdata[4]}"
+                              "<extra>%{fullData.name}</extra>"))
     front = table[table["pareto"]].sort_values(["asr", "ba"] if has_asr else ["seconds", "ba"])
     if has_asr and len(front) > 0:
         fig.add_trace(go.Scatter(x=front["asr"], y=front["ba"], mode="lines", name="Pareto front",

@@ -40,6 +40,7 @@ from .compare import (
     PARTS,
     SideBySide,
     best_run,
+    group_runs,
     metric_bars_figure,
     run_label,
     runs_table,
@@ -171,6 +172,25 @@ def _table_html(table: pd.DataFrame) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
+def _groups_html(table: pd.DataFrame) -> str:
+    """The runs grouped by (defense, preset, overrides) with mean ± sd, when some setting has several seeds."""
+    groups = group_runs(table)
+    if not (groups["n_seeds"] > 1).any():
+        return ""
+
+    def pm(mean: float, sd: float) -> str:
+        return _fmt(mean) + ("" if sd != sd else f" ± {_fmt(sd)}")
+
+    head = "".join(f"<th>{h}</th>" for h in ("defense", "preset", "overrides", "n", "BA", "ASR", "RA", "DER"))
+    rows = "".join(
+        f"<tr><td>{_e(g['defense'])}</td><td>{_e(g['preset'])}</td><td>{_e(g['overrides'])}</td>"
+        f'<td class="num">{g["n_seeds"]}</td>'
+        + "".join(f'<td class="num">{_e(pm(g[f"{m}_mean"], g[f"{m}_sd"]))}</td>' for m in ("ba", "asr", "ra", "der"))
+        + "</tr>" for _, g in groups.iterrows())
+    return ('<h3>Grouped by (defense, preset, overrides)</h3><p class="muted">Mean ± sample sd over each '
+            f"setting's seeds (n runs).</p><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+
+
 def _definitions_html(keys: Sequence[str]) -> str:
     return "<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{_e(COLUMN_DEFINITIONS[k])}</dd>" for k in keys) + "</dl>"
 
@@ -300,6 +320,7 @@ def html_report(suspect_ref: str, store: RunStore | None = None, runs: Sequence[
                  "Pareto front. Hover a column name for its definition.</p>", _table_html(table),
                  "<details><summary>Column definitions</summary>"
                  + _definitions_html([c for c in table.columns if c in COLUMN_DEFINITIONS]) + "</details>",
+                 _groups_html(table),
                  _fig(tradeoff_figure(table)),
                  '<p class="muted">Top left is best. The dashed step line is the Pareto front; the star is the '
                  "suspect before any defense.</p>", _fig(metric_bars_figure(table)),

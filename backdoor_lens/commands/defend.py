@@ -22,6 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a parameter, repeatable")
     p.add_argument("--pool-size", type=int, default=500, help="clean defense-pool images to use (default 500)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="run N times with seeds SEED..SEED+N-1 and report mean ± sd of BA / ASR / RA / DER")
     add_runs_flag(p)
     p.add_argument("--device", help="cpu, cuda, mps (default: best available)")
     p.add_argument("--measure", default="full", metavar="full|subset:N",
@@ -37,6 +39,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import suspects
+
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    suspect = suspects.load(args.suspect)  # once: validation, the estimates and every seed's run share it
+    if args.seeds == 1:
+        return _run_one(args, args.seed, suspect)
+    from runs.compare import format_groups, group_runs, groups_records, runs_table
+    from runs.store import RunStore
+
+    ids, status = [], 0
+    for seed in range(args.seed, args.seed + args.seeds):
+        code, run_id = _run_one(args, seed, suspect, summary=False)
+        status = max(status, code)
+        if run_id is not None:
+            ids.append(run_id)
+        if code != 0:
+            break
+    table = runs_table(RunStore(args.runs), args.suspect)
+    table = table[table["run_id"].isin(ids)]
+    groups = group_runs(table)
+    if args.json:
+        print_json({"runs": ids, "groups": groups_records(groups)})
+    elif not table.empty:
+        print(f"{len(ids)} run(s) of {args.defense} on {args.suspect}, seeds {args.seed}..{args.seed + args.seeds - 1}")
+        print(format_groups(groups))
+    return status
+
+
+def _run_one(args: argparse.Namespace, seed: int, suspect, summary: bool = True):
+    """One run with ``seed``; returns the exit code (and, with ``summary=False``, the run id; nothing printed)."""
     from defenses.base import Cancelled
     from defenses.registry import get_defense
     from runs.jobs import create_run, device_lock, execute
@@ -45,16 +77,16 @@ def run(args: argparse.Namespace) -> int:
 
     defense = get_defense(args.defense)
     store = RunStore(args.runs)
-    suspect = suspects.load(args.suspect)  # once: validation, the estimate and the run share it
     overrides = parse_sets(args.set)
     with device_lock(store, args.device, wait=True):
         # nonsense is refused here, before a run is recorded or anything runs
         run_id = create_run(store, args.defense, args.suspect, args.preset, overrides, args.pool_size,
-                            args.seed, args.device, pid=os.getpid(), measure=args.measure, suspect=suspect)
+                            seed, args.device, pid=os.getpid(), measure=args.measure, suspect=suspect)
         if not args.quiet:
             expected = expected_time(store, args.defense, args.preset, overrides, suspect, args.suspect,
                                      args.pool_size, args.device, args.measure, estimate=not args.no_estimate)
-            print(f"{defense.title}, preset {args.preset}: {expected.text()}", file=sys.stderr, flush=True)
+            print(f"{defense.title}, preset {args.preset}, seed {seed}: {expected.text()}", file=sys.stderr,
+                  flush=True)
         bar = TqdmProgress(f"{args.defense}", disable=args.quiet or args.json)
         try:
             status = execute(store, run_id, args.device, progress_hook=bar, suspect=suspect)
@@ -66,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
     rec = store.get(run_id)
     if status != "finished":
         print(f"backdoor-lens defend: run {run_id} {status}: {rec.error}", file=sys.stderr)
-        return 1
+        return 1 if summary else (1, None)
+    if not summary:
+        return 0, run_id
     report = store.report(run_id)
     if args.json:
         print_json({k: v for k, v in report.items() if k != "metric_definitions"})

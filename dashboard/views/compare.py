@@ -18,8 +18,11 @@ from runs.compare import (
     COLUMN_DEFINITIONS,
     METRIC_LABELS,
     PART_TITLES,
+    backdoorbench_csv,
     best_run,
     filter_runs,
+    format_groups,
+    group_runs,
     metric_bars_figure,
     run_label,
     runs_table,
@@ -29,6 +32,7 @@ from runs.compare import (
     with_model,
 )
 from runs.report import figures_zip, html_report, run_figures
+from runs.sweep import SweepSpec, cancel_sweep, list_sweeps, parse_sets, submit_sweep
 from suspects.metrics import DEFINITIONS
 from suspects.models import list_residual_blocks
 
@@ -44,6 +48,54 @@ st.markdown(
     "high and an ASR at least as low. Below, any two models of this suspect (the suspect itself and its repaired "
     "models) side by side on the same images, with the suspect's trigger."
 )
+
+# --- sweeps -------------------------------------------------------------------------------------------
+
+
+@st.fragment(run_every=2.0)
+def sweeps_panel() -> None:
+    """The sweeps of this suspect with their progress (refreshed while one runs)."""
+    sweeps = list_sweeps(runs, ref)
+    if not sweeps:
+        return
+    st.subheader(f"Sweeps ({len(sweeps)})")
+    for sw in sweeps[:10]:
+        spec = sw.spec
+        c1, c2 = st.columns([5, 1])
+        c1.progress(sw.progress, text=f"`{sw.id}` {sw.status}: {sw.done} ran, {sw.skipped} done before, "
+                                      f"{sw.failed} failed of {sw.total} — {', '.join(spec['defenses'])} x "
+                                      f"{', '.join(spec['presets'])} x seeds {spec['seeds']}")
+        if sw.active and c2.button("Cancel", key=f"cmp_cancel_{sw.id}"):
+            cancel_sweep(runs, sw.id)
+        if sw.error and not sw.active:
+            c1.caption(sw.error.splitlines()[0])
+
+
+sweeps_panel()
+
+with st.expander("Start a sweep", icon=":material/grid_view:"):
+    from defenses.registry import list_defenses
+
+    with st.form("cmp_sweep_form"):
+        g = st.columns([3, 1, 1, 1])
+        sw_defenses = g[0].multiselect("Defenses", list_defenses(), key="cmp_sw_defenses")
+        sw_presets = g[1].multiselect("Presets", ["quick", "paper"], default=["quick"], key="cmp_sw_presets")
+        sw_seeds = g[2].number_input("Seeds", 1, 20, 3, key="cmp_sw_seeds")
+        sw_pool = g[3].number_input("Pool size", 1, 100000, 500, key="cmp_sw_pool")
+        sw_sets = st.text_area("Overrides (one defense.name=value a line)", key="cmp_sw_sets",
+                               placeholder="finetune.epochs=5")
+        sw_cpus = st.number_input("CPUs (local Ray; 0 = all cores)", 0, 512, 0, key="cmp_sw_cpus")
+        if st.form_submit_button("Start the sweep", type="primary"):
+            try:
+                lines = [x.strip() for x in sw_sets.splitlines() if x.strip()]
+                spec = SweepSpec.build(sw_defenses, [ref], sw_presets, int(sw_seeds), sets=parse_sets(lines),
+                                       pool_size=int(sw_pool))
+                sid = submit_sweep(runs, spec, cpus=int(sw_cpus) or None)
+            except ValueError as err:
+                st.error(str(err))
+            else:
+                st.success(f"Sweep `{sid}` queued ({spec.size()} cells); it runs in the background on Ray and "
+                           "survives page reloads. Progress above.")
 
 table = runs_table(runs, ref)
 if table.empty:
@@ -79,9 +131,14 @@ if shown.empty:
 else:
     st.caption(f"{len(shown)} of {len(table)} runs; hover a column name for its definition. The Pareto column marks "
                "the front among the runs shown.")
+    groups = group_runs(shown)
+    if (groups["n_seeds"] > 1).any():
+        st.markdown("**Grouped by (defense, preset, overrides)**: mean ± sample sd over the seeds")
+        st.code(format_groups(groups), language=None)
     c1, c2 = st.columns([2, 3])
     c1.plotly_chart(tradeoff_figure(shown), key="cmp_tradeoff")
-    c1.caption("Top left is best. Dashed: the Pareto front; star: the suspect before any defense.")
+    c1.caption("Top left is best. Dashed: the Pareto front; star: the suspect before any defense; open diamonds "
+               "with error bars: a setting's mean ± sd over its seeds.")
     c2.plotly_chart(metric_bars_figure(shown), key="cmp_bars")
     c2.caption("One bar per run (defense · preset · id); dashed red: the suspect before the defense. "
                + " ".join(f"{METRIC_LABELS[k]}: {DEFINITIONS[k]}." for k in ("ba", "asr", "ra", "der")))
@@ -205,7 +262,11 @@ elif view == "ablation":
 st.subheader("Export")
 e = st.columns(4)
 stem = suspect.name.replace("/", "_").replace(" ", "_")
-e[0].download_button("Table (CSV)", table_csv(shown), file_name=f"{stem}-runs.csv", mime="text/csv",
+bb = st.toggle("CSV in BackdoorBench's leaderboard columns", key="cmp_bb_csv",
+               help="one row per (defense, preset, overrides): attack, defense, model, dataset, pratio, clean_acc, "
+                    "asr, ra (in percent, as the leaderboard shows them) plus sd, DER, n and seconds")
+e[0].download_button("Table (CSV)", backdoorbench_csv(group_runs(shown), suspect.card) if bb else table_csv(shown),
+                     file_name=f"{stem}-{'backdoorbench' if bb else 'runs'}.csv", mime="text/csv",
                      icon=":material/table:", on_click="ignore", key="cmp_csv")
 e[1].download_button("Table (JSON)", table_json(shown, ref), file_name=f"{stem}-runs.json", mime="application/json",
                      icon=":material/data_object:", on_click="ignore", key="cmp_json",

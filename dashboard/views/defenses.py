@@ -12,6 +12,7 @@ from dashboard.common import load_suspect, memoized, sidebar, store, trigger_not
 from dashboard.stress import stress_panel
 from defenses.base import ParamError, param_specs
 from defenses.registry import all_defenses, get_defense, list_defenses
+from runs.compare import format_groups, group_runs, runs_table
 from runs.jobs import ensure_worker, reap_workers, submit
 from runs.store import RunRecord
 from runs.timing import eta_text, expected_time
@@ -170,6 +171,19 @@ def _live_chart(rec: RunRecord) -> None:
                        "classify the current features by their nearest pool images (stages without a head).")
 
 
+def _render_spread(rec: RunRecord) -> None:
+    """Mean ± sd over the finished runs with the same (defense, preset, overrides) as ``rec``, when there are several."""
+    table = runs_table(runs, ref)
+    mine = table[table["run_id"] == rec.id]
+    if mine.empty:
+        return
+    same = table[(table["defense"] == rec.defense) & (table["preset"] == mine.iloc[0]["preset"])
+                 & (table["overrides"] == mine.iloc[0]["overrides"])]
+    if len(same) > 1:
+        st.markdown(f"**Over {len(same)} seeds** (mean ± sample sd):")
+        st.code(format_groups(group_runs(same)), language=None)
+
+
 @st.fragment(run_every=1.0)
 def live_panel(defense_name: str) -> None:
     latest = runs.list(suspect=ref, defense=defense_name)
@@ -213,6 +227,9 @@ for defense in all_defenses():
             for i, spec in enumerate(specs):
                 with cols[i % 3]:
                     values[spec["name"]] = _widget(defense.name, preset, spec, getattr(resolved, spec["name"]))
+            seeds = st.number_input("Seeds", 1, 20, 1, key=f"seeds_{defense.name}",
+                                    help="run the defense with seeds 0..N-1 (one queued run each) and show mean ± "
+                                         "sd of BA / ASR / RA / DER")
         overrides = {k: v for k, v in values.items() if v != getattr(resolved, k)}
         if applicable and not busy:
             st.caption(f":material/schedule: {_expected(defense.name, preset, overrides)}; \"after\" is measured "
@@ -224,6 +241,9 @@ for defense in all_defenses():
             try:
                 run_id = submit(runs, defense.name, ref, preset, overrides, pool_size=pool_size,
                                 measure=LIVE_MEASURE)
+                for seed in range(1, int(seeds)):  # the other seeds queue behind seed 0, one run each
+                    submit(runs, defense.name, ref, preset, overrides, pool_size=pool_size, seed=seed,
+                           measure=LIVE_MEASURE)
                 st.session_state.setdefault("jobs", {})[defense.name] = run_id
                 st.query_params["job"] = run_id
                 st.rerun()
@@ -234,6 +254,7 @@ for defense in all_defenses():
         elif rec is not None:
             if rec.status == "finished":
                 _render_finished(rec)
+                _render_spread(rec)
             elif rec.status == "interrupted":
                 st.warning(f"The last run ({rec.id}) was interrupted: {rec.error}")
             elif rec.status == "cancelled":
