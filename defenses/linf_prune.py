@@ -2,8 +2,10 @@
 
 A trigger causes a sparse spike in a few channels of the last feature layer, which dominates their l_inf
 norm. Score each channel by s_k = E||A_k(x + trigger)||_inf - E||A_k(x)||_inf on clean pool images and their
-triggered copies, and prune the top-scoring channels (classifier input columns zeroed, exact for pooled
-features). No official code exists; the rule and its selection are our design:
+triggered copies, A_k being the channel's *post-ReLU* activation map as Xu et al. measure it (ReLU(a) of the
+hooked output: a pre-activation block's output has no ReLU, and |a| would count strongly negative responses as
+spikes; ``activation='abs'``, this project's former statistic, is kept as an option), and prune the top-scoring
+channels (classifier input columns zeroed, exact for pooled features). No official code exists; the rule and its selection are our design:
 prune the fewest channels that bring the pool ASR (held-out pool images with the trigger) below
 ``target_asr``, never more than ``max_ratio`` of the layer nor beyond a held-out BA drop of ``ba_tolerance``.
 
@@ -29,13 +31,16 @@ from .registry import register_defense
 class LinfPruneParams:
     norm: str = param("linf", help="activation norm that scores channels (l_inf is the paper's signal)",
                       choices=("linf", "l2", "l1"))
+    activation: str = param("relu", help="map whose norm is scored: ReLU(a) as in the paper, or |a|",
+                            choices=("relu", "abs"))
     max_ratio: float = param(0.1, help="prune at most this share of the layer's channels", min=0.0, max=1.0)
     target_asr: float = param(0.05, help="stop once the held-out pool ASR is at or below this", min=0.0, max=1.0)
     ba_tolerance: float = param(0.05, help="largest allowed drop of held-out pool BA (absolute)", min=0.0, max=1.0)
 
 
-def _norm(a: torch.Tensor, kind: str) -> torch.Tensor:
-    flat = a.abs().flatten(2)
+def _norm(a: torch.Tensor, kind: str, activation: str = "relu") -> torch.Tensor:
+    """Per image and channel norm of the post-ReLU (or absolute) map of (N, C, h, w) activations: (N, C)."""
+    flat = (a.clamp_min(0) if activation == "relu" else a.abs()).flatten(2)
     if kind == "linf":
         return flat.amax(2)
     if kind == "l2":
@@ -64,10 +69,11 @@ class LinfPrune(RankedPruning):
         mask = trigger.test_mask(ctx.pool.y)
         clean_a = last_layer_activations(model, x[mask], ctx.device)
         trig_a = last_layer_activations(model, trigger(x[mask]), ctx.device)
-        score = _norm(trig_a, params.norm).mean(0) - _norm(clean_a, params.norm).mean(0)
+        act = params.activation
+        score = _norm(trig_a, params.norm, act).mean(0) - _norm(clean_a, params.norm, act).mean(0)
         order = score.argsort(descending=True).tolist()
         return order, {"top_scores": [round(float(score[c]), 4) for c in order[:10]],
-                       "score": f"E||A_k(x+trigger)||_{params.norm} - E||A_k(x)||_{params.norm}"}
+                       "score": (f"E||{act}(A_k(x+trigger))||_{params.norm} - E||{act}(A_k(x))||_{params.norm}")}
 
     def measure(self, model, ctx: RepairContext) -> dict[str, float | None]:
         pool = ctx.pool
