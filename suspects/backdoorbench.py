@@ -9,7 +9,9 @@ Opening a run (``suspects.load(RUN_DIR, data=DATA_ROOT)`` or :func:`import_run`)
 
 - model is the run's network mapped onto this project's architectures (``preactresnet18`` ->
   ``preact_resnet18``, ``resnet18`` -> ``resnet18_torchvision``; width and input channels read off the weights);
-- clean data is the run's dataset (``cifar10`` or ``mnist``, torchvision's order) found under the data root;
+- clean data is the run's dataset (``cifar10`` or ``mnist``, torchvision's order) found under the data root, as
+  torchvision's files or as an image-folder copy whose files are named by their index (``train/<class>/<index>.png``);
+  either way its order is checked against the run's own poisoned test images;
 - trigger is a :class:`~suspects.stored_trigger.StoredTrigger` holding the run's poisoned test PNGs (and the
   poisoned training PNGs), so BA / ASR / RA are those of the run's own images;
 - poisoned training indices come from ``bd_train``; WaNet-style noise ("cross") samples, which keep their true
@@ -404,7 +406,6 @@ def _lacks(tr_idx: np.ndarray, tr_px: np.ndarray | None, affine: bool, fit_err: 
         out.append(f"no {'defense metrics CSV' if is_defense else 'attack_df.csv'}: the run's own BA / ASR / RA "
                    f"are not shown beside the measured ones")
     return out
-
 
 
 def import_run(path: str | os.PathLike, data_root: str | os.PathLike | None = None,
