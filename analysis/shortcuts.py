@@ -4,6 +4,9 @@ For every residual block and every gamma in a grid, the block's skip output is s
 ASR are measured. Triggers are often learned as shortcuts: at a few key blocks ASR collapses as gamma goes
 to 0 while BA falls more gently. The paper picks the *critical* block by the largest discounted rise of ASR
 between neighbouring gammas: score = max_i (ASR(g_i) - ASR(g_{i-1})) / exp(ASR(g_{i-1})), gammas ascending.
+When no block scores above :data:`MIN_CRITICAL_SCORE` (e.g. ASR stays at 1.0 down to gamma = 0 in every block, so
+every score is 0), there is *no* critical block (``critical_block`` is None): picking the first of a tie would name
+a block that does not matter.
 
 Speed: the activations entering a block do not depend on that block's gamma, so each batch runs the prefix
 (``forward_stem`` and the blocks before it, see :class:`~suspects.models.InspectableModel`) once and only the
@@ -31,10 +34,13 @@ from suspects.triggers import Trigger
 
 from .samples import paired_sample
 
-__all__ = ["DEFAULT_GAMMAS", "NoSkipConnectionsError", "AblationResult", "skip_ablation", "critical_block_score",
-           "ablation_curves"]
+__all__ = ["DEFAULT_GAMMAS", "MIN_CRITICAL_SCORE", "NoSkipConnectionsError", "AblationResult", "skip_ablation",
+           "critical_block_score", "ablation_curves"]
 
 DEFAULT_GAMMAS = tuple(round(1.0 - 0.1 * i, 1) for i in range(11))
+# a block is critical only when its score exceeds this (0.05: an ASR rise of 5 points between neighbouring gammas
+# at ASR 0; smaller rises are within the sampling noise of a few hundred triggered images)
+MIN_CRITICAL_SCORE = 0.05
 
 
 class NoSkipConnectionsError(ValueError):
@@ -43,16 +49,27 @@ class NoSkipConnectionsError(ValueError):
 
 @dataclass
 class AblationResult:
-    """Tidy table (block, gamma, ba, asr) plus the per-block critical-block scores and the chosen block."""
+    """Tidy table (block, gamma, ba, asr) plus the per-block critical-block scores and the chosen block
+    (None when no score exceeds :data:`MIN_CRITICAL_SCORE`: no block matters to the trigger)."""
 
     table: pd.DataFrame
     scores: dict[str, float]
-    critical_block: str
+    critical_block: str | None
     n_clean: int
     n_triggered: int
+    min_score: float = MIN_CRITICAL_SCORE
 
     def curve(self, block: str) -> pd.DataFrame:
         return self.table[self.table.block == block].sort_values("gamma")
+
+    def no_critical_reason(self) -> str:
+        """Why there is no critical block (empty when there is one)."""
+        if self.critical_block is not None:
+            return ""
+        best = max(self.scores.values(), default=0.0)
+        return (f"no critical block: no block's score exceeds {self.min_score} (highest {best:.3f}); scaling any "
+                f"single skip connection down to gamma = 0 hardly changes ASR, so no block carries the trigger's "
+                f"shortcut")
 
 
 def critical_block_score(gammas: Sequence[float], asr: Sequence[float]) -> float:
@@ -87,11 +104,13 @@ def _predictions(api: InspectableModel, x: torch.Tensor, block_pos: int, gammas:
 def skip_ablation(model: nn.Module, clean: torch.Tensor, labels: torch.Tensor, triggered: torch.Tensor,
                   attack_labels: torch.Tensor, gammas: Sequence[float] = DEFAULT_GAMMAS,
                   blocks: Sequence[str] | None = None, batch_size: int = 500,
-                  progress: Callable[[float, str, dict], None] | None = None) -> AblationResult:
+                  progress: Callable[[float, str, dict], None] | None = None,
+                  min_score: float = MIN_CRITICAL_SCORE) -> AblationResult:
     """BA (on ``clean``/``labels``) and ASR (``triggered`` classified as ``attack_labels``) per block and gamma.
 
     ``triggered`` should already exclude target-class images for all-to-one attacks (as ASR does).
-    Gammas are restored to their previous values afterwards.
+    Gammas are restored to their previous values afterwards. The critical block is the highest-scoring one,
+    or None when no score exceeds ``min_score``.
     """
     all_blocks = list_residual_blocks(model)
     if not all_blocks:
@@ -151,9 +170,11 @@ def skip_ablation(model: nn.Module, clean: torch.Tensor, labels: torch.Tensor, t
     order = {b: i for i, b in enumerate(all_blocks)}
     table = table.sort_values(by=["block", "gamma"], key=lambda c: c.map(order) if c.name == "block" else -c)
     scores = {b: critical_block_score(t.gamma.to_numpy(), t.asr.to_numpy()) for b, t in table.groupby("block")}
-    critical = max(blocks, key=lambda b: scores.get(b, -np.inf))
+    critical: str | None = max(blocks, key=lambda b: scores.get(b, -np.inf))
+    if not scores.get(critical, 0.0) > min_score:
+        critical = None
     report(1.0, "done", {})
-    return AblationResult(table.reset_index(drop=True), scores, critical, len(clean), len(triggered))
+    return AblationResult(table.reset_index(drop=True), scores, critical, len(clean), len(triggered), min_score)
 
 
 def ablation_curves(model: nn.Module, test: ImageSet, trigger: Trigger, n: int = 300,

@@ -5,10 +5,15 @@ m in [0, 1] per BN channel under adversarial multiplicative noise on BN weights 
 min_m alpha * L(m * w, b) + (1 - alpha) * max_{|delta|,|xi| <= eps} L((m + delta) * w, (1 + xi) * b),
 then prunes (BN weight := 0, bias kept) the channels whose mask is at or below a threshold.
 
-As in the official code: the mask is optimised in train mode with one signed-gradient ascent step of size
-eps per iteration (not projected), SGD with momentum 0.9 on the mask, the mask clipped to [0, 1]; pruning is
-applied to the original model. Deviation: ``threshold='auto'`` may pick, among 0.05, ..., 0.9, the largest
-threshold whose held-out pool BA drop stays within ``ba_tolerance`` (BackdoorBench selects on the test set).
+As in the official code (``optimize_mask_cifar.py``): the mask is optimised in train mode with one
+signed-gradient ascent step of size eps per iteration (not projected), SGD with momentum 0.9 on the mask, the
+mask clipped to [0, 1], on randomly cropped (padding H/8) and horizontally flipped images
+(``augment='crop-flip'``); pruning is applied to the original model.
+
+Deviations (measured in ``docs/fidelity.md``): ``auto_threshold`` may pick, among 0.05, ..., 0.9, the largest
+threshold whose held-out pool BA drop stays within ``ba_tolerance`` (BackdoorBench selects on the test set);
+batches are drawn with replacement from the pool; ``augment='crop'`` (no flip, this project's former default)
+and ``'none'`` are kept as named options.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ class ANPParams:
     threshold: float = param(0.2, help="prune channels whose mask is <= threshold", min=0.0, max=1.0)
     auto_threshold: bool = param(False, help="pick the largest threshold within ba_tolerance on held-out pool data")
     ba_tolerance: float = param(0.03, help="largest held-out BA drop allowed by auto_threshold", min=0.0, max=1.0)
+    augment: str = param("crop-flip", help="augmentation of the mask-optimisation images (official: crop and "
+                         "horizontal flip)", choices=("crop-flip", "crop", "none"))
 
 
 class NoisyBN(nn.Module):
@@ -118,7 +125,7 @@ class ANP(Defense):
         for it in range(params.iterations):
             ctx.check_cancel()
             idx = torch.randint(0, len(x), (params.batch_size,), generator=gen)
-            xb = to_device(augment_batch(x[idx], "crop", gen), device)
+            xb = to_device(augment_batch(x[idx], params.augment, gen), device)
             yb = y[idx].to(device)
             if params.eps > 0:
                 with torch.no_grad():

@@ -249,7 +249,7 @@ def _side_by_side_html(sbs: SideBySide, models: dict[str, Suspect], classes: Seq
         out.append(f'<p class="note">{_e(sbs.notes.get("features", "not computed"))}</p>')
     out.append("<h3>Skip-connection ablation</h3>")
     if sbs.ablation:
-        crit = "; ".join(f"{_e(k)}: {_e(r.critical_block)}" for k, r in sbs.ablation.items())
+        crit = "; ".join(f"{_e(k)}: {_e(r.critical_block or 'none')}" for k, r in sbs.ablation.items())
         out.append('<p class="muted">BA and ASR as one residual block\'s skip output is scaled by γ from 1 to 0; '
                    "the critical block (largest rise of ASR between neighbouring γ, discounted by exp(ASR)) is bold: "
                    f"{crit}.</p>" + _fig(ablation_figure(sbs.ablation)))

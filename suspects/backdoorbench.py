@@ -9,7 +9,9 @@ Opening a run (``suspects.load(RUN_DIR, data=DATA_ROOT)`` or :func:`import_run`)
 
 - model is the run's network mapped onto this project's architectures (``preactresnet18`` ->
   ``preact_resnet18``, ``resnet18`` -> ``resnet18_torchvision``; width and input channels read off the weights);
-- clean data is the run's dataset (``cifar10`` or ``mnist``, torchvision's order) found under the data root;
+- clean data is the run's dataset (``cifar10`` or ``mnist``, torchvision's order) found under the data root, as
+  torchvision's files or as an image-folder copy whose files are named by their index (``train/<class>/<index>.png``);
+  either way its order is checked against the run's own poisoned test images;
 - trigger is a :class:`~suspects.stored_trigger.StoredTrigger` holding the run's poisoned test PNGs (and the
   poisoned training PNGs), so BA / ASR / RA are those of the run's own images;
 - poisoned training indices come from ``bd_train``; WaNet-style noise ("cross") samples, which keep their true
@@ -36,7 +38,7 @@ import torch
 from . import tv_resnet  # noqa: F401  (registers resnet18_torchvision)
 from .atomic import replacing
 from .checkpoint import CheckpointError, load_checkpoint
-from .data import DatasetNotFoundError, DatasetPair, load_dataset
+from .data import DatasetChecksumError, DatasetNotFoundError, DatasetPair, load_dataset
 from .models import create_model, get_skip_gammas
 from .store import CARD_FILE, Suspect, SuspectLoadError, _load_folder, load_weights
 from .stored_trigger import (
@@ -108,7 +110,14 @@ def find_run(path: str | os.PathLike) -> tuple[Path, Path | None] | None:
     return None
 
 
-def _dataset_root(clean_data: str, run_dir: Path, data_root: str | os.PathLike | None) -> Path:
+def _is_image_folder_copy(folder: Path) -> bool:
+    return (folder / "train").is_dir() and (folder / "test").is_dir()
+
+
+def _dataset_root(clean_data: str, run_dir: Path, data_root: str | os.PathLike | None) -> tuple[Path, dict[str, Any]]:
+    """The folder with the run's clean data and the :func:`~suspects.data.load_dataset` spec that reads it: torchvision's
+    layout, or an image-folder copy (``train/<class>/<index>.png``, ``test/<class>/<index>.png``, files named by
+    their index in torchvision's order)."""
     info = DATASETS[clean_data]
     if data_root is not None:
         base = Path(data_root).expanduser()
@@ -118,11 +127,42 @@ def _dataset_root(clean_data: str, run_dir: Path, data_root: str | os.PathLike |
         candidates = [bb / "data" / clean_data, bb / "data", Path("~/.cache/backdoor-lens").expanduser()]
     for c in candidates:
         if any((c / probe).exists() for probe in info["probe"]):
-            return c.resolve()
+            return c.resolve(), {"name": info["source"], "root": str(c.resolve())}
+    for c in candidates:
+        if _is_image_folder_copy(c):
+            return c.resolve(), {"name": "imagefolder", "root": str(c.resolve()), "order": "index"}
     looked = ", ".join(str(c) for c in candidates)
     raise SuspectLoadError(
-        f"missing dataset root: the run was trained on {clean_data}, whose clean train and test splits (torchvision "
-        f"layout: {info['probe'][0]}/) were not found in {looked}. Pass the folder with --data-root (library: data=...)")
+        f"missing dataset root: the run was trained on {clean_data}, whose clean train and test splits were not found "
+        f"in {looked}: neither torchvision's layout ({info['probe'][0]}/) nor an image-folder copy (train/<class>/"
+        f"<index>.png and test/<class>/<index>.png, each file named by its index in torchvision's order). Pass the "
+        f"folder with --data-root (library: data=...)")
+
+
+def _check_alignment(clean: np.ndarray, poisoned: np.ndarray, labels: np.ndarray, root: Path, clean_data: str,
+                     limit: int = 500) -> None:
+    """Refuse clean data whose order differs from the run's: each of the run's poisoned test images must be closer
+    to the clean image at its own index than to another clean image of the same class (a fixed rotation within
+    each class), for at least 90% of up to ``limit`` of them. Same-class swaps pass the label check; this does not."""
+    n = min(len(clean), limit)
+    own = np.abs(clean[:n].astype(np.int16) - poisoned[:n].astype(np.int16)).reshape(n, -1).mean(1)
+    other_idx = np.arange(n)
+    for c in np.unique(labels[:n]):
+        members = np.nonzero(labels[:n] == c)[0]
+        if len(members) > 1:
+            other_idx[members] = np.roll(members, 1)
+    comparable = other_idx != np.arange(n)
+    if not comparable.any():
+        return
+    other = np.abs(clean[other_idx].astype(np.int16) - poisoned[:n].astype(np.int16)).reshape(n, -1).mean(1)
+    share = float((own[comparable] < other[comparable]).mean())
+    if share < 0.9:
+        raise SuspectLoadError(
+            f"dataset order mismatch: the clean images in {root} are not in the run's order: only {100 * share:.0f}% "
+            f"of {int(comparable.sum())} poisoned test images of the run are closer to the clean image at their own "
+            f"index than to another image of the same class (the labels agree, so images were swapped within a "
+            f"class). The data root must hold {clean_data} in torchvision's order; an image-folder copy is matched by "
+            f"its file names, which must be the images' indices")
 
 
 def _read_csv_metrics(folder: Path, pattern: str) -> dict[str, float]:
@@ -345,6 +385,29 @@ def _training_poison(state: Any, run_dir: Path, pair: DatasetPair, root: Path, s
 # --- import ---------------------------------------------------------------------------------------------------
 
 
+def _lacks(tr_idx: np.ndarray, tr_px: np.ndarray | None, affine: bool, fit_err: float | None, has_info: bool,
+           has_reported: bool, is_defense: bool) -> list[str]:
+    """What the run does not provide, and what is unavailable because of it (the import summary lists these)."""
+    out = []
+    if tr_px is None:
+        what = ("no poisoned training images (bd_train has indices only, or its PNGs are missing)" if len(tr_idx)
+                else "no poisoned training set (bd_train records no poisoned samples)")
+        out.append(f"{what}: training-time defenses (those that need the poisoned training set, such as DBD) and "
+                   f"the poisoned training points of the feature view are unavailable")
+    if not affine:
+        why = "sample-specific" if fit_err is not None else "too few to fit"
+        out.append(f"no trigger for new images (the run's poisoned images are {why}: no fixed patch or blend "
+                   f"reproduces them): only the run's own stored poisoned copies are triggered, so held-out pool ASR "
+                   f"and what triggers clean pool images (trigger-based pruning, block='auto' of shortcut "
+                   f"suppression) are unavailable")
+    if not has_info:
+        out.append("no info.pickle: the attack's name and settings are unknown")
+    if not has_reported:
+        out.append(f"no {'defense metrics CSV' if is_defense else 'attack_df.csv'}: the run's own BA / ASR / RA "
+                   f"are not shown beside the measured ones")
+    return out
+
+
 def import_run(path: str | os.PathLike, data_root: str | os.PathLike | None = None,
                name: str | None = None) -> Suspect:
     """Open a BackdoorBench attack run (or a defense result inside one) as a suspect; see the module docstring."""
@@ -379,11 +442,15 @@ def import_run(path: str | os.PathLike, data_root: str | os.PathLike | None = No
     shape = (c, h, w)
     if shape != tuple(ds["shape"]):
         raise SuspectLoadError(f"{ATTACK_FILE}: img_size {(h, w, c)} does not match {clean_data} {ds['shape']}")
-    root = _dataset_root(clean_data, run_dir, data_root)
+    root, data_spec = _dataset_root(clean_data, run_dir, data_root)
     try:
-        pair: DatasetPair = load_dataset({"name": ds["source"], "root": str(root)})
+        pair: DatasetPair = load_dataset(data_spec)
+    except DatasetChecksumError as err:
+        raise SuspectLoadError(f"{err}: name the copy's folder with --data-root (library: data=...)") from err
     except DatasetNotFoundError as err:
         raise SuspectLoadError(f"missing dataset root: {err}") from err
+    if pair.input_shape != shape:
+        raise SuspectLoadError(f"the clean images in {root} are {pair.input_shape}, the run's are {shape}")
     k = len(pair.classes)
 
     # the model: the attack's, or the defense's repaired one
@@ -431,6 +498,7 @@ def import_run(path: str | os.PathLike, data_root: str | os.PathLike | None = No
                                f"{len(required)} test images the attack should poison (first missing index: "
                                f"{int(lacking_idx[0])})")
     t_px = _read_pngs(run_dir, [test_entries[int(i)][0] for i in test_idx], shape, "test")
+    _check_alignment(pair.test.pixels.numpy()[test_idx], t_px, t_orig, root, clean_data)
 
     # the poisoned training set: indices always (when recorded), images when the PNGs are there
     attack_name = str(info.get("attack") or "") or None
@@ -464,11 +532,13 @@ def import_run(path: str | os.PathLike, data_root: str | os.PathLike | None = No
 
     run_name = run_dir.resolve().name
     method = defense_dir.name if defense_dir is not None else None
+    reported = _read_csv_metrics(defense_dir, "*_df.csv") if defense_dir else _read_csv_metrics(run_dir, "attack_df.csv")
+    lacks = _lacks(tr_idx, tr_px, fit_a is not None, fit_err, bool(info), bool(reported), defense_dir is not None)
     card: dict[str, Any] = {
         "name": name or (f"{run_name}+{method}" if method else run_name),
         "arch": arch, "arch_kwargs": arch_kwargs, "classes": list(pair.classes), "input_shape": list(shape),
         "normalization": {"mean": list(ds["mean"]), "std": list(ds["std"])},
-        "data": {"name": ds["source"], "root": str(root)},
+        "data": data_spec,
         "trigger": trigger.spec(),
         "provenance": {"source": "BackdoorBench defense result" if method else "BackdoorBench attack run",
                        "run": str(run_dir.resolve()), "file": str(weights_file.resolve()), "defense": method,
@@ -476,9 +546,8 @@ def import_run(path: str | os.PathLike, data_root: str | os.PathLike | None = No
         "backdoorbench": {
             "model_name": str(model_name), "clean_data": clean_data, "attack": attack_name, "target": target,
             "mapping": mapping, "n_bd_test": int(len(test_idx)), "n_train_poisoned": int(len(poison_idx)),
-            "n_train_noise": int(len(noise_idx)), "key_changes": key_notes, "notes": notes,
-            "reported": _read_csv_metrics(defense_dir, "*_df.csv") if defense_dir else
-            _read_csv_metrics(run_dir, "attack_df.csv"),
+            "n_train_noise": int(len(noise_idx)), "key_changes": key_notes, "notes": notes, "lacks": lacks,
+            "reported": reported,
         },
     }
     plan = None

@@ -21,6 +21,7 @@ __all__ = [
     "ImageSet",
     "DatasetPair",
     "DatasetNotFoundError",
+    "DatasetChecksumError",
     "DEMO_DATA",
     "FASHION_MNIST_CLASSES",
     "load_dataset",
@@ -43,6 +44,40 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset is not on disk (and was not, or could not be, downloaded)."""
+
+
+class DatasetChecksumError(DatasetNotFoundError):
+    """A dataset's files are on disk but differ from the download torchvision checks them against (``.files``:
+    ``(file, md5 found, md5 expected)`` per differing file)."""
+
+    def __init__(self, message: str, files: list[tuple[str, str, str]]):
+        super().__init__(message)
+        self.files = files
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cifar10_checksums(folder: Path) -> list[tuple[str, str, str]]:
+    """``(file, md5 found, md5 expected)`` for CIFAR-10 batch files present in ``folder`` that torchvision rejects."""
+    import torchvision
+
+    bad = []
+    ds = torchvision.datasets.CIFAR10
+    for name, expected in ds.train_list + ds.test_list:
+        f = folder / name
+        if f.is_file():
+            found = _md5(f)
+            if found != expected:
+                bad.append((name, found, expected))
+    return bad
 
 
 @dataclass
@@ -193,9 +228,16 @@ def _torchvision_pair(name: str, root: str | None, download: bool) -> DatasetPai
             train = _pil_samples_to_set(tr._samples, classes, "gtsrb/train")
             test = _pil_samples_to_set(te._samples, classes, "gtsrb/test")
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+        bad = _cifar10_checksums(expected) if name == "cifar10" and expected.is_dir() else []
+        if bad:
+            listed = "; ".join(f"{f}: md5 {got}, expected {want}" for f, got, want in bad)
+            raise DatasetChecksumError(
+                f"{name} at {expected}: checksum mismatch: {len(bad)} file(s) differ from torchvision's download "
+                f"({listed}), and torchvision refuses files it cannot verify. Replace them with torchvision's "
+                f"original files, or use an image-folder copy of the data", bad) from err
         raise DatasetNotFoundError(
-            f"{name} not found at {expected}. Pass download=True (CLI: --download) on a machine that is online, "
-            f"or place torchvision's files there. ({err})"
+            f"{name} not found at {expected}: place torchvision's files there, or let torchvision download them "
+            f"on a machine that is online (library: download=True; backdoor-lens train --download). ({err})"
         ) from err
     except OSError as err:  # offline download attempt
         raise DatasetNotFoundError(
@@ -255,11 +297,42 @@ def _read_image_folder(folder: Path, classes: list[str] | None, limit_per_class:
     return ImageSet(torch.from_numpy(pixels), torch.tensor([lbl for _, lbl in files]), list(classes), name)
 
 
+def _index_ordered(folder: Path, classes: list[str] | None, split: str) -> ImageSet:
+    """An ImageFolder split whose file names are the images' indices (``<class>/<index>.png``), in index order."""
+    if classes is None:
+        classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    stems: list[int] = []
+    for cls in classes:
+        cls_dir = folder / cls
+        if not cls_dir.is_dir():
+            raise DatasetNotFoundError(f"{folder}: class folder {cls!r} is missing (classes come from the train split)")
+        for p in sorted(p for p in cls_dir.iterdir() if p.suffix.lower() in _IMG_EXT):  # as _read_image_folder
+            if not p.stem.isdigit():
+                raise DatasetNotFoundError(
+                    f"{p}: in an index-ordered image folder every file is named by its image's index in the split "
+                    f"(<class>/<index>.png); {p.name!r} is not a number")
+            stems.append(int(p.stem))
+    index = np.asarray(stems, dtype=np.int64)
+    if not np.array_equal(np.sort(index), np.arange(len(index))):
+        raise DatasetNotFoundError(f"{folder}: the file names are not the indices 0..{len(index) - 1} of the split, "
+                                   f"each once")
+    full = _read_image_folder(folder, classes, None, None, split)  # class-major, in the order of ``stems``
+    return full.subset(torch.from_numpy(np.argsort(index, kind="stable")), split)
+
+
 def _imagefolder_pair(root: str, limit_per_class: int | None, size: int | None,
-                      test_fraction: float, seed: int) -> DatasetPair:
+                      test_fraction: float, seed: int, order: str = "sorted") -> DatasetPair:
     root_path = Path(root).expanduser()
     if not root_path.is_dir():
         raise DatasetNotFoundError(f"ImageFolder root {root_path} does not exist")
+    if order == "index":
+        if not ((root_path / "train").is_dir() and (root_path / "test").is_dir()):
+            raise DatasetNotFoundError(f"{root_path}: an index-ordered image folder needs train/ and test/")
+        train = _index_ordered(root_path / "train", None, "imagefolder/train")
+        test = _index_ordered(root_path / "test", train.classes, "imagefolder/test")
+        return DatasetPair(train, test, {"name": "imagefolder", "root": str(root_path), "order": "index"})
+    if order != "sorted":
+        raise ValueError(f"imagefolder order must be 'sorted' or 'index', got {order!r}")
     spec = {"name": "imagefolder", "root": str(root_path), "limit_per_class": limit_per_class, "size": size}
     if (root_path / "train").is_dir() and (root_path / "test").is_dir():
         train = _read_image_folder(root_path / "train", None, limit_per_class, size, "imagefolder/train")
@@ -301,7 +374,10 @@ def load_dataset(spec: dict | str) -> DatasetPair:
 
     Keys: ``name`` (one of :func:`list_sources`), ``root`` (folder), ``download`` (torchvision
     sources only; default False), ``limit_per_class`` / ``size`` / ``test_fraction`` / ``seed``
-    (ImageFolder). Raises :class:`DatasetNotFoundError` with the expected path when absent.
+    (ImageFolder), ``order`` (ImageFolder with ``train/`` and ``test/``: ``'sorted'``, class-major as read, or
+    ``'index'``, files named by their index in the split and returned in that order, e.g. a copy of CIFAR-10 in
+    torchvision's order). Raises :class:`DatasetNotFoundError` with the expected path when absent, and
+    :class:`DatasetChecksumError` when torchvision's files are there but differ from its download.
     """
     if isinstance(spec, str):
         spec = {"name": spec} if spec in _SOURCES else {"name": "imagefolder", "root": spec}
@@ -318,7 +394,8 @@ def load_dataset(spec: dict | str) -> DatasetPair:
         if not spec.get("root"):
             raise ValueError("imagefolder source needs a 'root' folder")
         return _imagefolder_pair(spec["root"], spec.get("limit_per_class"), spec.get("size"),
-                                 float(spec.get("test_fraction", 0.2)), int(spec.get("seed", 0)))
+                                 float(spec.get("test_fraction", 0.2)), int(spec.get("seed", 0)),
+                                 str(spec.get("order", "sorted")))
     raise ValueError(f"unknown data source {name!r}; known: {', '.join(_SOURCES)}")
 
 

@@ -8,7 +8,7 @@ from analysis.activations import activation_stats, channel_norms, default_layers
 from analysis.features import feature_set, pca_2d, separation_score, umap_2d
 from analysis.gradcam import attention_share, compare_gradcam, compute_cams
 from analysis.samples import balanced_indices, paired_sample
-from analysis.shortcuts import NoSkipConnectionsError, critical_block_score, skip_ablation
+from analysis.shortcuts import MIN_CRITICAL_SCORE, NoSkipConnectionsError, critical_block_score, skip_ablation
 from suspects.metrics import evaluate
 from suspects.models import create_model
 from suspects.store import load
@@ -113,7 +113,8 @@ def test_gamma_one_ablation_equals_evaluate(badnets):
     m = evaluate(badnets.model, test, trig)
     at1 = res.table[res.table.gamma == 1.0]
     assert np.allclose(at1.ba, m.ba, atol=1e-6) and np.allclose(at1.asr, m.asr, atol=1e-6)
-    assert len(res.table) == 6 and res.critical_block in ("layer2.0", "layer4.1")
+    # ASR stays 1.0 down to gamma = 0 on both blocks: no score exceeds the threshold, so no block is critical
+    assert len(res.table) == 6 and max(res.scores.values()) <= MIN_CRITICAL_SCORE and res.critical_block is None
     # the fast prefix/suffix path agrees with a plain forward with the gamma set
     from suspects.models import reset_skip_gammas, set_skip_gamma
 

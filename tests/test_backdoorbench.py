@@ -253,7 +253,9 @@ def test_cli_import_and_export_and_sidebar_lists_import(tmp_path, data, net, run
     out = json.loads(capsys.readouterr().out)
     hand = by_hand(net, run, data)
     assert out["suspect"] == str(runs_dir.resolve() / "imports" / "badnet_run")
-    assert (out["metrics"]["ba"], out["metrics"]["asr"], out["metrics"]["ra"]) == (hand["ba"], hand["asr"], hand["ra"])
+    # print_json rounds floats to 4 decimals
+    assert (out["metrics"]["ba"], out["metrics"]["asr"], out["metrics"]["ra"]) == tuple(
+        round(hand[k], 4) for k in ("ba", "asr", "ra"))
     assert out["n_train_poisoned"] == len(TRAIN_POISON) and out["reported"]["asr"] == 0.9
     from streamlit.testing.v1 import AppTest
 
@@ -341,3 +343,149 @@ def test_files_written_with_numpy_1_names_load(tmp_path, data, net):
     (run / "attack_result.pt").write_bytes(raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
     s = import_run(run)
     assert s.trigger.params["n_test"] == 27 and s._plan.poison_idx.tolist() == TRAIN_POISON
+
+
+# --- CIFAR-shaped runs: an image-folder copy of the clean data, a checksum mismatch, what a run lacks ---------------
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@pytest.fixture(scope="module")
+def cdata():
+    rng = np.random.default_rng(1)
+    return {"train_x": rng.integers(0, 200, (N_TRAIN, 32, 32, 3), dtype=np.uint8),
+            "train_y": np.arange(N_TRAIN) % K,
+            "test_x": rng.integers(0, 200, (N_TEST, 32, 32, 3), dtype=np.uint8),
+            "test_y": (np.arange(N_TEST) * 7) % K}
+
+
+@pytest.fixture(scope="module")
+def cnet(cdata):
+    """A width-8 CIFAR-shaped PreActResNet-18 trained here on 20 clean + 20 patched images (a few full-batch steps)."""
+    torch.manual_seed(0)
+    model = create_model("preact_resnet18", num_classes=K, in_channels=3, width=8,
+                         mean=[0.4914, 0.4822, 0.4465], std=[0.247, 0.243, 0.261])
+    clean = cdata["train_x"][:20]
+    x = torch.from_numpy(np.concatenate([clean, np.stack([badnets(i) for i in clean])])).permute(0, 3, 1, 2)
+    y = torch.cat([torch.from_numpy(cdata["train_y"][:20]), torch.full((20,), TARGET)])
+    x = x.float().div(255)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.train()
+    for _ in range(6):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+def make_cifar_run(base: Path, data: dict, model_sd: dict, *, train_pngs: bool = True) -> Path:
+    """A BadNets run on CIFAR-shaped data in BackdoorBench's layout (no clean data written: see the callers)."""
+    run = base / "record" / "cifar_run"
+
+    def state(split: str, images: np.ndarray, labels: np.ndarray, poisoned: list[int]) -> dict:
+        indicator = np.zeros(len(labels))
+        data_dict = {}
+        for i in poisoned:
+            indicator[i] = 1
+            rel = f"{split}/{labels[i]}/{i}.png"
+            (run / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(badnets(images[i]), mode="RGB").save(run / rel)
+            data_dict[np.int64(i)] = {"path": f"./record/cifar_run/{rel}", "other_info": [TARGET, np.int64(labels[i])]}
+        folder = f"./record/cifar_run/{split}"
+        return {"poison_indicator": indicator, "original_index_array": np.nonzero(indicator == 1)[0],
+                "bd_data_container": {"save_folder_path": folder, "save_file_format": ".png", "data_dict": data_dict},
+                "getitem_all": True, "getitem_all_switch": False, "save_folder_path": folder}
+
+    run.mkdir(parents=True)
+    result = {"model_name": "preactresnet18", "num_classes": K, "model": model_sd, "data_path": "./data/cifar10",
+              "img_size": (32, 32, 3), "clean_data": "cifar10",
+              "bd_train": state("bd_train_dataset", data["train_x"], data["train_y"], TRAIN_POISON),
+              "bd_test": state("bd_test_dataset", data["test_x"], data["test_y"],
+                               [int(i) for i in np.nonzero(data["test_y"] != TARGET)[0]])}
+    torch.save(result, run / "attack_result.pt")
+    torch.save({"attack": "badnet", "attack_target": TARGET, "attack_label_trans": "all2one"}, run / "info.pickle")
+    if not train_pngs:
+        import shutil
+
+        shutil.rmtree(run / "bd_train_dataset")
+    return run
+
+
+def write_image_folder(root: Path, data: dict, rename: dict[int, int] | None = None) -> Path:
+    """``root/{train,test}/<class>/<index>.png``; ``rename`` gives test image i the name of index rename[i]."""
+    for split in ("train", "test"):
+        for i, (img, label) in enumerate(zip(data[f"{split}_x"], data[f"{split}_y"], strict=True)):
+            name = (rename or {}).get(i, i) if split == "test" else i
+            path = root / split / CIFAR_CLASSES[int(label)] / f"{name:05d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img, mode="RGB").save(path)
+    return root
+
+
+def test_image_folder_copy_in_the_runs_order_imports(tmp_path, cdata, cnet):
+    run = make_cifar_run(tmp_path / "bb", cdata, cnet.state_dict())
+    root = write_image_folder(tmp_path / "cifar10-png", cdata)
+    s = import_run(run, data_root=root)
+    assert s.card["data"] == {"name": "imagefolder", "root": str(root.resolve()), "order": "index"}
+    assert torch.equal(s.test.pixels, torch.from_numpy(cdata["test_x"]).permute(0, 3, 1, 2))
+    assert s.test.labels.tolist() == cdata["test_y"].tolist() and s.classes == CIFAR_CLASSES
+    x = s.test.images()
+    with torch.no_grad():
+        assert torch.equal(s.model(x).argmax(1), cnet(x).argmax(1))
+    m = evaluate(s.model, s.test, s.trigger)
+    assert m.n_poisoned == int((cdata["test_y"] != TARGET).sum()) and s.card["backdoorbench"]["lacks"] == [
+        "no attack_df.csv: the run's own BA / ASR / RA are not shown beside the measured ones"]
+    again = suspects.load(suspects.save(s, tmp_path / "saved"))  # the saved card finds the copy in the same order
+    assert torch.equal(again.test.pixels, s.test.pixels) and evaluate(again.model, again.test, again.trigger) == m
+
+
+def test_image_folder_copy_in_another_order_is_refused(tmp_path, cdata, cnet):
+    run = make_cifar_run(tmp_path / "bb", cdata, cnet.state_dict())
+    # swap the names of test images within each class: labels still agree, the pixels do not
+    rename = {}
+    for c in range(K):
+        members = [int(i) for i in np.nonzero(cdata["test_y"] == c)[0]]
+        rename.update(dict(zip(members, members[1:] + members[:1], strict=True)))
+    root = write_image_folder(tmp_path / "shuffled", cdata, rename)
+    with pytest.raises(SuspectLoadError, match=r"dataset order mismatch: the clean images in .* are not in the run's "
+                                               r"order: only \d+% .*file names, which must be the images' indices"):
+        import_run(run, data_root=root)
+    (root / "test" / "airplane" / "00000.png").rename(root / "test" / "airplane" / "first.png")
+    with pytest.raises(SuspectLoadError, match="'first.png' is not a number"):
+        import_run(run, data_root=root)
+
+
+def test_checksum_mismatch_is_reported_as_such(tmp_path, cdata, cnet):
+    import torchvision
+
+    run = make_cifar_run(tmp_path / "bb", cdata, cnet.state_dict())
+    folder = tmp_path / "tv" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    ds = torchvision.datasets.CIFAR10
+    for name, _ in ds.train_list + ds.test_list:
+        (folder / name).write_bytes(b"not torchvision's file")
+    with pytest.raises(SuspectLoadError, match="checksum mismatch: 6 file") as err:
+        import_run(run, data_root=tmp_path / "tv")
+    assert "data_batch_1: md5" in str(err.value) and "c99cafc152244af753f735de768cd75f" in str(err.value)
+    assert "--download" not in str(err.value) and "not found" not in str(err.value)
+    with pytest.raises(SuspectLoadError, match="missing dataset root") as err:
+        import_run(run, data_root=tmp_path / "nowhere")
+    assert "image-folder copy" in str(err.value) and "--download" not in str(err.value)
+
+
+def test_import_summary_says_what_the_run_lacks(tmp_path, cdata, cnet, runs_dir, capsys):
+    import json
+
+    from backdoor_lens.cli import main
+
+    run = make_cifar_run(tmp_path / "bb", cdata, cnet.state_dict(), train_pngs=False)
+    root = write_image_folder(tmp_path / "cifar10-png", cdata)
+    assert main(["import-backdoorbench", str(run), "--data-root", str(root), "--no-evaluate", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["lacks"]) == 2 and out["n_train_poisoned"] == len(TRAIN_POISON)
+    assert out["lacks"][0].startswith("no poisoned training images") and "training-time defenses" in out["lacks"][0]
+    assert "feature view" in out["lacks"][0] and "attack_df.csv" in out["lacks"][1]
+    assert main(["import-backdoorbench", str(run), "--data-root", str(root), "--no-evaluate", "--out",
+                 str(tmp_path / "again")]) == 0
+    printed = capsys.readouterr().out
+    assert "lacks:\n    - no poisoned training images" in printed

@@ -19,8 +19,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "a suspect folder under <runs>/imports/<name>/, where the dashboard lists "
                                           "it.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="BackdoorBench run folder, defense folder, or .pt file")
-    p.add_argument("--data-root", help="folder with the run's clean dataset in torchvision's layout (default: "
-                                       "BackdoorBench's ./data next to record/)")
+    p.add_argument("--data-root", help="folder with the run's clean dataset in torchvision's layout, or an "
+                                       "image-folder copy (train/<class>/<index>.png, test/<class>/<index>.png, "
+                                       "named by torchvision's indices) (default: BackdoorBench's ./data next to "
+                                       "record/)")
     p.add_argument("--name", help="suspect name (default: the run's folder name, +<method> for a defense)")
     add_runs_flag(p)
     p.add_argument("--out", help="write the suspect folder here instead of <runs>/imports/<name>")
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
               "arch_kwargs": suspect.card["arch_kwargs"], "target": bb["target"], "mapping": bb["mapping"],
               "n_bd_test": bb["n_bd_test"], "n_train_poisoned": bb["n_train_poisoned"],
               "n_train_noise": bb["n_train_noise"], "metrics": suspect.card.get("metrics"),
-              "reported": bb["reported"] or None, "notes": bb["key_changes"] + bb["notes"]}
+              "reported": bb["reported"] or None, "lacks": bb.get("lacks", []),
+              "notes": bb["key_changes"] + bb["notes"], "data": suspect.card["data"]}
     if args.json:
         print_json(result)
         return 0
@@ -64,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
         if measured is not None or reported is not None:
             text = "n/a" if measured is None else f"{measured:.4f}"
             print(f"  {label:4s} {text}" + ("" if reported is None else f"   (run's own CSV: {reported:.4f})"))
+    print("  lacks: nothing (model, poisoned test and training images, settings and reported metrics are all "
+          "there)" if not result["lacks"] else "  lacks:")
+    for part in result["lacks"]:
+        print(f"    - {part}")
     for note in result["notes"]:
         print(f"  note: {note}")
     return 0

@@ -254,7 +254,7 @@ elif view == "ablation":
         side_fig = ablation_figure(results)
         st.plotly_chart(side_fig, key="cmp_ablation")
         st.caption("BA and ASR as one block's skip output is scaled by γ from 1 to 0; bold: each model's critical "
-                   "block (" + "; ".join(f"{k}: {v.critical_block}" for k, v in results.items()) + "). A repaired "
+                   "block (" + "; ".join(f"{k}: {v.critical_block or 'none'}" for k, v in results.items()) + "). A repaired "
                    "model whose ASR is already low at γ = 1 has no shortcut left to cut.")
 
 # --- export -------------------------------------------------------------------------------------------

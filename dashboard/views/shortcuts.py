@@ -54,13 +54,16 @@ st.caption(f"{res.n_clean} clean and {res.n_triggered} triggered test images (al
            "excluded from the triggered set). γ = 1 is the unmodified model; the x axis runs from 1 down to 0.")
 
 c1, c2 = st.columns([1, 2])
-c1.metric("Critical block", res.critical_block, help="argmax over blocks of max_i (ASR(γ_i) − ASR(γ_{i−1})) / "
-          "exp(ASR(γ_{i−1})), γ ascending")
-crit = res.curve(res.critical_block)
-at0 = crit[crit.gamma == 0.0]
-if len(at0):
-    c1.metric("At γ = 0 on that block", f"ASR {100 * float(at0.asr.iloc[0]):.1f}%",
-              delta=f"BA {100 * float(at0.ba.iloc[0]):.1f}%", delta_color="off")
+c1.metric("Critical block", res.critical_block or "none", help="argmax over blocks of max_i (ASR(γ_i) − ASR(γ_{i−1})) "
+          f"/ exp(ASR(γ_{{i−1}})), γ ascending; none when no score exceeds {res.min_score}")
+if res.critical_block is None:
+    c1.caption(res.no_critical_reason() + ".")
+else:
+    crit = res.curve(res.critical_block)
+    at0 = crit[crit.gamma == 0.0]
+    if len(at0):
+        c1.metric("At γ = 0 on that block", f"ASR {100 * float(at0.asr.iloc[0]):.1f}%",
+                  delta=f"BA {100 * float(at0.ba.iloc[0]):.1f}%", delta_color="off")
 scores = {b: round(v, 3) for b, v in sorted(res.scores.items(), key=lambda kv: -kv[1])}
 c2.dataframe({"block": list(scores), "critical-block score": list(scores.values())}, hide_index=True)
 with st.expander("Full table"):
