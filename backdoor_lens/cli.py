@@ -242,7 +242,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         return 0
     print(f"Neural Cleanse on {suspect.name}: {result.config.get('images')} defense-pool images, "
           f"{config.steps} epochs of {config.mini_batches}x{config.batch_size} images per class, {result.seconds:.1f} s")
-    print("anomaly index = (median - l1) / (1.4826 * MAD) of the per-class mask L1 norms; "
+    print("anomaly index = (median - l1) / (1.4826 * MAD) of the mask L1 norms of the converged classes; "
           f"a class is flagged when it exceeds {config.threshold:g}")
     print(f"{'class':>5}  {'name':<14} {'mask L1':>8} {'anomaly':>8} {'success':>8}")
     for k, name in enumerate(suspect.classes):
