@@ -2,11 +2,11 @@
 
     OMP_NUM_THREADS=1 python scripts/estimate_scan_time.py --arch preact_resnet18 --width 64 --size 32
 
-Builds the (untrained) architecture, after a warm-up times ``reverse_engineer_class`` for one class with a short and a longer
-budget on random images, and extrapolates linearly: per class = fixed part (set-up, measuring the kept mask on the
-scan images) + epochs x time per epoch; the whole budget is assumed to run (no early stop), its worst case. Prints
-the estimate from wall time and from CPU time: on a machine shared with other jobs the wall time counts waiting;
-with one thread the CPU time is what the scan takes alone.
+Builds the (untrained) architecture, and after a warm-up times ``reverse_engineer_class`` for one class with a short
+and a longer budget on random images, and extrapolates linearly: per class = fixed part (set-up, measuring the kept
+mask on the scan images) + epochs x time per epoch; the whole budget is assumed to run (no early stop), its worst
+case. Prints the estimate from wall time and from CPU time: on a machine shared with other jobs the wall time counts
+waiting; with one thread the CPU time is what the scan takes alone.
 """
 
 from __future__ import annotations
