@@ -53,7 +53,8 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -217,6 +218,22 @@ class ClassResult:
     cost: float  # lambda at the end
 
 
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode with its weights frozen (no weight gradients), restored afterwards."""
+    was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
 def _to_param(v: torch.Tensor) -> torch.Tensor:
     """Inverse of (tanh(theta) + 1) / 2, clipped away from +-1 so random starts stay finite."""
     return torch.atanh((2 * v - 1).clamp(-1 + 1e-4, 1 - 1e-4))
@@ -251,7 +268,13 @@ def reverse_engineer_class(model: nn.Module, x: torch.Tensor, target: int, confi
     Runs the official cost schedule (see the module docstring) for at most ``config.steps`` epochs;
     ``on_epoch(epoch, metrics)`` is called after each. ``should_stop`` is polled every batch (``InterruptedError``).
     """
-    config = config or ScanConfig()
+    with _frozen(model):
+        return _reverse_engineer_class(model, x, target, config or ScanConfig(), should_stop, on_epoch)
+
+
+def _reverse_engineer_class(model: nn.Module, x: torch.Tensor, target: int, config: ScanConfig,
+                            should_stop: Callable[[], bool] | None,
+                            on_epoch: Callable[[int, dict], None] | None) -> ClassResult:
     device = next(model.parameters()).device
     c, h, w = x.shape[1:]
     gen = torch.Generator().manual_seed(int(config.seed) * 100_003 + int(target))
@@ -445,13 +468,8 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_class
     if len(y) != len(x):
         raise ValueError(f"{len(x)} images but {len(y)} labels")
     t0 = time.time()
-    was_training = model.training
-    flags = [p.requires_grad for p in model.parameters()]
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     results: list[ClassResult] = []
-    try:
+    with _frozen(model):
         for t in range(num_classes):
             def on_epoch(epoch: int, metrics: dict, t: int = t) -> None:
                 if progress is None:
@@ -471,10 +489,6 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_class
                 progress(frac, f"class {t + 1}/{num_classes} done ({state}), ETA {_fmt_eta(eta)}",
                          {"class": t, "l1": r.l1, "success": r.success, "converged": r.converged,
                           "epochs": r.epochs})
-    finally:
-        for p, f in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(f)
-        model.train(was_training)
     l1 = np.array([r.l1 for r in results], dtype=np.float64)
     anomaly = anomaly_indices(l1)
     flagged = [int(i) for i in np.nonzero(np.nan_to_num(anomaly, nan=-np.inf) > config.threshold)[0]]

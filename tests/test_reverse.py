@@ -103,8 +103,13 @@ def test_unreachable_class_does_not_converge_and_is_left_out_of_the_mad():
     cfg = ScanConfig(n_images=80, steps=30, mini_batches=1, batch_size=16)
     one = reverse_engineer_class(model, x[y != 4], 4, cfg)
     assert not one.converged and math.isnan(one.l1) and one.success == 0.0
-    r = neural_cleanse(model, x, y, 5, cfg)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters()) and model.training
+    calls = []
+    r = neural_cleanse(model, x, y, 5, cfg, progress=lambda f, msg, m: calls.append((f, msg, m)))
     assert r.converged.tolist() == [True, True, True, True, False]
+    fractions = [f for f, _, _ in calls]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and all("ETA" in msg for _, msg, _ in calls)
+    assert "did not converge" in calls[-1][1] and calls[-1][2]["converged"] is False
     assert np.isnan(r.l1[4]) and np.isnan(r.anomaly[4]) and 4 not in r.flagged
     assert np.allclose(r.anomaly[:4], anomaly_indices(r.l1[:4]))  # the MAD of the converged classes only
     d = r.to_dict()
