@@ -215,7 +215,10 @@ def class_labels(classes: Sequence[str]) -> list[str]:
 
 
 def _flag_colors(result: ReverseResult) -> list[str]:
-    return [FLAGGED if k in result.flagged else NOT_FLAGGED for k in range(len(result.l1))]
+    """Red: flagged; grey: converged, not flagged; light grey: did not converge (no norm, no anomaly index)."""
+    converged = result.converged
+    return [FLAGGED if k in result.flagged else NOT_FLAGGED if converged[k] else "#dddddd"
+            for k in range(len(result.l1))]
 
 
 def anomaly_figure(result: ReverseResult, classes: Sequence[str], height: int = 360) -> go.Figure:

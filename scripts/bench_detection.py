@@ -49,7 +49,7 @@ def main() -> int:
     config = ScanConfig()
     print(f"Neural Cleanse, default budget: {config}")
     print(f"{'suspect':9s} {'flagged':>9s} {'target AI':>9s} {'max other':>9s} {'mass on trig':>12s} "
-          f"{'IoU':>5s} {'seconds':>8s}")
+          f"{'IoU':>5s} {'seconds':>8s}  verdict")
     scans = {}
     for name in args.suspects:
         s = suspects.load(f"demo:{name}")
@@ -62,8 +62,8 @@ def main() -> int:
         target_ai = f"{r.anomaly[tgt]:.2f}" if tgt is not None else "-"
         mass = f"{100 * ov['mass_on_trigger']:.0f}%" if ov else "-"
         iou = f"{ov['iou']:.2f}" if ov else "-"
-        print(f"{name:9s} {str(r.flagged):>9s} {target_ai:>9s} {max(others):9.2f} {mass:>12s} {iou:>5s} "
-              f"{r.seconds:8.1f}", flush=True)
+        print(f"{name:9s} {str(r.flagged):>9s} {target_ai:>9s} {np.nanmax(others):9.2f} {mass:>12s} {iou:>5s} "
+              f"{r.seconds:8.1f}  {r.verdict().level}", flush=True)
     if "badnets" in scans and "clean" in scans:
         print("\nViews with the known vs. the recovered trigger (200 test images; share = Grad-CAM mass on the "
               "trigger's pixels; l_inf bias = mean over the deepest block's top 5% channels)")

@@ -180,7 +180,7 @@ def test_detection_page_scans_and_shows_the_verdict(server, browser, shots):
     page = open_page(browser, f"{server}/detection?suspect=demo:badnets")
     page.wait_for_selector("text=Detection: recover the trigger", timeout=120_000)
     page.wait_for_selector("text=No scan of this suspect")
-    for label, value in (("Images (defense pool)", "50"), ("Steps per class", "10")):
+    for label, value in (("Images (defense pool)", "50"), ("Epochs per class", "10")):
         box = page.locator(f"input[aria-label='{label}']")
         box.fill(value)
         box.press("Tab")  # commit the value to the form before it is submitted

@@ -25,9 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "norms. Results are stored under the run store and reused.")
     add_suspect_args(p)
     p.add_argument("--images", type=int, default=300, help="defense-pool images to use (default 300)")
-    p.add_argument("--steps", type=int, default=100, help="optimisation steps per class (default 100)")
+    p.add_argument("--steps", type=int, default=80, help="epochs per class, at most (default 80)")
+    p.add_argument("--mini-batches", type=int, default=4, help="Adam updates per epoch (default 4)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per update (default 8)")
     p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate (default 0.1)")
-    p.add_argument("--lam", type=float, default=1e-2, help="weight of the mask L1 norm (default 0.01)")
+    p.add_argument("--lam", type=float, default=1e-3, help="init_cost: the mask-L1 weight set once the attack "
+                                                            "succeeds; the schedule then adapts it (default 0.001)")
     p.add_argument("--threshold", type=float, default=2.0, help="anomaly index that flags a class (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--adopt", metavar="CLASS|auto",
@@ -47,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from suspects.device import pick_device, prepare_model
 
     suspect = load_suspect(args)
-    config = ScanConfig(n_images=args.images, steps=args.steps, lr=args.lr, lam=args.lam, threshold=args.threshold,
+    config = ScanConfig(n_images=args.images, steps=args.steps, mini_batches=args.mini_batches,
+                        batch_size=args.batch_size, lr=args.lr, init_cost=args.lam, threshold=args.threshold,
                         seed=args.seed)
     try:
         config.check()
@@ -64,9 +68,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         bar.close()
+    verdict = result.verdict(suspect.classes)
     out = {"suspect": suspect.name, "classes": suspect.classes, **result.to_dict(),
-           "most_suspicious": result.most_suspicious,
-           "verdict": "backdoor suspected" if result.flagged else "no class flagged"}
+           "most_suspicious": result.most_suspicious, "verdict": verdict.level, "verdict_sentence": str(verdict)}
     known = suspect.trigger
     if known is not None and known.name != "recovered" and known.mapping == "all-to-one":
         out["known_target"] = known.target
@@ -84,19 +88,20 @@ def run(args: argparse.Namespace) -> int:
         print_json(out)
         return 0
     print(f"Neural Cleanse on {suspect.name}: {result.config.get('images')} defense-pool images, "
-          f"{config.steps} steps per class, {result.seconds:.1f} s")
-    print("anomaly index = (median - l1) / (1.4826 * MAD) of the per-class mask L1 norms; "
+          f"{config.steps} epochs of {config.mini_batches}x{config.batch_size} images per class, {result.seconds:.1f} s")
+    print("anomaly index = (median - l1) / (1.4826 * MAD) of the mask L1 norms of the converged classes; "
           f"a class is flagged when it exceeds {config.threshold:g}")
     print(f"{'class':>5}  {'name':<14} {'mask L1':>8} {'anomaly':>8} {'success':>8}")
     for k, name in enumerate(suspect.classes):
-        mark = "  <- flagged" if k in result.flagged else ""
+        mark = "  <- flagged" if k in result.flagged else ("  (did not converge)" if not result.converged[k] else "")
         print(f"{k:>5}  {name[:14]:<14} {result.l1[k]:8.2f} {result.anomaly[k]:8.2f} {result.success[k]:8.3f}{mark}")
-    print(f"verdict: {out['verdict']}" + (f" (classes {result.flagged})" if result.flagged else ""))
+    print(f"verdict: {verdict}")
     if "overlap_with_known_trigger" in out:
         ov = out["overlap_with_known_trigger"]
         print(f"known target {known.target}: {'flagged' if out['known_target_flagged'] else 'not flagged'}; "
               f"its mask puts {100 * ov['mass_on_trigger']:.0f}% of its mass on the known trigger "
-              f"({100 * ov['footprint_share']:.1f}% of the pixels), IoU {ov['iou']:.2f}")
+              f"({100 * ov['footprint_share']:.1f}% of the pixels), IoU {ov['iou']:.2f}; on its mirror image "
+              f"{100 * ov['mass_on_mirror']:.0f}%, IoU {ov['iou_mirror']:.2f} (closer: {ov['closer']})")
     if "adopted" in out:
         print(f"adopted the recovered trigger of class {out['adopted']['class']}: {out['adopted']['path']}")
     return 0
