@@ -221,10 +221,20 @@ def _flag_colors(result: ReverseResult) -> list[str]:
             for k in range(len(result.l1))]
 
 
-def anomaly_figure(result: ReverseResult, classes: Sequence[str], height: int = 360) -> go.Figure:
-    """Bars of the anomaly index per class, flagged classes red, the threshold dashed."""
+def anomaly_figure(result: ReverseResult, classes: Sequence[str], height: int = 360,
+                   reference: ReverseResult | None = None, reference_name: str = "clean reference") -> go.Figure:
+    """Bars of the anomaly index per class, flagged classes red, the threshold dashed; with ``reference`` (the same
+    scan of a model known to be clean) its indices as hollow bars beside them, for comparison."""
     fig = go.Figure(go.Bar(x=class_labels(classes), y=result.anomaly, marker_color=_flag_colors(result),
-                           hovertemplate="%{x}<br>anomaly index %{y:.2f}<extra></extra>"))
+                           name="this model", hovertemplate="%{x}<br>anomaly index %{y:.2f}<extra></extra>"))
+    if reference is not None:
+        ref = np.full(len(result.anomaly), np.nan)
+        n = min(len(ref), len(reference.anomaly))
+        ref[:n] = np.sort(reference.anomaly[:n])[::-1]  # the reference's classes differ: compare the spread
+        fig.add_trace(go.Bar(x=class_labels(classes), y=ref, name=f"{reference_name} (sorted)",
+                             marker=dict(color="rgba(0,0,0,0)", line=dict(color="#1f77b4", width=2)),
+                             hovertemplate="reference, rank %{x}<br>anomaly index %{y:.2f}<extra></extra>"))
+        fig.update_layout(barmode="group", legend=dict(orientation="h", y=-0.2))
     fig.add_hline(y=result.threshold, line_dash="dash", annotation_text=f"threshold {result.threshold:g}")
     fig.update_layout(title="Anomaly index per class", yaxis_title="(median − L1) / (1.4826·MAD)", height=height,
                       margin=dict(t=40, b=10))

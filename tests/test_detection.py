@@ -124,6 +124,12 @@ def test_detection_page_scans_and_adopts(monkeypatch, tmp_path):
     verdict = [e.value for e in at.error] + [w.value for w in at.warning] + [i.value for i in at.info]
     assert any("Verdict" in v for v in verdict), verdict
     assert len(at.get("plotly_chart")) == 2
+    # the clean reference (issue 13.5): offered with a button, then drawn beside the scan
+    at.button(key="scan_reference").click().run()
+    assert not at.exception, at.exception
+    assert any("Reference: the clean demo model" in c.value for c in at.caption)
+    bars = at.get("plotly_chart")[0].proto.spec
+    assert "clean reference" in bars
     at.button(key="adopt_go").click().run()
     assert not at.exception, at.exception
     assert "recovered" in at.session_state["suspect"]

@@ -72,8 +72,28 @@ if known is not None and known.mapping == "all-to-one":
                 f"them: {ov['iou']:.2f}); on their left-right mirror image (learnt through flip augmentation) "
                 f"**{100 * ov['mass_on_mirror']:.0f}%** (IoU {ov['iou_mirror']:.2f}); closer: {ov['closer']}.")
 
+# the reference a user compares against: the same scan of the clean demo model (issue 13.5)
+reference = None
+if suspect.card.get("name") != "clean" or suspect.card.get("data", {}).get("name") != "demo":
+    import suspects as _suspects
+
+    clean = _suspects.load("demo:clean")
+    reference = stored_scan(clean, config, root)
+    if reference is None:
+        if st.button("Scan the clean reference (demo:clean, same budget, about 1-3 min)", key="scan_reference"):
+            bar = StreamlitProgress("Neural Cleanse on the clean demo model")
+            reference = scan_suspect(clean, config, cache_root=root, progress=bar)
+            bar.done()
+    if reference is not None:
+        def _largest(a: np.ndarray) -> float:
+            return float(np.nanmax(a)) if np.isfinite(a).any() else float("nan")
+
+        ref_max = _largest(reference.anomaly)
+        st.caption(f"Reference: the clean demo model scanned with the same budget has anomaly indices up to "
+                   f"**{ref_max:.2f}** (hollow bars, sorted high to low); this model's largest is "
+                   f"**{_largest(result.anomaly):.2f}**. Indices a clean model also reaches are no evidence.")
 left, right = st.columns(2)
-left.plotly_chart(anomaly_figure(result, classes), key="anomaly_bars")
+left.plotly_chart(anomaly_figure(result, classes, reference=reference), key="anomaly_bars")
 right.plotly_chart(mask_norm_figure(result, classes), key="l1_bars")
 
 st.subheader("Recovered masks and patterns")
