@@ -44,13 +44,15 @@ if TYPE_CHECKING:
     from .reverse import ReverseResult
 
 __all__ = [
-    "NORM_LABELS", "KIND_SYMBOLS", "gradcam_grid", "activations_figure", "norm_histogram_figure", "norm_box_figure",
+    "NORM_LABELS", "KIND_SYMBOLS", "KIND_COLORS", "gradcam_grid", "activations_figure", "norm_histogram_figure", "norm_box_figure",
     "embedding_figure", "ablation_figure", "class_labels", "anomaly_figure", "mask_norm_figure", "mask_tiles",
     "mask_grid",
 ]
 
 NORM_LABELS = {"l1": "l1 = Σ|A|", "l2": "l2 = (ΣA²)^½", "linf": "l_inf = max|A|"}
 CONDITION_COLORS = {"clean": "#1f77b4", "triggered": "#d62728"}
+KIND_COLORS = {"clean test": "#7f9fbf", "triggered test": "#d62728", "clean train": "#c7c7c7",
+               "poisoned train": "#ff7f0e"}
 KIND_SYMBOLS = {"clean test": "circle", "triggered test": "x", "clean train": "circle-open", "poisoned train": "diamond"}
 FLAGGED, NOT_FLAGGED = "#d62728", "#7f7f7f"
 
@@ -126,10 +128,13 @@ def norm_box_figure(stats: ActivationStats, norm: str, height: int = 320) -> go.
 
 
 def embedding_figure(embeddings: Mapping[str, Embedding], classes: Sequence[str], height: int | None = None,
-                     lasso: bool = False) -> go.Figure:
-    """Points coloured by true class, one symbol per kind (``KIND_SYMBOLS``); one panel per model. Each point's
-    ``customdata`` is its index in its model's embedding (what a lasso selection returns); ``lasso`` makes the
-    lasso the drag tool."""
+                     lasso: bool = False, color_by: str = "kind") -> go.Figure:
+    """One symbol per kind (``KIND_SYMBOLS``); coloured by kind (clean / triggered / poisoned, ``KIND_COLORS``:
+    the question the view asks) or, with ``color_by="class"``, by true class (legend below the plot); one panel
+    per model. Each point's ``customdata`` is its index in its model's embedding (what a lasso selection
+    returns); ``lasso`` makes the lasso the drag tool."""
+    if color_by not in ("kind", "class"):
+        raise ValueError(f"color_by must be 'kind' or 'class', got {color_by!r}")
     frames = []
     for name, e in embeddings.items():
         frames.append(pd.DataFrame({"x": e.points[:, 0], "y": e.points[:, 1], "idx": np.arange(len(e.points)),
@@ -138,10 +143,13 @@ def embedding_figure(embeddings: Mapping[str, Embedding], classes: Sequence[str]
     long = pd.concat(frames, ignore_index=True)
     facets = len(embeddings) > 1
     method = next(iter(embeddings.values())).method if embeddings else "PCA"
-    fig = px.scatter(long, x="x", y="y", color="class", symbol="kind", symbol_map=KIND_SYMBOLS, custom_data=["idx"],
+    kinds = [k for k in KIND_SYMBOLS if k in set(long["kind"])]
+    fig = px.scatter(long, x="x", y="y", color=color_by, symbol="kind", symbol_map=KIND_SYMBOLS,
+                     color_discrete_map=KIND_COLORS if color_by == "kind" else None, custom_data=["idx"],
                      facet_col="model" if facets else None, facet_col_spacing=0.04,
-                     category_orders={"class": list(classes), "model": list(embeddings)},
-                     hover_data={"prediction": True, "kind": True, "x": False, "y": False, "idx": False})
+                     category_orders={"class": list(classes), "model": list(embeddings), "kind": kinds},
+                     hover_data={"prediction": True, "kind": True, "class": True, "x": False, "y": False,
+                                 "idx": False})
     if facets:
         fig.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
         fig.update_traces(marker=dict(size=5, opacity=0.8))
@@ -153,7 +161,11 @@ def embedding_figure(embeddings: Mapping[str, Embedding], classes: Sequence[str]
         fig.update_traces(marker=dict(size=6, opacity=0.8))
         fig.update_layout(height=height or 560, margin=dict(t=10, b=10), xaxis_title=f"{method} 1",
                           yaxis_title=f"{method} 2")
-    fig.update_layout(legend=dict(itemsizing="constant"))
+    if color_by == "kind":
+        fig.update_layout(legend=dict(itemsizing="constant", title_text=""))
+    else:  # classes x kinds entries: a wrapping legend under the plot, so none is cut off
+        fig.update_layout(legend=dict(itemsizing="constant", title_text="", orientation="h", yanchor="top",
+                                      y=-0.08, x=0, font=dict(size=10)))
     if lasso:
         fig.update_layout(dragmode="lasso")
     return fig

@@ -265,6 +265,13 @@ def memoized(name: str, key: Hashable, compute: Callable[[], T], max_entries: in
     return value
 
 
+def memo_get(name: str, key: Hashable, max_entries: int = 16) -> object | None:
+    """What :func:`memoized` holds for ``key`` (None when nothing yet): pages show it at once without computing."""
+    memo = _memo(name, max_entries)
+    with memo.lock:
+        return memo.items.get(key)
+
+
 class StreamlitProgress:
     """The library's ``progress(fraction, message, metrics)`` callback drawn as an ``st.progress`` bar."""
 

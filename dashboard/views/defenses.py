@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from dashboard.common import load_suspect, sidebar, store, trigger_notice
+from dashboard.common import load_suspect, model_line, sidebar, store, trigger_notice
 from defenses.base import ParamError, param_specs
 from defenses.registry import all_defenses, get_defense, list_defenses
 from runs.jobs import ensure_worker, submit
@@ -20,6 +20,7 @@ suspect, _ = load_suspect(ref)
 runs = store()
 
 st.title("Defenses")
+model_line(ref)
 trigger_notice(suspect)
 st.markdown(
     "Each card runs one defense on the selected suspect **in a background worker** (one at a time per device; "

@@ -7,13 +7,22 @@ import streamlit as st
 
 from analysis.figures import anomaly_figure, class_labels, mask_norm_figure, mask_tiles
 from analysis.reverse import ScanConfig, trigger_overlap
-from dashboard.common import StreamlitProgress, load_suspect, runs_root, sidebar, to_display, trigger_notice
+from dashboard.common import (
+    StreamlitProgress,
+    load_suspect,
+    model_line,
+    runs_root,
+    sidebar,
+    to_display,
+    trigger_notice,
+)
 from runs.scans import save_recovered_suspect, scan_suspect, stored_scan
 
 ref = sidebar()
 suspect, lock = load_suspect(ref)
 
 st.title("Detection: recover the trigger")
+model_line(ref)
 st.markdown(
     "Neural Cleanse (Wang et al., *IEEE S&P 2019*) asks, for every class t, how small a patch can be that flips clean "
     "images to t: it optimises a mask m and a pattern p so that (1 − m)·x + m·p is classified as t, penalising the "

@@ -6,7 +6,7 @@ import numpy as np
 import streamlit as st
 import torch
 
-from dashboard.common import device, load_suspect, sidebar, trigger_notice
+from dashboard.common import device, load_suspect, model_line, sidebar, trigger_notice
 from suspects.metrics import DEFINITIONS, predict
 
 ref = sidebar()
@@ -14,6 +14,7 @@ suspect, lock = load_suspect(ref)
 card = suspect.card
 
 st.title(f"Suspect: {suspect.name}")
+model_line(ref)
 trigger_notice(suspect)
 st.markdown(
     "A **suspect** is a classifier that may carry a backdoor: it behaves normally on clean inputs but sends "
