@@ -25,6 +25,8 @@ the view's own page), with several one panel (or bar group) per model.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -44,9 +46,9 @@ if TYPE_CHECKING:
     from .reverse import ReverseResult
 
 __all__ = [
-    "NORM_LABELS", "KIND_SYMBOLS", "KIND_COLORS", "gradcam_grid", "activations_figure", "norm_histogram_figure", "norm_box_figure",
-    "embedding_figure", "ablation_figure", "class_labels", "anomaly_figure", "mask_norm_figure", "mask_tiles",
-    "mask_grid",
+    "NORM_LABELS", "KIND_SYMBOLS", "KIND_COLORS", "gradcam_grid", "activations_figure", "norm_histogram_figure",
+    "norm_box_figure", "embedding_figure", "ablation_figure", "class_labels", "anomaly_figure", "mask_norm_figure",
+    "mask_tiles", "mask_grid", "mask_pattern_tile", "scale_groups", "lines_figure", "progress_axis",
 ]
 
 NORM_LABELS = {"l1": "l1 = Σ|A|", "l2": "l2 = (ΣA²)^½", "linf": "l_inf = max|A|"}
@@ -274,3 +276,60 @@ def mask_grid(result: ReverseResult, order: Sequence[int] | None = None, scale: 
         for i, t in enumerate(tiles):
             out[r * (h + gap): r * (h + gap) + h, i * (w + gap): i * (w + gap) + w] = t
     return out
+
+
+def mask_pattern_tile(result: ReverseResult, k: int, scale: int = 3, gap: int = 2) -> np.ndarray:
+    """Class ``k``'s recovered mask, its pattern p and the stamp m·p side by side: one uint8 image, the same size
+    for every class (so a grid of them lines up)."""
+    mask, stamp = mask_tiles(result, k)
+    pattern = np.clip(np.asarray(result.patterns[k], dtype=np.float32), 0, 1)
+    tiles = [_to_uint8(t, scale) for t in (mask, pattern, stamp)]
+    h, w = tiles[0].shape[:2]
+    out = np.full((h, 3 * w + 2 * gap, 3), 255, dtype=np.uint8)
+    for i, t in enumerate(tiles):
+        out[:, i * (w + gap): i * (w + gap) + w] = t
+    return out
+
+
+# --- defense runs: curves and live progress ------------------------------------------------------------
+
+
+def scale_groups(df: pd.DataFrame, cols: list[str]) -> list[list[str]]:
+    """Columns grouped by order of magnitude (e.g. a 255-sized L1 norm apart from 0.3-sized losses), so each
+    group gets its own y axis."""
+    groups: dict[int, list[str]] = {}
+    for col in cols:
+        peak = float(pd.to_numeric(df[col], errors="coerce").abs().max() or 0.0)
+        mag = 0 if not math.isfinite(peak) or peak <= 1.5 else int(math.floor(math.log10(peak)))
+        groups.setdefault(mag, []).append(col)
+    return [groups[k] for k in sorted(groups)]
+
+
+def lines_figure(df: pd.DataFrame, x: str, cols: list[str], title: str | None, x_title: str,
+                 height_per_panel: int = 170) -> go.Figure:
+    """One panel (with its own y axis) per group of columns of similar size, sharing the x axis."""
+    groups = scale_groups(df, cols)
+    fig = make_subplots(rows=len(groups), cols=1, shared_xaxes=True, vertical_spacing=0.08)
+    palette = px.colors.qualitative.Plotly
+    for row, group in enumerate(groups, start=1):
+        for col in group:
+            fig.add_trace(go.Scatter(x=df[x], y=df[col], name=col, mode="lines+markers",
+                                     line=dict(color=palette[cols.index(col) % len(palette)])), row=row, col=1)
+        fig.update_yaxes(title_text=", ".join(group) if len(group) <= 2 else "", row=row, col=1)
+    fig.update_xaxes(title_text=x_title, row=len(groups), col=1)
+    fig.update_layout(height=60 + height_per_panel * len(groups), title=title, margin=dict(t=40 if title else 10, b=10))
+    return fig
+
+
+_STEP = re.compile(r"([A-Za-z][A-Za-z ]*?)\s+(\d+)\s*/\s*(\d+)")
+
+
+def progress_axis(events: list[dict]) -> tuple[list, str]:
+    """The x values of a run's progress chart: the epoch / iteration / step its messages count ("epoch 3/10"),
+    when they all count the same thing, else the seconds since the first event."""
+    found = [_STEP.search(str(e.get("message", ""))) for e in events]
+    units = {m.group(1).split(":")[-1].strip() for m in found if m}
+    if found and all(found) and len(units) == 1:
+        return [int(m.group(2)) for m in found], units.pop()
+    t0 = events[0]["t"] if events else 0.0
+    return [round(float(e["t"]) - t0, 1) for e in events], "seconds since start"

@@ -8,6 +8,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
+from analysis.figures import lines_figure, progress_axis
 from dashboard.common import load_suspect, model_line, sidebar, store, trigger_notice
 from defenses.base import ParamError, param_specs
 from defenses.registry import all_defenses, get_defense, list_defenses
@@ -54,6 +55,20 @@ def _widget(defense_name: str, preset: str, spec: dict, value):
     return st.text_input(label, value=str(value), key=key, help=help_)
 
 
+def _short(v) -> str:
+    """An artifact value for a table: floats to 4 significant digits, also inside lists and dicts."""
+    def r(x):
+        if isinstance(x, float):
+            return float(f"{x:.4g}")
+        if isinstance(x, dict):
+            return {k: r(y) for k, y in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [r(y) for y in x]
+        return x
+
+    return str(r(v))
+
+
 def _render_finished(rec: RunRecord) -> None:
     report = runs.report(rec.id)
     if report is None:
@@ -76,7 +91,7 @@ def _render_finished(rec: RunRecord) -> None:
     histograms = {k: arts.pop(k) for k in list(arts) if isinstance(arts[k], dict) and "series" in arts[k]}
     if arts:
         short = {k: v for k, v in arts.items() if not isinstance(v, (list, dict)) or len(str(v)) < 120}
-        st.dataframe(pd.DataFrame({"artifact": list(short), "value": [str(v) for v in short.values()]}),
+        st.dataframe(pd.DataFrame({"artifact": list(short), "value": [_short(v) for v in short.values()]}),
                      hide_index=True)
         long = {k: v for k, v in arts.items() if k not in short}
         if long:
@@ -89,8 +104,7 @@ def _render_finished(rec: RunRecord) -> None:
             x = df.columns[0]
             ys = [col for col in df.columns[1:] if pd.api.types.is_numeric_dtype(df[col])]
             if ys:
-                fig = px.line(df, x=x, y=ys, markers=True, height=250, title=titles.get(name, name.replace("_", " ")))
-                fig.update_layout(margin=dict(t=40, b=10))
+                fig = lines_figure(df, x, ys, titles.get(name, name.replace("_", " ")), x.replace("_", " "))
                 st.plotly_chart(fig, key=f"curve_{rec.id}_{name}")
     for name, hist in histograms.items():
         _poisoned_vs_clean(rec.id, name, hist)
@@ -129,10 +143,10 @@ def _live_chart(rec: RunRecord) -> None:
     if not cols:
         cols = [k for k in ("loss", "loss_clean", "loss_perturbed", "loss_triggered") if any(k in e for e in events)]
     if events and cols:
-        df = pd.DataFrame(events)[["fraction", *cols]].dropna(how="all", subset=cols)
-        fig = px.line(df, x="fraction", y=cols, markers=True, height=230,
-                      labels={"fraction": "progress", "value": "value"})
-        fig.update_layout(margin=dict(t=10, b=10))
+        events = [e for e in events if any(e.get(c) is not None for c in cols)]
+        xs, x_title = progress_axis(events)
+        df = pd.DataFrame(events)[cols].assign(_x=xs)
+        fig = lines_figure(df, "_x", cols, None, x_title, height_per_panel=150)
         st.plotly_chart(fig, key=f"live_{rec.id}_{len(events)}")
         if "held_out_ba" in cols or "knn_ba" in cols:
             st.caption("Live: BA and ASR on the held-out part of the defense pool (not the test split); knn_* "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from analysis.figures import anomaly_figure, class_labels, mask_norm_figure, mask_tiles
+from analysis.figures import anomaly_figure, class_labels, mask_norm_figure, mask_pattern_tile
 from analysis.reverse import ScanConfig, trigger_overlap
 from dashboard.common import (
     StreamlitProgress,
@@ -89,15 +89,15 @@ left.plotly_chart(anomaly_figure(result, classes), key="anomaly_bars")
 right.plotly_chart(mask_norm_figure(result, classes), key="l1_bars")
 
 st.subheader("Recovered masks and patterns")
-st.caption("Per class: the mask m (white = 1), the pattern p, and m·p as it is stamped. Flagged classes are marked.")
-order = sorted(range(len(classes)), key=lambda k: -result.anomaly[k])
-cols = st.columns(5)
-for j, k in enumerate(order):
-    mask, stamp = mask_tiles(result, k)
-    with cols[j % 5]:
-        flag = " · flagged" if k in result.flagged else ""
-        st.image(to_display(mask, 3), caption=f"{names[k]} · mask{flag}")
-        st.image(to_display(stamp, 3), caption=f"m·p · L1 {result.l1[k]:.1f}")
+st.caption("Per class, in class order: the mask m (white = 1), the pattern p, and m·p as it is stamped. Flagged "
+           "classes are marked.")
+per_row = 5
+for start in range(0, len(classes), per_row):
+    cols = st.columns(per_row)
+    for j, k in enumerate(range(start, min(start + per_row, len(classes)))):
+        flag = " · **flagged**" if k in result.flagged else ""
+        cols[j].image(mask_pattern_tile(result, k), width="stretch")
+        cols[j].caption(f"{names[k]} · L1 {result.l1[k]:.1f} · anomaly {result.anomaly[k]:.2f}{flag}")
 if known is not None:
     st.subheader("The known trigger, for comparison")
     x0 = suspect.defense_pool.images(np.arange(1))
