@@ -10,7 +10,6 @@ from dashboard.common import device, load_suspect, model_line, sidebar, trigger_
 from suspects.metrics import DEFINITIONS, predict
 
 
-
 def run_report(ref: str) -> dict:
     """The defense run's report.json beside a repaired model's card (empty when it is not there)."""
     import json
