@@ -88,7 +88,8 @@ def selected_ref() -> str:
 
 def _picker_key() -> str:
     """The picker's widget key. It changes whenever the suspect is chosen elsewhere (a page's "Open" button, an
-    upload, the URL), so the browser draws a fresh picker showing that suspect instead of keeping its old choice."""
+    upload, Adopt, the URL), so the browser draws a fresh picker whose default is that suspect instead of keeping
+    its old choice (issue 12 item 1)."""
     gen = int(st.session_state.get("_picker_gen", 0))
     return "suspect_picker" if gen == 0 else f"suspect_picker_{gen}"
 
@@ -161,11 +162,14 @@ def sidebar() -> str:
         st.session_state["_picker_gen"] = int(st.session_state.get("_picker_gen", 0)) + 1
         st.session_state["_picker_ref"] = ref
     key = _picker_key()
-    if st.session_state.get(key) != ref:
-        st.session_state[key] = ref
+    if key in st.session_state and st.session_state[key] != ref:  # a stale picker: draw a fresh one
+        st.session_state["_picker_gen"] = int(st.session_state.get("_picker_gen", 0)) + 1
+        key = _picker_key()
     with st.sidebar:
         st.markdown("### Suspect")
-        st.selectbox("Model under investigation", choices, key=key, format_func=label_of,
+        # the default index, not the session state, carries the choice: a browser (or AppTest) that sends back a
+        # widget's default would otherwise show the first suspect while the page analyses another
+        st.selectbox("Model under investigation", choices, index=choices.index(ref), key=key, format_func=label_of,
                      on_change=_on_pick, args=(key,), help="Demo suspects are trained on a Fashion-MNIST subset; the run store "
                      "holds repaired models and uploads.")
         _upload_form()
