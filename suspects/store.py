@@ -249,7 +249,8 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     unexpected = sorted(set(state_dict) - set(own))
     shapes = sorted(k for k in set(own) & set(state_dict) if tuple(own[k].shape) != tuple(state_dict[k].shape))
     if missing or unexpected or shapes:
-        parts = _mismatch_parts(model, state_dict, shapes)
+        named = _mismatch_parts(model, state_dict, shapes)
+        parts: list[str] = []
         if shapes:
             parts.append("shape mismatch: " + ", ".join(
                 f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}" for k in shapes[:8])
@@ -260,8 +261,10 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
             parts.append("unexpected keys: " + ", ".join(unexpected[:8])
                          + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
         arch = getattr(model, "arch_name", type(model).__name__)
-        raise CheckpointError(source, "mismatch", f"{source}: wrong architecture / class count for {arch}: "
-                              + "; ".join(parts))
+        # the summary names what differs (class count, channels, width); the key lists go to the details
+        head = "; ".join(named) if named else parts[0][:200] + (" ..." if len(parts[0]) > 200 else "")
+        raise CheckpointError(source, "mismatch", f"{source}: wrong architecture / class count for {arch}: {head}",
+                              "\n".join(parts))
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)
 
 
