@@ -262,7 +262,7 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
                          + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
         arch = getattr(model, "arch_name", type(model).__name__)
         # the summary names what differs (class count, channels, width); the key lists go to the details
-        head = "; ".join(named) if named else parts[0][:200] + (" ..." if len(parts[0]) > 200 else "")
+        head = "; ".join(named) if named else "; ".join(parts)
         raise CheckpointError(source, "mismatch", f"{source}: wrong architecture / class count for {arch}: {head}",
                               "\n".join(parts))
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)
