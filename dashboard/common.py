@@ -64,11 +64,22 @@ def label_of(ref: str) -> str:
 
 
 @st.cache_resource(show_spinner="Loading suspect ...", max_entries=8)
-def load_suspect(ref: str) -> tuple[suspects.Suspect, threading.Lock]:
-    """One shared model per suspect reference, with a lock: hooks (Grad-CAM, activations) must not interleave."""
+def _load_suspect(ref: str) -> tuple[suspects.Suspect, threading.Lock]:
     suspect = suspects.load(ref)
     suspect.model = prepare_model(suspect.model, device()).eval()
     return suspect, threading.Lock()
+
+
+def load_suspect(ref: str) -> tuple[suspects.Suspect, threading.Lock]:
+    """One shared model per suspect reference, with a lock: hooks (Grad-CAM, activations) must not interleave.
+    A suspect that cannot be loaded (a damaged folder, a bad checkpoint) stops the page with one line and its
+    details in an expander; the sidebar stays usable."""
+    try:
+        return _load_suspect(ref)
+    except SuspectLoadError as err:
+        load_error(err)
+        st.stop()
+        raise  # not reached: st.stop() raises
 
 
 @st.cache_resource

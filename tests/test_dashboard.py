@@ -223,3 +223,23 @@ def test_uploads_fail_in_one_line_and_the_demo_weights_load(tmp_path, monkeypatc
     assert not at.sidebar.error, [e.value for e in at.sidebar.error]
     assert "badnets-weights" in at.title[0].value and "badnets-weights" in model_caption(at)
     assert picker(at).value.startswith(str(tmp_path / "runs" / "uploads" / "badnets-weights-"))
+
+
+def test_a_damaged_stored_suspect_stops_the_page_in_one_line(tmp_path, monkeypatch):
+    """Issue 12 item 2: a suspect folder whose weights are damaged shows one line, not a traceback; the picker
+    still switches to another suspect."""
+    import shutil
+
+    from suspects.store import DEMO_SUSPECTS
+
+    monkeypatch.setenv("BACKDOOR_LENS_RUNS", str(tmp_path))
+    folder = tmp_path / "uploads" / "broken"
+    shutil.copytree(DEMO_SUSPECTS / "badnets", folder)
+    raw = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(raw[: len(raw) // 3])
+    at = page_test(str(folder))
+    assert [e.value for e in at.error] and "truncated or corrupted" in at.error[0].value
+    assert "\n" not in at.error[0].value and not at.title
+    picker(at).set_value("demo:clean").run()
+    assert not at.exception, at.exception
+    assert "clean" in at.title[0].value

@@ -55,18 +55,15 @@ def _widget(defense_name: str, preset: str, spec: dict, value):
     return st.text_input(label, value=str(value), key=key, help=help_)
 
 
-def _short(v) -> str:
-    """An artifact value for a table: floats to 4 significant digits, also inside lists and dicts."""
-    def r(x):
-        if isinstance(x, float):
-            return float(f"{x:.4g}")
-        if isinstance(x, dict):
-            return {k: r(y) for k, y in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [r(y) for y in x]
-        return x
-
-    return str(r(v))
+def _rounded(x):
+    """``x`` with floats cut to 4 significant digits, also inside lists and dicts (artifact tables)."""
+    if isinstance(x, float):
+        return float(f"{x:.4g}")
+    if isinstance(x, dict):
+        return {k: _rounded(y) for k, y in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_rounded(y) for y in x]
+    return x
 
 
 def _render_finished(rec: RunRecord) -> None:
@@ -91,12 +88,12 @@ def _render_finished(rec: RunRecord) -> None:
     histograms = {k: arts.pop(k) for k in list(arts) if isinstance(arts[k], dict) and "series" in arts[k]}
     if arts:
         short = {k: v for k, v in arts.items() if not isinstance(v, (list, dict)) or len(str(v)) < 120}
-        st.dataframe(pd.DataFrame({"artifact": list(short), "value": [_short(v) for v in short.values()]}),
+        st.dataframe(pd.DataFrame({"artifact": list(short), "value": [str(_rounded(v)) for v in short.values()]}),
                      hide_index=True)
         long = {k: v for k, v in arts.items() if k not in short}
         if long:
             with st.expander("More artifacts"):
-                st.json(long)
+                st.json(_rounded(long))
     titles = get_defense(report["defense"]).curve_labels if report.get("defense") in list_defenses() else {}
     for name, rows in (report.get("curves") or {}).items():
         if rows and isinstance(rows[0], dict):
