@@ -164,6 +164,7 @@ def test_page_compare_and_report_draw_the_same_ablation(badnets, tmp_path, monke
     at.session_state["sample_size"] = N
     at.run()
     at.switch_page("views/shortcuts.py").run()
+    at.button(key="run_ablation").click().run()  # the page computes it on request (issue 12 item 5)
     assert not at.exception, at.exception
     page = json.loads(at.get("plotly_chart")[0].proto.spec)["data"]
 
