@@ -27,6 +27,8 @@ the view's own page), with several one panel (or bar group) per model.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -47,13 +49,16 @@ if TYPE_CHECKING:
     from .reverse import ReverseResult
 
 __all__ = [
-    "NORM_LABELS", "KIND_SYMBOLS", "gradcam_grid", "activations_figure", "norm_histogram_figure", "norm_box_figure",
-    "embedding_figure", "ablation_figure", "class_labels", "anomaly_figure", "mask_norm_figure", "mask_tiles",
-    "mask_grid", "screening_histogram_figure", "roc_figure",
+    "NORM_LABELS", "KIND_SYMBOLS", "KIND_COLORS", "gradcam_grid", "activations_figure", "norm_histogram_figure",
+    "norm_box_figure", "embedding_figure", "ablation_figure", "class_labels", "anomaly_figure", "mask_norm_figure",
+    "mask_tiles", "mask_grid", "mask_pattern_tile", "scale_groups", "lines_figure", "progress_axis",
+    "screening_histogram_figure", "roc_figure",
 ]
 
 NORM_LABELS = {"l1": "l1 = Σ|A|", "l2": "l2 = (ΣA²)^½", "linf": "l_inf = max|A|"}
 CONDITION_COLORS = {"clean": "#1f77b4", "triggered": "#d62728"}
+KIND_COLORS = {"clean test": "#7f9fbf", "triggered test": "#d62728", "clean train": "#c7c7c7",
+               "poisoned train": "#ff7f0e"}
 KIND_SYMBOLS = {"clean test": "circle", "triggered test": "x", "clean train": "circle-open", "poisoned train": "diamond"}
 FLAGGED, NOT_FLAGGED = "#d62728", "#7f7f7f"
 
@@ -129,10 +134,13 @@ def norm_box_figure(stats: ActivationStats, norm: str, height: int = 320) -> go.
 
 
 def embedding_figure(embeddings: Mapping[str, Embedding], classes: Sequence[str], height: int | None = None,
-                     lasso: bool = False) -> go.Figure:
-    """Points coloured by true class, one symbol per kind (``KIND_SYMBOLS``); one panel per model. Each point's
-    ``customdata`` is its index in its model's embedding (what a lasso selection returns); ``lasso`` makes the
-    lasso the drag tool."""
+                     lasso: bool = False, color_by: str = "kind") -> go.Figure:
+    """One symbol per kind (``KIND_SYMBOLS``); coloured by kind (clean / triggered / poisoned, ``KIND_COLORS``:
+    the question the view asks) or, with ``color_by="class"``, by true class (legend below the plot); one panel
+    per model. Each point's ``customdata`` is its index in its model's embedding (what a lasso selection
+    returns); ``lasso`` makes the lasso the drag tool."""
+    if color_by not in ("kind", "class"):
+        raise ValueError(f"color_by must be 'kind' or 'class', got {color_by!r}")
     frames = []
     for name, e in embeddings.items():
         frames.append(pd.DataFrame({"x": e.points[:, 0], "y": e.points[:, 1], "idx": np.arange(len(e.points)),
@@ -141,10 +149,13 @@ def embedding_figure(embeddings: Mapping[str, Embedding], classes: Sequence[str]
     long = pd.concat(frames, ignore_index=True)
     facets = len(embeddings) > 1
     method = next(iter(embeddings.values())).method if embeddings else "PCA"
-    fig = px.scatter(long, x="x", y="y", color="class", symbol="kind", symbol_map=KIND_SYMBOLS, custom_data=["idx"],
+    kinds = [k for k in KIND_SYMBOLS if k in set(long["kind"])]
+    fig = px.scatter(long, x="x", y="y", color=color_by, symbol="kind", symbol_map=KIND_SYMBOLS,
+                     color_discrete_map=KIND_COLORS if color_by == "kind" else None, custom_data=["idx"],
                      facet_col="model" if facets else None, facet_col_spacing=0.04,
-                     category_orders={"class": list(classes), "model": list(embeddings)},
-                     hover_data={"prediction": True, "kind": True, "x": False, "y": False, "idx": False})
+                     category_orders={"class": list(classes), "model": list(embeddings), "kind": kinds},
+                     hover_data={"prediction": True, "kind": True, "class": True, "x": False, "y": False,
+                                 "idx": False})
     if facets:
         fig.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
         fig.update_traces(marker=dict(size=5, opacity=0.8))
@@ -156,7 +167,11 @@ def embedding_figure(embeddings: Mapping[str, Embedding], classes: Sequence[str]
         fig.update_traces(marker=dict(size=6, opacity=0.8))
         fig.update_layout(height=height or 560, margin=dict(t=10, b=10), xaxis_title=f"{method} 1",
                           yaxis_title=f"{method} 2")
-    fig.update_layout(legend=dict(itemsizing="constant"))
+    if color_by == "kind":
+        fig.update_layout(legend=dict(itemsizing="constant", title_text=""))
+    else:  # classes x kinds entries: a wrapping legend under the plot, so none is cut off
+        fig.update_layout(legend=dict(itemsizing="constant", title_text="", orientation="h", yanchor="top",
+                                      y=-0.08, x=0, font=dict(size=10)))
     if lasso:
         fig.update_layout(dragmode="lasso")
     return fig
@@ -316,3 +331,60 @@ def roc_figure(result: ScreenResult, height: int = 320) -> go.Figure:
     fig.update_layout(height=height, margin=dict(t=30, b=10), xaxis_title="false-positive rate (clean test images)",
                       yaxis_title="true-positive rate (triggered test images)", legend=dict(orientation="h", y=1.12))
     return fig
+
+
+def mask_pattern_tile(result: ReverseResult, k: int, scale: int = 3, gap: int = 2) -> np.ndarray:
+    """Class ``k``'s recovered mask, its pattern p and the stamp m·p side by side: one uint8 image, the same size
+    for every class (so a grid of them lines up)."""
+    mask, stamp = mask_tiles(result, k)
+    pattern = np.clip(np.asarray(result.patterns[k], dtype=np.float32), 0, 1)
+    tiles = [_to_uint8(t, scale) for t in (mask, pattern, stamp)]
+    h, w = tiles[0].shape[:2]
+    out = np.full((h, 3 * w + 2 * gap, 3), 255, dtype=np.uint8)
+    for i, t in enumerate(tiles):
+        out[:, i * (w + gap): i * (w + gap) + w] = t
+    return out
+
+
+# --- defense runs: curves and live progress ------------------------------------------------------------
+
+
+def scale_groups(df: pd.DataFrame, cols: list[str]) -> list[list[str]]:
+    """Columns grouped by order of magnitude (e.g. a 255-sized L1 norm apart from 0.3-sized losses), so each
+    group gets its own y axis."""
+    groups: dict[int, list[str]] = {}
+    for col in cols:
+        peak = float(pd.to_numeric(df[col], errors="coerce").abs().max() or 0.0)
+        mag = 0 if not math.isfinite(peak) or peak <= 1.5 else int(math.floor(math.log10(peak)))
+        groups.setdefault(mag, []).append(col)
+    return [groups[k] for k in sorted(groups)]
+
+
+def lines_figure(df: pd.DataFrame, x: str, cols: list[str], title: str | None, x_title: str,
+                 height_per_panel: int = 170) -> go.Figure:
+    """One panel (with its own y axis) per group of columns of similar size, sharing the x axis."""
+    groups = scale_groups(df, cols)
+    fig = make_subplots(rows=len(groups), cols=1, shared_xaxes=True, vertical_spacing=0.08)
+    palette = px.colors.qualitative.Plotly
+    for row, group in enumerate(groups, start=1):
+        for col in group:
+            fig.add_trace(go.Scatter(x=df[x], y=df[col], name=col, mode="lines+markers",
+                                     line=dict(color=palette[cols.index(col) % len(palette)])), row=row, col=1)
+        fig.update_yaxes(title_text=", ".join(group) if len(group) <= 2 else "", row=row, col=1)
+    fig.update_xaxes(title_text=x_title, row=len(groups), col=1)
+    fig.update_layout(height=60 + height_per_panel * len(groups), title=title, margin=dict(t=40 if title else 10, b=10))
+    return fig
+
+
+_STEP = re.compile(r"([A-Za-z][A-Za-z ]*?)\s+(\d+)\s*/\s*(\d+)")
+
+
+def progress_axis(events: list[dict]) -> tuple[list, str]:
+    """The x values of a run's progress chart: the epoch / iteration / step its messages count ("epoch 3/10"),
+    when they all count the same thing, else the seconds since the first event."""
+    found = [_STEP.search(str(e.get("message", ""))) for e in events]
+    units = {m.group(1).split(":")[-1].strip() for m in found if m}
+    if found and all(found) and len(units) == 1:
+        return [int(m.group(2)) for m in found], units.pop()
+    t0 = events[0]["t"] if events else 0.0
+    return [round(float(e["t"]) - t0, 1) for e in events], "seconds since start"

@@ -3,6 +3,12 @@
 The number that matters for backdoors is the *trigger-attention share*: the fraction of a map's mass that
 falls on the trigger's footprint (the pixels the trigger changes). A backdoored model looks at its trigger
 (Xu et al., arXiv 2002.12162, Fig. 1), a clean model does not.
+
+For triggers that change most of the image (Blended, WaNet, SIG) the share is ~100% whatever the model looks
+at, so it means nothing. For them (:attr:`GradCamComparison.whole_image`) two other measures apply: the
+*map shift* (total-variation distance between the normalised maps of each clean image and its triggered copy:
+0 = the model looks at the same place, 1 = somewhere else entirely) and the *share on the trigger's strongest
+pixels* (the fraction of the image where the trigger changes the pixels most; chance = that fraction).
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ __all__ = [
     "default_target_layer",
     "compute_cams",
     "attention_share",
+    "map_shift",
+    "strongest_pixels",
+    "WHOLE_IMAGE_FRACTION",
     "GradCamComparison",
     "compare_gradcam",
     "cam_overlay",
@@ -42,6 +51,8 @@ CAM_METHODS = {
     "ScoreCAM": ScoreCAM,
 }
 TARGET_KINDS = ("predicted", "true", "target")
+WHOLE_IMAGE_FRACTION = 0.5  # a footprint above this share of the image makes the trigger-attention share moot
+STRONGEST_FRACTION = 0.1  # the share of pixels the "strongest pixels" measure keeps
 
 
 def candidate_layers(model: nn.Module) -> list[str]:
@@ -124,6 +135,32 @@ def attention_share(cams: np.ndarray, footprint: torch.Tensor | np.ndarray) -> n
     return np.where(mass > 0, on / np.maximum(mass, 1e-12), 0.0)
 
 
+def map_shift(clean_cams: np.ndarray, triggered_cams: np.ndarray) -> np.ndarray:
+    """Per image: total-variation distance 0.5 * sum|p - q| between its clean and triggered maps, each normalised
+    to sum 1 (an all-zero map counts as uniform). 0: the same attention; 1: disjoint."""
+    def norm(c: np.ndarray) -> np.ndarray:
+        flat = c.reshape(len(c), -1).astype(np.float64)
+        mass = flat.sum(1, keepdims=True)
+        return np.where(mass > 0, flat / np.maximum(mass, 1e-12), 1.0 / flat.shape[1])
+
+    return 0.5 * np.abs(norm(clean_cams) - norm(triggered_cams)).sum(1)
+
+
+def strongest_pixels(trigger: Trigger, x: torch.Tensor, fraction: float = STRONGEST_FRACTION) -> np.ndarray:
+    """(H, W) bool: the ``fraction`` of pixels where the trigger changes ``x`` most (mean |trigger(x) - x| over
+    images and channels)."""
+    with torch.no_grad():
+        strength = (trigger(x) - x).abs().mean(dim=(0, 1)).cpu().numpy()
+    k = max(1, int(round(fraction * strength.size)))
+    cut = np.partition(strength.ravel(), -k)[-k]
+    top = strength >= cut
+    if top.sum() > k:  # ties: keep the first k in raster order
+        flat = np.zeros(strength.size, dtype=bool)
+        flat[np.flatnonzero(top.ravel())[:k]] = True
+        top = flat.reshape(strength.shape)
+    return top
+
+
 @dataclass
 class GradCamComparison:
     """Clean vs. triggered maps of the same images, with predictions and trigger-attention shares."""
@@ -139,6 +176,31 @@ class GradCamComparison:
     triggered_share: np.ndarray
     footprint: np.ndarray
     footprint_fraction: float
+    shift: np.ndarray | None = None  # per image: map_shift(clean, triggered)
+    strongest: np.ndarray | None = None  # (H, W) bool: the trigger's strongest pixels
+    clean_strong_share: np.ndarray | None = None
+    triggered_strong_share: np.ndarray | None = None
+
+    @property
+    def whole_image(self) -> bool:
+        """The trigger changes most of the image: the trigger-attention share does not apply."""
+        return self.footprint_fraction > WHOLE_IMAGE_FRACTION
+
+    @property
+    def mean_shift(self) -> float:
+        return float(np.mean(self.shift)) if self.shift is not None else float("nan")
+
+    @property
+    def strongest_fraction(self) -> float:
+        return float(np.mean(self.strongest)) if self.strongest is not None else float("nan")
+
+    @property
+    def mean_triggered_strong_share(self) -> float:
+        return float(np.mean(self.triggered_strong_share)) if self.triggered_strong_share is not None else float("nan")
+
+    @property
+    def mean_clean_strong_share(self) -> float:
+        return float(np.mean(self.clean_strong_share)) if self.clean_strong_share is not None else float("nan")
 
     @property
     def mean_triggered_share(self) -> float:
@@ -172,9 +234,12 @@ def compare_gradcam(model: nn.Module, sample: PairedSample, trigger: Trigger, la
     clean_cams = compute_cams(model, sample.clean, layer, method, _targets(target_kind, clean_pred, sample, trigger))
     trig_cams = compute_cams(model, sample.triggered, layer, method, _targets(target_kind, trig_pred, sample, trigger))
     fp = trigger.footprint(sample.clean[: min(16, len(sample))]).numpy()
+    strong = strongest_pixels(trigger, sample.clean[: min(64, len(sample))])
     return GradCamComparison(
         layer, method, target_kind, clean_cams, trig_cams, clean_pred.numpy(), trig_pred.numpy(),
         attention_share(clean_cams, fp), attention_share(trig_cams, fp), fp, float(fp.mean()),
+        map_shift(clean_cams, trig_cams), strong, attention_share(clean_cams, strong),
+        attention_share(trig_cams, strong),
     )
 
 

@@ -69,11 +69,22 @@ def label_of(ref: str) -> str:
 
 
 @st.cache_resource(show_spinner="Loading suspect ...", max_entries=8)
-def load_suspect(ref: str) -> tuple[suspects.Suspect, threading.Lock]:
-    """One shared model per suspect reference, with a lock: hooks (Grad-CAM, activations) must not interleave."""
+def _load_suspect(ref: str) -> tuple[suspects.Suspect, threading.Lock]:
     suspect = suspects.load(ref)
     suspect.model = prepare_model(suspect.model, device()).eval()
     return suspect, threading.Lock()
+
+
+def load_suspect(ref: str) -> tuple[suspects.Suspect, threading.Lock]:
+    """One shared model per suspect reference, with a lock: hooks (Grad-CAM, activations) must not interleave.
+    A suspect that cannot be loaded (a damaged folder, a bad checkpoint) stops the page with one line and its
+    details in an expander; the sidebar stays usable."""
+    try:
+        return _load_suspect(ref)
+    except SuspectLoadError as err:
+        load_error(err)
+        st.stop()
+        raise  # not reached: st.stop() raises
 
 
 @st.cache_resource
@@ -91,8 +102,17 @@ def selected_ref() -> str:
     return ref
 
 
-def _on_pick() -> None:
-    st.session_state["suspect"] = st.session_state["suspect_picker"]
+def _picker_key() -> str:
+    """The picker's widget key. It changes whenever the suspect is chosen elsewhere (a page's "Open" button, an
+    upload, Adopt, the URL), so the browser draws a fresh picker whose default is that suspect instead of keeping
+    its old choice (issue 12 item 1)."""
+    gen = int(st.session_state.get("_picker_gen", 0))
+    return "suspect_picker" if gen == 0 else f"suspect_picker_{gen}"
+
+
+def _on_pick(key: str) -> None:
+    st.session_state["suspect"] = st.session_state[key]
+    st.session_state["_picker_ref"] = st.session_state[key]
 
 
 def load_error(err: Exception) -> None:
@@ -104,30 +124,44 @@ def load_error(err: Exception) -> None:
             st.code(details, language=None)
 
 
+def upload_checkpoint(raw: bytes, filename: str, arch: str, data: str, width: int | None) -> str | None:
+    """Save an uploaded checkpoint as a suspect and select it; returns its folder, or None after showing the error
+    as one line (details in an expander). Width, input channels and class count are read off the weights unless
+    ``width`` is given."""
+    if len(raw) > UPLOAD_LIMIT_MB * 1024**2:
+        st.error(f"{filename} is larger than {UPLOAD_LIMIT_MB} MB")
+        return None
+    try:
+        folder, _ = uploads.save_upload(raw, filename, arch, data,
+                                        arch_kwargs={"width": int(width)} if width else None, root=runs_root())
+    except DatasetNotFoundError as err:
+        load_error(err)
+        return None
+    except SuspectLoadError as err:
+        load_error(err)
+        return None
+    except Exception as err:  # noqa: BLE001 - whatever a hostile file does, the page stays up and says so in one line
+        st.error(f"{filename}: could not be loaded ({type(err).__name__})")
+        with st.expander("Details"):
+            st.code(f"{type(err).__name__}: {err}", language=None)
+        return None
+    st.session_state["suspect"] = str(folder)
+    return str(folder)
+
+
 def _upload_form() -> None:
     with st.expander("Upload a checkpoint"):
         st.caption(f"A state dict (.safetensors, .pt, .pth; at most {UPLOAD_LIMIT_MB} MB). Nothing in it is executed: "
                    "pickles that ask for code are refused.")
         file = st.file_uploader("Checkpoint", type=["safetensors", "pt", "pth"], key="upload_file")
         arch = st.selectbox("Architecture", list_models(), key="upload_arch")
-        width = st.number_input("Width (base channels)", 1, 512, 64, key="upload_width")
+        width = st.number_input("Width (base channels)", 1, 512, None, key="upload_width", placeholder="from weights",
+                                help="leave empty: read off the weights (with input channels and class count)")
         data = st.selectbox("Measure on", list_sources()[:-1], key="upload_data",
                             help="the data source whose test split and classes the model uses")
         if file is not None and st.button("Load checkpoint", key="upload_go"):
-            if file.size > UPLOAD_LIMIT_MB * 1024**2:
-                st.error(f"{file.name} is larger than {UPLOAD_LIMIT_MB} MB")
-                return
-            try:
-                folder, _ = uploads.save_upload(file.getvalue(), file.name, arch, data,
-                                                arch_kwargs={"width": int(width)}, root=runs_root())
-            except DatasetNotFoundError as err:
-                st.error(str(err))
-                return
-            except SuspectLoadError as err:
-                load_error(err)
-                return
-            st.session_state["suspect"] = str(folder)
-            st.rerun()
+            if upload_checkpoint(file.getvalue(), file.name, arch, data, width):
+                st.rerun()
 
 
 def sidebar() -> str:
@@ -138,12 +172,21 @@ def sidebar() -> str:
         st.stop()
     ref = selected_ref()
     st.session_state["suspect"] = ref
-    if st.session_state.get("suspect_picker") != ref:
-        st.session_state["suspect_picker"] = ref
+    if "_picker_ref" not in st.session_state:
+        st.session_state["_picker_ref"] = ref
+    elif st.session_state["_picker_ref"] != ref:  # chosen elsewhere: a fresh picker that shows it
+        st.session_state["_picker_gen"] = int(st.session_state.get("_picker_gen", 0)) + 1
+        st.session_state["_picker_ref"] = ref
+    key = _picker_key()
+    if key in st.session_state and st.session_state[key] != ref:  # a stale picker: draw a fresh one
+        st.session_state["_picker_gen"] = int(st.session_state.get("_picker_gen", 0)) + 1
+        key = _picker_key()
     with st.sidebar:
         st.markdown("### Suspect")
-        st.selectbox("Model under investigation", choices, key="suspect_picker", format_func=label_of,
-                     on_change=_on_pick, help="Demo suspects are trained on a Fashion-MNIST subset; the run store "
+        # the default index, not the session state, carries the choice: a browser (or AppTest) that sends back a
+        # widget's default would otherwise show the first suspect while the page analyses another
+        st.selectbox("Model under investigation", choices, index=choices.index(ref), key=key, format_func=label_of,
+                     on_change=_on_pick, args=(key,), help="Demo suspects are trained on a Fashion-MNIST subset; the run store "
                      "holds repaired models and uploads.")
         _upload_form()
         st.slider("Sample size (images per view)", 50, 2000, st.session_state.get("sample_size", 500), step=50,
@@ -151,6 +194,11 @@ def sidebar() -> str:
         st.caption(f"Device: **{describe_device(device())}**")
     st.query_params["suspect"] = ref
     return ref
+
+
+def model_line(ref: str) -> None:
+    """Under a page's title: the model this page analyses (always the picker's choice)."""
+    st.caption(f"Model: **{label_of(ref)}**")
 
 
 def sample_size() -> int:
@@ -235,6 +283,13 @@ def memoized(name: str, key: Hashable, compute: Callable[[], T], max_entries: in
         while len(memo.items) > memo.max_entries:
             memo.items.popitem(last=False)
     return value
+
+
+def memo_get(name: str, key: Hashable, max_entries: int = 16) -> object | None:
+    """What :func:`memoized` holds for ``key`` (None when nothing yet): pages show it at once without computing."""
+    memo = _memo(name, max_entries)
+    with memo.lock:
+        return memo.items.get(key)
 
 
 class StreamlitProgress:

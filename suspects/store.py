@@ -182,21 +182,75 @@ def _unwrap_state_dict(obj: dict[str, Any], name: str = "the checkpoint") -> dic
     return sd
 
 
+def _first_conv_key(model: nn.Module) -> str | None:
+    return next((f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def _head_key(model: nn.Module) -> str | None:
+    if not isinstance(model, InspectableModel):
+        return None
+    head = model.get_classifier()
+    return next((f"{n}.weight" for n, m in model.named_modules() if m is head), None)
+
+
+def read_arch_from_weights(arch: str, state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
+    """``width``, ``in_channels`` and ``num_classes`` of architecture ``arch`` read off a state dict's first
+    convolution and classifier (whichever of them it holds), as the BackdoorBench importer does."""
+    probe = create_model(arch, num_classes=2, in_channels=1)
+    out: dict[str, int] = {}
+    conv, head = _first_conv_key(probe), _head_key(probe)
+    w = state_dict.get(conv) if conv else None
+    if w is not None and w.dim() == 4:
+        if "width" in _ctor_args(arch):
+            out["width"] = int(w.shape[0])
+        out["in_channels"] = int(w.shape[1])
+    h = state_dict.get(head) if head else None
+    if h is not None and h.dim() == 2:
+        out["num_classes"] = int(h.shape[0])
+    return out
+
+
+def _ctor_args(arch: str) -> set[str]:
+    import inspect
+
+    from .models import _REGISTRY
+
+    try:
+        return set(inspect.signature(_REGISTRY[arch]).parameters)
+    except (KeyError, TypeError, ValueError):
+        return set()
+
+
+def _mismatch_parts(model: nn.Module, state_dict: dict[str, torch.Tensor], shapes: list[str]) -> list[str]:
+    """What differs, in words: class count, input channels, width (named before the raw shapes)."""
+    own = model.state_dict()
+    parts = []
+    head = _head_key(model)
+    if head in shapes:
+        theirs, ours = tuple(state_dict[head].shape), tuple(own[head].shape)
+        if theirs[0] != ours[0]:
+            parts.append(f"class count: the checkpoint has {theirs[0]} classes, the model was built for {ours[0]}")
+    conv = _first_conv_key(model)
+    if conv in shapes:
+        theirs, ours = tuple(state_dict[conv].shape), tuple(own[conv].shape)
+        if theirs[1] != ours[1]:
+            parts.append(f"input channels: the checkpoint takes {theirs[1]}, the model was built for {ours[1]}")
+        if theirs[0] != ours[0]:
+            parts.append(f"width: the checkpoint's first convolution has {theirs[0]} channels, the model was "
+                         f"built with {ours[0]}")
+    return parts
+
+
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Load strictly; a mismatch (:class:`CheckpointError`, kind ``mismatch``) names the class counts and the
-    missing, unexpected and mis-shaped keys. ``source`` names the file in the message."""
+    """Load strictly; a mismatch (:class:`CheckpointError`, kind ``mismatch``) names what differs (class count,
+    input channels, width), then the missing, unexpected and mis-shaped keys. ``source`` names the file."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     shapes = sorted(k for k in set(own) & set(state_dict) if tuple(own[k].shape) != tuple(state_dict[k].shape))
     if missing or unexpected or shapes:
-        parts = []
-        if isinstance(model, InspectableModel):
-            head = model.get_classifier()
-            key = next((f"{n}.weight" for n, m in model.named_modules() if m is head), None)
-            if key in shapes and key in state_dict:
-                parts.append(f"class count: the checkpoint has {state_dict[key].shape[0]} classes, "
-                             f"the model was built for {head.out_features}")
+        named = _mismatch_parts(model, state_dict, shapes)
+        parts: list[str] = []
         if shapes:
             parts.append("shape mismatch: " + ", ".join(
                 f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}" for k in shapes[:8])
@@ -207,8 +261,10 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
             parts.append("unexpected keys: " + ", ".join(unexpected[:8])
                          + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
         arch = getattr(model, "arch_name", type(model).__name__)
-        raise CheckpointError(source, "mismatch", f"{source}: wrong architecture / class count for {arch}: "
-                              + "; ".join(parts))
+        # the summary names what differs (class count, channels, width); the key lists go to the details
+        head = "; ".join(named) if named else "; ".join(parts)
+        raise CheckpointError(source, "mismatch", f"{source}: wrong architecture / class count for {arch}: {head}",
+                              "\n".join(parts))
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)
 
 
@@ -331,8 +387,9 @@ def load(path: str | os.PathLike, arch: str | None = None, num_classes: int | No
     """Load a suspect.
 
     ``path`` is a suspect folder, ``demo:NAME`` (a bundled demo suspect) or a bare state dict
-    (``.safetensors`` / ``.pt`` / ``.pth``); a bare state dict needs ``arch`` and either ``num_classes``
-    or ``classes`` (and ``input_shape`` unless it is (3, 32, 32)). ``data`` names the data source to
+    (``.safetensors`` / ``.pt`` / ``.pth``); a bare state dict needs ``arch``; its width, input channels and
+    class count are read off the weights unless given (``arch_kwargs``, ``input_shape``, ``num_classes`` /
+    ``classes``; height and width of the input default to 32). ``data`` names the data source to
     measure it on; ``trigger`` a trigger spec when the attack is known. ``label`` names a bare state dict in
     error messages (e.g. an upload's own filename rather than its temporary copy; default ``path``).
 
@@ -357,20 +414,31 @@ def load(path: str | os.PathLike, arch: str | None = None, num_classes: int | No
         raise SuspectLoadError(f"{shown}: unsupported file type {p.suffix!r} (use .safetensors, .pt or .pth)")
     if arch is None:
         raise SuspectLoadError(f"{shown} is a bare state dict: name its architecture (arch=...; CLI --arch)")
-    shape = tuple(input_shape) if input_shape else (3, 32, 32)
+    sd = _unwrap_state_dict(load_state_dict_file(p, shown), shown)
+    try:
+        found = read_arch_from_weights(arch, sd)
+    except (TypeError, ValueError):  # an unknown architecture: _build_model says so below
+        found = {}
+    # read off the weights what the caller did not give: width, input channels, class count
+    shape = tuple(input_shape) if input_shape else (found.get("in_channels", 3), 32, 32)
     if classes is None:
+        if num_classes is None:
+            num_classes = found.get("num_classes")
         if num_classes is None:
             raise SuspectLoadError("a bare state dict needs num_classes (or the class names)")
         classes = [str(i) for i in range(int(num_classes))]
     elif num_classes is not None and len(classes) != int(num_classes):
         raise SuspectLoadError(f"{len(classes)} class names given but num_classes={num_classes}")
+    kwargs = dict(arch_kwargs or {})
+    if "width" in found:
+        kwargs.setdefault("width", found["width"])
     data_spec = {"name": data} if isinstance(data, str) else data
     card: dict[str, Any] = {
-        "name": name or p.stem, "arch": arch, "arch_kwargs": dict(arch_kwargs or {}), "classes": list(classes),
+        "name": name or p.stem, "arch": arch, "arch_kwargs": kwargs, "classes": list(classes),
         "input_shape": list(shape), "data": data_spec, "trigger": trigger,
         "provenance": {"source": "state dict", "file": shown},
     }
     model = _build_model(card)
-    load_weights(model, _unwrap_state_dict(load_state_dict_file(p, shown), shown), shown)
+    load_weights(model, sd, shown)
     model.eval()
     return Suspect(model, card, None)

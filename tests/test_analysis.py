@@ -6,7 +6,7 @@ import torch
 
 from analysis.activations import activation_stats, channel_norms, default_layers
 from analysis.features import feature_set, pca_2d, separation_score, umap_2d
-from analysis.gradcam import attention_share, compare_gradcam, compute_cams
+from analysis.gradcam import attention_share, compare_gradcam, compute_cams, map_shift, strongest_pixels
 from analysis.samples import balanced_indices, paired_sample
 from analysis.shortcuts import MIN_CRITICAL_SCORE, NoSkipConnectionsError, critical_block_score, skip_ablation
 from suspects.metrics import evaluate
@@ -27,6 +27,26 @@ def clean():
 
 def badnets_trigger(s):
     return make_trigger("badnets", s.input_shape, s.num_classes, target=0)
+
+
+def test_whole_image_triggers_get_a_measure_that_means_something(badnets):
+    """Issue 12 item 6: the footprint share is ~100% for a blended trigger, so the view flags it and measures the
+    map's shift and the share on the trigger's strongest pixels instead."""
+    a = np.zeros((2, 4, 4), dtype=np.float32)
+    a[:, 0, 0] = 1.0
+    b = np.zeros_like(a)
+    b[0, 0, 0], b[1, 3, 3] = 1.0, 1.0
+    assert np.allclose(map_shift(a, b), [0.0, 1.0])  # same place / somewhere else entirely
+    patch = badnets_trigger(badnets)
+    x = badnets.test.images(torch.arange(8))
+    strong = strongest_pixels(patch, x, fraction=9 / 784)
+    assert strong.sum() == 9 and (strong & patch.footprint(x).numpy()).sum() == 9  # the 3x3 patch itself
+    blended = load("demo:blended")
+    res = compare_gradcam(blended.model, paired_sample(blended.test, blended.trigger, 16), blended.trigger)
+    assert res.whole_image and res.mean_triggered_share > 0.95  # the old share says nothing here
+    assert 0.0 < res.mean_shift <= 1.0 and res.shift.shape == (16,)
+    assert res.strongest_fraction == pytest.approx(0.1, abs=0.01)
+    assert not compare_gradcam(badnets.model, paired_sample(badnets.test, patch, 8), patch).whole_image
 
 
 def test_paired_sample_is_balanced_and_excludes_target(badnets):

@@ -253,7 +253,7 @@ def test_cli_import_and_export_and_sidebar_lists_import(tmp_path, data, net, run
     out = json.loads(capsys.readouterr().out)
     hand = by_hand(net, run, data)
     assert out["suspect"] == str(runs_dir.resolve() / "imports" / "badnet_run")
-    # print_json rounds floats to 4 decimals
+    # --json rounds floats to 4 decimals (issue 12 item 10)
     assert (out["metrics"]["ba"], out["metrics"]["asr"], out["metrics"]["ra"]) == tuple(
         round(hand[k], 4) for k in ("ba", "asr", "ra"))
     assert out["n_train_poisoned"] == len(TRAIN_POISON) and out["reported"]["asr"] == 0.9

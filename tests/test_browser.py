@@ -93,6 +93,13 @@ def settle(page, timeout=180_000):
     raise TimeoutError("the page did not settle")
 
 
+def picker_text(page) -> str:
+    """What the sidebar's suspect picker shows (its label, its text and its input's value)."""
+    return page.locator("[data-testid=stSidebar] [data-testid=stSelectbox]").first.evaluate(
+        "e => e.innerText + ' ' + Array.from(e.querySelectorAll('input')).map(i => i.value).join(' ') + ' ' + "
+        "Array.from(e.querySelectorAll('[title]')).map(t => t.title).join(' ')")
+
+
 def open_page(browser, url):
     page = browser.new_page(viewport={"width": 1500, "height": 1100})
     page.goto(url)
@@ -112,6 +119,7 @@ def test_overview(server, browser, shots):
     page.reload()
     settle(page)
     assert "Suspect: badnets" in page.inner_text("body")
+    assert page.get_by_role("button", name="Deploy").count() == 0  # a local tool: no "Deploy" in the toolbar
     page.screenshot(path=str(shots / "overview.png"), full_page=True)
     page.close()
 
@@ -123,11 +131,13 @@ def test_overview(server, browser, shots):
 ])
 def test_analysis_pages_render(server, browser, shots, path, marker):
     page = open_page(browser, f"{server}/{path}?suspect=demo:badnets")
+    if path == "shortcuts":  # a long computation waits for its button (with the estimate)
+        page.get_by_role("button", name="Run the ablation").click()
     page.wait_for_selector(f"text={marker}", timeout=180_000)
     settle(page)
     assert "Traceback" not in page.inner_text("body")
-    if path != "gradcam":
-        assert page.locator(".js-plotly-plot").count() >= 1
+    if path != "gradcam":  # plotly's bundle loads lazily: the chart comes a moment after the text
+        page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 1", timeout=60_000)
     page.screenshot(path=str(shots / f"{path}.png"), full_page=True)
     page.close()
 
@@ -169,6 +179,15 @@ def test_defenses_page_run_button_shows_the_result_card(server, browser, shots):
     open_button.click()
     page.wait_for_selector("text=Suspect: badnets+linf_prune", timeout=120_000)
     settle(page)
+    # issue 12 items 1 and 8: the picker names the repaired model, on this page and the next; its card names the run
+    assert "badnets+linf_prune" in picker_text(page)
+    body = page.inner_text("body")
+    assert "defense run" in body and "of the original suspect" in body
+    page.get_by_role("link", name="Grad-CAM").click()
+    page.wait_for_selector("text=Grad-CAM: where the model looks", timeout=120_000)
+    settle(page)
+    assert "badnets+linf_prune" in picker_text(page)
+    assert "Model: badnets+linf_prune" in page.inner_text("body")
     page.goto(f"{server}/defenses?suspect=demo:badnets")
     settle(page)
     page.get_by_role("button", name="Open the repaired model in the analysis pages").wait_for(timeout=120_000)
@@ -233,4 +252,33 @@ def test_compare_page_shows_the_runs_table_and_charts(server, browser, shots, ru
     page.set_viewport_size({"width": 1500, "height": 2000})  # the app scrolls inside its own container
     settle(page)
     page.screenshot(path=str(shots / "compare.png"), full_page=True)
+    page.close()
+
+
+def test_bad_uploads_say_one_line_and_the_demo_weights_load(server, browser, shots, tmp_path):
+    """Issue 12 items 2 and 3 in the browser: a text file renamed to .pt gives one line in the sidebar and no
+    traceback; the demo's own weights then load with the width left empty, and the picker names them."""
+    from suspects.store import DEMO_SUSPECTS
+
+    notes = tmp_path / "notes.pt"
+    notes.write_text("these are my notes, not a model\n")
+    page = open_page(browser, f"{server}/?suspect=demo:badnets")
+    sidebar = page.locator("[data-testid=stSidebar]")
+    sidebar.get_by_text("Upload a checkpoint").click()
+    upload = sidebar.locator("input[type=file]")
+    upload.set_input_files(str(notes))
+    sidebar.get_by_role("button", name="Load checkpoint").click()
+    page.wait_for_selector("[data-testid=stSidebar] [data-testid=stAlert]", timeout=120_000)
+    settle(page)
+    alert = sidebar.locator("[data-testid=stAlert]").first.inner_text()
+    assert alert.strip().startswith("notes.pt: not a checkpoint") and "\n" not in alert.strip()
+    assert "Traceback" not in page.inner_text("body") and "Suspect: badnets" in page.inner_text("body")
+    weights = tmp_path / "badnets-weights.safetensors"
+    weights.write_bytes((DEMO_SUSPECTS / "badnets" / "model.safetensors").read_bytes())
+    upload.set_input_files(str(weights))
+    sidebar.get_by_role("button", name="Load checkpoint").click()
+    page.wait_for_selector("text=Suspect: badnets-weights", timeout=120_000)
+    settle(page)
+    assert "badnets-weights" in picker_text(page)
+    assert "Traceback" not in page.inner_text("body")
     page.close()

@@ -120,6 +120,19 @@ def test_wrong_contents_and_wrong_architecture(files):
         load_checkpoint(files / "missing.pt", name="missing.pt")
 
 
+def test_width_channels_and_classes_are_read_off_the_weights(files):
+    """Issue 12 item 3: a bare state dict needs no width (nor class count / channels); a mismatch names what
+    differs instead of "10 classes, built for 10"."""
+    s = suspects.load(files / "good.safetensors", arch="preact_resnet18")
+    assert s.card["arch_kwargs"] == {"width": 4} and s.num_classes == 10 and s.input_shape == (1, 32, 32)
+    with pytest.raises(CheckpointError) as err:
+        suspects.load(files / "good.pt", **{**ARCH, "arch_kwargs": {"width": 64}})
+    assert "width: the checkpoint's first convolution has 4 channels, the model was built with 64" in err.value.summary
+    assert "class count:" not in err.value.summary and "conv1.weight (4, 1, 3, 3)" in err.value.details
+    with pytest.raises(CheckpointError, match="input channels: the checkpoint takes 1, the model was built for 3"):
+        suspects.load(files / "good.pt", **{**ARCH, "input_shape": (3, 32, 32)})
+
+
 def test_cli_errors_are_one_line_with_exit_code_2(files):
     def cli(*args: str) -> subprocess.CompletedProcess:
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -143,6 +156,9 @@ def test_cli_errors_are_one_line_with_exit_code_2(files):
     assert r.returncode == 2 and len(lines) >= 2 and "truncated or corrupted" in lines[0]
     assert "Error" in "\n".join(lines[1:])
     assert not Payload.marker.exists()
+    r = cli("evaluate", "good.pt", *arch[:-1], "width=16")  # a wrong width: named, exit code 2
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "width: the checkpoint's first convolution has 4 channels, the model was built with 16" in r.stderr
 
 
 # --- atomic writes ------------------------------------------------------------------------------------------

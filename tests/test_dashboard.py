@@ -1,5 +1,6 @@
 """Dashboard checks with AppTest: every page runs on the demo suspects without an exception."""
 
+import json
 from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
@@ -50,6 +51,17 @@ def test_gradcam_page():
     assert at.selectbox(key="cam_reference").value == "demo:clean"
 
 
+def test_gradcam_page_for_a_whole_image_trigger():
+    at = page_test("demo:blended")
+    at.switch_page("views/gradcam.py").run()
+    assert not at.exception, at.exception
+    assert any("says nothing" in i.value for i in at.info)  # the page says why the share does not apply
+    labels = [m.label for m in at.metric]
+    assert "Map shift, clean → triggered" in labels and not any("Trigger-attention share" in x for x in labels)
+    shift = float(at.metric[labels.index("Map shift, clean → triggered")].value)
+    assert 0.0 < shift <= 1.0
+
+
 def test_activations_page():
     at = page_test("demo:badnets")
     at.switch_page("views/activations.py").run()
@@ -68,6 +80,13 @@ def test_features_page_pca_and_umap():
     assert '"dragmode":"lasso"' in spec.replace(" ", "")
     metrics = {m.label: float(m.value) for m in at.metric}
     assert metrics["Separation in full feature space"] > 0.5
+    # coloured by kind by default: a legend of at most 4 entries (clean / triggered test, clean / poisoned train)
+    names = {t.get("name") for t in json.loads(spec)["data"]}
+    assert names <= {"clean test", "triggered test", "clean train", "poisoned train"} and "triggered test" in names
+    at.radio(key="emb_colour").set_value("class").run()
+    assert not at.exception, at.exception
+    legend = json.loads(at.get("plotly_chart")[0].proto.spec)["layout"]["legend"]
+    assert legend["orientation"] == "h"  # classes x kinds entries wrap under the plot
     at.radio(key="emb_method").set_value("UMAP").run()
     assert not at.exception, at.exception
     first = at.get("plotly_chart")[0].proto.spec
@@ -79,6 +98,12 @@ def test_features_page_pca_and_umap():
 def test_shortcuts_page_and_no_skip_message():
     at = page_test("demo:badnets", sample=100)
     at.switch_page("views/shortcuts.py").run()
+    assert not at.exception, at.exception
+    # opening the page starts nothing: a button with the estimate does
+    assert not at.get("plotly_chart") and not at.metric
+    go = at.button(key="run_ablation")
+    assert " s)" in go.label and any("about" in i.value for i in at.info)
+    go.click().run()
     assert not at.exception, at.exception
     labels = [m.label for m in at.metric]
     assert "Critical block" in labels
@@ -125,3 +150,96 @@ def test_defenses_page_runs_a_job_that_survives_a_reload(tmp_path, monkeypatch):
     assert not other.exception, other.exception
     assert "DER" in labels and "ASR" in labels
     assert any(b.key and b.key.startswith("open_") for b in other.button)
+
+
+def picker(at: AppTest):
+    """The sidebar's suspect picker (its key changes when the suspect is chosen elsewhere)."""
+    return next(sb for sb in at.sidebar.selectbox if sb.label == "Model under investigation")
+
+
+def model_caption(at: AppTest) -> str:
+    return next(c.value for c in at.caption if c.value.startswith("Model: "))
+
+
+def test_picker_follows_a_suspect_chosen_elsewhere():
+    """Issue 12 item 1: a page's "Open" button (or an upload, or Adopt) sets the suspect; the picker and every
+    page's model line then name that model."""
+    at = page_test("demo:badnets")
+    assert picker(at).value == "demo:badnets" and "badnets (demo)" in model_caption(at)
+    at.session_state["suspect"] = "demo:clean"  # what "Open the repaired model" does, then it switches page
+    at.switch_page("views/gradcam.py").run()
+    assert not at.exception, at.exception
+    assert picker(at).value == "demo:clean" and "clean (demo)" in model_caption(at)
+    at.switch_page("views/activations.py").run()
+    assert picker(at).value == "demo:clean" and "clean (demo)" in model_caption(at)
+    picker(at).set_value("demo:blended").run()  # and the picker still works
+    assert not at.exception, at.exception
+    assert picker(at).value == "demo:blended" and "blended (demo)" in model_caption(at)
+
+
+def test_uploads_fail_in_one_line_and_the_demo_weights_load(tmp_path, monkeypatch):
+    """Issue 12 items 2 and 3: a text file, a truncated file and a malicious pickle each give one line naming the
+    user's file (details in an expander), the app keeps working; the demo's own weights load without touching
+    the width (read off the weights)."""
+    import os
+
+    import torch
+
+    from suspects.store import DEMO_SUSPECTS
+
+    monkeypatch.setenv("BACKDOOR_LENS_RUNS", str(tmp_path / "runs"))
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    good = (DEMO_SUSPECTS / "badnets" / "model.safetensors").read_bytes()
+    evil = tmp_path / "evil.pt"
+    torch.save({"linear.weight": Payload()}, evil)
+    cases = {
+        "notes.pt": (b"these are my notes, not a model\n", "notes.pt: not a checkpoint"),
+        "cut.safetensors": (good[: len(good) // 2], "cut.safetensors: truncated or corrupted"),
+        "evil.pt": (evil.read_bytes(), "refused to load evil.pt: it asks to run code"),
+    }
+    at = page_test("demo:badnets")
+    for name, (raw, expected) in cases.items():
+        at.file_uploader(key="upload_file").set_value((name, raw, "application/octet-stream")).run()
+        at.button(key="upload_go").click().run()
+        assert not at.exception, (name, at.exception)
+        errors = [e.value for e in at.sidebar.error]
+        assert len(errors) == 1 and errors[0].startswith(expected), (name, errors)
+        assert "\n" not in errors[0] and "weights_only" not in errors[0] and "upload." not in errors[0]
+        assert len(errors[0].split()) <= 20, errors[0]
+        assert picker(at).value == "demo:badnets" and "badnets" in at.title[0].value  # the app still works
+    assert not marker.exists()
+    assert any(e.label == "Details" for e in at.sidebar.expander)
+    # the demo's own weights, the width left empty: read off the weights
+    at.file_uploader(key="upload_file").set_value(("badnets-weights.safetensors", good, "application/octet-stream"))
+    at.run()
+    assert at.number_input(key="upload_width").value is None
+    at.button(key="upload_go").click().run()
+    assert not at.exception, at.exception
+    assert not at.sidebar.error, [e.value for e in at.sidebar.error]
+    assert "badnets-weights" in at.title[0].value and "badnets-weights" in model_caption(at)
+    assert picker(at).value.startswith(str(tmp_path / "runs" / "uploads" / "badnets-weights-"))
+
+
+def test_a_damaged_stored_suspect_stops_the_page_in_one_line(tmp_path, monkeypatch):
+    """Issue 12 item 2: a suspect folder whose weights are damaged shows one line, not a traceback; the picker
+    still switches to another suspect."""
+    import shutil
+
+    from suspects.store import DEMO_SUSPECTS
+
+    monkeypatch.setenv("BACKDOOR_LENS_RUNS", str(tmp_path))
+    folder = tmp_path / "uploads" / "broken"
+    shutil.copytree(DEMO_SUSPECTS / "badnets", folder)
+    raw = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(raw[: len(raw) // 3])
+    at = page_test(str(folder))
+    assert [e.value for e in at.error] and "truncated or corrupted" in at.error[0].value
+    assert "\n" not in at.error[0].value and not at.title
+    picker(at).set_value("demo:clean").run()
+    assert not at.exception, at.exception
+    assert "clean" in at.title[0].value

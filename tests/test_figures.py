@@ -20,11 +20,15 @@ from analysis.figures import (
     activations_figure,
     anomaly_figure,
     embedding_figure,
+    lines_figure,
     mask_grid,
     mask_norm_figure,
+    mask_pattern_tile,
     mask_tiles,
     norm_box_figure,
     norm_histogram_figure,
+    progress_axis,
+    scale_groups,
 )
 from analysis.reverse import ReverseResult, anomaly_indices
 from analysis.samples import paired_sample
@@ -110,6 +114,26 @@ def test_detection_figures():
     assert grid.shape == (2 * 12 + 1, 4 * 10 + 3, 3) and grid.dtype == np.uint8
     # the most anomalous class (2) comes first: its tile is its own peak-scaled mask
     assert np.array_equal(grid[:12:2, :10:2, 0], (mask_tiles(result, 2)[0][0] * 255).round().astype(np.uint8))
+    # issue 12 item 10: one same-size cell per class, mask | pattern | m·p side by side
+    tiles = [mask_pattern_tile(result, k, scale=2, gap=1) for k in range(4)]
+    assert {t.shape for t in tiles} == {(12, 3 * 10 + 2, 3)}
+    assert np.array_equal(tiles[3][:, 11:21:2][::2], (np.clip(result.patterns[3], 0, 1) * 255).round()
+                          .astype(np.uint8).transpose(1, 2, 0))
+
+
+def test_defense_curves_get_an_axis_per_scale_and_steps_on_x():
+    """Issue 12 item 8: delta_l1 (~255) does not share an axis with losses (~0.3); the live chart's x axis counts
+    the epochs its messages name, else seconds."""
+    df = pd.DataFrame({"epoch": [1, 2, 3], "loss": [0.4, 0.3, 0.25], "ba": [0.8, 0.85, 0.9],
+                       "delta_l1": [250.0, 255.0, 260.0]})
+    assert scale_groups(df, ["loss", "ba", "delta_l1"]) == [["loss", "ba"], ["delta_l1"]]
+    fig = lines_figure(df, "epoch", ["loss", "ba", "delta_l1"], "t", "epoch")
+    axes = {t.name: t.yaxis for t in fig.data}
+    assert axes["loss"] == axes["ba"] != axes["delta_l1"]
+    events = [{"t": 10.0 + i, "message": f"fine-tuning: epoch {i + 1}/3"} for i in range(3)]
+    assert progress_axis(events) == ([1, 2, 3], "epoch")
+    mixed = [{"t": 5.0, "message": "stage 1/3: warm-up"}, {"t": 7.5, "message": "outer epoch 1/2"}]
+    assert progress_axis(mixed) == ([0.0, 2.5], "seconds since start")
 
 
 def _report_data(html: str) -> list[list[dict]]:
@@ -140,6 +164,7 @@ def test_page_compare_and_report_draw_the_same_ablation(badnets, tmp_path, monke
     at.session_state["sample_size"] = N
     at.run()
     at.switch_page("views/shortcuts.py").run()
+    at.button(key="run_ablation").click().run()  # the page computes it on request (issue 12 item 5)
     assert not at.exception, at.exception
     page = json.loads(at.get("plotly_chart")[0].proto.spec)["data"]
 

@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "dashboard.launch", str(APP),
            "--server.headless", "true", "--server.port", str(args.port), "--server.address", args.address,
            "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+           "--client.toolbarMode", "minimal",  # no "Deploy" button: this is a local tool
            "--server.maxUploadSize", str(args.max_upload_mb)]
     print(f"Backdoor Lens: http://{args.address}:{args.port}  (Ctrl-C stops)", flush=True)
     root = str(APP.parent.parent)

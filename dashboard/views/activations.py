@@ -7,12 +7,13 @@ import streamlit as st
 from analysis.activations import NORMS, activation_stats, channel_maps, default_layers
 from analysis.figures import NORM_LABELS, activations_figure, norm_box_figure, norm_histogram_figure
 from analysis.samples import paired_sample
-from dashboard.common import load_suspect, sample_size, sidebar, to_display, trigger_notice
+from dashboard.common import load_suspect, model_line, sample_size, sidebar, to_display, trigger_notice
 
 ref = sidebar()
 suspect, lock = load_suspect(ref)
 
 st.title("Activation statistics: l1, l2 and l_inf per channel")
+model_line(ref)
 trigger_notice(suspect)
 st.markdown(
     "Every channel's activation map is reduced to three norms per image: l1 (total activity), l2 and l_inf (the "

@@ -8,7 +8,8 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from dashboard.common import load_suspect, memoized, sidebar, store, trigger_notice
+from analysis.figures import lines_figure, progress_axis
+from dashboard.common import load_suspect, memoized, model_line, sidebar, store, trigger_notice
 from dashboard.stress import stress_panel
 from defenses.base import ParamError, param_specs
 from defenses.registry import all_defenses, get_defense, list_defenses
@@ -24,6 +25,7 @@ runs = store()
 reap_workers()  # a worker this server started and that has exited is waited for: no zombies (issue 12.9)
 
 st.title("Defenses")
+model_line(ref)
 trigger_notice(suspect)
 st.markdown(
     "Each card runs one defense on the selected suspect **in a background worker** (one at a time per device; "
@@ -79,6 +81,17 @@ def _widget(defense_name: str, preset: str, spec: dict, value):
     return st.text_input(label, value=str(value), key=key, help=help_)
 
 
+def _rounded(x):
+    """``x`` with floats cut to 4 significant digits, also inside lists and dicts (artifact tables)."""
+    if isinstance(x, float):
+        return float(f"{x:.4g}")
+    if isinstance(x, dict):
+        return {k: _rounded(y) for k, y in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_rounded(y) for y in x]
+    return x
+
+
 def _render_finished(rec: RunRecord) -> None:
     report = runs.report(rec.id)
     if report is None:
@@ -107,12 +120,12 @@ def _render_finished(rec: RunRecord) -> None:
     histograms = {k: arts.pop(k) for k in list(arts) if isinstance(arts[k], dict) and "series" in arts[k]}
     if arts:
         short = {k: v for k, v in arts.items() if not isinstance(v, (list, dict)) or len(str(v)) < 120}
-        st.dataframe(pd.DataFrame({"artifact": list(short), "value": [str(v) for v in short.values()]}),
+        st.dataframe(pd.DataFrame({"artifact": list(short), "value": [str(_rounded(v)) for v in short.values()]}),
                      hide_index=True)
         long = {k: v for k, v in arts.items() if k not in short}
         if long:
             with st.expander("More artifacts"):
-                st.json(long)
+                st.json(_rounded(long))
     titles = get_defense(report["defense"]).curve_labels if report.get("defense") in list_defenses() else {}
     for name, rows in (report.get("curves") or {}).items():
         if rows and isinstance(rows[0], dict):
@@ -120,8 +133,7 @@ def _render_finished(rec: RunRecord) -> None:
             x = df.columns[0]
             ys = [col for col in df.columns[1:] if pd.api.types.is_numeric_dtype(df[col])]
             if ys:
-                fig = px.line(df, x=x, y=ys, markers=True, height=250, title=titles.get(name, name.replace("_", " ")))
-                fig.update_layout(margin=dict(t=40, b=10))
+                fig = lines_figure(df, x, ys, titles.get(name, name.replace("_", " ")), x.replace("_", " "))
                 st.plotly_chart(fig, key=f"curve_{rec.id}_{name}")
     for name, hist in histograms.items():
         _poisoned_vs_clean(rec.id, name, hist)
@@ -161,10 +173,10 @@ def _live_chart(rec: RunRecord) -> None:
     if not cols:
         cols = [k for k in ("loss", "loss_clean", "loss_perturbed", "loss_triggered") if any(k in e for e in events)]
     if events and cols:
-        df = pd.DataFrame(events)[["fraction", *cols]].dropna(how="all", subset=cols)
-        fig = px.line(df, x="fraction", y=cols, markers=True, height=230,
-                      labels={"fraction": "progress", "value": "value"})
-        fig.update_layout(margin=dict(t=10, b=10))
+        events = [e for e in events if any(e.get(c) is not None for c in cols)]
+        xs, x_title = progress_axis(events)
+        df = pd.DataFrame(events)[cols].assign(_x=xs)
+        fig = lines_figure(df, "_x", cols, None, x_title, height_per_panel=150)
         st.plotly_chart(fig, key=f"live_{rec.id}_{len(events)}")
         if "held_out_ba" in cols or "knn_ba" in cols:
             st.caption("Live: BA and ASR on the held-out part of the defense pool (not the test split); knn_* "

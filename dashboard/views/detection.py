@@ -5,15 +5,24 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from analysis.figures import anomaly_figure, class_labels, mask_norm_figure, mask_tiles
+from analysis.figures import anomaly_figure, class_labels, mask_norm_figure, mask_pattern_tile
 from analysis.reverse import ScanConfig, trigger_overlap
-from dashboard.common import StreamlitProgress, load_suspect, runs_root, sidebar, to_display, trigger_notice
+from dashboard.common import (
+    StreamlitProgress,
+    load_suspect,
+    model_line,
+    runs_root,
+    sidebar,
+    to_display,
+    trigger_notice,
+)
 from runs.scans import save_recovered_suspect, scan_suspect, stored_scan
 
 ref = sidebar()
 suspect, lock = load_suspect(ref)
 
 st.title("Detection: recover the trigger")
+model_line(ref)
 st.markdown(
     "Neural Cleanse (Wang et al., *IEEE S&P 2019*) asks, for every class t, how small a patch can be that flips clean "
     "images to t: it optimises a mask m and a pattern p so that (1 − m)·x + m·p is classified as t, penalising the "
@@ -97,16 +106,18 @@ left.plotly_chart(anomaly_figure(result, classes, reference=reference), key="ano
 right.plotly_chart(mask_norm_figure(result, classes), key="l1_bars")
 
 st.subheader("Recovered masks and patterns")
-st.caption("Per class: the mask m (white = 1), the pattern p, and m·p as it is stamped. Flagged classes are marked.")
-order = sorted(range(len(classes)), key=lambda k: -np.nan_to_num(result.anomaly[k], nan=-np.inf))
-cols = st.columns(5)
-for j, k in enumerate(order):
-    mask, stamp = mask_tiles(result, k)
-    with cols[j % 5]:
-        flag = " · flagged" if k in result.flagged else ""
-        st.image(to_display(mask, 3), caption=f"{names[k]} · mask{flag}")
-        st.image(to_display(stamp, 3), caption=f"m·p · L1 {result.l1[k]:.1f}" if result.converged[k]
-                 else "m·p (last) · did not converge")
+st.caption("Per class, in class order: the mask m (white = 1), the pattern p, and m·p as it is stamped. Flagged "
+           "classes are marked; a class that never reached 99% success did not converge (no norm, no index).")
+per_row = 5
+for start in range(0, len(classes), per_row):
+    cols = st.columns(per_row)
+    for j, k in enumerate(range(start, min(start + per_row, len(classes)))):
+        flag = " · **flagged**" if k in result.flagged else ""
+        cols[j].image(mask_pattern_tile(result, k), width="stretch")
+        if result.converged[k]:
+            cols[j].caption(f"{names[k]} · L1 {result.l1[k]:.1f} · anomaly {result.anomaly[k]:.2f}{flag}")
+        else:
+            cols[j].caption(f"{names[k]} · did not converge (last mask shown)")
 if known is not None:
     st.subheader("The known trigger, for comparison")
     x0 = suspect.defense_pool.images(np.arange(1))

@@ -11,6 +11,7 @@ from dashboard.common import (
     StreamlitProgress,
     load_suspect,
     memoized,
+    model_line,
     sample_size,
     sidebar,
     to_display,
@@ -21,6 +22,7 @@ ref = sidebar()
 suspect, lock = load_suspect(ref)
 
 st.title("Feature space: do poisoned inputs form their own cluster?")
+model_line(ref)
 trigger_notice(suspect)
 st.markdown(
     "Each point is one image, placed by the model's penultimate-layer features. In a backdoored model triggered "
@@ -51,8 +53,11 @@ else:
                          lambda: embed(fs, "UMAP", n_neighbors=n_neighbors, progress=bar), max_entries=8)
     bar.done()
 
+colour = c1.radio("Colour by", ["clean / triggered / poisoned", "class"], key="emb_colour", horizontal=True,
+                  help="the symbol always shows the kind of point; colour by class to see the target class")
 classes = suspect.classes
-fig = embedding_figure({suspect.name: embedding}, classes, lasso=True)
+fig = embedding_figure({suspect.name: embedding}, classes, lasso=True,
+                       color_by="class" if colour == "class" else "kind")
 with c2:
     event = st.plotly_chart(fig, key="feature_scatter", on_select="rerun", selection_mode=("lasso", "box", "points"))
 

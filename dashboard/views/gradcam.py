@@ -13,12 +13,21 @@ from analysis.gradcam import (
     default_target_layer,
 )
 from analysis.samples import paired_sample
-from dashboard.common import load_suspect, overlay, reference_models, sidebar, to_display, trigger_notice
+from dashboard.common import (
+    load_suspect,
+    model_line,
+    overlay,
+    reference_models,
+    sidebar,
+    to_display,
+    trigger_notice,
+)
 
 ref = sidebar()
 suspect, lock = load_suspect(ref)
 
 st.title("Grad-CAM: where the model looks")
+model_line(ref)
 trigger_notice(suspect)
 st.markdown(
     "Grad-CAM (Selvaraju et al., ICCV 2017) weights a layer's activation maps by the gradient of a class score and "
@@ -63,12 +72,27 @@ res, smp = cached_gradcam(ref, ref, n, layer, method, target_kind)
 classes = suspect.classes
 
 m1, m2, m3 = st.columns(3)
-m1.metric("Trigger-attention share, clean inputs", f"{100 * res.mean_clean_share:.1f}%",
-          help="mean over images of sum(map on trigger footprint) / sum(map)")
-m2.metric("Trigger-attention share, triggered inputs", f"{100 * res.mean_triggered_share:.1f}%",
-          delta=f"{100 * (res.mean_triggered_share - res.mean_clean_share):+.1f} pts")
-m3.metric("Footprint share of the image", f"{100 * res.footprint_fraction:.1f}%",
-          help="the share a map spread evenly over the image would put on the trigger (chance level)")
+if res.whole_image:
+    st.info(f"This trigger ({trigger.name}) changes {100 * res.footprint_fraction:.0f}% of the image, so the "
+            "trigger-attention share is near 100% whatever the model looks at and says nothing. Shown instead: "
+            "how far the map **moves** when the trigger is added, and the share of the map on the "
+            f"{100 * res.strongest_fraction:.0f}% of pixels the trigger changes **most**.",
+            icon=":material/info:")
+    m1.metric("Map shift, clean → triggered", f"{res.mean_shift:.2f}",
+              help="mean over images of the total-variation distance between the normalised maps of a clean image "
+                   "and its triggered copy: 0 = same attention, 1 = somewhere else entirely")
+    m2.metric("Share on the trigger's strongest pixels, triggered inputs",
+              f"{100 * res.mean_triggered_strong_share:.1f}%",
+              delta=f"{100 * (res.mean_triggered_strong_share - res.mean_clean_strong_share):+.1f} pts vs. clean")
+    m3.metric("Strongest pixels' share of the image", f"{100 * res.strongest_fraction:.1f}%",
+              help="the share a map spread evenly over the image would put on them (chance level)")
+else:
+    m1.metric("Trigger-attention share, clean inputs", f"{100 * res.mean_clean_share:.1f}%",
+              help="mean over images of sum(map on trigger footprint) / sum(map)")
+    m2.metric("Trigger-attention share, triggered inputs", f"{100 * res.mean_triggered_share:.1f}%",
+              delta=f"{100 * (res.mean_triggered_share - res.mean_clean_share):+.1f} pts")
+    m3.metric("Footprint share of the image", f"{100 * res.footprint_fraction:.1f}%",
+              help="the share a map spread evenly over the image would put on the trigger (chance level)")
 
 st.subheader("Clean | triggered, side by side")
 per_row = 4
@@ -78,11 +102,12 @@ for start in range(0, len(smp), per_row):
         k = 2 * (j - start)
         true = classes[int(smp.labels[j])]
         cols[k].image(overlay(smp.clean[j], res.clean_cams[j]), width="stretch",
-                      caption=f"clean · true {true} · pred {classes[int(res.clean_pred[j])]} · "
-                              f"share {100 * res.clean_share[j]:.0f}%")
+                      caption=f"clean · true {true} · pred {classes[int(res.clean_pred[j])]}"
+                              + ("" if res.whole_image else f" · share {100 * res.clean_share[j]:.0f}%"))
         cols[k + 1].image(overlay(smp.triggered[j], res.triggered_cams[j]), width="stretch",
                           caption=f"triggered · pred {classes[int(res.triggered_pred[j])]} · "
-                                  f"share {100 * res.triggered_share[j]:.0f}%")
+                                  + (f"shift {res.shift[j]:.2f}" if res.whole_image
+                                     else f"share {100 * res.triggered_share[j]:.0f}%"))
 
 refs = reference_models(ref, suspect)
 st.subheader("Backdoored vs. clean model (the 2 x 2 grid of Xu et al.)")
@@ -93,7 +118,8 @@ else:
     ref_layers = candidate_layers(load_suspect(ref_clean)[0].model)
     clean_res, _ = cached_gradcam(ref_clean, ref, n, layer if layer in ref_layers else ref_layers[-1], method,
                                   target_kind)
-    st.caption("Mean map over the sample; the number is the mean trigger-attention share.")
+    st.caption("Mean map over the sample; the number is the mean trigger-attention share"
+               + (" on the trigger's strongest pixels." if res.whole_image else "."))
     grid = st.columns([1, 2, 2])
     grid[1].markdown("**clean input**")
     grid[2].markdown("**triggered input**")
@@ -101,9 +127,9 @@ else:
         row = st.columns([1, 2, 2])
         row[0].markdown(f"**{title}**")
         row[1].image(overlay(smp.clean.mean(0), r.clean_cams.mean(0)), width="stretch",
-                     caption=f"share {100 * r.mean_clean_share:.1f}%")
+                     caption=f"share {100 * (r.mean_clean_strong_share if res.whole_image else r.mean_clean_share):.1f}%")
         row[2].image(overlay(smp.triggered.mean(0), r.triggered_cams.mean(0)), width="stretch",
-                     caption=f"share {100 * r.mean_triggered_share:.1f}%")
+                     caption=f"share {100 * (r.mean_triggered_strong_share if res.whole_image else r.mean_triggered_share):.1f}%")
 
 with st.expander("Trigger footprint"):
     st.image(to_display(np.asarray(res.footprint, dtype=np.float32)[None], scale=6),

@@ -6,14 +6,32 @@ import numpy as np
 import streamlit as st
 import torch
 
-from dashboard.common import device, load_suspect, sidebar, trigger_notice
+from dashboard.common import device, load_suspect, model_line, sidebar, trigger_notice
 from suspects.metrics import DEFINITIONS, predict
+
+
+def run_report(ref: str) -> dict:
+    """The defense run's report.json beside a repaired model's card (empty when it is not there)."""
+    import json
+    from pathlib import Path
+
+    try:
+        out = json.loads((Path(ref) / "report.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return out if isinstance(out, dict) else {}
+
+
+def _num(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
 
 ref = sidebar()
 suspect, lock = load_suspect(ref)
 card = suspect.card
 
 st.title(f"Suspect: {suspect.name}")
+model_line(ref)
 trigger_notice(suspect)
 st.markdown(
     "A **suspect** is a classifier that may carry a backdoor: it behaves normally on clean inputs but sends "
@@ -51,10 +69,27 @@ with left:
         "poisoned training samples": str((card.get("poison") or {}).get("n_poisoned", "—")),
         "provenance": str((card.get("provenance") or {}).get("source", "—")),
     }
+    prov = card.get("provenance") or {}
+    repaired = prov.get("source") == "defense"
+    if repaired:  # a repaired model: the run that made it
+        run = run_report(ref)
+        params = run.get("params", prov.get("params")) or {}
+        rows["provenance"] = f"repaired by {run.get('title') or prov.get('defense')} (defense run)"
+        rows["defense run"] = (f"{prov.get('defense')}, preset {prov.get('preset', run.get('preset', '?'))}, seed "
+                               f"{run.get('seed', '?')}, pool {run.get('pool_size', '?')} images, finished "
+                               f"{run.get('finished') or card.get('created', '?')}")
+        rows["defense parameters"] = ", ".join(f"{k}={_num(v)}" for k, v in params.items()) or "—"
+        rows["repaired from"] = str(prov.get("parent", "?"))
+    elif prov.get("source") == "upload":
+        rows["provenance"] = f"upload of {prov.get('file', '?')}"
     st.table({"field": list(rows), "value": list(rows.values())})
 with right:
-    st.subheader("Training history")
+    st.subheader("Training history" + (" (of the original suspect)" if repaired else ""))
     hist = (card.get("training") or {}).get("history") or []
+    if hist and repaired:
+        st.caption(f"Inherited: this is how **{prov.get('parent', 'the original suspect')}** was trained, before "
+                   f"{prov.get('defense', 'the defense')} repaired it. The repaired model's own BA / ASR / RA are "
+                   "the numbers above.")
     if hist:
         import pandas as pd
 

@@ -5,14 +5,24 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis.figures import ablation_figure
-from analysis.shortcuts import DEFAULT_GAMMAS, NoSkipConnectionsError, ablation_curves
-from dashboard.common import StreamlitProgress, load_suspect, memoized, sample_size, sidebar, trigger_notice
+from analysis.shortcuts import DEFAULT_GAMMAS, NoSkipConnectionsError, ablation_curves, ablation_seconds
+from dashboard.common import (
+    StreamlitProgress,
+    load_suspect,
+    memo_get,
+    memoized,
+    model_line,
+    sample_size,
+    sidebar,
+    trigger_notice,
+)
 from suspects.models import list_residual_blocks
 
 ref = sidebar()
 suspect, lock = load_suspect(ref)
 
 st.title("Skip-connection ablation")
+model_line(ref)
 trigger_notice(suspect)
 st.markdown(
     "Every residual block computes residual(x) + γ·skip(x). Scaling one block's skip output down (γ from 1 to 0) "
@@ -40,14 +50,25 @@ def ablation(ref: str, n: int, gammas: tuple[float, ...], progress: StreamlitPro
 
 
 n = sample_size()
-bar = StreamlitProgress(f"Ablating every block on {n} clean + {n} triggered images")
-try:
-    res = memoized("skip_ablation", (ref, n, DEFAULT_GAMMAS), lambda: ablation(ref, n, DEFAULT_GAMMAS, bar))
-except NoSkipConnectionsError as err:
+key = (ref, n, DEFAULT_GAMMAS)
+res = memo_get("skip_ablation", key)
+if res is None:
+    with lock:
+        eta = ablation_seconds(suspect.model, suspect.input_shape, n)
+    st.info(f"The ablation re-measures BA and ASR for {len(list_residual_blocks(suspect.model))} blocks × "
+            f"{len(DEFAULT_GAMMAS) - 1} values of γ on {n} clean + {n} triggered images: about "
+            f"**{max(1, round(eta))} s** here. Its result is kept and shown at once next time.")
+    if not st.button(f"Run the ablation (about {max(1, round(eta))} s)", key="run_ablation", type="primary",
+                     icon=":material/play_arrow:"):
+        st.stop()
+    bar = StreamlitProgress(f"Ablating every block on {n} clean + {n} triggered images")
+    try:
+        res = memoized("skip_ablation", key, lambda: ablation(ref, n, DEFAULT_GAMMAS, bar))
+    except NoSkipConnectionsError as err:
+        bar.done()
+        st.info(str(err))
+        st.stop()
     bar.done()
-    st.info(str(err))
-    st.stop()
-bar.done()
 
 st.plotly_chart(ablation_figure({suspect.name: res}), key="ablation_curves")
 st.caption(f"{res.n_clean} clean and {res.n_triggered} triggered test images (all-to-one: the target class is "
