@@ -1,6 +1,6 @@
 """Try defense settings on a development split, never on the test split (preset design, not a test).
 
-    python scripts/tune_on_dev.py DEFENSE SUSPECT [--set name=value ...] [--preset quick] [--images 2000]
+    python scripts/tune_on_dev.py DEFENSE SUSPECT [--set name=value ...] [--preset quick] [--images 2000] [--seed 0]
 
 The development split is ``--images`` Fashion-MNIST training images that the demo bundle never used (neither
 for training the demo suspects nor in its test split), drawn with a fixed seed; it needs the full
@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="parameter override")
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--pool-size", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0, help="the defense run's seed (its pool draw and randomness)")
     args = ap.parse_args()
 
     import suspects
@@ -55,11 +56,12 @@ def main() -> None:
     dev = development_split(args.images)
     overrides = parse_sets(args.set)
     t = time.time()
-    report = run_defense(args.defense, sus, args.preset, overrides, pool_size=args.pool_size, suspect_ref=ref)
+    report = run_defense(args.defense, sus, args.preset, overrides, pool_size=args.pool_size, suspect_ref=ref,
+                         seed=args.seed)
     before = evaluate(sus.model, dev, sus.trigger)
     after = evaluate(report.suspect.model, dev, sus.trigger)
     shown = {k: v for k, v in report["artifacts"].items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-    print(f"{args.defense} {ref} {json.dumps(overrides)}: development BA {before.ba:.3f} -> {after.ba:.3f} "
+    print(f"{args.defense} {ref} {json.dumps(overrides)} seed {args.seed}: development BA {before.ba:.3f} -> {after.ba:.3f} "
           f"(drop {before.ba - after.ba:+.3f}), ASR {before.asr:.3f} -> {after.asr:.3f}, {time.time() - t:.0f} s")
     print("artifacts:", json.dumps(shown))
 
