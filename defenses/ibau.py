@@ -86,7 +86,8 @@ class IBAU(Defense):
                "work with few clean images and in few rounds.")
     threat = ThreatModel(clean_pool=True, note="the paper reports results with as few as 100 clean images")
     Params = IBAUParams
-    presets = {"quick": {"n_rounds": 5, "K": 3, "batch_size": 64, "lr": 0.002, "portion": 0.2}, "paper": {}}
+    presets = {"quick": {"n_rounds": 5, "K": 3, "batch_size": 64, "lr": 3e-4, "eta": 0.01, "radius": 3.0, "portion": 0.2},
+               "paper": {}}
     artifact_labels = {"delta_l2": "L2 norm of the last recovered perturbation"}
     curve_labels = {"rounds": "per round: outer loss, delta norm, held-out pool BA / ASR"}
 

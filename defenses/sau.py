@@ -126,7 +126,7 @@ class SAU(Defense):
                "(shared adversarial examples, which include the backdoor's) and unlearns them on a small clean set.")
     threat = ThreatModel(clean_pool=True)
     Params = SAUParams
-    presets = {"quick": {"n_rounds": 5, "lr": 0.001, "batch_size": 128, "adv_steps": 3}, "paper": {}}
+    presets = {"quick": {"n_rounds": 5, "lr": 5e-4, "lmd_1": 3.0, "batch_size": 128, "adv_steps": 3}, "paper": {}}
     artifact_labels = {"shared_share": "share of the last round's images whose perturbation was shared"}
     curve_labels = {"rounds": "per round: losses, shared share, held-out pool BA / ASR"}
 
