@@ -119,7 +119,7 @@ class ANP(Defense):
             t.requires_grad_(True)
         mask_opt = torch.optim.SGD(masks, lr=params.lr, momentum=0.9)
         noise_opt = torch.optim.SGD(noise, lr=params.eps / params.steps)
-        gen = torch.Generator().manual_seed(0)
+        gen = torch.Generator().manual_seed(int(ctx.seed))
         x, y = pool.x, pool.y
         work.train()
         for it in range(params.iterations):

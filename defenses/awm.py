@@ -102,7 +102,7 @@ class AWM(Defense):
         mask_opt = torch.optim.Adam(list(masks.values()), lr=params.lr2, eps=1e-8)
         bs = min(params.batch_size, n)
         steps = max(1, n // bs) * params.inner
-        gen = torch.Generator().manual_seed(0)
+        gen = torch.Generator().manual_seed(int(ctx.seed))
 
         def forward(inp: torch.Tensor) -> torch.Tensor:
             masked = {k: weights[k] * masks[k] for k in weights}

@@ -59,11 +59,13 @@ def pool_asr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, trigger: Trigge
 def fine_tune(model: nn.Module, ctx: RepairContext, *, epochs: int, lr: float, batch_size: int,
               momentum: float = 0.9, weight_decay: float = 5e-4, augment: str = "crop",
               after_step: Callable[[], None] | None = None, span: tuple[float, float] = (0.0, 1.0),
-              label: str = "fine-tuning", schedule: str = "cosine") -> list[float]:
-    """Cross-entropy on the pool's training part (SGD, cosine schedule or a constant learning rate with
-    ``schedule='constant'``, the trainable parameters only) through the
+              label: str = "fine-tuning", schedule: str = "cosine",
+              penalty: Callable[[], torch.Tensor] | None = None) -> list[float]:
+    """Cross-entropy on the pool's training part (plus ``penalty()`` when given; SGD, cosine schedule or a constant
+    learning rate with ``schedule='constant'``, the trainable parameters only) through the
     one training loop :func:`suspects.training.fit`; reports every epoch with the held-out pool BA / ASR over the
-    ``span`` of the defense's progress. Returns the per-epoch mean loss; the model ends in eval mode."""
+    ``span`` of the defense's progress. ``penalty()``, when given, is added to every batch's loss (FST's term on
+    the classifier). Returns the per-epoch mean loss; the model ends in eval mode."""
     x, y, device = ctx.pool.x, ctx.pool.y, ctx.device
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -72,7 +74,7 @@ def fine_tune(model: nn.Module, ctx: RepairContext, *, epochs: int, lr: float, b
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
              if schedule == "cosine" else None)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(int(ctx.seed))  # the run's seed: batch order and crops vary with it
     monitor = pool_monitor(model, ctx.pool, ctx.trigger, device)
     lo, hi = span
 
@@ -84,7 +86,10 @@ def fine_tune(model: nn.Module, ctx: RepairContext, *, epochs: int, lr: float, b
 
     def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
         xb, yb = batch
-        return F.cross_entropy(model(xb), yb), len(yb)
+        loss = F.cross_entropy(model(xb), yb)
+        if penalty is not None:
+            loss = loss + penalty()
+        return loss, len(yb)
 
     def tick(step: FitStep) -> None:
         ctx.check_cancel()

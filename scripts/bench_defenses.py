@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--pool-size", type=int, default=500)
     ap.add_argument("--defenses", default="")
     ap.add_argument("--suspects", default="badnets,blended,sig,wanet")
+    ap.add_argument("--seed", type=int, default=0, help="the runs' seed (pool draw and the defense's randomness)")
     ap.add_argument("--markdown", help="also write the table as Markdown to this file")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch intra-op threads (0 = torch's default); 1 is much faster on a busy shared CPU")
@@ -42,7 +43,7 @@ def main() -> None:
     demo = [s for s in args.suspects.split(",") if s]
     rows = []
     header = f"{'defense':12s} {'suspect':9s} {'BA':>6s} {'ASR':>6s} {'RA':>6s} {'DER':>6s} {'sec':>6s}"
-    print(f"preset {args.preset}, pool {args.pool_size} images, device {describe_device(pick_device())}")
+    print(f"preset {args.preset}, seed {args.seed}, pool {args.pool_size} images, device {describe_device(pick_device())}")
     print(header)
     loaded = {s: suspects.load(f"demo:{s}") for s in demo}
     for s, sus in loaded.items():
@@ -53,7 +54,7 @@ def main() -> None:
         for s, sus in loaded.items():
             t = time.time()
             try:
-                r = run_defense(d, sus, args.preset, pool_size=args.pool_size, suspect_ref=f"demo:{s}")
+                r = run_defense(d, sus, args.preset, pool_size=args.pool_size, suspect_ref=f"demo:{s}", seed=args.seed)
             except Exception as err:  # noqa: BLE001 - a benchmark reports and goes on
                 print(f"{d:12s} {s:9s} failed: {err}", flush=True)
                 continue
