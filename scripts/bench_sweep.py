@@ -32,7 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--json", help="also write the numbers to this file")
+    ap.add_argument("--finetune-epochs", type=int, default=GRID["sets"]["finetune.epochs"],
+                    help="fine-tuning epochs per cell (default: the test grid's 1; larger cells show the scaling)")
+    ap.add_argument("--pool-size", type=int, default=GRID["pool_size"], help="clean pool images per cell")
     args = ap.parse_args(argv)
+    GRID["sets"]["finetune.epochs"] = args.finetune_epochs
+    GRID["pool_size"] = args.pool_size
 
     import suspects
     from defenses.runner import run_defense
