@@ -538,11 +538,8 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def scan_images(suspect, config: ScanConfig) -> torch.Tensor:
-    """The clean defense-pool images a scan uses (a seeded subset; never the test split)."""
-    pool = suspect.defense_pool
-    n = min(int(config.n_images), len(pool))
-    idx = torch.randperm(len(pool), generator=torch.Generator().manual_seed(int(config.seed)))[:n]
-    return pool.images(idx)
+    """The clean defense-pool images a scan uses (:func:`scan_data` without the labels)."""
+    return scan_data(suspect, config)[0]
 
 
 def scan_suspect(suspect, config: ScanConfig | None = None, progress: Progress | None = None,
