@@ -18,7 +18,8 @@ from .registry import register_defense
 
 @dataclass
 class FineTuneParams:
-    epochs: int = param(100, help="passes over the clean pool", min=1, max=1000)
+    steps: int = param(1000, help="optimisation steps (batches); the official 100 epochs over 2,500 images in batches "
+                             "of 256 are 1,000 steps", min=1, max=100000)
     lr: float = param(0.01, help="SGD learning rate (cosine-annealed to 0)", min=1e-6, max=1.0)
     momentum: float = param(0.9, help="SGD momentum", min=0.0, max=0.999)
     weight_decay: float = param(5e-4, help="L2 weight decay", min=0.0, max=0.1)
@@ -36,10 +37,10 @@ class FineTune(Defense):
                "never exercised, so it tends to fade; this is the control every defense must beat.")
     threat = ThreatModel(clean_pool=True)
     Params = FineTuneParams
-    presets = {"quick": {"epochs": 20, "lr": 0.05, "batch_size": 64}, "paper": {}}
+    presets = {"quick": {"steps": 140, "lr": 0.05, "batch_size": 64}, "paper": {}}
 
     def repair(self, model, params: FineTuneParams, ctx: RepairContext) -> DefenseOutput:
-        losses = fine_tune(model, ctx, epochs=params.epochs, lr=params.lr, batch_size=params.batch_size,
+        losses = fine_tune(model, ctx, steps=params.steps, lr=params.lr, batch_size=params.batch_size,
                            momentum=params.momentum, weight_decay=params.weight_decay, augment=params.augment)
         pool = ctx.pool
         return DefenseOutput(model, {"held_out_ba": pool_accuracy(model, pool.x_val, pool.y_val, ctx.device)},

@@ -33,7 +33,7 @@ from suspects.metrics import (
     stored_metrics,
     wilson_interval,
 )
-from suspects.store import Suspect
+from suspects.store import Suspect, without_test_split
 from suspects.training import seed_everything
 
 from .base import Defense, ParamError
@@ -45,11 +45,19 @@ __all__ = ["defense_pool", "run_defense", "DefenseRun", "parse_measure"]
 FULL_SPLIT = "the whole test split"
 
 
-def parse_measure(measure: str | None) -> int | None:
-    """``"full"`` (or None) -> None (the whole test split); ``"subset:N"`` -> N (N random test images, N >= 1)."""
+AUTO_FULL_LIMIT = 5000  # ``measure="auto"``: the whole test split up to this many images ...
+AUTO_SUBSET = 2000  # ... else this many random ones (with 95% intervals)
+
+
+def parse_measure(measure: str | None, n_test: int | None = None) -> int | None:
+    """``"full"`` (or None) -> None (the whole test split); ``"subset:N"`` -> N (N random test images, N >= 1);
+    ``"auto"`` -> the whole split when it has at most ``AUTO_FULL_LIMIT`` images (or ``n_test`` is unknown), else
+    ``AUTO_SUBSET`` random images: a live run on a full-size test split answers in seconds, with its interval."""
     text = str(measure or "full").strip().lower()
     if text == "full":
         return None
+    if text == "auto":
+        return AUTO_SUBSET if n_test is not None and n_test > AUTO_FULL_LIMIT else None
     if text.startswith("subset:"):
         try:
             n = int(text.split(":", 1)[1])
@@ -57,7 +65,7 @@ def parse_measure(measure: str | None) -> int | None:
             n = 0
         if n >= 1:
             return n
-    raise ParamError(f"measure must be 'full' or 'subset:N' with N >= 1, got {measure!r}")
+    raise ParamError(f"measure must be 'full', 'auto' or 'subset:N' with N >= 1, got {measure!r}")
 
 
 def intervals(m: Metrics) -> dict[str, list[float] | None]:
@@ -99,7 +107,8 @@ def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: d
     """Validate, run and measure a defense. Raises ParamError / ValueError before anything runs on bad input.
 
     ``measure``: ``"full"`` measures "after" on the whole test split; ``"subset:N"`` on N random test images
-    (faster, for live runs; the report states it and gives the 95% intervals).
+    (faster, for live runs; the report states it and gives the 95% intervals); ``"auto"`` chooses between them by
+    the split's size (:func:`parse_measure`).
 
     ``artifacts_dir``: a folder this run owns, where a defense keeps files (``ctx.artifacts``; e.g. DBD's stage-1
     backbone). The caller decides what becomes of it (the job queue moves it into the finished run's folder);
@@ -108,7 +117,7 @@ def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: d
     defense: Defense = get_defense(name)
     params = defense.make_params(preset, overrides)
     defense.check_applicable(suspect)
-    subset = parse_measure(measure)
+    subset = parse_measure(measure, len(suspect.test))
     report_progress = progress or (lambda f, m, d: None)
     stop = should_stop or (lambda: False)
     device = pick_device(str(device) if device is not None else None)
@@ -129,7 +138,7 @@ def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: d
         report_progress(0.02 + 0.93 * min(max(fraction, 0.0), 1.0), message, metrics)
 
     artifacts = Path(artifacts_dir) if artifacts_dir is not None else None
-    ctx = RepairContext(suspect, pool, device, seed=seed, artifacts=artifacts, progress=scaled, should_stop=stop)
+    ctx = RepairContext(without_test_split(suspect), pool, device, seed=seed, artifacts=artifacts, progress=scaled, should_stop=stop)
     out = defense.repair(model, params, ctx)
     repaired = out.model.eval()
     report_progress(0.96, "measuring the repaired model", {})

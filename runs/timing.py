@@ -126,7 +126,10 @@ def budget_passes(defense: str, params: Any, n_train: int, n_val: int, n_channel
     its parameters (pruning: at most ``max_ratio`` of the last layer's ``n_channels``, one held-out measurement per
     channel); None for a defense this rule does not know."""
     p = asdict(params) if not isinstance(params, dict) else params
-    if defense in ("finetune", "shortcut"):
+    if defense == "finetune":  # counted in steps; the held-out pool is measured after every pass over the pool
+        passes_over_pool = -(-p["steps"] // max(1, -(-n_train // p["batch_size"])))
+        return p["steps"] * min(p["batch_size"], max(1, n_train)) + FORWARD_SHARE * 2 * n_val * passes_over_pool
+    if defense == "shortcut":
         return p["epochs"] * n_train + FORWARD_SHARE * 2 * n_val * p["epochs"]
     if defense == "fineprune":
         steps = max(1, int(p["max_ratio"] / max(p["once_prune_ratio"], 1e-6)))
@@ -155,7 +158,7 @@ def estimate_seconds(defense: str, params: Any, suspect: Suspect, pool_size: int
     idx = torch.arange(min(32, len(pool)))
     per = pass_seconds(suspect.model, pool.images(idx), pool.labels[idx], device)
     n_test = len(suspect.test)
-    subset = parse_measure(measure)
+    subset = parse_measure(measure, n_test)
     after_n = n_test if subset is None else min(subset, n_test)
     triggered = 2.0 if suspect.trigger is not None else 1.0  # clean + triggered copies
     reuse = stored_metrics(suspect.card, suspect.model, suspect.test, suspect.trigger) is not None

@@ -25,18 +25,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 GRID = {"defenses": "finetune,linf_prune", "suspects": ["demo:badnets"], "seeds": 2,
-        "sets": {"finetune.epochs": 1, "linf_prune.max_ratio": 0.1}, "pool_size": 50}
+        "sets": {"finetune.steps": 1, "linf_prune.max_ratio": 0.1}, "pool_size": 50}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--json", help="also write the numbers to this file")
-    ap.add_argument("--finetune-epochs", type=int, default=GRID["sets"]["finetune.epochs"],
-                    help="fine-tuning epochs per cell (default: the test grid's 1; larger cells show the scaling)")
+    ap.add_argument("--finetune-steps", type=int, default=GRID["sets"]["finetune.steps"],
+                    help="fine-tuning steps per cell (default: the test grid's 1; larger cells show the scaling)")
     ap.add_argument("--pool-size", type=int, default=GRID["pool_size"], help="clean pool images per cell")
     args = ap.parse_args(argv)
-    GRID["sets"]["finetune.epochs"] = args.finetune_epochs
+    GRID["sets"]["finetune.steps"] = args.finetune_steps
     GRID["pool_size"] = args.pool_size
 
     import suspects

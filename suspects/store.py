@@ -33,6 +33,8 @@ from .triggers import PoisonPlan, Trigger, trigger_from_spec
 
 __all__ = [
     "Suspect",
+    "SealedSplitError",
+    "without_test_split",
     "SuspectLoadError",
     "CheckpointError",
     "load",
@@ -141,6 +143,36 @@ class Suspect:
                               torch.tensor(raw.get("noise_idx", []), dtype=torch.long))
         return PoisonedDataset(self.data.train, trig, float(poison.get("rate", 0.0)), int(poison.get("seed", 0)),
                                exclude=self.split[1], plan=plan)
+
+
+class SealedSplitError(RuntimeError):
+    """Raised when code that must not see the test split (a defense) touches it."""
+
+
+class SealedSplit:
+    """Stands in for the test split where it must not be used: any use raises :class:`SealedSplitError`."""
+
+    def __init__(self, why: str) -> None:
+        object.__setattr__(self, "_why", why)
+
+    def _refuse(self, *_: object, **__: object):
+        raise SealedSplitError(object.__getattribute__(self, "_why"))
+
+    def __getattr__(self, name: str):
+        self._refuse()
+
+    __len__ = __iter__ = __getitem__ = _refuse
+
+
+def without_test_split(suspect: Suspect, why: str = "a defense may not read the test split: it works on its clean "
+                                                    "pool only, and the test split is kept for measuring it") -> Suspect:
+    """A view of ``suspect`` (same model, card, trigger, training data) whose test split is sealed: reading
+    ``view.test`` or ``view.data.test`` raises :class:`SealedSplitError`. Defenses get this view, so no preset,
+    threshold or stopping rule can be chosen with test-split numbers."""
+    view = copy.copy(suspect)
+    pair = suspect.data
+    view.__dict__["data"] = DatasetPair(pair.train, SealedSplit(why), dict(pair.spec))  # type: ignore[arg-type]
+    return view
 
 
 def adopt_trigger(suspect: Suspect, spec: dict[str, Any], parent: str | None = None) -> Suspect:

@@ -229,7 +229,7 @@ def test_compare_page_shows_the_runs_table_and_charts(server, browser, shots, ru
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the server shares the 2 cores
     try:
-        for defense, overrides in (("linf_prune", {}), ("finetune", {"epochs": 2})):
+        for defense, overrides in (("linf_prune", {}), ("finetune", {"steps": 4})):
             run_id = create_run(store, defense, "demo:badnets", "quick", overrides, pool_size=300, pid=os.getpid())
             assert execute(store, run_id) == "finished", store.get(run_id).error
     finally:

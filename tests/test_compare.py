@@ -62,7 +62,7 @@ def fake_store(tmp_path_factory) -> RunStore:
     store = RunStore(tmp_path_factory.mktemp("fake-runs"))
     model = suspects.load("demo:badnets")
     for defense, ba, asr in FAKE:
-        rid = store.create(defense, "demo:badnets", "quick", {"epochs": 2} if defense == "finetune" else {}, 300, 0)
+        rid = store.create(defense, "demo:badnets", "quick", {"steps": 4} if defense == "finetune" else {}, 300, 0)
         store.finish(rid, _fake_report(defense, ba, asr), model)
     other = store.create("finetune", "demo:blended", "quick", {}, 300, 0)
     store.finish(other, _fake_report("finetune", 0.99, 0.0), model)
@@ -75,7 +75,7 @@ def fake_store(tmp_path_factory) -> RunStore:
 def real_store(tmp_path_factory) -> RunStore:
     """One real, tiny defense run on the BadNets demo suspect (fine-tuning, 1 epoch on 100 pool images)."""
     store = RunStore(tmp_path_factory.mktemp("real-runs"))
-    rid = create_run(store, "finetune", "demo:badnets", "quick", {"epochs": 1, "lr": 0.05}, pool_size=100,
+    rid = create_run(store, "finetune", "demo:badnets", "quick", {"steps": 2, "lr": 0.05}, pool_size=100,
                      pid=os.getpid())
     assert execute(store, rid) == "finished", store.get(rid).error
     return store

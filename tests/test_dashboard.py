@@ -133,7 +133,7 @@ def test_defenses_page_runs_a_job_that_survives_a_reload(tmp_path, monkeypatch):
     titles = [s.value for s in at.subheader]
     assert titles[:6] == ["Shortcut suppression (SSFT)", "l_inf neuron pruning", "Adversarial Weight Masking (AWM)",
                           "Adversarial Neuron Pruning (ANP)", "Fine-Pruning", "Fine-tuning"]
-    at.number_input(key="p_finetune_quick_epochs").set_value(3)
+    at.number_input(key="p_finetune_quick_steps").set_value(6)
     at.button(key="run_finetune").click().run()
     assert not at.exception, at.exception
     # a new session (a reload or another tab) sees the same job

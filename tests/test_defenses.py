@@ -10,7 +10,7 @@ from defenses.base import param_specs
 
 # Small budgets: enough to show each method's effect on the demo BadNets suspect in seconds on a CPU.
 REDUCED = {
-    "finetune": {"epochs": 5},
+    "finetune": {"steps": 10},
     "fineprune": {"epochs": 3},
     "shortcut": {"epochs": 3},
     "linf_prune": {},
@@ -62,14 +62,14 @@ def test_awm_one_shot_runs(badnets):
 
 
 @pytest.mark.parametrize("name,overrides,message", [
-    ("finetune", {"epochs": 0}, "'epochs' must lie in"),
+    ("finetune", {"steps": 0}, "'steps' must lie in"),
     ("finetune", {"lr": -1}, "'lr' must lie in"),
     ("finetune", {"lr": "fast"}, "'lr' must be a number"),
     ("anp", {"eps": float("nan")}, "'eps' must be finite"),
     ("awm", {"alpha": 1.5}, "'alpha' must lie in"),
     ("linf_prune", {"norm": "l7"}, "'norm' must be one of"),
     ("fineprune", {"bogus": 1}, "unknown parameter"),
-    ("finetune", {"epochs": 2.5}, "whole number"),
+    ("finetune", {"steps": 2.5}, "whole number"),
 ])
 def test_nonsense_parameters_are_refused_before_running(badnets, name, overrides, message):
     with pytest.raises(ParamError, match=message):
@@ -113,7 +113,7 @@ def test_odd_batches_train_on_the_cpu_without_crashing():
             "for n in (3, 7):\n"
             "    F.cross_entropy(m(to_device(s.test.images(torch.arange(n)), 'cpu')), s.test.labels[:n]).backward()\n"
             "for n in (3, 5):\n"
-            "    r = run_defense('finetune', s, 'quick', {'epochs': 2}, pool_size=n)\n"
+            "    r = run_defense('finetune', s, 'quick', {'steps': 4}, pool_size=n)\n"
             "    assert r['pool_split']['train'] == n, r['pool_split']\n"
             "print('ok')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

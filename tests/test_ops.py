@@ -63,7 +63,7 @@ def _zombie(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to see zombies")
 def test_ensure_worker_starts_one_and_reaps_it(tmp_path):
     store = RunStore(tmp_path)
-    rid = jobs.submit(store, "finetune", "demo:badnets", "quick", {"epochs": 1}, pool_size=100, start_worker=False)
+    rid = jobs.submit(store, "finetune", "demo:badnets", "quick", {"steps": 2}, pool_size=100, start_worker=False)
     started = []
     for _ in range(12):  # the Defenses page calls it on every 1-s refresh while the run is queued
         proc = jobs.ensure_worker(store)
@@ -104,7 +104,7 @@ def _counting(monkeypatch) -> list[int]:
 
 def test_before_metrics_come_from_the_card_when_weights_and_data_match(badnets, monkeypatch):
     calls = _counting(monkeypatch)
-    first = run_defense("finetune", badnets, "quick", {"epochs": 1}, pool_size=100)
+    first = run_defense("finetune", badnets, "quick", {"steps": 2}, pool_size=100)
     # the demo cards carry the fingerprints of their weights and data: only "after" is measured
     assert first["before_source"] == "card" and calls == [len(badnets.test)]
     assert (first["ba_before"], first["asr_before"]) == (badnets.card["metrics"]["ba"], badnets.card["metrics"]["asr"])
@@ -114,7 +114,7 @@ def test_before_metrics_come_from_the_card_when_weights_and_data_match(badnets, 
     assert m["data_fingerprint"] == data_fingerprint(repaired.test, repaired.trigger)
 
     calls.clear()
-    second = run_defense("finetune", repaired, "quick", {"epochs": 1}, pool_size=100)
+    second = run_defense("finetune", repaired, "quick", {"steps": 2}, pool_size=100)
     assert len(calls) == 1, "the stored metrics of the same weights and data are reused"
     assert second["before_source"] == "card"
     assert (second["ba_before"], second["asr_before"]) == (first["ba"], first["asr"])
@@ -124,7 +124,7 @@ def test_before_metrics_come_from_the_card_when_weights_and_data_match(badnets, 
         next(repaired.model.parameters()).add_(0.01)
     assert stored_metrics(repaired.card, repaired.model, repaired.test, repaired.trigger) is None
     calls.clear()
-    third = run_defense("finetune", repaired, "quick", {"epochs": 1}, pool_size=100)
+    third = run_defense("finetune", repaired, "quick", {"steps": 2}, pool_size=100)
     assert len(calls) == 2 and third["before_source"] == "measured"
 
 
@@ -150,7 +150,7 @@ def test_stored_metrics_need_the_same_test_split_and_trigger(badnets):
 
 
 def test_after_on_a_subset_with_intervals(badnets):
-    report = run_defense("finetune", badnets, "quick", {"epochs": 1}, pool_size=100, measure="subset:200")
+    report = run_defense("finetune", badnets, "quick", {"steps": 2}, pool_size=100, measure="subset:200")
     assert report["n_clean"] == 200 and report["measured_on"] == "200 random images of the test split"
     for key in ("ba", "asr", "ra"):
         lo, hi = report["ci95"][key]
@@ -174,7 +174,7 @@ def test_measure_option_and_wilson_interval():
 
 def test_a_queued_run_keeps_its_measure_option(tmp_path):
     store = RunStore(tmp_path)
-    rid = jobs.submit(store, "finetune", "demo:badnets", "quick", {"epochs": 1}, pool_size=100,
+    rid = jobs.submit(store, "finetune", "demo:badnets", "quick", {"steps": 2}, pool_size=100,
                       start_worker=False, measure="subset:150")
     assert store.get(rid).params["_measure"] == "subset:150"
     with pytest.raises(ParamError):
@@ -213,7 +213,7 @@ def test_defenses_page_starts_at_most_one_worker_and_reaps_it(tmp_path, monkeypa
 
     monkeypatch.setenv("BACKDOOR_LENS_RUNS", str(tmp_path))
     store = RunStore(tmp_path)
-    rid = jobs.submit(store, "finetune", "demo:badnets", "quick", {"epochs": 1}, pool_size=100, start_worker=False)
+    rid = jobs.submit(store, "finetune", "demo:badnets", "quick", {"steps": 2}, pool_size=100, start_worker=False)
     started: list[subprocess.Popen] = []
 
     def popen(cmd, **kw):  # a stand-in worker: a real child process that ends by itself, without running anything
@@ -258,18 +258,18 @@ def test_expected_time_is_measured_from_the_store_else_estimated(tmp_path, badne
     from runs.timing import budget_passes, expected_time
 
     store = RunStore(tmp_path)
-    first = expected_time(store, "finetune", "quick", {"epochs": 1}, badnets, "demo:badnets", 100, "cpu")
+    first = expected_time(store, "finetune", "quick", {"steps": 2}, badnets, "demo:badnets", 100, "cpu")
     assert first.source == "estimated" and first.seconds > 0 and "estimated" in first.text()
-    rid = jobs.submit(store, "finetune", "demo:badnets", "quick", {"epochs": 1}, pool_size=100, start_worker=False,
+    rid = jobs.submit(store, "finetune", "demo:badnets", "quick", {"steps": 2}, pool_size=100, start_worker=False,
                       device="cpu")
     store.claim_next(os.getpid())
     assert jobs.execute(store, rid, suspect=badnets) == "finished"
     seconds = store.report(rid)["seconds"]
-    again = expected_time(store, "finetune", "quick", {"epochs": 1}, badnets, "demo:badnets", 100, "cpu")
+    again = expected_time(store, "finetune", "quick", {"steps": 2}, badnets, "demo:badnets", 100, "cpu")
     assert (again.source, again.n_runs, again.seconds) == ("measured", 1, seconds)
     assert "measured from 1 run" in again.text()
-    other = expected_time(store, "finetune", "quick", {"epochs": 2}, badnets, "demo:badnets", 100, "cpu")
+    other = expected_time(store, "finetune", "quick", {"steps": 4}, badnets, "demo:badnets", 100, "cpu")
     assert other.source == "estimated"  # other parameters: not the same run
-    assert budget_passes("finetune", {"epochs": 2}, 80, 20) > budget_passes("finetune", {"epochs": 1}, 80, 20)
+    assert budget_passes("finetune", {"steps": 4, "batch_size": 64}, 80, 20) > budget_passes("finetune", {"steps": 2, "batch_size": 64}, 80, 20)
     unknown = expected_time(store, "dbd", "quick", None, badnets, "demo:badnets", 100, "cpu")
     assert unknown.seconds is None and "unknown" in unknown.text()

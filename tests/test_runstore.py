@@ -75,7 +75,7 @@ def test_cancel_a_queued_run(tmp_path):
 
 def test_cancel_a_running_run(tmp_path):
     store = RunStore(tmp_path)
-    rid = submit(store, "finetune", "demo:badnets", "quick", {"epochs": 50}, pool_size=100, start_worker=False)
+    rid = submit(store, "finetune", "demo:badnets", "quick", {"steps": 100}, pool_size=100, start_worker=False)
     store.claim_next(os.getpid())
     calls = []
 
@@ -90,8 +90,8 @@ def test_cancel_a_running_run(tmp_path):
 
 def test_submit_refuses_nonsense_before_queueing(tmp_path):
     store = RunStore(tmp_path)
-    with pytest.raises(ValueError, match="'epochs' must lie in"):
-        submit(store, "finetune", "demo:badnets", "quick", {"epochs": -3}, start_worker=False)
+    with pytest.raises(ValueError, match="'steps' must lie in"):
+        submit(store, "finetune", "demo:badnets", "quick", {"steps": -3}, start_worker=False)
     with pytest.raises(ValueError, match="pool size"):
         submit(store, "finetune", "demo:badnets", "quick", {}, pool_size=0, start_worker=False)
     assert store.list() == []
@@ -100,7 +100,7 @@ def test_submit_refuses_nonsense_before_queueing(tmp_path):
 def test_background_worker_runs_the_queue_in_order(tmp_path):
     store = RunStore(tmp_path)
     a = submit(store, "linf_prune", "demo:badnets", "quick", {"max_ratio": 0.05}, pool_size=100)
-    b = submit(store, "finetune", "demo:badnets", "quick", {"epochs": 1}, pool_size=100)
+    b = submit(store, "finetune", "demo:badnets", "quick", {"steps": 2}, pool_size=100)
     deadline = time.time() + 240
     while time.time() < deadline and any(store.get(r).active for r in (a, b)):
         time.sleep(1)

@@ -20,7 +20,7 @@ from runs.store import RunStore
 from runs.sweep import CRASH_ENV, SweepSpec, get_sweep, list_sweeps, run_sweep, sweep_cells
 
 SUSPECT = "demo:badnets"
-SETS = {"finetune.epochs": 1, "linf_prune.max_ratio": 0.1}
+SETS = {"finetune.steps": 1, "linf_prune.max_ratio": 0.1}
 
 
 # --- without Ray --------------------------------------------------------------------------------------------
@@ -32,16 +32,16 @@ def test_spec_expands_the_grid_with_distinct_keys(tmp_path):
     assert spec.size() == len(cells) == 12
     assert len({c.key for c in cells}) == 12
     assert {c.seed for c in cells} == {0, 1, 2}
-    assert all(c.overrides == {"epochs": 1} for c in cells if c.defense == "finetune")
+    assert all(c.overrides == {"steps": 1} for c in cells if c.defense == "finetune")
     assert spec.cells({SUSPECT: "other"})[0].key != cells[0].key  # another suspect, other keys
     assert spec.id == SweepSpec.build(["finetune", "linf_prune"], SUSPECT, ["quick", "paper"], [0, 1, 2],
                                       sets=SETS, pool_size=50).id
     grid = tmp_path / "grid.toml"
     grid.write_text('defenses = ["finetune", "linf_prune"]\nsuspects = ["demo:badnets"]\npresets = ["quick", "paper"]\n'
-                    'seeds = 3\npool_size = 50\n[set.finetune]\nepochs = 1\n[set.linf_prune]\nmax_ratio = 0.1\n')
+                    'seeds = 3\npool_size = 50\n[set.finetune]\nsteps = 1\n[set.linf_prune]\nmax_ratio = 0.1\n')
     assert SweepSpec.from_toml(grid).id == spec.id
     with pytest.raises(ParamError):
-        SweepSpec.build("finetune", SUSPECT, sets={"epochs": 1})  # --set in a sweep names its defense
+        SweepSpec.build("finetune", SUSPECT, sets={"steps": 1})  # --set in a sweep names its defense
     with pytest.raises(ParamError):
         SweepSpec.build("finetune", SUSPECT, sets={"anp.eps": 0.1})  # a defense not in the sweep
     with pytest.raises(ValueError):
@@ -139,19 +139,19 @@ def test_same_seed_same_cell_same_numbers(ray_local, store):
     table = runs_table(store, SUSPECT)
     row = table[(table.defense == "finetune") & (table.seed == 0)].iloc[0]
     torch.set_num_threads(1)
-    local = run_defense("finetune", suspects.load(SUSPECT), "quick", {"epochs": 1}, pool_size=50, seed=0,
+    local = run_defense("finetune", suspects.load(SUSPECT), "quick", {"steps": 1}, pool_size=50, seed=0,
                         device="cpu")
     assert (local["ba"], local["asr"], local["ra"]) == (row["ba"], row["asr"], row["ra"])
 
 
 def test_failing_cell_is_recorded_and_the_others_finish(ray_local, store):
     spec = SweepSpec.build("finetune,linf_prune", SUSPECT, "quick", [5],
-                           sets={"finetune.epochs": 0, "linf_prune.max_ratio": 0.1}, pool_size=50)
+                           sets={"finetune.steps": 0, "linf_prune.max_ratio": 0.1}, pool_size=50)
     result = run_sweep(spec, store)
-    assert len(result.failed) == 1 and "epochs" in next(iter(result.failed.values()))
+    assert len(result.failed) == 1 and "steps" in next(iter(result.failed.values()))
     assert len(result.runs) == 1
     cells = {c["defense"]: c for c in sweep_cells(store, spec.id)}
-    assert cells["finetune"]["status"] == "failed" and "epochs" in cells["finetune"]["error"]
+    assert cells["finetune"]["status"] == "failed" and "steps" in cells["finetune"]["error"]
     assert cells["linf_prune"]["status"] == "finished" and store.get(cells["linf_prune"]["run_id"]).status == "finished"
     rec = get_sweep(store, spec.id)
     assert (rec.status, rec.done, rec.failed) == ("finished", 1, 1)
@@ -164,7 +164,7 @@ def test_cli_sweep_from_a_toml_file_and_compare_exports(ray_local, store, tiny, 
 
     grid = tmp_path / "grid.toml"
     grid.write_text('defenses = "finetune,linf_prune"\nsuspects = ["demo:badnets"]\nseeds = 2\npool_size = 50\n'
-                    '[set.finetune]\nepochs = 1\n[set.linf_prune]\nmax_ratio = 0.1\n')
+                    '[set.finetune]\nsteps = 1\n[set.linf_prune]\nmax_ratio = 0.1\n')
     root = str(store.root)
     assert main(["sweep", str(grid), "--runs", root, "--quiet"]) == 0
     captured = capsys.readouterr()
@@ -201,7 +201,7 @@ def test_compare_page_shows_sweeps_and_queues_one_the_worker_runs(ray_local, sto
     at.multiselect(key="cmp_sw_defenses").set_value(["finetune", "linf_prune"])
     at.number_input(key="cmp_sw_seeds").set_value(2)
     at.number_input(key="cmp_sw_pool").set_value(50)
-    at.text_area(key="cmp_sw_sets").input("finetune.epochs=1\nlinf_prune.max_ratio=0.1")
+    at.text_area(key="cmp_sw_sets").input("finetune.steps=1\nlinf_prune.max_ratio=0.1")
     next(b for b in at.button if b.label == "Start the sweep").click().run()
     assert not at.exception, at.exception
     assert any(tiny.id in s.value for s in at.success) and started == [store.root]

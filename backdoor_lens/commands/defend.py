@@ -26,10 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="run N times with seeds SEED..SEED+N-1 and report mean ± sd of BA / ASR / RA / DER")
     add_runs_flag(p)
     p.add_argument("--device", help="cpu, cuda, mps (default: best available)")
-    p.add_argument("--measure", default="full", metavar="full|subset:N",
-                   help="measure 'after' on the whole test split (default) or on N random test images, with a 95%% "
-                        "interval either way; 'before' comes from the suspect's card when it holds metrics for the "
-                        "same weights and data")
+    p.add_argument("--measure", default="auto", metavar="auto|full|subset:N",
+                   help="measure 'after' on the whole test split (full), on N random test images (subset:N), or "
+                        "auto (default): the whole split up to 5,000 images, else 2,000 random ones; a 95%% interval "
+                        "either way. 'before' comes from the suspect's card when it holds metrics for the same "
+                        "weights and data")
     p.add_argument("--no-estimate", action="store_true",
                    help="do not time a training step to estimate the wall time before starting")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -71,6 +72,7 @@ def _run_one(args: argparse.Namespace, seed: int, suspect, summary: bool = True)
     """One run with ``seed``; returns the exit code (and, with ``summary=False``, the run id; nothing printed)."""
     from defenses.base import Cancelled
     from defenses.registry import get_defense
+    from defenses.runner import FULL_SPLIT
     from runs.jobs import create_run, device_lock, execute
     from runs.store import RunStore
     from runs.timing import expected_time
@@ -109,6 +111,8 @@ def _run_one(args: argparse.Namespace, seed: int, suspect, summary: bool = True)
     ci = report.get("ci95") or {}
     print(f"  before: {'from the card (same weights and data)' if report.get('before_source') == 'card' else 'measured'}"
           f"; after: measured on {report.get('measured_on', 'the whole test split')}")
+    if report.get("measured_on", FULL_SPLIT) != FULL_SPLIT:
+        print("  (a random subset, to answer sooner on a large test split: --measure full measures all of it)")
     for key, label in (("ba", "BA"), ("asr", "ASR"), ("ra", "RA")):
         before, after = report.get(f"{key}_before"), report.get(key)
         if after is not None:

@@ -83,7 +83,7 @@ with st.expander("Start a sweep", icon=":material/grid_view:"):
         sw_seeds = g[2].number_input("Seeds", 1, 20, 3, key="cmp_sw_seeds")
         sw_pool = g[3].number_input("Pool size", 1, 100000, 500, key="cmp_sw_pool")
         sw_sets = st.text_area("Overrides (one defense.name=value a line)", key="cmp_sw_sets",
-                               placeholder="finetune.epochs=5")
+                               placeholder="finetune.steps=20")
         sw_cpus = st.number_input("CPUs (local Ray; 0 = all cores)", 0, 512, 0, key="cmp_sw_cpus")
         if st.form_submit_button("Start the sweep", type="primary"):
             try:

@@ -1,0 +1,240 @@
+"""The defense benchmark: run the grid into a run store, and regenerate its document from that store.
+
+    python scripts/benchmark.py run   [--defenses a,b] [--suspects badnets,blended,sig,wanet] [--presets quick,paper]
+                                      [--seeds 3] [--runs bench-runs] [--pool-size 500]
+    python scripts/benchmark.py write [--runs bench-runs] [--out docs/defense-benchmarks.md]
+    python scripts/benchmark.py all   (run, then write)
+
+``run`` executes every (defense, demo suspect, preset, seed) cell that the store does not hold yet, one at a time
+(timings are only meaningful alone on the machine), each measured on the whole demo test split, with the run's
+config, seconds and device stored beside it. ``write`` reads the store only: per attack a table of mean +- sd over
+the seeds of BA, BA drop, ASR, RA, DER and seconds, the Pareto front, the published numbers for the same method
+(tagged, another setting), and the goal checks; the per-run rows go to a CSV next to the document.
+Defenses never see the test split (the runner seals it); their presets were chosen on the development split
+(``scripts/tune_on_dev.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+ATTACKS = ("badnets", "blended", "sig", "wanet")
+DOC = Path("docs/defense-benchmarks.md")
+POST_TRAINING = ("shortcut", "linf_prune", "awm", "anp", "fineprune", "finetune", "sau", "fst", "ibau")
+
+
+def _cells_done(store, suspect_ref: str) -> set[tuple[str, str, str, int, int]]:
+    from runs.compare import runs_table
+
+    table = runs_table(store, suspect_ref)
+    return {(d, p, o, int(s), int(n)) for d, p, o, s, n in
+            zip(table["defense"], table["preset"], table["overrides"], table["seed"], table["clean_images"],
+                strict=True)}
+
+
+def run_grid(args: argparse.Namespace) -> int:
+    import suspects
+    from backdoor_lens.cli import parse_sets
+    from defenses import list_defenses
+    from runs.jobs import create_run, execute
+    from runs.store import RunStore
+
+    store = RunStore(args.runs)
+    names = [d for d in (args.defenses.split(",") if args.defenses else list_defenses()) if d]
+    overrides = parse_sets(args.set)
+    if overrides and len(names) != 1:
+        print("--set overrides one defense's parameters: name exactly one with --defenses", file=sys.stderr)
+        return 2
+    label = ", ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+    failures = 0
+    for attack in [s for s in args.suspects.split(",") if s]:
+        ref = f"demo:{attack}"
+        suspect = suspects.load(ref)
+        done = _cells_done(store, ref)
+        for defense in names:
+            for preset in [p for p in args.presets.split(",") if p]:
+                for seed in range(args.seeds):
+                    if (defense, preset, label, seed, args.pool_size) in done:
+                        continue
+                    t = time.time()
+                    rid = create_run(store, defense, ref, preset, overrides, args.pool_size, seed, None, pid=os.getpid(),
+                                     measure="full", suspect=suspect)
+                    status = execute(store, rid, None, suspect=suspect)
+                    rec = store.get(rid)
+                    print(f"{defense:11s} {preset:6s} {attack:8s} seed {seed}: {status}"
+                          + (f" ({rec.error})" if status != "finished" else "") + f", {time.time() - t:.0f} s",
+                          flush=True)
+                    failures += status != "finished"
+    return 1 if failures else 0
+
+
+def _pm(mean: float, sd: float, digits: int = 3) -> str:
+    if mean is None or math.isnan(mean):
+        return "n/a"
+    return f"{mean:.{digits}f}" + ("" if sd is None or math.isnan(sd) else f" ± {sd:.{digits}f}")
+
+
+def collect(store, attacks=ATTACKS):
+    """Per attack: (the suspect's before-metrics, grouped runs with drop columns), from the store only."""
+    import pandas as pd
+
+    from runs.compare import group_runs, runs_table
+
+    out = {}
+    frames = []
+    for attack in attacks:
+        table = runs_table(store, f"demo:{attack}")
+        if table.empty:
+            continue
+        table = table.assign(attack=attack, ba_drop=table["ba_before"] - table["ba"])
+        frames.append(table)
+        groups = group_runs(table)
+        drops = table.groupby(["defense", "preset", "overrides"])["ba_drop"].agg(["mean", "std"]).reset_index()
+        groups = groups.merge(drops.rename(columns={"mean": "drop_mean", "std": "drop_sd"}),
+                              on=["defense", "preset", "overrides"])
+        before = {k: float(table[f"{k}_before"].iloc[0]) for k in ("ba", "asr", "ra")}
+        out[attack] = (before, groups)
+    runs = pd.concat(frames) if frames else pd.DataFrame()
+    return out, runs
+
+
+def _front(groups) -> set[tuple[str, str]]:
+    from runs.compare import pareto_front
+
+    mask = pareto_front(groups["ba_mean"], groups["asr_mean"])
+    return {(d, _label(p, o)) for d, p, o, m in
+            zip(groups["defense"], groups["preset"], groups["overrides"], mask, strict=True) if m}
+
+
+def _label(preset: str, overrides: str) -> str:
+    return f"{preset} ({overrides})" if overrides else preset
+
+
+def goal_lines(results) -> list[str]:
+    """The issues' goals, checked on the stored numbers (means over the seeds)."""
+    lines = []
+    for attack, (_, g) in results.items():
+        quick = g[(g["preset"] == "quick") & (g["overrides"] == "") & g["defense"].isin(POST_TRAINING)]
+        front = _front(g)
+        hits = [f"{d} ({_pm(a, s)} ASR, drop {dr:.3f})" for d, a, s, dr in
+                zip(quick["defense"], quick["asr_mean"], quick["asr_sd"], quick["drop_mean"], strict=True)
+                if a <= 0.05 and dr <= 0.03 and (d, "quick") in front]
+        lines.append(f"- {attack}: a post-training `quick` preset with mean ASR <= 0.05 at a mean BA drop <= 0.03 on "
+                     f"the Pareto front: **{'met' if hits else 'not met'}**" + (f" by {', '.join(hits)}" if hits else ""))
+    slow = []
+    for attack, (_, g) in results.items():
+        for d, p, o, sec in zip(g["defense"], g["preset"], g["overrides"], g["seconds_mean"], strict=True):
+            if p == "quick" and not o and d in POST_TRAINING and sec > 120:
+                slow.append(f"{d} on {attack} ({sec:.0f} s)")
+    lines.append(f"- post-training `quick` presets <= 120 s: **{'met' if not slow else 'not met'}**"
+                 + (f": over on {', '.join(slow)}" if slow else ""))
+    if "badnets" in results:
+        g = results["badnets"][1]
+        new = g[(g["preset"] == "quick") & (g["overrides"] == "") & g["defense"].isin(["sau", "fst", "ibau"])]
+        if len(new):
+            ok = all(new["asr_mean"] <= 0.10) and len(new) == 3
+            lines.append(f"- BadNets, SAU, FST and i-BAU `quick` all at mean ASR <= 0.10: **{'met' if ok else 'not met'}** "
+                         f"({', '.join(f'{d} {a:.3f}' for d, a in zip(new['defense'], new['asr_mean'], strict=True))})")
+    if "blended" in results:
+        g = results["blended"][1]
+        new = g[(g["preset"] == "quick") & (g["overrides"] == "") & g["defense"].isin(["sau", "fst", "ibau"])]
+        if len(new):
+            hits = [d for d, a, dr in zip(new["defense"], new["asr_mean"], new["drop_mean"], strict=True)
+                    if a <= 0.10 and dr <= 0.04]
+            lines.append(f"- Blended, one of SAU / FST / i-BAU `quick` at mean ASR <= 0.10 with a BA drop <= 0.04: "
+                         f"**{'met by ' + ', '.join(hits) if hits else 'not met'}**")
+    return lines
+
+
+def render(results, runs, csv_name: str) -> str:
+    from defenses import get_defense
+    from runs.published import MISSING, published_for
+
+    out = ["# Defense benchmarks on the demo suspects", "",
+           "Generated by `python scripts/benchmark.py write` from the benchmark run store (`bench-runs/`, filled by "
+           "`python scripts/benchmark.py run`); do not edit by hand. Per-run rows: "
+           f"[`{csv_name}`]({csv_name}).", "",
+           "Setting: the demo suspects (Fashion-MNIST subset, PreAct-ResNet-18 width 8, see `assets/demo/README.md`), "
+           "a 500-image clean pool (400 to train on, 100 held out), every number measured on the whole demo test "
+           "split (2,500 images; ASR and RA on the 2,250 non-target ones), 2 CPU cores. Each cell is the mean ± "
+           "sample sd over the seeds listed (the seed draws the pool and the defense's randomness). Presets were "
+           "chosen on the development split (`scripts/tune_on_dev.py`), never on these numbers; defenses never "
+           "receive a test image (the runner seals the split). Seconds are the defense's wall time including the "
+           "'after' measurement, on an otherwise idle machine.", "",
+           "BA = clean test accuracy; drop = BA before - BA after; ASR = share of triggered non-target test images "
+           "classified as the target; RA = their accuracy w.r.t. the true label; DER = [max(0, ASR0 - ASR1) - "
+           "max(0, BA0 - BA1) + 1] / 2. **bold** = on the attack's Pareto front (no other row has a higher mean BA "
+           "and a lower mean ASR). *Published* numbers are on another setting (CIFAR-10, full-width ResNets): read "
+           "them as what the method achieves where it was designed, not as a target for these models.", ""]
+    out += ["## Goals (checked on the numbers below)", "", *goal_lines(results), ""]
+    for attack, (before, g) in results.items():
+        front = _front(g)
+        out += [f"## {attack}", "",
+                f"Suspect before any defense: BA {before['ba']:.3f}, ASR {before['asr']:.3f}, RA {before['ra']:.3f}.", "",
+                "| defense | preset | seeds | BA | BA drop | ASR | RA | DER | seconds | published (BA / ASR, tag, setting) |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for row in g.sort_values(["defense", "preset", "overrides"]).itertuples():
+            title = get_defense(row.defense).title
+            pub = published_for(row.defense, attack)
+            pub_text = "; ".join(f"{p.ba:.3f} / {p.asr:.3f} [{p.tag}] {p.source}" + (f" ({p.note})" if p.note else "")
+                                 for p in pub) or (f"none recorded: {MISSING[row.defense]}" if row.defense in MISSING
+                                                   else "none recorded")
+            preset = _label(row.preset, row.overrides)
+            name = f"**{title}**" if (row.defense, preset) in front else title
+            out.append(f"| {name} | {preset} | {row.n_seeds} | {_pm(row.ba_mean, row.ba_sd)} | "
+                       f"{_pm(row.drop_mean, row.drop_sd)} | {_pm(row.asr_mean, row.asr_sd)} | "
+                       f"{_pm(row.ra_mean, row.ra_sd)} | {_pm(row.der_mean, row.der_sd)} | "
+                       f"{_pm(row.seconds_mean, row.seconds_sd, 0)} | {pub_text} |")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def write_doc(args: argparse.Namespace) -> int:
+    from runs.store import RunStore
+
+    store = RunStore(args.runs)
+    results, runs = collect(store)
+    if not results:
+        print(f"no finished benchmark runs in {args.runs}: run `python scripts/benchmark.py run` first", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    csv = out.with_name(out.stem + "-runs.csv")
+    keep = ["attack", "defense", "preset", "overrides", "seed", "ba_before", "ba", "ba_drop", "asr_before", "asr", "ra", "der",
+            "seconds", "device", "clean_images", "held_out", "date", "run_id"]
+    runs[keep].sort_values(["attack", "defense", "preset", "seed"]).to_csv(csv, index=False, float_format="%.4f")
+    out.write_text(render(results, runs, csv.name))
+    print(f"wrote {out} ({sum(len(g) for _, g in results.values())} groups, {len(runs)} runs) and {csv}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", choices=("run", "write", "all"))
+    ap.add_argument("--runs", default="bench-runs", help="the benchmark's run store (default ./bench-runs)")
+    ap.add_argument("--out", default=str(DOC))
+    ap.add_argument("--defenses", default="", help="comma-separated (default: every registered defense)")
+    ap.add_argument("--suspects", default=",".join(ATTACKS))
+    ap.add_argument("--presets", default="quick,paper")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per cell")
+    ap.add_argument("--pool-size", type=int, default=500)
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="run with a parameter override (a separate row in the document, labelled with it)")
+    args = ap.parse_args(argv)
+    status = 0
+    if args.action in ("run", "all"):
+        status = run_grid(args)
+    if args.action in ("write", "all"):
+        status = write_doc(args) or status
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

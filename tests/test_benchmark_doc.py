@@ -1,0 +1,66 @@
+"""``scripts/benchmark.py``: the grid runs into a run store (resumable), and the document is regenerated from that
+store alone, with mean ± sd over seeds and the published numbers beside ours."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from runs.compare import runs_table
+from runs.published import PUBLISHED, published_for
+from runs.store import RunStore
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" / "benchmark.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_grid_runs_once_and_the_document_comes_from_the_store(tmp_path):
+    bench = _script()
+    store_dir, doc = tmp_path / "bench", tmp_path / "bench.md"
+    argv = ["--runs", str(store_dir), "--defenses", "finetune", "--suspects", "badnets", "--presets", "quick",
+            "--seeds", "2", "--pool-size", "50", "--set", "steps=1"]
+    assert bench.main(["run", *argv]) == 0
+    table = runs_table(RunStore(store_dir), "demo:badnets")
+    assert sorted(table["seed"]) == [0, 1] and set(table["overrides"]) == {"steps=1"}
+    assert bench.main(["run", *argv]) == 0  # resumable: nothing new to run
+    assert len(runs_table(RunStore(store_dir), "demo:badnets")) == 2
+
+    assert bench.main(["write", "--runs", str(store_dir), "--out", str(doc)]) == 0
+    text = doc.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| ") and "quick (steps=1)" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "2"  # seeds
+    mean, sd = table["ba"].mean(), table["ba"].std()
+    assert cells[3] == f"{mean:.3f} ± {sd:.3f}"  # BA as mean ± sample sd over the two stored runs
+    drop = (table["ba_before"] - table["ba"]).mean()
+    assert cells[4].startswith(f"{drop:.3f}")
+    ft = published_for("finetune", "badnets")[0]
+    assert f"{ft.ba:.3f} / {ft.asr:.3f} [README]" in cells[9]  # the published number, tagged, beside ours
+    assert "## Goals" in text and "badnets" in text
+
+    runs = pd.read_csv(doc.with_name("bench-runs.csv"))
+    assert len(runs) == 2 and set(runs["seed"]) == {0, 1}
+    assert runs["ba"].round(4).tolist() == table.sort_values("seed")["ba"].round(4).tolist()
+
+
+def test_write_refuses_an_empty_store(tmp_path, capsys):
+    assert _script().main(["write", "--runs", str(tmp_path / "none"), "--out", str(tmp_path / "x.md")]) == 2
+    assert "no finished benchmark runs" in capsys.readouterr().err
+
+
+def test_published_numbers_are_tagged_fractions():
+    assert PUBLISHED
+    for p in PUBLISHED:
+        assert 0.0 <= p.ba <= 1.0 and 0.0 <= p.asr <= 1.0
+        assert p.tag in {"README", "3rd", "figure"} and p.source
