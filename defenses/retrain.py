@@ -46,10 +46,13 @@ class TrainingSet:
 
 
 def poisoned_training_set(suspect: Suspect, pool: DefensePool, subset: int = 0, seed: int = 0) -> TrainingSet:
-    """The suspect's poisoned training set minus the held-out pool images; ``subset`` > 0 keeps a random subset."""
+    """The suspect's poisoned training set minus the held-out pool images (minus the whole pool when the suspect was
+    trained without it); ``subset`` > 0 keeps a random subset."""
     data = suspect.poisoned_train()
     x, y, poisoned = data.materialize()
     keep = torch.ones(len(y), dtype=torch.bool)
+    if not (suspect.card.get("split") or {}).get("pool_in_training", True):
+        keep[suspect.split[1]] = False
     n_val = pool.n_held_out
     if n_val and len(pool.index):
         held_out = suspect.split[1][pool.index[:n_val]]

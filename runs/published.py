@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Published", "PUBLISHED", "MISSING", "published_for"]
+__all__ = ["Published", "PUBLISHED", "MISSING", "published_for", "published_records"]
 
 BACKDOORBENCH = "BackdoorBench leaderboard, CIFAR-10, PreAct-ResNet-18, 10% poisoning"
 
@@ -81,3 +81,20 @@ MISSING = {
 def published_for(defense: str, attack: str | None = None) -> list[Published]:
     """The published entries for ``defense`` (and ``attack``, when given)."""
     return [p for p in PUBLISHED if p.defense == defense and (attack is None or p.attack == attack)]
+
+
+def published_records(defenses, attack: str | None = None) -> list[dict]:
+    """Rows for a table of the published numbers of ``defenses`` (on ``attack`` first when given; all attacks when
+    it has none), and one "none recorded" row, with the reason, for a defense that has no entry."""
+    rows = []
+    for d in defenses:
+        entries = published_for(d, attack) if attack else []
+        entries = entries or published_for(d)
+        if not entries and d in MISSING:
+            rows.append({"defense": d, "attack": "", "BA": None, "ASR": None, "BA before": None, "ASR before": None,
+                         "tag": "", "source": f"none recorded: {MISSING[d]}"})
+        for p in entries:
+            rows.append({"defense": d, "attack": p.attack, "BA": p.ba, "ASR": p.asr, "BA before": p.ba_before,
+                         "ASR before": p.asr_before, "tag": p.tag,
+                         "source": p.source + (f" ({p.note})" if p.note else "")})
+    return rows

@@ -197,6 +197,36 @@ def render(results, runs, csv_name: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def capacity_section(root: Path) -> list[str]:
+    """The capacity study's table (``scripts/capacity_study.py``), when it has results."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from capacity_study import load_results, summary
+
+    df = load_results(root)
+    if df is None:
+        return []
+    table = summary(df)
+    widths = sorted(table["width"].unique())
+    out = ["## Capacity: does a wider demo model let the defenses work?", "",
+           "`python scripts/capacity_study.py train|defend`: BadNets and Blended suspects trained with the demo recipe "
+           "at each width, the defense pool (10%) kept out of training, each defense run with seeds 0-2 and measured "
+           "on the **development split** (2,000 Fashion-MNIST images the demo never used), never the test split. "
+           "Cells: BA drop / ASR (mean ± sd over the seeds), seconds.", "",
+           "| attack | defense | preset | " + " | ".join(f"width {w}" for w in widths) + " |",
+           "|---|---|---|" + "---|" * len(widths)]
+    for (attack, defense, preset), g in table.groupby(["attack", "defense", "preset"]):
+        cells = []
+        for w in widths:
+            r = g[g["width"] == w]
+            if r.empty:
+                cells.append("not run")
+                continue
+            r = r.iloc[0]
+            cells.append(f"{_pm(r.drop_mean, r.drop_sd)} / {_pm(r.asr_mean, r.asr_sd)}, {r.seconds:.0f} s (n={r.n})")
+        out.append(f"| {attack} | {defense} | {preset} | " + " | ".join(cells) + " |")
+    return [*out, ""]
+
+
 def write_doc(args: argparse.Namespace) -> int:
     from runs.store import RunStore
 
@@ -210,7 +240,11 @@ def write_doc(args: argparse.Namespace) -> int:
     keep = ["attack", "defense", "preset", "overrides", "seed", "ba_before", "ba", "ba_drop", "asr_before", "asr", "ra", "der",
             "seconds", "device", "clean_images", "held_out", "date", "run_id"]
     runs[keep].sort_values(["attack", "defense", "preset", "seed"]).to_csv(csv, index=False, float_format="%.4f")
-    out.write_text(render(results, runs, csv.name))
+    text = render(results, runs, csv.name)
+    capacity = capacity_section(Path(args.runs) / "capacity")
+    if capacity:
+        text += "\n" + "\n".join(capacity)
+    out.write_text(text)
     print(f"wrote {out} ({sum(len(g) for _, g in results.values())} groups, {len(runs)} runs) and {csv}")
     return 0
 

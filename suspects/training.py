@@ -61,6 +61,7 @@ class TrainConfig:
     schedule: str = "cosine"
     augment: str = "crop"
     pool_fraction: float = 0.05
+    train_on_pool: bool = True  # False: the defense pool is kept out of training (a reviewer's own clean data)
     seed: int = 0
     max_steps: int | None = None
     device: str | None = None
@@ -203,6 +204,8 @@ def train_suspect(cfg: TrainConfig, out_dir: str | Path | None = None, progress:
         trigger = make_trigger(cfg.attack, shape, len(classes), cfg.target, cfg.mapping, **cfg.attack_params)
     dataset = PoisonedDataset(train, trigger, cfg.poison_rate, cfg.seed, exclude=pool)
     x_all, y_all, _ = dataset.materialize()
+    if not cfg.train_on_pool:  # the pool stays unseen: its accuracy is a held-out accuracy, not a training one
+        x_all, y_all = x_all[poisonable], y_all[poisonable]
     mean, std = train.channel_stats()
     model = create_model(cfg.model, num_classes=len(classes), in_channels=shape[0], width=cfg.width,
                          mean=[round(m, 4) for m in mean], std=[round(s, 4) for s in std])
@@ -257,7 +260,7 @@ def train_suspect(cfg: TrainConfig, out_dir: str | Path | None = None, progress:
         "normalization": {"mean": model.normalize.mean.flatten().tolist(), "std": model.normalize.std.flatten().tolist()},
         "data": pair.spec,
         "split": {"pool_fraction": cfg.pool_fraction, "seed": cfg.seed, "n_train": len(train),
-                  "n_pool": len(pool), "n_test": len(test)},
+                  "n_pool": len(pool), "n_test": len(test), "pool_in_training": cfg.train_on_pool},
         "trigger": trigger.spec() if trigger else None,
         "poison": ({"rate": cfg.poison_rate, "seed": cfg.seed, "n_poisoned": len(dataset.poison_idx),
                     "n_noise": len(dataset.plan.noise_idx), "clean_label": trigger.clean_label}

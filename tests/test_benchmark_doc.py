@@ -64,3 +64,24 @@ def test_published_numbers_are_tagged_fractions():
     for p in PUBLISHED:
         assert 0.0 <= p.ba <= 1.0 and 0.0 <= p.asr <= 1.0
         assert p.tag in {"README", "3rd", "figure"} and p.source
+
+
+def test_capacity_table_goes_into_the_document(tmp_path):
+    """The capacity study's rows (development split) are summarised per width as mean ± sd in the document."""
+    import json
+
+    bench = _script()
+    store_dir = tmp_path / "bench"
+    assert bench.main(["run", "--runs", str(store_dir), "--defenses", "finetune", "--suspects", "badnets",
+                       "--presets", "quick", "--seeds", "1", "--pool-size", "50", "--set", "steps=1"]) == 0
+    rows = [{"width": w, "attack": "badnets", "defense": "anp", "preset": "quick", "seed": s, "pool_size": 1000,
+             "dev_ba_before": 0.9, "dev_asr_before": 1.0, "dev_ba": 0.9 - d, "dev_asr": a, "seconds": 10.0 + s}
+            for w, s, d, a in ((8, 0, 0.02, 0.1), (8, 1, 0.04, 0.3), (16, 0, 0.01, 0.0))]
+    (store_dir / "capacity").mkdir()
+    (store_dir / "capacity" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    doc = tmp_path / "b.md"
+    assert bench.main(["write", "--runs", str(store_dir), "--out", str(doc)]) == 0
+    line = next(x for x in doc.read_text().splitlines() if x.startswith("| badnets | anp | quick |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[3] == "0.030 ± 0.014 / 0.200 ± 0.141, 10 s (n=2)"  # width 8: drop / ASR over seeds 0 and 1
+    assert cells[4] == "0.010 / 0.000, 10 s (n=1)"  # width 16: one seed, no sd

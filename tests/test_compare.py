@@ -36,6 +36,7 @@ from runs.compare import (
     tradeoff_figure,
 )
 from runs.jobs import create_run, execute
+from runs.published import published_for
 from runs.report import figures_png, run_figures
 from runs.store import RunStore
 
@@ -225,6 +226,10 @@ def test_compare_page(real_store, monkeypatch, tmp_path):
     at.run()
     assert not at.exception, at.exception
     assert at.dataframe[0].value.shape[0] == 1
+    published = next(d.value for d in at.dataframe if d.key == "cmp_published")  # beside ours, tagged
+    ft = published_for("finetune", "badnets")[0]
+    row = published[published["attack"] == "badnets"].iloc[0]
+    assert row["defense"] == "finetune" and row["tag"] == "README" and row["BA"] == pytest.approx(ft.ba)
     assert len(at.get("plotly_chart")) == 2  # BA vs. ASR, bars per metric
     labels = [m.label for m in at.metric]
     assert labels.count("ASR") == 2 and "Trigger-attention share, triggered inputs" in labels

@@ -10,7 +10,7 @@ from defenses.base import param_specs
 
 # Small budgets: enough to show each method's effect on the demo BadNets suspect in seconds on a CPU.
 REDUCED = {
-    "finetune": {"steps": 10},
+    "finetune": {"steps": 20},
     "fineprune": {"epochs": 3},
     "shortcut": {"epochs": 3},
     "linf_prune": {},

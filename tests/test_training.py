@@ -164,3 +164,26 @@ def test_fit_order_of_hooks_weights_and_stopping():
     out = fit(model, batches, loss_fn, opt, device="cpu", epochs=3, should_stop=lambda: len(calls) >= 3,
               tick=lambda s: calls.append(s))
     assert len(calls) == 3 and len(out) == 2
+
+
+def test_keep_pool_out_trains_without_the_defense_pool(tmp_path, monkeypatch):
+    """``train_on_pool=False``: the clean defense pool is never a training image, and the training-time defenses'
+    view of the poisoned training set leaves it out too."""
+    import suspects.training as training
+    from defenses.retrain import poisoned_training_set
+    from defenses.runner import defense_pool
+
+    sizes = []
+    real = training.augment_batch
+    monkeypatch.setattr(training, "augment_batch", lambda x, *a, **k: (sizes.append(len(x)), real(x, *a, **k))[1])
+    cfg = TrainConfig(data={"name": "demo"}, model="preact_resnet18", width=4, attack="badnets", poison_rate=0.1,
+                      epochs=1, batch_size=1000, lr=0.05, augment="none", pool_fraction=0.1, train_on_pool=False,
+                      seed=0)
+    suspect = train_suspect(cfg, tmp_path / "s")
+    assert sum(sizes) == 9000  # 10,000 demo training images minus the 1,000-image pool
+    again = load(tmp_path / "s")
+    assert again.card["split"]["pool_in_training"] is False and again.card["split"]["n_pool"] == 1000
+    pool = defense_pool(again, 500, seed=0)
+    seen = set(poisoned_training_set(again, pool).index.tolist())
+    assert len(seen) == 9000 and not seen & set(again.split[1].tolist())
+    assert suspect.card["training"]["train_on_pool"] is False

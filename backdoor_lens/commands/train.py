@@ -31,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
     p.add_argument("--augment", default="crop", choices=["none", "crop", "crop-flip"])
     p.add_argument("--pool-fraction", type=float, default=0.05, help="clean defense pool share of the training split")
+    p.add_argument("--keep-pool-out", action="store_true",
+                   help="do not train on the clean defense pool (it stays unseen, like a reviewer's own clean data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (quick tries)")
     p.add_argument("--device", help="cpu, cuda, mps (default: best available)")
@@ -56,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(data=data, model=args.model, width=args.width, attack=attack, attack_params=attack_params,
                       target=args.target, mapping=args.mapping, poison_rate=args.poison_rate, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
-                      augment=args.augment, pool_fraction=args.pool_fraction, seed=args.seed,
+                      augment=args.augment, pool_fraction=args.pool_fraction,
+                      train_on_pool=not args.keep_pool_out, seed=args.seed,
                       max_steps=args.max_steps, device=args.device, name=args.name)
     bar = TqdmProgress("training", disable=args.quiet)
     try:

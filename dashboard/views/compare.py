@@ -31,6 +31,7 @@ from runs.compare import (
     tradeoff_figure,
     with_model,
 )
+from runs.published import published_records
 from runs.report import figures_zip, html_report, run_figures
 from runs.sweep import SweepSpec, cancel_sweep, list_sweeps, parse_sets, submit_sweep
 from suspects.metrics import DEFINITIONS
@@ -142,6 +143,15 @@ else:
     c2.plotly_chart(metric_bars_figure(shown), key="cmp_bars")
     c2.caption("One bar per run (defense · preset · id); dashed red: the suspect before the defense. "
                + " ".join(f"{METRIC_LABELS[k]}: {DEFINITIONS[k]}." for k in ("ba", "asr", "ra", "der")))
+    with st.expander("Published numbers for these defenses (another setting)", icon=":material/menu_book:"):
+        attack = str((suspect.card.get("trigger") or {}).get("name") or "")
+        st.caption("What each method reached where it was published (CIFAR-10, full-width ResNets; BA / ASR as "
+                   "fractions), tagged by how it was checked: README = the official README or BackdoorBench's "
+                   "leaderboard data, 3rd = a named third-party source, figure = read off an official figure. "
+                   "Read them as what the method can do on its home setting, not as a target for this model.")
+        st.dataframe(published_records(sorted(set(shown.defense)), attack), hide_index=True, key="cmp_published",
+                     column_config={c: st.column_config.NumberColumn(c, format="%.3f")
+                                    for c in ("BA", "ASR", "BA before", "ASR before")})
     with st.expander("Stress test a run (ASR after re-tuning)"):
         st.markdown(STRESS_EXPLAIN)
         pick = st.selectbox("Run", shown.run_id.tolist(), key="cmp_stress_run",
