@@ -37,7 +37,7 @@ class FineTune(Defense):
                "never exercised, so it tends to fade; this is the control every defense must beat.")
     threat = ThreatModel(clean_pool=True)
     Params = FineTuneParams
-    presets = {"quick": {"steps": 140, "lr": 0.05, "batch_size": 64}, "paper": {}}
+    presets = {"quick": {"steps": 80, "lr": 0.05, "batch_size": 64}, "paper": {}}
 
     def repair(self, model, params: FineTuneParams, ctx: RepairContext) -> DefenseOutput:
         losses = fine_tune(model, ctx, steps=params.steps, lr=params.lr, batch_size=params.batch_size,

@@ -97,7 +97,7 @@ def test_runs_table_lists_the_suspects_finished_runs(fake_store):
     front = dict(zip(table.defense, table.pareto, strict=True))
     assert front == {"finetune": True, "anp": True, "fineprune": False, "shortcut": True}
     row = table[table.defense == "finetune"].iloc[0]
-    assert row.overrides == "epochs=2" and row.clean_images == 300 and row.held_out == 60
+    assert row.overrides == "steps=4" and row.clean_images == 300 and row.held_out == 60
     assert Path(row.run_dir).is_dir() and row.date.startswith("2026-11-22")
     assert best_run(table).defense in ("finetune", "shortcut")
     assert runs_table(fake_store, "demo:sig").empty
