@@ -126,7 +126,7 @@ def budget_passes(defense: str, params: Any, n_train: int, n_val: int, n_channel
     its parameters (pruning: at most ``max_ratio`` of the last layer's ``n_channels``, one held-out measurement per
     channel); None for a defense this rule does not know."""
     p = asdict(params) if not isinstance(params, dict) else params
-    if defense == "finetune":  # counted in steps; the held-out pool is measured after every pass over the pool
+    if defense in ("finetune", "fst"):  # counted in steps; the held-out pool is measured after every pass over the pool
         passes_over_pool = -(-p["steps"] // max(1, -(-n_train // p["batch_size"])))
         return p["steps"] * min(p["batch_size"], max(1, n_train)) + FORWARD_SHARE * 2 * n_val * passes_over_pool
     if defense == "shortcut":

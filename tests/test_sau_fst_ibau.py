@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # effect in well under a minute on one thread
 TINY = {
     "sau": {"n_rounds": 2, "adv_steps": 2, "lr": 1e-3},
-    "fst": {"epochs": 3},
+    "fst": {"steps": 21},
     "ibau": {"n_rounds": 2, "K": 2},
 }
 EVAL_IMAGES = 500  # test images measured before and after (the first 500 of the demo test split)
@@ -74,7 +74,7 @@ def test_removes_the_badnets_backdoor_within_the_ba_bound(badnets, before, name)
 
 def test_fst_keeps_the_classifier_norm_and_moves_it_away(badnets):
     w0 = head(badnets.model).weight.detach().clone()
-    out = _repair(badnets, "fst", {"epochs": 1})
+    out = _repair(badnets, "fst", {"steps": 7})
     w = head(out.model).weight.detach()
     assert float(w.norm()) == pytest.approx(float(w0.norm()), rel=1e-4)
     cosine = float((w * w0).sum() / (w.norm() * w0.norm()))
@@ -127,7 +127,7 @@ def test_ibau_hypergradient_matches_unrolled_differentiation():
     ("sau", {"pgd_init": "corner"}, "'pgd_init' must be one of"),
     ("sau", {"adv_steps": 0}, "'adv_steps' must lie in"),
     ("fst", {"alpha": -0.2}, "'alpha' must lie in"),
-    ("fst", {"epochs": 1.5}, "whole number"),
+    ("fst", {"steps": 1.5}, "whole number"),
     ("fst", {"reinit": "maybe"}, "true or false"),
     ("ibau", {"K": 0}, "'K' must lie in"),
     ("ibau", {"portion": float("nan")}, "'portion' must be finite"),
@@ -142,7 +142,7 @@ def test_nonsense_parameters_are_refused_before_running(badnets, name, overrides
 
 
 # at least three polls (one per step or batch) before the first epoch or round ends
-CANCEL = {"sau": {"n_rounds": 5, "batch_size": 40}, "fst": {"epochs": 5, "batch_size": 40},
+CANCEL = {"sau": {"n_rounds": 5, "batch_size": 40}, "fst": {"steps": 50, "batch_size": 40},
           "ibau": {"n_rounds": 5, "batch_size": 40}}
 
 
