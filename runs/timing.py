@@ -126,14 +126,13 @@ def budget_passes(defense: str, params: Any, n_train: int, n_val: int, n_channel
     its parameters (pruning: at most ``max_ratio`` of the last layer's ``n_channels``, one held-out measurement per
     channel); None for a defense this rule does not know."""
     p = asdict(params) if not isinstance(params, dict) else params
-    if defense in ("finetune", "fst"):  # counted in steps; the held-out pool is measured after every pass over the pool
+    if defense in ("finetune", "fst", "shortcut", "fineprune"):  # fine-tuning counted in optimisation steps
         passes_over_pool = -(-p["steps"] // max(1, -(-n_train // p["batch_size"])))
-        return p["steps"] * min(p["batch_size"], max(1, n_train)) + FORWARD_SHARE * 2 * n_val * passes_over_pool
-    if defense == "shortcut":
-        return p["epochs"] * n_train + FORWARD_SHARE * 2 * n_val * p["epochs"]
-    if defense == "fineprune":
-        steps = max(1, int(p["max_ratio"] / max(p["once_prune_ratio"], 1e-6)))
-        return p["epochs"] * n_train + FORWARD_SHARE * (n_train + steps * n_val)
+        tuning = p["steps"] * min(p["batch_size"], max(1, n_train)) + FORWARD_SHARE * 2 * n_val * passes_over_pool
+        if defense != "fineprune":
+            return tuning
+        prunes = max(1, int(p["max_ratio"] / max(p["once_prune_ratio"], 1e-6)))
+        return tuning + FORWARD_SHARE * (n_train + prunes * n_val)
     if defense == "linf_prune":
         return FORWARD_SHARE * (2 * n_train + 2 * n_val * max(1, int(p["max_ratio"] * n_channels)))
     if defense == "awm":

@@ -11,8 +11,8 @@ from defenses.base import param_specs
 # Small budgets: enough to show each method's effect on the demo BadNets suspect in seconds on a CPU.
 REDUCED = {
     "finetune": {"steps": 20},
-    "fineprune": {"epochs": 3},
-    "shortcut": {"epochs": 3},
+    "fineprune": {"steps": 12},
+    "shortcut": {"steps": 12},
     "linf_prune": {},
     "anp": {"iterations": 60},
     "awm": {"outer": 3, "inner": 2},
@@ -50,7 +50,7 @@ def test_defense_lowers_asr_on_badnets(badnets, name):
 
 
 def test_shortcut_records_the_suppressed_block(badnets, tmp_path):
-    report = run_defense("shortcut", badnets, "quick", {"epochs": 1, "block": "layer4.1"}, pool_size=100)
+    report = run_defense("shortcut", badnets, "quick", {"steps": 2, "block": "layer4.1"}, pool_size=100)
     assert report["artifacts"]["block"] == "layer4.1"
     folder = suspects.save(report.suspect, tmp_path / "r")
     assert suspects.load(folder).card["skip_gammas"] == {"layer4.1": 0.0}

@@ -111,16 +111,16 @@ def test_shortcut_paper_preset_fine_tunes_as_the_official_code(badnets, monkeypa
     monkeypatch.setattr(defenses.common, "fit", fit)
     monkeypatch.setattr(defenses.common, "augment_batch", lambda x, mode, gen, pad=None: modes.add(mode) or
                         real_aug(x, mode, gen, pad))
-    report = run_defense("shortcut", badnets, "paper", {"epochs": 2, "block": "layer4.1", "batch_size": 32},
+    report = run_defense("shortcut", badnets, "paper", {"steps": 4, "block": "layer4.1", "batch_size": 32},
                          pool_size=80)
     p = report["params"]
     assert (p["lr"], p["momentum"], p["weight_decay"], p["batch_size"] != 128) == (0.01, 0.9, 5e-4, True)
     assert get_defense("shortcut").make_params("paper").batch_size == 128
     lrs = seen[-1]["lrs"]
-    assert len(lrs) == 2 * 2 and set(lrs) == {0.01}  # 64 images / 32 per batch, 2 epochs, constant rate
+    assert len(lrs) == 4 and set(lrs) == {0.01}  # 4 steps of 32 of the 64 pool images, constant rate
     assert modes == {"none"} and report["artifacts"]["fine_tune_images"] == 64
     modes.clear()
-    run_defense("shortcut", badnets, "quick", {"epochs": 2, "block": "layer4.1"}, pool_size=80)
+    run_defense("shortcut", badnets, "quick", {"steps": 2, "block": "layer4.1"}, pool_size=80)
     assert modes == {"crop"} and len(set(seen[-1]["lrs"])) > 1  # the former cosine schedule, kept as quick
 
 
@@ -148,8 +148,8 @@ def test_no_critical_block_when_every_score_ties_at_zero(always_target):
     assert res.critical_block is None  # formerly layer1.0, the first of the tie
     assert "no critical block" in res.no_critical_reason() and str(MIN_CRITICAL_SCORE) in res.no_critical_reason()
     with pytest.raises(ParamError, match="no critical block.*name a block"):
-        run_defense("shortcut", s, "quick", {"epochs": 1}, pool_size=100)
-    named = run_defense("shortcut", s, "quick", {"epochs": 1, "block": "layer3.1"}, pool_size=100)
+        run_defense("shortcut", s, "quick", {"steps": 2}, pool_size=100)
+    named = run_defense("shortcut", s, "quick", {"steps": 2, "block": "layer3.1"}, pool_size=100)
     assert named["artifacts"]["block"] == "layer3.1"
 
 
