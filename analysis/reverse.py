@@ -50,7 +50,6 @@ a recovered trigger live in :mod:`runs.scans`.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -64,6 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from suspects.device import to_device
+from suspects.metrics import model_fingerprint  # the one fingerprint of a model's weights (scan cache keys)
 
 __all__ = ["ReverseResult", "ScanConfig", "CostSchedule", "ClassResult", "Verdict", "reverse_engineer_class",
            "neural_cleanse", "anomaly_indices", "verdict", "reference_scan", "reference_indices",
@@ -524,17 +524,6 @@ def scan_data(suspect, config: ScanConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # --- scanning a suspect (stored once per (model, data, budget) by runs.scans) ----------------------------------
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over the state dict (names, shapes, values): the same weights give the same fingerprint."""
-    h = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
-        t = value.detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
-    return h.hexdigest()
 
 
 def scan_images(suspect, config: ScanConfig) -> torch.Tensor:
