@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     """Stress-test the target; exit 2 with a one-line message on bad input."""
     from backdoor_lens import cli
     from defenses.base import ParamError
+    from runs.jobs import device_lock
     from runs.store import RunStore
     from runs.stress import run_stress
     from suspects.data import DatasetNotFoundError
@@ -67,8 +68,9 @@ def run(args: argparse.Namespace) -> int:
         params = cli.parse_sets(args.set)
         store = RunStore(cli.runs_root_of(args))
         bar = cli.TqdmProgress("stress", disable=args.quiet or args.json)
-        result = run_stress(args.target, store, params, reference=args.reference, trigger_from=args.trigger_from,
-                            device=args.device, seed=args.seed, progress=bar, save=not args.no_save)
+        with device_lock(store, args.device, wait=True):  # one job at a time per device, as `defend` and the worker
+            result = run_stress(args.target, store, params, reference=args.reference, trigger_from=args.trigger_from,
+                                device=args.device, seed=args.seed, progress=bar, save=not args.no_save)
     except (ValueError, ParamError, SuspectLoadError, DatasetNotFoundError, FileNotFoundError) as err:
         return _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
     except KeyboardInterrupt:
