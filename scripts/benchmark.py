@@ -17,6 +17,7 @@ Defenses never see the test split (the runner seals it); their presets were chos
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -207,11 +208,20 @@ def capacity_section(root: Path) -> list[str]:
         return []
     table = summary(df)
     widths = sorted(table["width"].unique())
+    trained = []
+    for card_file in sorted((root / "suspects").glob("*/suspect.json")):
+        card = json.loads(card_file.read_text())
+        m, t = card.get("metrics") or {}, card.get("training") or {}
+        trained.append(f"| {card.get('name')} | {t.get('width')} | {m.get('ba', float('nan')):.4f} | "
+                       f"{m.get('asr', float('nan')):.4f} | {t.get('seconds', float('nan')):.0f} |")
     out = ["## Capacity: does a wider demo model let the defenses work?", "",
            "`python scripts/capacity_study.py train|defend`: BadNets and Blended suspects trained with the demo recipe "
            "at each width, the defense pool (10%) kept out of training, each defense run with seeds 0-2 and measured "
            "on the **development split** (2,000 Fashion-MNIST images the demo never used), never the test split. "
            "Cells: BA drop / ASR (mean ± sd over the seeds), seconds.", "",
+           *(["Suspects (test split; training seconds on 2 CPU cores):", "",
+              "| suspect | width | BA | ASR | training seconds |", "|---|---|---|---|---|", *trained, ""]
+             if trained else []),
            "| attack | defense | preset | " + " | ".join(f"width {w}" for w in widths) + " |",
            "|---|---|---|" + "---|" * len(widths)]
     for (attack, defense, preset), g in table.groupby(["attack", "defense", "preset"]):
