@@ -224,12 +224,18 @@ def capacity_section(root: Path) -> list[str]:
              if trained else []),
            "| attack | defense | preset | " + " | ".join(f"width {w}" for w in widths) + " |",
            "|---|---|---|" + "---|" * len(widths)]
-    for (attack, defense, preset), g in table.groupby(["attack", "defense", "preset"]):
+    keys = df[["attack", "defense", "preset"]].drop_duplicates().sort_values(["attack", "defense", "preset"])
+    for attack, defense, preset in keys.itertuples(index=False):
+        g = table[(table["attack"] == attack) & (table["defense"] == defense) & (table["preset"] == preset)]
         cells = []
         for w in widths:
             r = g[g["width"] == w]
             if r.empty:
-                cells.append("not run")
+                errors = df[(df["attack"] == attack) & (df["defense"] == defense) & (df["preset"] == preset)
+                            & (df["width"] == w)] if "error" in df else df.iloc[0:0]
+                errors = errors[errors["error"].notna()] if len(errors) else errors
+                cells.append(f"refused or failed ({len(errors)}x): {str(errors['error'].iloc[0])[:80]}"
+                             if len(errors) else "not run")
                 continue
             r = r.iloc[0]
             cells.append(f"{_pm(r.drop_mean, r.drop_sd)} / {_pm(r.asr_mean, r.asr_sd)}, {r.seconds:.0f} s (n={r.n})")

@@ -77,6 +77,9 @@ def test_capacity_table_goes_into_the_document(tmp_path):
     rows = [{"width": w, "attack": "badnets", "defense": "anp", "preset": "quick", "seed": s, "pool_size": 1000,
              "dev_ba_before": 0.9, "dev_asr_before": 1.0, "dev_ba": 0.9 - d, "dev_asr": a, "seconds": 10.0 + s}
             for w, s, d, a in ((8, 0, 0.02, 0.1), (8, 1, 0.04, 0.3), (16, 0, 0.01, 0.0))]
+    rows.append({"width": 8, "attack": "badnets", "defense": "shortcut", "preset": "quick", "seed": 0,
+                 "pool_size": 1000, "dev_ba_before": 0.9, "dev_asr_before": 1.0, "seconds": 1.0,
+                 "error": "no block scores above 0.05: name one"})
     (store_dir / "capacity").mkdir()
     (store_dir / "capacity" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     doc = tmp_path / "b.md"
@@ -85,3 +88,5 @@ def test_capacity_table_goes_into_the_document(tmp_path):
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[3] == "0.030 ± 0.014 / 0.200 ± 0.141, 10 s (n=2)"  # width 8: drop / ASR over seeds 0 and 1
     assert cells[4] == "0.010 / 0.000, 10 s (n=1)"  # width 16: one seed, no sd
+    refused = next(x for x in doc.read_text().splitlines() if x.startswith("| badnets | shortcut | quick |"))
+    assert "refused or failed (1x): no block scores above 0.05" in refused and "not run" in refused
