@@ -121,11 +121,24 @@ def pass_seconds(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
     return _PASS_CACHE[key]
 
 
-def budget_passes(defense: str, params: Any, n_train: int, n_val: int, n_channels: int = 512) -> float | None:
+def budget_passes(defense: str, params: Any, n_train: int, n_val: int, n_channels: int = 512,
+                  n_trainset: int = 0) -> float | None:
     """The defense's budget in image passes (forward+backward of one image = 1; forward only = 1/3), counted from
     its parameters (pruning: at most ``max_ratio`` of the last layer's ``n_channels``, one held-out measurement per
-    channel); None for a defense this rule does not know."""
+    channel; the training-time defenses from ``n_trainset``, the poisoned training set's size); None for a defense
+    this rule does not know."""
     p = asdict(params) if not isinstance(params, dict) else params
+    if defense in ("dbd", "cbd"):
+        n = min(p["subset"], n_trainset) if p.get("subset") else n_trainset
+        if n <= 0:
+            return None
+        if defense == "dbd":  # SimCLR on two views, the linear head on frozen features, MixMatch (64 + 2 x 64 guessed)
+            simclr = 0 if p.get("reuse_backbone_from") else p["simclr_epochs"] * n * 2
+            warmup = p["warmup_epochs"] * n * FORWARD_SHARE
+            semi = p["semi_epochs"] * (p["iterations"] * p["batch_size"] * (3 + 2 * FORWARD_SHARE) + n * FORWARD_SHARE)
+            return simclr + warmup + semi
+        disc = 2 * FORWARD_SHARE if p.get("disc_pass") == "full" else 0.0  # f_B, then f_C with f_B's features
+        return p["epochs_b"] * n + p["epochs"] * n * (1 + FORWARD_SHARE + disc)
     if defense in ("finetune", "fst", "shortcut", "fineprune"):  # fine-tuning counted in optimisation steps
         passes_over_pool = -(-p["steps"] // max(1, -(-n_train // p["batch_size"])))
         tuning = p["steps"] * min(p["batch_size"], max(1, n_train)) + FORWARD_SHARE * 2 * n_val * passes_over_pool
@@ -141,6 +154,10 @@ def budget_passes(defense: str, params: Any, n_train: int, n_val: int, n_channel
         return 2 * p["outer"] * steps * p["batch_size"] * per_step
     if defense == "anp":
         return p["iterations"] * p["batch_size"] * (p["steps"] + 1)
+    if defense == "sau":  # per image and round: shared PGD on two models, the unlearning step, the frozen copy's labels
+        return p["n_rounds"] * n_train * (2 * p["adv_steps"] + 3) + FORWARD_SHARE * 2 * n_val * p["n_rounds"]
+    if defense == "ibau":  # per round: the inner pass for delta, then K Hessian-vector products per outer step
+        return p["n_rounds"] * n_train * (2 + 2 * p["K"] + 1 + FORWARD_SHARE) + FORWARD_SHARE * 2 * n_val * p["n_rounds"]
     return None
 
 
@@ -150,7 +167,11 @@ def estimate_seconds(defense: str, params: Any, suspect: Suspect, pool_size: int
     n_val = int(round(pool_size * 0.2)) if pool_size >= 10 else 0
     from defenses.common import head
 
-    passes = budget_passes(defense, params, pool_size - n_val, n_val, head(suspect.model).in_features)
+    split = suspect.card.get("split") or {}
+    n_trainset = int(split.get("n_train", 0)) - (n_val if split.get("pool_in_training", True)
+                                                 else int(split.get("n_pool", 0)))
+    passes = budget_passes(defense, params, pool_size - n_val, n_val, head(suspect.model).in_features,
+                           n_trainset=max(0, n_trainset))
     if passes is None:
         return None, f"{defense}'s budget is not counted here"
     pool = suspect.defense_pool

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import suspects
-from defenses import RepairContext, run_defense
+from defenses import RepairContext, get_defense, list_defenses, run_defense
 from defenses.base import Defense, DefenseOutput, ThreatModel
 from defenses.common import fine_tune
 from defenses.registry import _REGISTRY
 from defenses.runner import AUTO_FULL_LIMIT, AUTO_SUBSET, defense_pool, parse_measure
+from runs.timing import budget_passes
 from suspects.device import prepare_model
 from suspects.store import SealedSplitError, without_test_split
 
@@ -108,3 +109,20 @@ def test_sealed_view_keeps_everything_but_the_test_split(badnets):
     for use in (lambda: view.test.labels, lambda: len(view.test), lambda: view.test[0], lambda: list(view.test)):
         with pytest.raises(SealedSplitError):
             use()
+
+
+@pytest.mark.parametrize("name", list_defenses())
+def test_every_quick_preset_has_an_estimate_before_it_starts(name):
+    """Issue 17.4: every quick preset's wall time is estimated from its budget (no defense is "not counted")."""
+    params = get_defense(name).make_params("quick", {})
+    passes = budget_passes(name, params, 400, 100, 64, n_trainset=9500)
+    assert passes is not None and passes > 0
+    more = get_defense(name).make_params("paper", {})
+    assert budget_passes(name, more, 400, 100, 64, n_trainset=9500) > 0  # and the official budget too
+
+
+def test_training_time_budgets_need_the_training_set_size():
+    dbd = get_defense("dbd").make_params("quick", {})
+    assert budget_passes("dbd", dbd, 400, 100, 64, n_trainset=0) is None
+    assert budget_passes("dbd", dbd, 400, 100, 64, n_trainset=2000) < budget_passes("dbd", dbd, 400, 100, 64,
+                                                                                     n_trainset=9000)
