@@ -271,5 +271,5 @@ def test_expected_time_is_measured_from_the_store_else_estimated(tmp_path, badne
     other = expected_time(store, "finetune", "quick", {"steps": 4}, badnets, "demo:badnets", 100, "cpu")
     assert other.source == "estimated"  # other parameters: not the same run
     assert budget_passes("finetune", {"steps": 4, "batch_size": 64}, 80, 20) > budget_passes("finetune", {"steps": 2, "batch_size": 64}, 80, 20)
-    unknown = expected_time(store, "dbd", "quick", None, badnets, "demo:badnets", 100, "cpu")
-    assert unknown.seconds is None and "unknown" in unknown.text()
+    dbd = expected_time(store, "dbd", "quick", None, badnets, "demo:badnets", 100, "cpu")
+    assert dbd.source == "estimated" and dbd.seconds > 0  # a training-time defense: counted from its training set
