@@ -102,13 +102,9 @@ def fine_tune(model: nn.Module, ctx: RepairContext, *, epochs: int | None = None
         ctx.check_cancel()
 
     def end_epoch(epoch: int, loss: float) -> None:
-        if steps is not None:
-            done = min(total_steps, (epoch + 1) * steps_per_epoch)
-            where = f"step {done}/{total_steps}"
-        else:
-            done, where = epoch + 1, f"epoch {epoch + 1}/{epochs}"
-        ctx.tick(lo + (hi - lo) * done / (total_steps if steps is not None else epochs), f"{label}: {where}",
-                 {"loss": loss, **monitor()})
+        done = min(total_steps, (epoch + 1) * steps_per_epoch)
+        where = f"step {done}/{total_steps}" if steps is not None else f"epoch {epoch + 1}/{epochs}"
+        ctx.tick(lo + (hi - lo) * done / total_steps, f"{label}: {where}", {"loss": loss, **monitor()})
 
     losses = fit(model, batches, loss_fn, opt, device=device, epochs=epochs, scheduler=sched, after_step=after_step,
                  tick=tick, end_epoch=end_epoch, max_steps=total_steps)

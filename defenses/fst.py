@@ -14,8 +14,9 @@ constraint ||w|| = ||w_ori||, which keeps the penalty from being minimised by in
 returned, no selection.
 
 Paper settings (CIFAR-10): 2% of the training set, 10 epochs (80 steps of 128 images: the budget is counted in
-steps, so it is the same work on any pool), SGD lr 0.01 with momentum 0.9, batch 128, cosine schedule, alpha 0.2, the classifier's weight and bias drawn uniformly from [-1/sqrt(d), 1/sqrt(d)]
-(d = feature width); these are the ``paper`` preset.
+steps, so it is the same work on any pool), SGD lr 0.01 with momentum 0.9, batch 128, cosine schedule, alpha 0.2,
+the classifier's weight and bias drawn uniformly from [-1/sqrt(d), 1/sqrt(d)] (d = feature width); these are the
+``paper`` preset.
 
 Deviations from the official code:
 - The cosine schedule is annealed per step over all epochs (the official steps it once per epoch); the loop is the
@@ -25,8 +26,8 @@ Deviations from the official code:
 - The re-initialisation draws from a generator seeded with the run's seed (the official uses the global RNG).
 - ``weight_decay`` is a parameter (the official optimiser has none: default 0).
 - ``quick`` preset: 70 steps of 64 images (10 passes over the default 400-image pool) and alpha 0.2 at lr 0.02
-  (random crop only), so the re-initialised head recovers on a small pool. Development split (2,000 Fashion-MNIST training images the demo
-  never used, ``scripts/tune_on_dev.py``, never the test split), seeds 0-2, mean +- sd:
+  (random crop only), so the re-initialised head recovers on a small pool. Development split (2,000 Fashion-MNIST
+  training images the demo never used, ``scripts/tune_on_dev.py``, never the test split), seeds 0-2, mean +- sd:
     BadNets BA drop 0.034 +- 0.007, ASR 0.001 +- 0.002; Blended BA drop 0.036 +- 0.003, ASR 0.342 +- 0.570
     (seed 0 left 1.000, seeds 1 and 2 0.026 and 0.000: FST removes the demo Blended backdoor only sometimes).
   Earlier, one seed: alpha 1.0 on Blended 0.082 / 0.371.

@@ -51,7 +51,7 @@ def poisoned_training_set(suspect: Suspect, pool: DefensePool, subset: int = 0, 
     data = suspect.poisoned_train()
     x, y, poisoned = data.materialize()
     keep = torch.ones(len(y), dtype=torch.bool)
-    if not (suspect.card.get("split") or {}).get("pool_in_training", True):
+    if not suspect.pool_in_training:
         keep[suspect.split[1]] = False
     n_val = pool.n_held_out
     if n_val and len(pool.index):

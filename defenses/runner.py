@@ -138,7 +138,8 @@ def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: d
         report_progress(0.02 + 0.93 * min(max(fraction, 0.0), 1.0), message, metrics)
 
     artifacts = Path(artifacts_dir) if artifacts_dir is not None else None
-    ctx = RepairContext(without_test_split(suspect), pool, device, seed=seed, artifacts=artifacts, progress=scaled, should_stop=stop)
+    sealed = without_test_split(suspect)  # the defense never sees a test image
+    ctx = RepairContext(sealed, pool, device, seed=seed, artifacts=artifacts, progress=scaled, should_stop=stop)
     out = defense.repair(model, params, ctx)
     repaired = out.model.eval()
     report_progress(0.96, "measuring the repaired model", {})

@@ -49,7 +49,7 @@ __all__ = [
     "best_run", "tradeoff_figure", "metric_bars_figure", "Embedding", "with_model", "embed_features", "activation_summary",
     "ablation_curves", "gradcam_grid", "activations_figure", "embedding_figure", "ablation_figure", "SideBySide",
     "side_by_side", "GROUP_KEYS", "GROUP_COLUMNS", "BACKDOORBENCH_COLUMNS", "group_runs", "format_groups",
-    "groups_records", "backdoorbench_csv",
+    "groups_records", "backdoorbench_csv", "mean_sd_text",
 ]
 
 COLUMNS = ["run_id", "defense", "preset", "overrides", "seed", "ba", "asr", "ra", "der", "asr_after_retune", "seconds",
@@ -265,10 +265,11 @@ def group_runs(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=GROUP_COLUMNS)
 
 
-def _pm(mean: float, sd: float, digits: int = 3) -> str:
-    if math.isnan(mean):
+def mean_sd_text(mean: float | None, sd: float | None, digits: int = 3) -> str:
+    """``"0.860 ± 0.016"``; the mean alone when there is no sd (one run), ``"n/a"`` without a mean."""
+    if mean is None or math.isnan(mean):
         return "n/a"
-    return f"{mean:.{digits}f}" + ("" if math.isnan(sd) else f" ± {sd:.{digits}f}")
+    return f"{mean:.{digits}f}" + ("" if sd is None or math.isnan(sd) else f" ± {sd:.{digits}f}")
 
 
 def format_groups(groups: pd.DataFrame) -> str:
@@ -276,8 +277,8 @@ def format_groups(groups: pd.DataFrame) -> str:
     show = groups[GROUP_KEYS].copy()
     show["n"] = groups["n_seeds"]
     for m, label in (("ba", "BA"), ("asr", "ASR"), ("ra", "RA"), ("der", "DER")):
-        show[label] = [_pm(a, b) for a, b in zip(groups[f"{m}_mean"], groups[f"{m}_sd"], strict=True)]
-    show["seconds"] = [_pm(a, b, 1) for a, b in zip(groups["seconds_mean"], groups["seconds_sd"], strict=True)]
+        show[label] = [mean_sd_text(a, b) for a, b in zip(groups[f"{m}_mean"], groups[f"{m}_sd"], strict=True)]
+    show["seconds"] = [mean_sd_text(a, b, 1) for a, b in zip(groups["seconds_mean"], groups["seconds_sd"], strict=True)]
     return show.to_string(index=False) + "\nmean ± sample sd over the group's seeds (n runs)"
 
 

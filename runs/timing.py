@@ -157,7 +157,8 @@ def budget_passes(defense: str, params: Any, n_train: int, n_val: int, n_channel
     if defense == "sau":  # per image and round: shared PGD on two models, the unlearning step, the frozen copy's labels
         return p["n_rounds"] * n_train * (2 * p["adv_steps"] + 3) + FORWARD_SHARE * 2 * n_val * p["n_rounds"]
     if defense == "ibau":  # per round: the inner pass for delta, then K Hessian-vector products per outer step
-        return p["n_rounds"] * n_train * (2 + 2 * p["K"] + 1 + FORWARD_SHARE) + FORWARD_SHARE * 2 * n_val * p["n_rounds"]
+        per_round = n_train * (2 + 2 * p["K"] + 1 + FORWARD_SHARE) + FORWARD_SHARE * 2 * n_val
+        return p["n_rounds"] * per_round
     return None
 
 
@@ -168,8 +169,7 @@ def estimate_seconds(defense: str, params: Any, suspect: Suspect, pool_size: int
     from defenses.common import head
 
     split = suspect.card.get("split") or {}
-    n_trainset = int(split.get("n_train", 0)) - (n_val if split.get("pool_in_training", True)
-                                                 else int(split.get("n_pool", 0)))
+    n_trainset = int(split.get("n_train", 0)) - (n_val if suspect.pool_in_training else int(split.get("n_pool", 0)))
     passes = budget_passes(defense, params, pool_size - n_val, n_val, head(suspect.model).in_features,
                            n_trainset=max(0, n_trainset))
     if passes is None:

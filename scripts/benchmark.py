@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+from runs.compare import mean_sd_text  # noqa: E402 - after the path set-up above
 
 ATTACKS = ("badnets", "blended", "sig", "wanet")
 DOC = Path("docs/defense-benchmarks.md")
@@ -80,12 +81,6 @@ def run_grid(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _pm(mean: float, sd: float, digits: int = 3) -> str:
-    if mean is None or math.isnan(mean):
-        return "n/a"
-    return f"{mean:.{digits}f}" + ("" if sd is None or math.isnan(sd) else f" ± {sd:.{digits}f}")
-
-
 def collect(store, attacks=ATTACKS):
     """Per attack: (the suspect's before-metrics, grouped runs with drop columns), from the store only."""
     import pandas as pd
@@ -128,7 +123,7 @@ def goal_lines(results) -> list[str]:
     for attack, (_, g) in results.items():
         quick = g[(g["preset"] == "quick") & (g["overrides"] == "") & g["defense"].isin(POST_TRAINING)]
         front = _front(g)
-        hits = [f"{d} ({_pm(a, s)} ASR, drop {dr:.3f})" for d, a, s, dr in
+        hits = [f"{d} ({mean_sd_text(a, s)} ASR, drop {dr:.3f})" for d, a, s, dr in
                 zip(quick["defense"], quick["asr_mean"], quick["asr_sd"], quick["drop_mean"], strict=True)
                 if a <= 0.05 and dr <= 0.03 and (d, "quick") in front]
         lines.append(f"- {attack}: a post-training `quick` preset with mean ASR <= 0.05 at a mean BA drop <= 0.03 on "
@@ -158,7 +153,7 @@ def goal_lines(results) -> list[str]:
     return lines
 
 
-def render(results, runs, csv_name: str) -> str:
+def render(results, csv_name: str) -> str:
     from defenses import get_defense
     from runs.published import MISSING, published_for
 
@@ -196,10 +191,10 @@ def render(results, runs, csv_name: str) -> str:
             name = f"**{title}**" if (row.defense, preset) in front else title
             if row.preset == "quick" and row.defense not in DEV_CHOSEN:
                 name += " †"
-            out.append(f"| {name} | {preset} | {row.n_seeds} | {_pm(row.ba_mean, row.ba_sd)} | "
-                       f"{_pm(row.drop_mean, row.drop_sd)} | {_pm(row.asr_mean, row.asr_sd)} | "
-                       f"{_pm(row.ra_mean, row.ra_sd)} | {_pm(row.der_mean, row.der_sd)} | "
-                       f"{_pm(row.seconds_mean, row.seconds_sd, 0)} | {pub_text} |")
+            out.append(f"| {name} | {preset} | {row.n_seeds} | {mean_sd_text(row.ba_mean, row.ba_sd)} | "
+                       f"{mean_sd_text(row.drop_mean, row.drop_sd)} | {mean_sd_text(row.asr_mean, row.asr_sd)} | "
+                       f"{mean_sd_text(row.ra_mean, row.ra_sd)} | {mean_sd_text(row.der_mean, row.der_sd)} | "
+                       f"{mean_sd_text(row.seconds_mean, row.seconds_sd, 0)} | {pub_text} |")
         out.append("")
     return "\n".join(out) + "\n"
 
@@ -244,7 +239,7 @@ def capacity_section(root: Path) -> list[str]:
                              if len(errors) else "not run")
                 continue
             r = r.iloc[0]
-            cells.append(f"{_pm(r.drop_mean, r.drop_sd)} / {_pm(r.asr_mean, r.asr_sd)}, {r.seconds:.0f} s (n={r.n})")
+            cells.append(f"{mean_sd_text(r.drop_mean, r.drop_sd)} / {mean_sd_text(r.asr_mean, r.asr_sd)}, {r.seconds:.0f} s (n={r.n})")
         out.append(f"| {attack} | {defense} | {preset} | " + " | ".join(cells) + " |")
     return [*out, ""]
 
@@ -262,7 +257,7 @@ def write_doc(args: argparse.Namespace) -> int:
     keep = ["attack", "defense", "preset", "overrides", "seed", "ba_before", "ba", "ba_drop", "asr_before", "asr", "ra", "der",
             "seconds", "device", "clean_images", "held_out", "date", "run_id"]
     runs[keep].sort_values(["attack", "defense", "preset", "seed"]).to_csv(csv, index=False, float_format="%.4f")
-    text = render(results, runs, csv.name)
+    text = render(results, csv.name)
     capacity = capacity_section(Path(args.runs) / "capacity")
     if capacity:
         text += "\n" + "\n".join(capacity)

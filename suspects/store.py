@@ -117,6 +117,11 @@ class Suspect:
         return defense_pool_split(len(self.data.train), float(s.get("pool_fraction", 0.05)), int(s.get("seed", 0)))
 
     @property
+    def pool_in_training(self) -> bool:
+        """Whether the suspect was trained on its defense pool (cards written before the option existed: yes)."""
+        return bool((self.card.get("split") or {}).get("pool_in_training", True))
+
+    @property
     def defense_pool(self) -> ImageSet:
         """Clean training images a defense may use (never poisoned, disjoint from the test split)."""
         return self.data.train.subset(self.split[1], "defense-pool")
@@ -164,8 +169,11 @@ class SealedSplit:
     __len__ = __iter__ = __getitem__ = _refuse
 
 
-def without_test_split(suspect: Suspect, why: str = "a defense may not read the test split: it works on its clean "
-                                                    "pool only, and the test split is kept for measuring it") -> Suspect:
+SEALED_WHY = ("a defense may not read the test split: it works on its clean pool only, and the test split is kept "
+              "for measuring it")
+
+
+def without_test_split(suspect: Suspect, why: str = SEALED_WHY) -> Suspect:
     """A view of ``suspect`` (same model, card, trigger, training data) whose test split is sealed: reading
     ``view.test`` or ``view.data.test`` raises :class:`SealedSplitError`. Defenses get this view, so no preset,
     threshold or stopping rule can be chosen with test-split numbers."""
