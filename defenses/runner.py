@@ -40,9 +40,20 @@ from .base import Defense, ParamError
 from .context import Cancelled, DefensePool, Progress, RepairContext
 from .registry import get_defense
 
-__all__ = ["defense_pool", "run_defense", "DefenseRun", "parse_measure"]
+__all__ = ["defense_pool", "run_defense", "DefenseRun", "parse_measure", "resolve_pool_size", "DEFAULT_POOL_SIZE",
+           "HELD_OUT_FRACTION"]
 
 FULL_SPLIT = "the whole test split"
+
+
+DEFAULT_POOL_SIZE = 1000  # clean pool images a defense gets by default (fewer when the suspect's pool is smaller) ...
+HELD_OUT_FRACTION = 0.3  # ... of which this share is held out for stopping and selection rules (300 of 1,000)
+
+
+def resolve_pool_size(pool_size: int | None, pool_n: int) -> int:
+    """The pool size a run uses: ``pool_size`` as given, or by default the suspect's whole clean pool up to
+    ``DEFAULT_POOL_SIZE`` images (the demo bundle's pool: 1,000 images, 300 of them held out)."""
+    return min(DEFAULT_POOL_SIZE, int(pool_n)) if pool_size is None else int(pool_size)
 
 
 AUTO_FULL_LIMIT = 5000  # ``measure="auto"``: the whole test split up to this many images ...
@@ -77,9 +88,12 @@ def intervals(m: Metrics) -> dict[str, list[float] | None]:
     return out
 
 
-def defense_pool(suspect: Suspect, n: int = 500, val_fraction: float = 0.2, seed: int = 0) -> DefensePool:
-    """``n`` clean pool images as ``x``/``y`` (train part) and ``x_val``/``y_val`` (held-out part)."""
+def defense_pool(suspect: Suspect, n: int | None = None, val_fraction: float = HELD_OUT_FRACTION,
+                 seed: int = 0) -> DefensePool:
+    """``n`` clean pool images (default :func:`resolve_pool_size`) as ``x``/``y`` (train part) and
+    ``x_val``/``y_val`` (held-out part: ``val_fraction`` of them)."""
     pool = suspect.defense_pool
+    n = resolve_pool_size(n, len(pool))
     if n < 1:
         raise ParamError(f"pool size must be >= 1, got {n}")
     if n > len(pool):
@@ -101,7 +115,7 @@ class DefenseRun(dict):
 
 def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: dict[str, Any] | None = None,
                 progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
-                pool_size: int = 500, seed: int = 0, device: str | torch.device | None = None,
+                pool_size: int | None = None, seed: int = 0, device: str | torch.device | None = None,
                 suspect_ref: str | None = None, artifacts_dir: Path | None = None,
                 measure: str = "full") -> DefenseRun:
     """Validate, run and measure a defense. Raises ParamError / ValueError before anything runs on bad input.
@@ -123,6 +137,7 @@ def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: d
     device = pick_device(str(device) if device is not None else None)
     seed_everything(seed)
     t0 = time.time()
+    pool_size = resolve_pool_size(pool_size, len(suspect.defense_pool))
     pool = defense_pool(suspect, pool_size, seed=seed)
     report_progress(0.0, "measuring the suspect", {})
     trigger = suspect.trigger

@@ -14,9 +14,9 @@ never reached), momentum 0.9, weight decay 5e-4, batch 128, no augmentation (``s
 
 - the block comes from the ablation on the defense pool, not from the paper's one-off selection on a BadNets
   model with a known trigger (name ``block`` to use a block chosen elsewhere);
-- the fine-tuning set is the defense pool's training part (400 images at the default ``--pool-size 500``); the
-  paper fine-tunes on 5,000 held-out images: run with ``--pool-size 5000`` (6,250 with its held-out fifth) to
-  match it where the suspect's pool allows;
+- the fine-tuning set is the defense pool's training part (700 images of the demo's default 1,000-image pool); the
+  paper fine-tunes on 5,000 held-out images: run with ``--pool-size 7143`` (30% of it is held out) to match it
+  where the suspect's pool allows;
 - the last, smaller batch of an epoch is kept (the official loader drops it);
 - ``schedule='cosine'`` / ``augment='crop'`` are the former defaults of this project, kept as named options;
 - the budget is counted in optimisation steps (``steps``; the official 10 epochs over 5,000 images in batches of 128

@@ -24,7 +24,7 @@ from typing import Any
 
 from defenses.base import Cancelled, ParamError
 from defenses.registry import get_defense
-from defenses.runner import parse_measure, run_defense
+from defenses.runner import parse_measure, resolve_pool_size, run_defense
 
 from .store import RunStore, run_file
 
@@ -60,7 +60,7 @@ def device_lock(store: RunStore, device: str | None = None, wait: bool = True):
 
 
 def create_run(store: RunStore, defense: str, suspect_ref: str, preset: str = "quick",
-               overrides: dict[str, Any] | None = None, pool_size: int = 500, seed: int = 0,
+               overrides: dict[str, Any] | None = None, pool_size: int | None = None, seed: int = 0,
                device: str | None = None, pid: int | None = None, measure: str = "full",
                suspect: Any = None) -> str:
     """Validate everything (parameters, suspect, threat model, pool size, ``measure``), then add the run to the store.
@@ -68,7 +68,8 @@ def create_run(store: RunStore, defense: str, suspect_ref: str, preset: str = "q
     Raises ParamError / ValueError / SuspectLoadError before any row is written. With ``pid`` the run is
     recorded as already running in that (foreground) process. ``measure`` (``full`` or ``subset:N``, see
     :func:`defenses.runner.run_defense`) is kept with the run's parameters as ``_measure``. ``suspect``: the suspect
-    ``suspect_ref`` names, when the caller has loaded it already (not loaded again).
+    ``suspect_ref`` names, when the caller has loaded it already (not loaded again). ``pool_size`` None: the
+    default (:func:`defenses.runner.resolve_pool_size`), recorded as the number it resolves to.
     """
     import suspects
 
@@ -78,6 +79,7 @@ def create_run(store: RunStore, defense: str, suspect_ref: str, preset: str = "q
     suspect = suspect if suspect is not None else suspects.load(suspect_ref)
     d.check_applicable(suspect)
     pool_n = len(suspect.defense_pool)
+    pool_size = resolve_pool_size(pool_size, pool_n)
     if not 1 <= int(pool_size) <= pool_n:
         raise ParamError(f"pool size must lie in [1, {pool_n}] (the suspect's clean defense pool), got {pool_size}")
     extra: dict[str, Any] = {"_resolved": asdict(params)}
@@ -88,7 +90,7 @@ def create_run(store: RunStore, defense: str, suspect_ref: str, preset: str = "q
 
 
 def submit(store: RunStore, defense: str, suspect_ref: str, preset: str = "quick",
-           overrides: dict[str, Any] | None = None, pool_size: int = 500, seed: int = 0,
+           overrides: dict[str, Any] | None = None, pool_size: int | None = None, seed: int = 0,
            device: str | None = None, start_worker: bool = True, measure: str = "full") -> str:
     """Validate and queue a run for the background worker; returns its id."""
     run_id = create_run(store, defense, suspect_ref, preset, overrides, pool_size, seed, device, measure=measure)

@@ -36,6 +36,7 @@ import torch
 
 from defenses.base import ParamError
 from defenses.registry import get_defense, list_defenses
+from defenses.runner import resolve_pool_size
 from suspects.store import Suspect
 
 from .store import RunStore, _pid_alive, run_file
@@ -132,7 +133,7 @@ class Cell:
     preset: str
     overrides: dict[str, Any]
     seed: int
-    pool_size: int
+    pool_size: int | None
     key: str = ""
 
     def label(self) -> str:
@@ -153,13 +154,13 @@ class SweepSpec:
     presets: list[str] = field(default_factory=lambda: ["quick"])
     seeds: list[int] = field(default_factory=lambda: [0])
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-    pool_size: int = 500
+    pool_size: int | None = None  # None: each suspect's default (defenses.runner.resolve_pool_size)
 
     @classmethod
     def build(cls, defenses: str | Iterable[str], suspects: str | Iterable[str],
               presets: str | Iterable[str] | None = None, seeds: int | Iterable[int] | None = None,
               overrides: dict[str, dict[str, Any]] | None = None, sets: dict[str, Any] | None = None,
-              pool_size: int = 500) -> SweepSpec:
+              pool_size: int | None = None) -> SweepSpec:
         """Normalise and check a grid. ``defenses`` may be ``"all"``; ``sets`` holds ``defense.name`` -> value."""
         names = _names(defenses)
         if names == ["all"]:
@@ -178,9 +179,10 @@ class SweepSpec:
         stray = sorted(set(ov) - set(names))
         if stray:
             raise ParamError(f"overrides for defense(s) not in the sweep: {', '.join(stray)}")
-        if int(pool_size) < 1:
+        if pool_size is not None and int(pool_size) < 1:
             raise ParamError(f"pool size must be >= 1, got {pool_size}")
-        return cls(names, sus, _names(presets) or ["quick"], _seed_list(seeds), ov, int(pool_size))
+        return cls(names, sus, _names(presets) or ["quick"], _seed_list(seeds), ov,
+                   None if pool_size is None else int(pool_size))
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> SweepSpec:
@@ -205,7 +207,7 @@ class SweepSpec:
             raise ParamError(f"{path}: unknown field(s) {', '.join(unknown)}")
         seeds = data.get("seed_list", data.get("seeds"))
         return cls.build(data.get("defenses", []), data.get("suspects", []), data.get("presets"), seeds,
-                         overrides=data.get("set"), pool_size=int(data.get("pool_size", 500)))
+                         overrides=data.get("set"), pool_size=data.get("pool_size"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -213,7 +215,7 @@ class SweepSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SweepSpec:
         return cls(list(d["defenses"]), list(d["suspects"]), list(d["presets"]), [int(s) for s in d["seeds"]],
-                   {k: dict(v) for k, v in d.get("overrides", {}).items()}, int(d.get("pool_size", 500)))
+                   {k: dict(v) for k, v in d.get("overrides", {}).items()}, d.get("pool_size"))
 
     @property
     def id(self) -> str:
@@ -224,15 +226,19 @@ class SweepSpec:
     def size(self) -> int:
         return len(self.defenses) * len(self.suspects) * len(self.presets) * len(self.seeds)
 
-    def cells(self, fingerprints: dict[str, str] | None = None) -> list[Cell]:
-        """Every cell, suspect-major; keys use ``fingerprints`` (suspect ref -> :func:`suspect_fingerprint`)."""
+    def cells(self, fingerprints: dict[str, str] | None = None,
+              pool_sizes: dict[str, int] | None = None) -> list[Cell]:
+        """Every cell, suspect-major; keys use ``fingerprints`` (suspect ref -> :func:`suspect_fingerprint`);
+        ``pool_sizes`` (suspect ref -> its clean pool's size) resolves the default pool size per suspect."""
         fp = fingerprints or {}
+        sizes = pool_sizes or {}
         out = []
         for s in self.suspects:
             for d in self.defenses:
                 for p in self.presets:
                     for seed in self.seeds:
-                        c = Cell(s, d, p, dict(self.overrides.get(d, {})), int(seed), self.pool_size)
+                        pool = (resolve_pool_size(self.pool_size, sizes[s]) if s in sizes else self.pool_size)
+                        c = Cell(s, d, p, dict(self.overrides.get(d, {})), int(seed), pool)
                         c.key = cell_key(fp.get(s, s), c)
                         out.append(c)
         return out
@@ -535,7 +541,7 @@ def run_sweep(spec: SweepSpec, store: RunStore, *, address: str | None = None, c
         raise
     prints = {ref: suspect_fingerprint(s) for ref, s in loaded.items()}
     todo: list[tuple[Cell, dict[str, Any]]] = []
-    for cell in spec.cells(prints):
+    for cell in spec.cells(prints, {ref: len(s.defense_pool) for ref, s in loaded.items()}):
         done_run = _finished_run(store, cell.key)
         if done_run is not None:
             _set_cell(store, sid, cell, "skipped", run_id=done_run)

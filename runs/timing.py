@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from defenses.registry import get_defense
-from defenses.runner import parse_measure
+from defenses.runner import HELD_OUT_FRACTION, parse_measure, resolve_pool_size
 from suspects.device import pick_device, prepare_model, to_device
 from suspects.metrics import model_fingerprint, stored_metrics
 from suspects.store import Suspect
@@ -165,7 +165,7 @@ def budget_passes(defense: str, params: Any, n_train: int, n_val: int, n_channel
 def estimate_seconds(defense: str, params: Any, suspect: Suspect, pool_size: int, device: torch.device,
                      measure: str = "full") -> tuple[float | None, str]:
     """Budget x timed pass + the test-split measurements ("before" only when the card cannot be reused)."""
-    n_val = int(round(pool_size * 0.2)) if pool_size >= 10 else 0
+    n_val = int(round(pool_size * HELD_OUT_FRACTION)) if pool_size >= 10 else 0
     from defenses.common import head
 
     split = suspect.card.get("split") or {}
@@ -190,9 +190,10 @@ def estimate_seconds(defense: str, params: Any, suspect: Suspect, pool_size: int
 
 
 def expected_time(store: RunStore, defense: str, preset: str, overrides: dict[str, Any] | None, suspect: Suspect,
-                  suspect_ref: str, pool_size: int = 500, device: str | torch.device | None = None,
+                  suspect_ref: str, pool_size: int | None = None, device: str | torch.device | None = None,
                   measure: str = "full", estimate: bool = True) -> Expected:
     """The expected wall time of this run (see the module docstring); ``estimate=False`` skips the timed step."""
+    pool_size = resolve_pool_size(pool_size, len(suspect.defense_pool))
     d = get_defense(defense)
     params = d.make_params(preset, overrides)
     dev = pick_device(str(device) if device is not None else None)

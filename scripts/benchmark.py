@@ -1,7 +1,7 @@
 """The defense benchmark: run the grid into a run store, and regenerate its document from that store.
 
     python scripts/benchmark.py run   [--defenses a,b] [--suspects badnets,blended,sig,wanet] [--presets quick,paper]
-                                      [--seeds 3] [--runs bench-runs] [--pool-size 500]
+                                      [--seeds 3] [--runs bench-runs] [--pool-size N]
     python scripts/benchmark.py write [--runs bench-runs] [--out docs/defense-benchmarks.md]
     python scripts/benchmark.py all   (run, then write)
 
@@ -9,7 +9,9 @@
 (timings are only meaningful alone on the machine), each measured on the whole demo test split, with the run's
 config, seconds and device stored beside it. ``write`` reads the store only: per attack a table of mean +- sd over
 the seeds of BA, BA drop, ASR, RA, DER and seconds, the Pareto front, the published numbers for the same method
-(tagged, another setting), and the goal checks; the per-run rows go to a CSV next to the document.
+(tagged, another setting), and the goal checks; the per-run rows go to a CSV next to the document. Only runs on the
+demo suspects' *current* weights count (their before-metrics equal the suspect card's): runs made on an earlier
+bundle stay in the store but are left out, and the document says how many.
 Defenses never see the test split (the runner seals it); their presets were chosen on the development split
 (``scripts/tune_on_dev.py``).
 """
@@ -49,6 +51,7 @@ def run_grid(args: argparse.Namespace) -> int:
     import suspects
     from backdoor_lens.cli import parse_sets
     from defenses import list_defenses
+    from defenses.runner import resolve_pool_size
     from runs.jobs import create_run, execute
     from runs.store import RunStore
 
@@ -63,14 +66,15 @@ def run_grid(args: argparse.Namespace) -> int:
     for attack in [s for s in args.suspects.split(",") if s]:
         ref = f"demo:{attack}"
         suspect = suspects.load(ref)
+        pool_size = resolve_pool_size(args.pool_size, len(suspect.defense_pool))
         done = _cells_done(store, ref)
         for defense in names:
             for preset in [p for p in args.presets.split(",") if p]:
                 for seed in range(args.seeds):
-                    if (defense, preset, label, seed, args.pool_size) in done:
+                    if (defense, preset, label, seed, pool_size) in done:
                         continue
                     t = time.time()
-                    rid = create_run(store, defense, ref, preset, overrides, args.pool_size, seed, None, pid=os.getpid(),
+                    rid = create_run(store, defense, ref, preset, overrides, pool_size, seed, None, pid=os.getpid(),
                                      measure="full", suspect=suspect)
                     status = execute(store, rid, None, suspect=suspect)
                     rec = store.get(rid)
@@ -81,16 +85,41 @@ def run_grid(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def current_card(attack: str) -> dict:
+    """The demo suspect's card as committed now (read from disk; the model is not loaded)."""
+    from suspects.store import DEMO_SUSPECTS
+
+    return json.loads((DEMO_SUSPECTS / attack / "suspect.json").read_text())
+
+
+def on_current_weights(table, card: dict):
+    """Rows whose before-metrics are the card's: runs on the suspect's current weights (the runner reads "before"
+    from the card when the weights' fingerprint matches, or measures the same numbers)."""
+    m = card["metrics"]
+    keep = (table["ba_before"] - m["ba"]).abs() < 1e-6
+    for key in ("asr", "ra"):
+        if m.get(key) is not None:
+            keep &= (table[f"{key}_before"] - m[key]).abs() < 1e-6
+    return keep
+
+
 def collect(store, attacks=ATTACKS):
-    """Per attack: (the suspect's before-metrics, grouped runs with drop columns), from the store only."""
+    """Per attack: (the suspect's before-metrics, grouped runs with drop columns), from the store only, and the
+    runs: those on the demo suspects' current weights (``stale``: how many runs on earlier weights were left out)."""
     import pandas as pd
 
     from runs.compare import group_runs, runs_table
 
     out = {}
     frames = []
+    stale = 0
     for attack in attacks:
         table = runs_table(store, f"demo:{attack}")
+        if table.empty:
+            continue
+        keep = on_current_weights(table, current_card(attack))
+        stale += int((~keep).sum())
+        table = table[keep]
         if table.empty:
             continue
         table = table.assign(attack=attack, ba_drop=table["ba_before"] - table["ba"])
@@ -102,6 +131,7 @@ def collect(store, attacks=ATTACKS):
         before = {k: float(table[f"{k}_before"].iloc[0]) for k in ("ba", "asr", "ra")}
         out[attack] = (before, groups)
     runs = pd.concat(frames) if frames else pd.DataFrame()
+    runs.attrs["stale"] = stale
     return out, runs
 
 
@@ -153,22 +183,38 @@ def goal_lines(results) -> list[str]:
     return lines
 
 
-def render(results, csv_name: str) -> str:
+def setting_text(runs) -> str:
+    """The setting line, from the current demo cards and the runs' pools (never typed by hand)."""
+    cards = [current_card(a) for a in ATTACKS]
+    widths = sorted({int((c.get("training") or {}).get("width", 0)) for c in cards})
+    split = cards[0].get("split") or {}
+    kept_out = "kept out of" if split.get("pool_in_training") is False else "part of"
+    pools = sorted({(int(n), int(h)) for n, h in zip(runs["clean_images"], runs["held_out"], strict=True)})
+    pool_text = ", ".join(f"{n}-image clean pool ({n - h} to train on, {h} held out)" for n, h in pools)
+    return (f"Setting: the demo suspects (Fashion-MNIST subset, PreAct-ResNet-18 width "
+            f"{'/'.join(str(w) for w in widths)}, defense pool of {split.get('n_pool', '?')} images {kept_out} the "
+            f"suspects' training, see `assets/demo/README.md`), a {pool_text}, every number measured on the whole demo "
+            "test split (2,500 images; ASR and RA on the 2,250 non-target ones), 2 CPU cores.")
+
+
+def render(results, csv_name: str, runs=None) -> str:
     from defenses import get_defense
     from runs.published import MISSING, published_for
+
+    stale = int(runs.attrs.get("stale", 0)) if runs is not None else 0
 
     out = ["# Defense benchmarks on the demo suspects", "",
            "Generated by `python scripts/benchmark.py write` from the benchmark run store (`bench-runs/`, filled by "
            "`python scripts/benchmark.py run`); do not edit by hand. Per-run rows: "
            f"[`{csv_name}`]({csv_name}).", "",
-           "Setting: the demo suspects (Fashion-MNIST subset, PreAct-ResNet-18 width 8, see `assets/demo/README.md`), "
-           "a 500-image clean pool (400 to train on, 100 held out), every number measured on the whole demo test "
-           "split (2,500 images; ASR and RA on the 2,250 non-target ones), 2 CPU cores. Each cell is the mean ± "
+           (setting_text(runs) if runs is not None else "") + " Each cell is the mean ± "
            "sample sd over the seeds listed (the seed draws the pool and the defense's randomness). Presets were "
            "chosen on the development split (`scripts/tune_on_dev.py`), never on these numbers, except where a row is "
            "marked † (a `quick` preset set in round 1, partly with test-split runs, not yet re-derived); defenses never "
            "receive a test image (the runner seals the split). Seconds are the defense's wall time including the "
-           "'after' measurement, on an otherwise idle machine.", "",
+           "'after' measurement, on an otherwise idle machine."
+           + (f" {stale} runs of the store, made on earlier weights of the demo suspects, are left out." if stale else ""),
+           "",
            "BA = clean test accuracy; drop = BA before - BA after; ASR = share of triggered non-target test images "
            "classified as the target; RA = their accuracy w.r.t. the true label; DER = [max(0, ASR0 - ASR1) - "
            "max(0, BA0 - BA1) + 1] / 2. **bold** = on the attack's Pareto front (no other row has a higher mean BA "
@@ -250,14 +296,17 @@ def write_doc(args: argparse.Namespace) -> int:
     store = RunStore(args.runs)
     results, runs = collect(store)
     if not results:
-        print(f"no finished benchmark runs in {args.runs}: run `python scripts/benchmark.py run` first", file=sys.stderr)
+        stale = int(runs.attrs.get("stale", 0))
+        print(f"no finished benchmark runs on the current demo suspects in {args.runs}"
+              + (f" ({stale} on earlier weights)" if stale else "") + ": run `python scripts/benchmark.py run` first",
+              file=sys.stderr)
         return 2
     out = Path(args.out)
     csv = out.with_name(out.stem + "-runs.csv")
     keep = ["attack", "defense", "preset", "overrides", "seed", "ba_before", "ba", "ba_drop", "asr_before", "asr", "ra", "der",
             "seconds", "device", "clean_images", "held_out", "date", "run_id"]
     runs[keep].sort_values(["attack", "defense", "preset", "seed"]).to_csv(csv, index=False, float_format="%.4f")
-    text = render(results, csv.name)
+    text = render(results, csv.name, runs)
     capacity = capacity_section(Path(args.runs) / "capacity")
     if capacity:
         text += "\n" + "\n".join(capacity)
@@ -275,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suspects", default=",".join(ATTACKS))
     ap.add_argument("--presets", default="quick,paper")
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per cell")
-    ap.add_argument("--pool-size", type=int, default=500)
+    ap.add_argument("--pool-size", type=int, help="clean pool images per run (default: the suspect's pool, <= 1000)")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="run with a parameter override (a separate row in the document, labelled with it)")
     args = ap.parse_args(argv)

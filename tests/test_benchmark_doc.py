@@ -52,6 +52,20 @@ def test_grid_runs_once_and_the_document_comes_from_the_store(tmp_path):
     runs = pd.read_csv(doc.with_name("bench-runs.csv"))
     assert len(runs) == 2 and set(runs["seed"]) == {0, 1}
     assert runs["ba"].round(4).tolist() == table.sort_values("seed")["ba"].round(4).tolist()
+    assert "PreAct-ResNet-18 width" in text and "50-image clean pool (35 to train on, 15 held out)" in text
+
+
+def test_runs_on_earlier_weights_are_left_out(tmp_path, monkeypatch, capsys):
+    """After the demo bundle is retrained, runs on the old weights no longer count as the suspect's numbers."""
+    bench = _script()
+    store_dir = tmp_path / "bench"
+    assert bench.main(["run", "--runs", str(store_dir), "--defenses", "finetune", "--suspects", "badnets",
+                       "--presets", "quick", "--seeds", "1", "--pool-size", "50", "--set", "steps=1"]) == 0
+    card = bench.current_card("badnets")
+    retrained = {**card, "metrics": {**card["metrics"], "ba": card["metrics"]["ba"] - 0.01}}
+    monkeypatch.setattr(bench, "current_card", lambda attack: retrained)
+    assert bench.main(["write", "--runs", str(store_dir), "--out", str(tmp_path / "x.md")]) == 2
+    assert "(1 on earlier weights)" in capsys.readouterr().err
 
 
 def test_write_refuses_an_empty_store(tmp_path, capsys):

@@ -14,7 +14,7 @@ from defenses import Cancelled, DefensePool, RepairContext, get_defense, list_de
 from defenses.common import head
 from defenses.pruning import RankedPruning
 from defenses.registry import defense_modules
-from defenses.runner import defense_pool
+from defenses.runner import DEFAULT_POOL_SIZE, HELD_OUT_FRACTION, defense_pool, resolve_pool_size
 from suspects.device import prepare_model
 from suspects.models import residual_blocks
 
@@ -80,9 +80,17 @@ def test_check_cancel_polls_at_most_every_interval(badnets):
 def test_defense_pool_is_typed_and_held_out(badnets):
     pool = defense_pool(badnets, 100)
     assert isinstance(pool, DefensePool)
-    assert (pool.n_train, pool.n_held_out, len(pool)) == (80, 20, 100)
-    assert pool.x.shape[0] == 80 and pool.x_val.shape[0] == 20 and len(pool.index) == 100
+    assert (pool.n_train, pool.n_held_out, len(pool)) == (70, 30, 100)
+    assert pool.x.shape[0] == 70 and pool.x_val.shape[0] == 30 and len(pool.index) == 100
     assert set(pool.index.tolist()) <= set(range(len(badnets.defense_pool)))
+
+
+def test_default_pool_is_the_whole_pool_up_to_1000_images(badnets):
+    n = len(badnets.defense_pool)
+    assert resolve_pool_size(None, n) == min(DEFAULT_POOL_SIZE, n) and resolve_pool_size(None, 5000) == 1000
+    assert resolve_pool_size(40, n) == 40
+    pool = defense_pool(badnets)
+    assert len(pool) == min(1000, n) and pool.n_held_out == round(len(pool) * HELD_OUT_FRACTION)
 
 
 def test_registry_discovers_defense_modules_and_keeps_the_order():

@@ -20,7 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("suspect", help="suspect folder or demo:NAME")
     p.add_argument("--preset", default="quick", help="quick (CPU demo) or paper (official settings)")
     p.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a parameter, repeatable")
-    p.add_argument("--pool-size", type=int, default=500, help="clean defense-pool images to use (default 500)")
+    p.add_argument("--pool-size", type=int,
+                   help="clean defense-pool images to use (default: the suspect's whole pool, at most 1000; 30%% of "
+                        "them are held out for the defense's stopping and selection rules)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="run N times with seeds SEED..SEED+N-1 and report mean ± sd of BA / ASR / RA / DER")

@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     seeds.add_argument("--seed-list", help="comma-separated seeds, e.g. 0,7,11")
     p.add_argument("--set", action="append", metavar="DEFENSE.NAME=VALUE",
                    help="override a defense's parameter, repeatable (e.g. finetune.epochs=1)")
-    p.add_argument("--pool-size", type=int, help="clean defense-pool images per run (default 500)")
+    p.add_argument("--pool-size", type=int, help="clean defense-pool images per run (default: each suspect's pool, at most 1000)")
     p.add_argument("--address", help="an existing Ray cluster: auto, or ray://HOST:PORT (default: a local Ray)")
     p.add_argument("--cpus", type=int, help="CPUs of the local Ray (default: the machine's cores)")
     p.add_argument("--task-cpus", type=float, default=1, help="CPUs per cell, torch threads set to match (default 1)")
@@ -54,7 +54,7 @@ def spec_from_args(args: argparse.Namespace):
         args.defenses or (base.defenses if base else []), args.suspects or (base.suspects if base else []),
         args.presets or (base.presets if base else None), seeds,
         overrides=base.overrides if base else None, sets=sets,
-        pool_size=args.pool_size if args.pool_size is not None else (base.pool_size if base else 500))
+        pool_size=args.pool_size if args.pool_size is not None else (base.pool_size if base else None))
 
 
 def run(args: argparse.Namespace) -> int:
