@@ -2,6 +2,7 @@
 
 import pytest
 
+from defenses.runner import defense_pool
 from suspects.metrics import evaluate
 from suspects.store import DEMO_SUSPECTS, list_demo_suspects, load
 from suspects.triggers import make_trigger
@@ -19,12 +20,26 @@ def test_bundle_is_complete_and_small():
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_defense_pool_is_a_reviewers_own_clean_data(name):
+    """Bundle v2 (issue 13): the pool is 10% of the training split, kept out of the suspect's training, and the
+    default pool a defense gets holds out at least 300 images for its stopping and selection rules."""
+    suspect = load(f"demo:{name}")
+    split = suspect.card["split"]
+    assert split["pool_in_training"] is False and not suspect.pool_in_training
+    assert split["n_pool"] == round(0.1 * split["n_train"]) == len(suspect.defense_pool)
+    assert defense_pool(suspect).n_held_out >= 300
+    if suspect.trigger is not None:
+        poisoned = set(suspect.poisoned_train().poison_idx.tolist())
+        assert not poisoned & set(suspect.split[1].tolist())
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_demo_suspect_matches_its_recorded_metrics(name):
     suspect = load(f"demo:{name}")
     m = evaluate(suspect.model, suspect.test, suspect.trigger, device="cpu")
     rec = suspect.card["metrics"]
     assert abs(m.ba - rec["ba"]) <= 0.01
-    assert m.ba >= 0.85
+    assert m.ba >= 0.88
     if name == "clean":
         assert suspect.trigger is None
         badnets = make_trigger("badnets", suspect.input_shape, suspect.num_classes, target=0)
