@@ -26,8 +26,11 @@ Deliberate deviations from the paper / official code:
   it one epoch early).
 - Spectral normalisation divides each discriminator weight matrix by its exact largest singular value instead of a
   5-step power-iteration estimate; biases are left alone.
-- The architecture is the suspect's (the official code only runs a WRN-16-1). Augmentation is the project's random
-  crop (zero padding of H/8) and horizontal flip; the official Cutout (one 3x3 hole) is left out.
+- The architecture is the suspect's (the official code only runs a WRN-16-1). Augmentation (``augment``) is by
+  default the one the suspect was trained with (its card's ``training.augment``; the demo suspects: random crop
+  only, as horizontal flips are not part of their recipe), so that f_B learns the backdoor under the conditions the
+  attacker trained it in (issue 13); ``crop-flip`` is the official CIFAR choice. The official Cutout (one 3x3 hole)
+  is left out.
 - ``disc_pass="shared"`` (``quick`` preset): instead of a separate pass over the data each epoch, the
   discriminator takes one ascent step per batch on the (detached) features of that batch's f_C step, which saves
   a third of the compute; ``full`` is the official schedule.
@@ -41,6 +44,7 @@ Deliberate deviations from the paper / official code:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -58,7 +62,7 @@ from .context import RepairContext
 from .registry import register_defense
 from .retrain import StageClock, TrainingSet, auroc, histogram, poisoned_training_set, reinitialize
 
-__all__ = ["CBD", "CBDParams", "cbd_weights", "MIDiscriminator", "train_backdoored", "train_deconfounded_epoch",
+__all__ = ["CBD", "CBDParams", "cbd_weights", "training_augment", "MIDiscriminator", "train_backdoored", "train_deconfounded_epoch",
            "lr_at"]
 
 WEIGHT_EDGES = torch.linspace(0.0, 3.0, 31)  # per-batch normalised weights average 1; larger ones land in the last bin
@@ -87,13 +91,25 @@ class CBDParams:
                                         "a separate pass over the data (official); shared: one discriminator step "
                                         "per batch on the features of the f_C step (a third cheaper)",
                            choices=("full", "shared"))
-    augment: str = param("crop-flip", help="training augmentation", choices=("none", "crop", "crop-flip"))
+    augment: str = param("suspect", help="training augmentation of f_B and f_C: 'suspect' = the one the suspect was "
+                                         "trained with (its card; crop-flip, the official one, when the card does "
+                                         "not say), or none / crop / crop-flip",
+                         choices=("suspect", "none", "crop", "crop-flip"))
     subset: int = param(0, help="use a random subset of this many poisoned training images (0 = all)",
                         min=0, max=10**8)
 
     def check(self) -> None:
         if self.drop2 < self.drop1:
             raise ParamError("parameter 'drop2' must not come before 'drop1'")
+
+
+def training_augment(choice: str, card: dict) -> str:
+    """``choice``, or for ``"suspect"`` the augmentation the suspect's card says it was trained with (crop-flip, the
+    official CBD one, when the card does not say or names one this project does not have)."""
+    if choice != "suspect":
+        return choice
+    recorded = str((card.get("training") or {}).get("augment") or "")
+    return recorded if recorded in ("none", "crop", "crop-flip") else "crop-flip"
 
 
 def cbd_weights(loss_b: torch.Tensor, loss_c: torch.Tensor) -> torch.Tensor:
@@ -296,6 +312,7 @@ class CBD(Defense):
 
     def repair(self, model, params: CBDParams, ctx: RepairContext) -> DefenseOutput:
         suspect, pool, device = ctx.suspect, ctx.pool, ctx.device
+        params = dataclasses.replace(params, augment=training_augment(params.augment, suspect.card))
         data = poisoned_training_set(suspect, pool, params.subset, seed=0)
         if len(data) < 2:
             raise ValueError("CBD needs at least two training images")
@@ -357,7 +374,7 @@ class CBD(Defense):
                            if k in r} for r in rows]
         artifacts = {
             "n_train": n, "n_poisoned_train": int(data.poisoned.sum()), "poison_rate_train": round(data.poison_rate, 4),
-            "disentangle": params.disentangle,
+            "disentangle": params.disentangle, "augment": params.augment,
             "fb_held_out_ba": fb_metrics.get("held_out_ba"), "fb_held_out_asr": fb_metrics.get("held_out_asr"),
             "weight_auroc": last["weight_auroc"],
             "w_clean_mean": last["w_clean_mean"], "w_poisoned_mean": last["w_poisoned_mean"],

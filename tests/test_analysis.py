@@ -9,6 +9,7 @@ from analysis.features import feature_set, pca_2d, separation_score, umap_2d
 from analysis.gradcam import attention_share, compare_gradcam, compute_cams, map_shift, strongest_pixels
 from analysis.samples import balanced_indices, paired_sample
 from analysis.shortcuts import MIN_CRITICAL_SCORE, NoSkipConnectionsError, critical_block_score, skip_ablation
+from defenses.common import head
 from suspects.metrics import evaluate
 from suspects.models import create_model
 from suspects.store import load
@@ -163,7 +164,7 @@ def test_poisoned_points_separate_in_feature_space(badnets, clean):
     fs = feature_set(badnets, n_clean=300, n_triggered=150, n_train=200)
     kinds = set(fs.kind.tolist())
     assert kinds == {"clean test", "triggered test", "clean train", "poisoned train"}
-    assert fs.features.shape == (len(fs), 64) and fs.images.dtype == np.uint8
+    assert fs.features.shape == (len(fs), head(badnets.model).in_features) and fs.images.dtype == np.uint8
     assert fs.poisoned[fs.kind == "poisoned train"].all() and not fs.poisoned[fs.kind == "clean test"].any()
     emb = umap_2d(fs.features, seed=0)
     assert emb.shape == (len(fs), 2)

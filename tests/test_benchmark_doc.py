@@ -66,6 +66,17 @@ def test_runs_on_earlier_weights_are_left_out(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "current_card", lambda attack: retrained)
     assert bench.main(["write", "--runs", str(store_dir), "--out", str(tmp_path / "x.md")]) == 2
     assert "(1 on earlier weights)" in capsys.readouterr().err
+    # with a capacity study in the store the document is still written, and says that no run counts yet
+    import json
+
+    (store_dir / "capacity").mkdir()
+    row = {"width": 16, "attack": "badnets", "defense": "anp", "preset": "quick", "seed": 0, "pool_size": 1000,
+           "dev_ba_before": 0.9, "dev_asr_before": 1.0, "dev_ba": 0.88, "dev_asr": 0.1, "seconds": 10.0}
+    (store_dir / "capacity" / "results.jsonl").write_text(json.dumps(row) + "\n")
+    assert bench.main(["write", "--runs", str(store_dir), "--out", str(tmp_path / "x.md")]) == 0
+    text = (tmp_path / "x.md").read_text()
+    assert "No benchmark runs on the current demo suspects yet" in text and "1 runs were made on earlier" in text
+    assert "## Capacity" in text and "0.020 / 0.100, 10 s (n=1)" in text
 
 
 def test_write_refuses_an_empty_store(tmp_path, capsys):

@@ -277,7 +277,11 @@ def test_bad_uploads_say_one_line_and_the_demo_weights_load(server, browser, sho
     weights.write_bytes((DEMO_SUSPECTS / "badnets" / "model.safetensors").read_bytes())
     upload.set_input_files(str(weights))
     sidebar.get_by_role("button", name="Load checkpoint").click()
-    page.wait_for_selector("text=Suspect: badnets-weights", timeout=120_000)
+    try:
+        page.wait_for_selector("text=Suspect: badnets-weights", timeout=240_000)  # the shared server may be busy
+    except Exception:
+        page.screenshot(path=str(shots / "upload-failed.png"), full_page=True)  # what the page said instead
+        raise
     settle(page)
     assert "badnets-weights" in picker_text(page)
     assert "Traceback" not in page.inner_text("body")

@@ -19,8 +19,10 @@ from defenses.cbd import (
     lr_at,
     train_backdoored,
     train_deconfounded_epoch,
+    training_augment,
     weight_stats,
 )
+from defenses.common import head
 from defenses.dbd import (
     BACKBONE_FILE,
     ProjectionHead,
@@ -86,8 +88,10 @@ def test_training_set_leaves_out_the_held_out_pool_and_knows_the_poison(badnets,
     pool = defense_pool(badnets, 100)
     full = poisoned_training_set(badnets, pool)
     held_out = set(badnets.split[1][pool.index[:pool.n_held_out]].tolist())
-    assert len(full) == len(badnets.data.train) - len(held_out)
-    assert not held_out & set(full.index.tolist())
+    left_out = set(badnets.split[1].tolist()) if not badnets.pool_in_training else held_out
+    assert held_out <= left_out  # the whole pool when the suspect never trained on it (the demo bundle)
+    assert len(full) == len(badnets.data.train) - len(left_out)
+    assert not left_out & set(full.index.tolist())
     assert set(full.index[full.poisoned].tolist()) == set(badnets.poisoned_train().poison_idx.tolist())
     assert (full.y[full.poisoned] == 0).all()  # BadNets relabels to the target
     assert 0.05 < small_set.poison_rate < 0.15
@@ -198,7 +202,8 @@ def test_cbd_weights_are_low_on_poisoned_samples_and_mi_penalty_trains(badnets, 
     fb = copy.deepcopy(badnets.model).eval()
     fc = reinitialize(copy.deepcopy(badnets.model))
     p = CBDParams(batch_size=100, augment="none")
-    disc = MIDiscriminator(64, 64, dropout=p.disc_dropout, scale=p.mi_scale)
+    d = head(badnets.model).in_features
+    disc = MIDiscriminator(d, d, dropout=p.disc_dropout, scale=p.mi_scale)
     opt = torch.optim.SGD(fc.parameters(), lr=0.1, momentum=0.9, nesterov=True)
     disc_opt = torch.optim.Adam(disc.parameters(), lr=p.disc_lr)
     res = train_deconfounded_epoch(fc, fb, disc, opt, disc_opt, small_set, "cpu", p, _gen())
@@ -208,6 +213,13 @@ def test_cbd_weights_are_low_on_poisoned_samples_and_mi_penalty_trains(badnets, 
     assert res["mi"] is not None and res["mi_disc"] is not None
     for lin in (disc.l_in, disc.l_out):  # spectrally normalised critic
         assert float(torch.linalg.matrix_norm(lin.weight.detach(), ord=2)) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_cbd_augmentation_follows_the_suspects_card():
+    assert training_augment("suspect", {"training": {"augment": "crop"}}) == "crop"
+    assert training_augment("suspect", {"training": {"augment": "none"}}) == "none"
+    assert training_augment("suspect", {}) == "crop-flip"  # unknown: the official CIFAR choice
+    assert training_augment("none", {"training": {"augment": "crop"}}) == "none"  # an explicit choice stands
 
 
 def test_mi_discriminator_detects_dependence():
@@ -252,6 +264,11 @@ def test_dbd_pipeline_stores_its_backbone_and_reuses_it(finished_runs):
     assert len(split) == 1 and 0 <= split[0]["precision"] <= 1 and 0 <= split[0]["recall"] <= 1
     assert report["artifacts"]["loss_histograms"]["series"]
     assert "simclr" in report["curves"] and report["asr"] is not None
+    n, steps = report["artifacts"]["n_train"], report["artifacts"]["stage_steps"]
+    p = report["params"]
+    assert steps == {"simclr": p["simclr_epochs"] * max(1, n // p["simclr_batch_size"]),
+                     "warmup": p["warmup_epochs"] * -(-n // p["warmup_batch_size"]),
+                     "semi": p["semi_epochs"] * p["iterations"]}
 
     second = create_run(store, "dbd", "demo:badnets", "quick", {**TINY_DBD, "reuse_backbone_from": first},
                         pool_size=100)
@@ -277,6 +294,7 @@ def test_cbd_pipeline_tiny_budget(finished_runs):
     report = store.report(ids["cbd"])
     arts = report["artifacts"]
     assert arts["n_train"] == 300 and arts["disentangle"] is True
+    assert arts["augment"] == suspects.load("demo:badnets").card["training"]["augment"]  # f_B trains as the attacker did
     series = arts["weight_histograms"]["series"]
     assert len(series) == 1 and sum(series[0]["clean"]) == pytest.approx(1.0)
     assert {"w_clean_mean", "w_poisoned_mean"} <= set(report["curves"]["weights"][0])

@@ -117,8 +117,8 @@ def test_shortcut_paper_preset_fine_tunes_as_the_official_code(badnets, monkeypa
     assert (p["lr"], p["momentum"], p["weight_decay"], p["batch_size"] != 128) == (0.01, 0.9, 5e-4, True)
     assert get_defense("shortcut").make_params("paper").batch_size == 128
     lrs = seen[-1]["lrs"]
-    assert len(lrs) == 4 and set(lrs) == {0.01}  # 4 steps of 32 of the 64 pool images, constant rate
-    assert modes == {"none"} and report["artifacts"]["fine_tune_images"] == 64
+    assert len(lrs) == 4 and set(lrs) == {0.01}  # 4 steps of 32 of the pool's training part, constant rate
+    assert modes == {"none"} and report["artifacts"]["fine_tune_images"] == report["pool_split"]["train"] == 56
     modes.clear()
     run_defense("shortcut", badnets, "quick", {"steps": 2, "block": "layer4.1"}, pool_size=80)
     assert modes == {"crop"} and len(set(seen[-1]["lrs"])) > 1  # the former cosine schedule, kept as quick

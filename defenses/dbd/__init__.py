@@ -33,7 +33,11 @@ Deliberate deviations from the paper / official code:
   512; stage 2: 2 epochs instead of 10; stage 3: 5 epochs of 150 iterations instead of 190 x 1024), a cosine
   schedule annealed over the short stage 1 and a lambda_u ramp over the short run, so the whole pipeline fits
   ~10 CPU minutes on the demo suspects. With so little training the model stays well below the suspect's BA
-  (the width-8 demo model itself needs ~6 supervised epochs to reach 0.80).
+  (the width-8 demo model itself needs ~6 supervised epochs to reach 0.80). In optimisation steps
+  (:func:`~defenses.dbd.defense.stage_steps`, also in every run's report): ``paper`` is 9,700 SimCLR + 3,910
+  linear-head + 194,560 MixMatch steps on CIFAR-10's 50,000 images (1,700 + 710 + 194,560 on the demo's 9,000);
+  ``quick`` 175 + 142 + 750 on the demo. Stages 1-2 are epochs over the training set by design (SimCLR's and the
+  head's schedules are defined per pass); stage 3 already counts iterations.
 - ``split="per-class"`` (``quick`` preset): the lowest-loss epsilon share *within each training label* keeps its
   labels. With the short stage 1 the paper's global split left whole classes (Pullover and Shirt on the
   Fashion-MNIST demo) without a single labelled sample, so the model never learned them (BA 0.66 on BadNets).
