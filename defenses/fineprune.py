@@ -15,6 +15,12 @@ one that broke it), and the mean is taken over the map itself, not over a max-po
 average-pooled into the classifier). The fine-tuning budget is counted in optimisation steps (``steps``;
 BackdoorBench's 100 epochs over 2,500 images in batches of 256 are 1,000 steps); ``quick``: 140 steps of 64 at lr
 0.05 (the former 20 passes over a 400-image pool), not yet re-derived on the development split over seeds.
+
+``quick`` measured on the development split (2,000 Fashion-MNIST images the demo never used;
+``scripts/capacity_study.py``, 1,000-image pool kept out of training, seeds 0-2; BA drop / ASR, mean +- sd,
+seconds): width 16 (bundle v2): BadNets 0.025 +- 0.001 / 0.045 +- 0.023 (52 s), Blended 0.031 +- 0.019 / 0.909 +-
+0.058 (46 s); width 8: BadNets 0.032 +- 0.007 / 0.110 +- 0.110 (16 s), Blended 0.034 +- 0.006 / 0.644 +- 0.028 (14
+s).
 """
 
 from __future__ import annotations
