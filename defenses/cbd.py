@@ -62,8 +62,8 @@ from .context import RepairContext
 from .registry import register_defense
 from .retrain import StageClock, TrainingSet, auroc, histogram, poisoned_training_set, reinitialize
 
-__all__ = ["CBD", "CBDParams", "cbd_weights", "training_augment", "MIDiscriminator", "train_backdoored", "train_deconfounded_epoch",
-           "lr_at"]
+__all__ = ["CBD", "CBDParams", "cbd_weights", "training_augment", "MIDiscriminator", "train_backdoored",
+           "train_deconfounded_epoch", "lr_at"]
 
 WEIGHT_EDGES = torch.linspace(0.0, 3.0, 31)  # per-batch normalised weights average 1; larger ones land in the last bin
 

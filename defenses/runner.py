@@ -40,14 +40,19 @@ from .base import Defense, ParamError
 from .context import Cancelled, DefensePool, Progress, RepairContext
 from .registry import get_defense
 
-__all__ = ["defense_pool", "run_defense", "DefenseRun", "parse_measure", "resolve_pool_size", "DEFAULT_POOL_SIZE",
-           "HELD_OUT_FRACTION"]
+__all__ = ["defense_pool", "run_defense", "DefenseRun", "parse_measure", "resolve_pool_size", "held_out_count",
+           "DEFAULT_POOL_SIZE", "HELD_OUT_FRACTION"]
 
 FULL_SPLIT = "the whole test split"
 
 
 DEFAULT_POOL_SIZE = 1000  # clean pool images a defense gets by default (fewer when the suspect's pool is smaller) ...
 HELD_OUT_FRACTION = 0.3  # ... of which this share is held out for stopping and selection rules (300 of 1,000)
+
+
+def held_out_count(n: int, val_fraction: float = HELD_OUT_FRACTION) -> int:
+    """How many of ``n`` pool images are held out (none for a pool under 10 images)."""
+    return int(round(n * val_fraction)) if n >= 10 else 0
 
 
 def resolve_pool_size(pool_size: int | None, pool_n: int) -> int:
@@ -100,7 +105,7 @@ def defense_pool(suspect: Suspect, n: int | None = None, val_fraction: float = H
         raise ParamError(f"pool size {n} exceeds the suspect's clean defense pool ({len(pool)} images)")
     gen = torch.Generator().manual_seed(int(seed) + 17)
     idx = torch.randperm(len(pool), generator=gen)[:n]
-    n_val = int(round(n * val_fraction)) if n >= 10 else 0
+    n_val = held_out_count(n, val_fraction)
     val, train = idx[:n_val], idx[n_val:]
     return DefensePool(pool.images(train), pool.labels[train], pool.images(val), pool.labels[val], idx.clone())
 

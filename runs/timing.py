@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from defenses.registry import get_defense
-from defenses.runner import HELD_OUT_FRACTION, parse_measure, resolve_pool_size
+from defenses.runner import held_out_count, parse_measure, resolve_pool_size
 from suspects.device import pick_device, prepare_model, to_device
 from suspects.metrics import model_fingerprint, stored_metrics
 from suspects.store import Suspect
@@ -165,7 +165,7 @@ def budget_passes(defense: str, params: Any, n_train: int, n_val: int, n_channel
 def estimate_seconds(defense: str, params: Any, suspect: Suspect, pool_size: int, device: torch.device,
                      measure: str = "full") -> tuple[float | None, str]:
     """Budget x timed pass + the test-split measurements ("before" only when the card cannot be reused)."""
-    n_val = int(round(pool_size * HELD_OUT_FRACTION)) if pool_size >= 10 else 0
+    n_val = held_out_count(pool_size)
     from defenses.common import head
 
     split = suspect.card.get("split") or {}

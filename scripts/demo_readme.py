@@ -44,8 +44,7 @@ The arrays `train_source_index` / `test_source_index` give each image's index in
 ## Suspects: `suspects/NAME/`
 
 Narrow PreActResNet-18 (width {"/".join(map(str, width))}, about {n_params / 1e6:.2f} M parameters) trained with this
-project's own command by `scripts/train_demo_suspects.sh`, i.e. for
-each suspect
+project's own command by `scripts/train_demo_suspects.sh`, i.e. for each suspect
 
 ```
 backdoor-lens train --data demo --model preact_resnet18 --width {width[0]} --epochs 20 --batch-size 128 --lr 0.05 \\

@@ -23,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pool-size", type=int,
                    help="clean defense-pool images to use (default: the suspect's whole pool, at most 1000; 30%% of "
                         "them are held out for the defense's stopping and selection rules)")
+    # (the numbers are defenses.runner.DEFAULT_POOL_SIZE / HELD_OUT_FRACTION, not imported: the CLI starts without torch)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="run N times with seeds SEED..SEED+N-1 and report mean ± sd of BA / ASR / RA / DER")

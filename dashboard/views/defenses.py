@@ -13,7 +13,7 @@ from dashboard.common import load_suspect, memoized, model_line, sidebar, store,
 from dashboard.stress import stress_panel
 from defenses.base import ParamError, param_specs
 from defenses.registry import all_defenses, get_defense, list_defenses
-from defenses.runner import resolve_pool_size
+from defenses.runner import HELD_OUT_FRACTION, resolve_pool_size
 from runs.compare import format_groups, group_runs, runs_table
 from runs.jobs import ensure_worker, reap_workers, submit
 from runs.store import RunRecord
@@ -39,7 +39,7 @@ pool_n = len(suspect.defense_pool)
 pool_size = st.slider("Clean pool images given to the defense", 10, pool_n, resolve_pool_size(None, pool_n), step=10,
                       key="pool_size",
                       help="drawn from the suspect's defense pool (clean training images, never poisoned); "
-                           "30% of them are held out for the defenses' stopping and selection rules")
+                           f"{HELD_OUT_FRACTION:.0%} of them are held out for the defenses' stopping and selection rules")
 
 
 # live runs measure "after" on a random subset of the test split (with 95% intervals); the CLI and the benchmarks
