@@ -11,22 +11,28 @@ T = floor(n / batch) * inner, batches drawn with replacement; the model stays in
 The output is the soft-masked network theta * m (never thresholded).
 
 ``tau = 0`` scales the official 1000 (for 3 x 32 x 32 inputs, a mean |Delta| of about 0.33) to the input size.
-Deviation: the ``quick`` preset keeps the paper's 20 outer epochs but shortens each phase (``inner`` 3 instead
-of 5, T = 9 steps for a 400-image pool), so a CPU run took about 90 s on the first (width-8, 500-image pool)
-bundle; T grows with the pool, so on the 700-image training part of today's default pool it is slower (below). It was chosen with
-``scripts/tune_on_dev.py`` on 2,000 Fashion-MNIST training images the demo never used (not the test split):
-the earlier quick preset (8 outer epochs x T = 15) left the demo Blended suspect's ASR at 1.0; on the
-development split 20 x 15 gave ASR 0.26 (149 s) and 20 x 9 gave 0.06 (90 s), at BA drops of 0.01-0.05.
-The number of outer epochs matters more than their length: 18 x 9 left the Blended ASR at 0.995 (test split,
-benchmark run), so the preset was not shortened further.
+The budget is counted in steps per phase (``steps``, T): the official code derives T from its pool (floor(500 / 128)
+x 5 = 15 for 500 images), here T is fixed so a preset is the same work on any pool (``paper``: 20 x 15 steps of
+128; ``steps=0`` derives T from ``inner`` and the pool, as the official code does). During the trigger phase the
+masks are fixed, so the clean predictions y_hat are taken once per outer epoch for the whole pool and no mask
+gradient is computed (the same numbers as the official per-batch computation, with less work).
+
+Deviation: the ``quick`` preset keeps the paper's 20 outer epochs but takes T = 9 steps of 64 images per phase
+(about 82 s on 2 CPU cores at width 16). Chosen on the development split (2,000 Fashion-MNIST images the demo never
+used; ``scripts/tune_on_dev.py``, bundle v2, 1,000-image pool, seeds 0-2; BA drop / ASR, mean +- sd): T = 9 x 64
+gave BadNets 0.025 +- 0.007 / 0.031 +- 0.018 (82 s) and Blended 0.034 +- 0.026 / 0.653 +- 0.527 (88 s; removed at
+seed 1 only); T = 6 x 128 gave BadNets 0.019 +- 0.004 / 0.092 +- 0.080 (118 s) and Blended 0.019 +- 0.013 / 0.988 +-
+0.012 (115 s; both timed before the trigger phase was made cheaper); the former preset (inner 3, T = 15 x 128 on the
+700 training images of the pool) BadNets 0.026 +- 0.006 / 0.087 +- 0.102 and Blended 0.029 +- 0.007 / 0.517 +- 0.373
+at 269-283 s, over the two-minute goal. On bundle v1 (width 8) the number of outer epochs mattered more than their
+length (18 x 9 left the Blended ASR at 0.995), so the 20 outer epochs are kept. Blended is removed by AWM at some
+seeds only, at every budget tried.
+
 ``one_shot`` keeps one pool image per class and adds ``augmentations`` random crops/flips of each, as the
 paper's one-shot setting does.
 
-``quick`` measured on the development split (2,000 Fashion-MNIST images the demo never used;
-``scripts/capacity_study.py``, 1,000-image pool kept out of training, seeds 0-2; BA drop / ASR, mean +- sd,
-seconds): width 16 (bundle v2): BadNets 0.026 +- 0.006 / 0.087 +- 0.102 (283 s), Blended 0.029 +- 0.007 / 0.517 +-
-0.373 (269 s); width 8: BadNets 0.021 +- 0.004 / 0.062 +- 0.042 (119 s), Blended 0.030 +- 0.001 / 0.936 +- 0.091
-(110 s).
+The capacity study measured the former ``quick`` preset (T = 15 x 128) at width 8: BadNets 0.021 +- 0.004 / 0.062
++- 0.042 (119 s), Blended 0.030 +- 0.001 / 0.936 +- 0.091 (110 s) (``scripts/capacity_study.py``).
 """
 
 from __future__ import annotations
@@ -51,6 +57,9 @@ from .registry import register_defense
 class AWMParams:
     outer: int = param(20, help="outer epochs E", min=1, max=1000)
     inner: int = param(5, help="inner multiplier: T = floor(n / batch_size) * inner steps per phase", min=1, max=100)
+    steps: int = param(15, help="T, steps per phase, the same whatever the pool size; the official T for its 500 "
+                                "images in batches of 128 is floor(500 / 128) * 5 = 15 (0 = floor(n / batch_size) * "
+                                "inner on this pool)", min=0, max=100000)
     batch_size: int = param(128, help="images per step", min=1, max=4096)
     lr1: float = param(10.0, help="eta_1: SGD learning rate of the trigger Delta", min=1e-4, max=1000.0)
     lr2: float = param(0.01, help="eta_2: Adam learning rate of the masks", min=1e-6, max=1.0)
@@ -90,7 +99,7 @@ class AWM(Defense):
                "the network stops reacting to it; works down to one clean image per class.")
     threat = ThreatModel(clean_pool=True, note="one image per class suffices in the one-shot setting")
     Params = AWMParams
-    presets = {"quick": {"outer": 20, "inner": 3}, "paper": {},
+    presets = {"quick": {"outer": 20, "steps": 9, "batch_size": 64}, "paper": {},
                "one-shot": {"one_shot": True, "batch_size": 32, "alpha": 0.99, "outer": 8}}
 
     def repair(self, model, params: AWMParams, ctx: RepairContext) -> DefenseOutput:
@@ -108,27 +117,34 @@ class AWM(Defense):
         masks = {k: torch.ones_like(v, requires_grad=True) for k, v in weights.items()}
         mask_opt = torch.optim.Adam(list(masks.values()), lr=params.lr2, eps=1e-8)
         bs = min(params.batch_size, n)
-        steps = max(1, n // bs) * params.inner
+        steps = params.steps or max(1, n // bs) * params.inner
         gen = torch.Generator().manual_seed(int(ctx.seed))
 
-        def forward(inp: torch.Tensor) -> torch.Tensor:
-            masked = {k: weights[k] * masks[k] for k in weights}
+        def forward(inp: torch.Tensor, train_masks: bool = True) -> torch.Tensor:
+            masked = {k: weights[k] * (masks[k] if train_masks else masks[k].detach()) for k in weights}
             return functional_call(model, masked, (inp,))
 
+        def draw() -> torch.Tensor:
+            return torch.randint(0, n, (bs,), generator=gen)
+
         def batch():
-            idx = torch.randint(0, n, (bs,), generator=gen)
+            idx = draw()
             return to_device(x[idx], device), y[idx].to(device)
 
         curve = []
         for epoch in range(params.outer):
+            # the masks are fixed during the trigger phase: the clean predictions y_hat of the whole pool are taken
+            # once per epoch (the official code takes them per batch; the same numbers) and no mask gradient is kept
+            with torch.no_grad():
+                y_hat_all = torch.cat([forward(to_device(x[i:i + 256], device), False).argmax(1).cpu()
+                                       for i in range(0, n, 256)])
             delta = torch.zeros(1, c, h, w, device=device, requires_grad=True)
             trig_opt = torch.optim.SGD([delta], lr=params.lr1)
             for _ in range(steps):
                 ctx.check_cancel()
-                xb, _ = batch()
-                with torch.no_grad():
-                    y_hat = forward(xb).argmax(1)
-                loss = -F.cross_entropy(forward(xb + delta), y_hat)
+                idx = draw()
+                xb, y_hat = to_device(x[idx], device), y_hat_all[idx].to(device)
+                loss = -F.cross_entropy(forward(xb + delta, False), y_hat)
                 trig_opt.zero_grad()
                 loss.backward()
                 trig_opt.step()

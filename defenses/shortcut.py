@@ -27,7 +27,11 @@ never reached), momentum 0.9, weight decay 5e-4, batch 128, no augmentation (``s
 ``scripts/capacity_study.py``, 1,000-image pool kept out of training, seeds 0-2; BA drop / ASR, mean +- sd,
 seconds): width 16 (bundle v2): BadNets 0.004 +- 0.003 / 0.988 +- 0.009 (47 s), Blended 0.020 +- 0.006 / 0.996 +-
 0.002 (44 s); width 8: BadNets 0.025 +- 0.005 / 0.997 +- 0.002 (21 s), Blended 0.026 +- 0.006 / 1.000 +- 0.000 (16
-s).
+s). The same preset with the block named instead (``block=layer4.1``, ``scripts/tune_on_dev.py``, bundle v2):
+BadNets 0.004 +- 0.003 / 0.247 +- 0.049, Blended 0.004 +- 0.005 / 0.998 +- 0.001 (14-16 s). On the bundle-v2
+BadNets suspect no block is a shortcut in the paper's sense: the rule picks ``layer1.1`` because its ASR falls
+(0.25 at gamma 0) only as the network breaks (BA 0.16), and no block lowers ASR while BA holds; the preset was
+therefore not re-tuned, and on the demo this defense is not the one to use.
 """
 
 from __future__ import annotations

@@ -138,7 +138,8 @@ def budget_passes(defense: str, params: Any, n_train: int, n_val: int, n_channel
             semi = p["semi_epochs"] * (p["iterations"] * p["batch_size"] * (3 + 2 * FORWARD_SHARE) + n * FORWARD_SHARE)
             return simclr + warmup + semi
         disc = 2 * FORWARD_SHARE if p.get("disc_pass") == "full" else 0.0  # f_B, then f_C with f_B's features
-        return p["epochs_b"] * n + p["epochs"] * n * (1 + FORWARD_SHARE + disc)
+        f_b = p["steps_b"] * min(p["batch_size"], n) if p.get("steps_b") else p["epochs_b"] * n
+        return f_b + p["epochs"] * n * (1 + FORWARD_SHARE + disc)
     if defense in ("finetune", "fst", "shortcut", "fineprune"):  # fine-tuning counted in optimisation steps
         passes_over_pool = -(-p["steps"] // max(1, -(-n_train // p["batch_size"])))
         tuning = p["steps"] * min(p["batch_size"], max(1, n_train)) + FORWARD_SHARE * 2 * n_val * passes_over_pool
@@ -149,7 +150,7 @@ def budget_passes(defense: str, params: Any, n_train: int, n_val: int, n_channel
     if defense == "linf_prune":
         return FORWARD_SHARE * (2 * n_train + 2 * n_val * max(1, int(p["max_ratio"] * n_channels)))
     if defense == "awm":
-        steps = max(1, n_train // p["batch_size"]) * p["inner"]
+        steps = p.get("steps") or max(1, n_train // p["batch_size"]) * p["inner"]
         per_step = (p["augmentations"] + 1) if p.get("one_shot") else 1
         return 2 * p["outer"] * steps * p["batch_size"] * per_step
     if defense == "anp":

@@ -50,7 +50,7 @@ from suspects.device import prepare_model
 
 TINY_DBD = {"subset": 300, "simclr_epochs": 1, "simclr_batch_size": 100, "warmup_epochs": 1, "semi_epochs": 1,
             "iterations": 2, "batch_size": 32}
-TINY_CBD = {"subset": 300, "epochs_b": 1, "epochs": 1, "batch_size": 100}
+TINY_CBD = {"subset": 300, "steps_b": 3, "epochs": 1, "batch_size": 100}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -192,8 +192,24 @@ def test_cbd_weights_formula():
 def test_fb_stage_fits_the_poisoned_set(badnets, small_set):
     torch.manual_seed(0)
     fb = reinitialize(copy.deepcopy(badnets.model))
-    losses = train_backdoored(fb, small_set, "cpu", CBDParams(epochs_b=3, batch_size=64, augment="none"), _gen())
+    losses = train_backdoored(fb, small_set, "cpu", CBDParams(steps_b=0, epochs_b=3, batch_size=64, augment="none"), _gen())
     assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_fb_budget_is_counted_in_steps(badnets, small_set):
+    """steps_b is the number of optimiser steps f_B takes, whatever the training set's size (issue 13)."""
+    from defenses.cbd import batches_per_epoch, fb_schedule
+
+    per_epoch = batches_per_epoch(len(small_set), 64)
+    p = CBDParams(steps_b=per_epoch + 2, batch_size=64, augment="none")
+    assert fb_schedule(p, per_epoch) == (2, per_epoch + 2)
+    assert fb_schedule(CBDParams(steps_b=0, epochs_b=4), 10) == (4, 40)
+    assert CBDParams().steps_b == 3910  # the official 5 CIFAR-10 epochs in batches of 64
+    seen = []
+    fb = reinitialize(copy.deepcopy(badnets.model))
+    train_backdoored(fb, small_set, "cpu", p, _gen(), tick=lambda f, msg: seen.append((f, msg)))
+    assert len(seen) == per_epoch + 2 and seen[-1][0] == 1.0
+    assert f"step {per_epoch + 2}/{per_epoch + 2}" in seen[-1][1]
 
 
 def test_cbd_weights_are_low_on_poisoned_samples_and_mi_penalty_trains(badnets, small_set):

@@ -15,7 +15,7 @@ REDUCED = {
     "shortcut": {"steps": 12, "block": "layer4.1"},  # the auto rule picks layer1.1 on the v2 demo: ASR stays ~0.99
     "linf_prune": {},
     "anp": {"iterations": 60},
-    "awm": {"outer": 3, "inner": 2},
+    "awm": {"outer": 3, "steps": 2},
 }
 
 
@@ -57,7 +57,7 @@ def test_shortcut_records_the_suppressed_block(badnets, tmp_path):
 
 
 def test_awm_one_shot_runs(badnets):
-    report = run_defense("awm", badnets, "one-shot", {"outer": 2, "inner": 1}, pool_size=200)
+    report = run_defense("awm", badnets, "one-shot", {"outer": 2, "steps": 1}, pool_size=200)
     assert report["artifacts"]["images_used"] == 100 and report["artifacts"]["one_shot"] is True
 
 
