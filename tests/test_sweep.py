@@ -238,3 +238,46 @@ def test_cancel_stops_the_remaining_tasks_and_leaves_no_half_written_run(ray_loc
     assert all(r.status == "finished" for r in store.list())
     states = [c["status"] for c in sweep_cells(store, spec.id)]
     assert "pending" in states and states.count("finished") == rec.done
+
+
+def test_local_sweep_holds_the_device_lock_and_waits_for_it(tmp_path, monkeypatch, capsys):
+    """A sweep on this machine takes the store's device lock (as ``defend`` does) and waits while another run holds
+    it; a sweep on a cluster (``--address``) does not touch it."""
+    import threading
+    import time
+
+    import runs.sweep
+    from backdoor_lens.cli import main
+    from runs.jobs import device_lock
+
+    store = RunStore(tmp_path / "runs")
+    seen = {}
+
+    def fake_run_sweep(spec, store_, address=None, **kw):
+        with device_lock(store_, None, wait=False) as free:
+            seen[address] = free
+        seen.setdefault("at", time.monotonic())
+        raise KeyboardInterrupt  # the CLI's cancel path: no result to print
+
+    monkeypatch.setattr(runs.sweep, "run_sweep", fake_run_sweep)
+    argv = ["sweep", "--defenses", "finetune", "--suspects", "demo:badnets", "--runs", str(store.root), "--quiet"]
+    released = {}
+    held = threading.Event()
+
+    def hold() -> None:
+        with device_lock(store, None, wait=True):
+            held.set()
+            time.sleep(1.0)
+            released["at"] = time.monotonic()
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(5)
+    assert main(argv) == 1  # cancelled by the fake
+    t.join()
+    assert seen[None] is False  # the lock was the sweep's while it ran
+    assert seen["at"] >= released["at"]  # and it waited for the other holder first
+    assert "waiting for it" in capsys.readouterr().err
+    seen.clear()
+    assert main([*argv, "--address", "ray://nowhere:10001"]) == 1
+    assert seen["ray://nowhere:10001"] is True  # a cluster sweep leaves the local lock alone

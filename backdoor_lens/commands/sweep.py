@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from backdoor_lens.cli import add_runs_flag, parse_sets
@@ -57,6 +58,25 @@ def spec_from_args(args: argparse.Namespace):
         pool_size=args.pool_size if args.pool_size is not None else (base.pool_size if base else None))
 
 
+@contextlib.contextmanager
+def local_device_lock(store, address: str | None):
+    """A sweep on this machine (no ``--address``) holds the device lock of the store, as ``defend``, ``stress`` and
+    the UI's worker do, so it never shares the cores or the GPU with another defense run of the same store."""
+    from runs.jobs import device_lock
+
+    if address is not None:
+        yield
+        return
+    with device_lock(store, None, wait=False) as free:
+        if free:
+            yield
+            return
+    print("backdoor-lens sweep: another defense is running on this machine (same run store); waiting for it ...",
+          file=sys.stderr, flush=True)
+    with device_lock(store, None, wait=True):
+        yield
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -84,9 +104,10 @@ def run(args: argparse.Namespace) -> int:
 
     gpus = {"auto": None, "yes": True, "no": False}[args.gpus]
     try:
-        result = run_sweep(spec, store, address=args.address, cpus=args.cpus, task_cpus=args.task_cpus, gpus=gpus,
-                           shared_paths=args.shared_paths, max_retries=args.max_retries, progress=progress,
-                           on_start=on_start)
+        with local_device_lock(store, args.address):
+            result = run_sweep(spec, store, address=args.address, cpus=args.cpus, task_cpus=args.task_cpus,
+                               gpus=gpus, shared_paths=args.shared_paths, max_retries=args.max_retries,
+                               progress=progress, on_start=on_start)
     except KeyboardInterrupt:
         print(f"\nbackdoor-lens sweep: cancelled; the finished cells are kept (run the same sweep again to go on: "
               f"{spec.id})", file=sys.stderr)
