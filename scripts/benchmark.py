@@ -165,6 +165,9 @@ def goal_lines(results) -> list[str]:
                 slow.append(f"{d} on {attack} ({sec:.0f} s)")
     lines.append(f"- post-training `quick` presets <= 120 s: **{'met' if not slow else 'not met'}**"
                  + (f": over on {', '.join(slow)}" if slow else ""))
+    lines += retraining_goal_lines(results)
+    lines.append(paper_goal_line(results))
+    lines.append(coverage_line(results))
     if "badnets" in results:
         g = results["badnets"][1]
         new = g[(g["preset"] == "quick") & (g["overrides"] == "") & g["defense"].isin(["sau", "fst", "ibau"])]
@@ -181,6 +184,76 @@ def goal_lines(results) -> list[str]:
             lines.append(f"- Blended, one of SAU / FST / i-BAU `quick` at mean ASR <= 0.10 with a BA drop <= 0.04: "
                          f"**{'met by ' + ', '.join(hits) if hits else 'not met'}**")
     return lines
+
+
+RETRAINING = ("dbd", "cbd")
+# issue 13: these methods' ``paper`` presets should land in the published range on badnets and blended
+PAPER_CHECKED = ("awm", "anp", "finetune", "fineprune", "shortcut")
+
+
+def retraining_goal_lines(results) -> list[str]:
+    """Issue 13's goals for DBD and CBD ``quick``: <= 10 minutes, BA sd over 3 seeds <= 0.03, and DBD on BadNets at
+    ASR <= 0.10 with BA >= 0.82; "not run yet" while the store has no such runs."""
+    lines = []
+    for d in RETRAINING:
+        rows = [(attack, r) for attack, (_, g) in results.items()
+                for r in g[(g["defense"] == d) & (g["preset"] == "quick") & (g["overrides"] == "")].itertuples()]
+        if not rows:
+            lines.append(f"- {d.upper()} `quick` <= 10 minutes with a BA sd over 3 seeds <= 0.03: **not run yet** on "
+                         "this bundle")
+            continue
+        slow = [f"{a} {r.seconds_mean:.0f} s" for a, r in rows if r.seconds_mean > 600]
+        loose = [f"{a} sd {r.ba_sd:.3f}" for a, r in rows if r.n_seeds < 3 or not r.ba_sd <= 0.03]
+        ok = not slow and not loose
+        lines.append(f"- {d.upper()} `quick` <= 10 minutes with a BA sd over 3 seeds <= 0.03: **{'met' if ok else 'not met'}** "
+                     f"on {', '.join(a for a, _ in rows)}" + (f" (over time: {', '.join(slow)})" if slow else "")
+                     + (f" (spread or seeds: {', '.join(loose)})" if loose else ""))
+        if d == "dbd":
+            bad = [r for a, r in rows if a == "badnets"]
+            if bad:
+                r = bad[0]
+                ok = r.asr_mean <= 0.10 and r.ba_mean >= 0.82
+                lines.append(f"- DBD `quick` on BadNets at mean ASR <= 0.10 with mean BA >= 0.82: **{'met' if ok else 'not met'}** "
+                             f"(BA {mean_sd_text(r.ba_mean, r.ba_sd)}, ASR {mean_sd_text(r.asr_mean, r.asr_sd)})")
+    return lines
+
+
+def paper_goal_line(results) -> str:
+    """Which of the ``paper`` presets issue 13 compares with published numbers have 3 seeds on badnets and blended,
+    and ANP's explicit goal (ASR <= 0.05 at a BA cost of at most 7 points, as BackdoorBench reports)."""
+    have, missing = [], []
+    for d in PAPER_CHECKED:
+        for attack in ("badnets", "blended"):
+            g = results.get(attack, (None, None))[1]
+            hit = None if g is None else g[(g["defense"] == d) & (g["preset"] == "paper") & (g["overrides"] == "")]
+            (have if hit is not None and len(hit) and int(hit["n_seeds"].iloc[0]) >= 3 else missing).append(
+                f"{d}/{attack}")
+    text = (f"- `paper` presets of {', '.join(PAPER_CHECKED)} on badnets and blended, 3 seeds, beside the published "
+            f"numbers: {len(have)} of {len(have) + len(missing)} cells run"
+            + (f" (not yet: {', '.join(missing)})" if missing else ""))
+    anp = [(a, r) for a in ("badnets", "blended") if a in results
+           for r in results[a][1][(results[a][1]["defense"] == "anp") & (results[a][1]["preset"] == "paper")
+                                  & (results[a][1]["overrides"] == "")].itertuples()]
+    if anp:
+        ok = all(r.asr_mean <= 0.05 and r.drop_mean <= 0.07 for _, r in anp)
+        text += (f"; ANP `paper` at ASR <= 0.05 with a BA drop <= 0.07: **{'met' if ok else 'not met'}** ("
+                 + ", ".join(f"{a} ASR {r.asr_mean:.3f}, drop {r.drop_mean:.3f}" for a, r in anp) + ")")
+    return text
+
+
+def coverage_line(results) -> str:
+    """How much of the grid (every defense x demo attack x quick / paper, 3 seeds) the store holds."""
+    from defenses import list_defenses
+
+    cells = [(d, a, p) for d in list_defenses() for a in ATTACKS for p in ("quick", "paper")]
+    done = set()
+    for attack, (_, g) in results.items():
+        for r in g[(g["overrides"] == "") & (g["n_seeds"] >= 3)].itertuples():
+            done.add((r.defense, attack, r.preset))
+    quick_missing = sorted({d for d, a, p in cells if p == "quick" and (d, a, p) not in done})
+    return (f"- grid coverage (defense x attack x preset with 3 seeds): {len(done & set(cells))} of {len(cells)} cells; "
+            f"`quick` not yet complete for: {', '.join(quick_missing) or 'none'}; the `paper` presets are CPU-hours "
+            "each on this machine and are run as time allows")
 
 
 HEADER = ("# Defense benchmarks on the demo suspects", "",

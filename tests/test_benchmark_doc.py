@@ -115,3 +115,36 @@ def test_capacity_table_goes_into_the_document(tmp_path):
     assert cells[4] == "0.010 / 0.000, 10 s (n=1)"  # width 16: one seed, no sd
     refused = next(x for x in doc.read_text().splitlines() if x.startswith("| badnets | shortcut | quick |"))
     assert "refused or failed (1x): no block scores above 0.05" in refused and "not run" in refused
+
+
+def _groups(rows):
+    cols = ["defense", "preset", "overrides", "n_seeds", "ba_mean", "ba_sd", "asr_mean", "asr_sd", "drop_mean",
+            "seconds_mean"]
+    return pd.DataFrame([dict(zip(cols, r, strict=True)) for r in rows])
+
+
+def test_goal_lines_check_the_retraining_and_paper_goals():
+    """DBD / CBD's issue-13 goals (10 minutes, BA sd <= 0.03, DBD BadNets ASR <= 0.10 at BA >= 0.82), ANP's paper
+    goal and the grid coverage are read off the grouped runs, and a goal without runs says so instead of passing."""
+    bench = _script()
+    before = {"ba": 0.9, "asr": 1.0, "ra": 0.0}
+    good = {"badnets": (before, _groups([
+        ("dbd", "quick", "", 3, 0.85, 0.01, 0.05, 0.02, 0.05, 500.0),
+        ("anp", "paper", "", 3, 0.85, 0.01, 0.03, 0.01, 0.05, 900.0),
+        ("finetune", "quick", "", 3, 0.88, 0.01, 0.04, 0.01, 0.02, 10.0)]))}
+    text = "\n".join(bench.goal_lines(good))
+    assert "DBD `quick` <= 10 minutes with a BA sd over 3 seeds <= 0.03: **met** on badnets" in text
+    assert "DBD `quick` on BadNets at mean ASR <= 0.10 with mean BA >= 0.82: **met**" in text
+    assert "CBD `quick` <= 10 minutes with a BA sd over 3 seeds <= 0.03: **not run yet**" in text
+    assert "ANP `paper` at ASR <= 0.05 with a BA drop <= 0.07: **met**" in text
+    assert "1 of 10 cells run" in text and "anp/blended" in text.split("not yet:")[1]
+    assert "badnets: a post-training `quick` preset with mean ASR <= 0.05 at a mean BA drop <= 0.03 on the Pareto " \
+           "front: **met** by finetune" in text
+    bad = {"badnets": (before, _groups([
+        ("dbd", "quick", "", 3, 0.80, 0.05, 0.20, 0.02, 0.10, 700.0),
+        ("anp", "paper", "", 3, 0.80, 0.01, 0.03, 0.01, 0.10, 900.0)]))}
+    text = "\n".join(bench.goal_lines(bad))
+    assert "DBD `quick` <= 10 minutes with a BA sd over 3 seeds <= 0.03: **not met** on badnets (over time: badnets " \
+           "700 s) (spread or seeds: badnets sd 0.050)" in text
+    assert "DBD `quick` on BadNets at mean ASR <= 0.10 with mean BA >= 0.82: **not met**" in text
+    assert "ANP `paper` at ASR <= 0.05 with a BA drop <= 0.07: **not met**" in text
