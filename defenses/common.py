@@ -56,27 +56,26 @@ def pool_asr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, trigger: Trigge
     return float((preds == trigger.target_labels(y[mask])).float().mean())
 
 
-def fine_tune(model: nn.Module, ctx: RepairContext, *, epochs: int | None = None, lr: float, batch_size: int,
+def fine_tune(model: nn.Module, ctx: RepairContext, *, steps: int, lr: float, batch_size: int,
               momentum: float = 0.9, weight_decay: float = 5e-4, augment: str = "crop",
               after_step: Callable[[], None] | None = None, span: tuple[float, float] = (0.0, 1.0),
               label: str = "fine-tuning", schedule: str = "cosine",
-              penalty: Callable[[], torch.Tensor] | None = None, steps: int | None = None) -> list[float]:
+              penalty: Callable[[], torch.Tensor] | None = None) -> list[float]:
     """Cross-entropy on the pool's training part (plus ``penalty()`` when given; SGD, cosine schedule or a constant
     learning rate with ``schedule='constant'``, the trainable parameters only) through the
     one training loop :func:`suspects.training.fit`; reports every epoch with the held-out pool BA / ASR over the
     ``span`` of the defense's progress. ``penalty()``, when given, is added to every batch's loss (FST's term on
     the classifier). The budget is ``steps`` optimisation steps (the same work whatever the pool's size; the last
-    pass over the pool may stop part-way) or, for the defenses still counted that way, ``epochs`` whole passes.
+    pass over the pool may stop part-way).
     Returns the per-epoch mean loss; the model ends in eval mode."""
     x, y, device = ctx.pool.x, ctx.pool.y, ctx.device
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     steps_per_epoch = max(1, -(-len(x) // batch_size))
-    if (steps is None) == (epochs is None):
-        raise ValueError("fine_tune: give exactly one of steps and epochs")
-    if steps is not None:
-        epochs = max(1, -(-int(steps) // steps_per_epoch))
-    total_steps = int(steps) if steps is not None else epochs * steps_per_epoch
+    if int(steps) < 1:
+        raise ValueError(f"fine_tune: steps must be >= 1, got {steps}")
+    total_steps = int(steps)
+    epochs = max(1, -(-total_steps // steps_per_epoch))
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
@@ -103,7 +102,7 @@ def fine_tune(model: nn.Module, ctx: RepairContext, *, epochs: int | None = None
 
     def end_epoch(epoch: int, loss: float) -> None:
         done = min(total_steps, (epoch + 1) * steps_per_epoch)
-        where = f"step {done}/{total_steps}" if steps is not None else f"epoch {epoch + 1}/{epochs}"
+        where = f"step {done}/{total_steps}"
         ctx.tick(lo + (hi - lo) * done / total_steps, f"{label}: {where}", {"loss": loss, **monitor()})
 
     losses = fit(model, batches, loss_fn, opt, device=device, epochs=epochs, scheduler=sched, after_step=after_step,
