@@ -5,8 +5,9 @@ The backdoor attack is a confounder that opens a spurious image -> label path. C
 deliberately backdoored model and trains the deployed model away from it:
 
 1. **f_B.** Train the suspect's architecture from scratch with plain cross-entropy on the poisoned training set
-   for a short budget (official: 5 epochs of CIFAR-10 in batches of 64, i.e. 3,910 steps; ``steps_b``). Backdoors are learned much faster than the clean task, so f_B fits the poisoned
-   samples almost perfectly (loss l_B ~ 0) while its loss on clean samples is still large. Then freeze it.
+   for a short budget (official: 5 epochs of CIFAR-10 in batches of 64, i.e. 3,910 steps; ``steps_b``). Backdoors
+   are learned much faster than the clean task, so f_B fits the poisoned samples almost perfectly (loss l_B ~ 0)
+   while its loss on clean samples is still large. Then freeze it.
 2. **f_C.** Train a fresh model on the same set with per-sample weights w_i = l_B,i / (l_B,i + l_C,i)
    (l_C detached; renormalised so the weights of a batch average 1), which down-weights what f_B finds easy
    (the poisoned samples), plus a penalty on the mutual information between f_B's and f_C's penultimate features:

@@ -93,6 +93,19 @@ def settle(page, timeout=180_000):
     raise TimeoutError("the page did not settle")
 
 
+def wait_for_upload(page, suffix: str, timeout=120_000) -> None:
+    """Wait until the sidebar's uploader shows a finished file ending in ``suffix`` (no upload spinner), then settle:
+    a click that lands while the upload is still in flight runs with the previous file."""
+    page.wait_for_function(
+        """(suffix) => {
+            const bar = document.querySelector('[data-testid=stSidebar]');
+            const names = [...bar.querySelectorAll('[data-testid=stFileChipName]')];
+            return names.some(n => (n.getAttribute('title') || n.textContent).trim().endsWith(suffix))
+                && !bar.querySelector('[data-testid=stFileChipIconSpinner]');
+        }""", arg=suffix, timeout=timeout)
+    settle(page)
+
+
 def picker_text(page) -> str:
     """What the sidebar's suspect picker shows (its label, its text and its input's value)."""
     return page.locator("[data-testid=stSidebar] [data-testid=stSelectbox]").first.evaluate(
@@ -267,6 +280,7 @@ def test_bad_uploads_say_one_line_and_the_demo_weights_load(server, browser, sho
     sidebar.get_by_text("Upload a checkpoint").click()
     upload = sidebar.locator("input[type=file]")
     upload.set_input_files(str(notes))
+    wait_for_upload(page, ".pt")
     sidebar.get_by_role("button", name="Load checkpoint").click()
     page.wait_for_selector("[data-testid=stSidebar] [data-testid=stAlert]", timeout=120_000)
     settle(page)
@@ -276,6 +290,7 @@ def test_bad_uploads_say_one_line_and_the_demo_weights_load(server, browser, sho
     weights = tmp_path / "badnets-weights.safetensors"
     weights.write_bytes((DEMO_SUSPECTS / "badnets" / "model.safetensors").read_bytes())
     upload.set_input_files(str(weights))
+    wait_for_upload(page, ".safetensors")
     sidebar.get_by_role("button", name="Load checkpoint").click()
     try:
         page.wait_for_selector("text=Suspect: badnets-weights", timeout=240_000)  # the shared server may be busy
