@@ -205,7 +205,8 @@ def retraining_goal_lines(results) -> list[str]:
         slow = [f"{a} {r.seconds_mean:.0f} s" for a, r in rows if r.seconds_mean > 600]
         loose = [f"{a} sd {r.ba_sd:.3f}" for a, r in rows if r.n_seeds < 3 or not r.ba_sd <= 0.03]
         ok = not slow and not loose
-        lines.append(f"- {d.upper()} `quick` <= 10 minutes with a BA sd over 3 seeds <= 0.03: **{'met' if ok else 'not met'}** "
+        verdict = "met" if ok else "not met"
+        lines.append(f"- {d.upper()} `quick` <= 10 minutes with a BA sd over 3 seeds <= 0.03: **{verdict}** "
                      f"on {', '.join(a for a, _ in rows)}" + (f" (over time: {', '.join(slow)})" if slow else "")
                      + (f" (spread or seeds: {', '.join(loose)})" if loose else ""))
         if d == "dbd":
@@ -213,7 +214,8 @@ def retraining_goal_lines(results) -> list[str]:
             if bad:
                 r = bad[0]
                 ok = r.asr_mean <= 0.10 and r.ba_mean >= 0.82
-                lines.append(f"- DBD `quick` on BadNets at mean ASR <= 0.10 with mean BA >= 0.82: **{'met' if ok else 'not met'}** "
+                verdict = "met" if ok else "not met"
+                lines.append(f"- DBD `quick` on BadNets at mean ASR <= 0.10 with mean BA >= 0.82: **{verdict}** "
                              f"(BA {mean_sd_text(r.ba_mean, r.ba_sd)}, ASR {mean_sd_text(r.asr_mean, r.asr_sd)})")
     return lines
 
@@ -251,7 +253,8 @@ def coverage_line(results) -> str:
         for r in g[(g["overrides"] == "") & (g["n_seeds"] >= 3)].itertuples():
             done.add((r.defense, attack, r.preset))
     quick_missing = sorted({d for d, a, p in cells if p == "quick" and (d, a, p) not in done})
-    return (f"- grid coverage (defense x attack x preset with 3 seeds): {len(done & set(cells))} of {len(cells)} cells; "
+    return (f"- grid coverage (defense x attack x preset with 3 seeds): {len(done & set(cells))} of {len(cells)} "
+            "cells; "
             f"`quick` not yet complete for: {', '.join(quick_missing) or 'none'}; the `paper` presets are CPU-hours "
             "each on this machine and are run as time allows")
 
