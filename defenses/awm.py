@@ -14,8 +14,7 @@ The output is the soft-masked network theta * m (never thresholded).
 The budget is counted in steps per phase (``steps``, T): the official code derives T from its pool (floor(500 / 128)
 x 5 = 15 for 500 images), here T is fixed so a preset is the same work on any pool (``paper``: 20 x 15 steps of
 128; ``steps=0`` derives T from ``inner`` and the pool, as the official code does). During the trigger phase the
-masks are fixed, so the clean predictions y_hat are taken once per outer epoch for the whole pool and no mask
-gradient is computed (the same numbers as the official per-batch computation, with less work).
+masks are fixed, so no mask gradient is computed there (the same numbers as the official code, with less work).
 
 Deviation: the ``quick`` preset keeps the paper's 20 outer epochs but takes T = 9 steps of 64 images per phase
 (about 82 s on 2 CPU cores at width 16). Chosen on the development split (2,000 Fashion-MNIST images the demo never
@@ -124,26 +123,20 @@ class AWM(Defense):
             masked = {k: weights[k] * (masks[k] if train_masks else masks[k].detach()) for k in weights}
             return functional_call(model, masked, (inp,))
 
-        def draw() -> torch.Tensor:
-            return torch.randint(0, n, (bs,), generator=gen)
-
         def batch():
-            idx = draw()
+            idx = torch.randint(0, n, (bs,), generator=gen)
             return to_device(x[idx], device), y[idx].to(device)
 
         curve = []
         for epoch in range(params.outer):
-            # the masks are fixed during the trigger phase: the clean predictions y_hat of the whole pool are taken
-            # once per epoch (the official code takes them per batch; the same numbers) and no mask gradient is kept
-            with torch.no_grad():
-                y_hat_all = torch.cat([forward(to_device(x[i:i + 256], device), False).argmax(1).cpu()
-                                       for i in range(0, n, 256)])
             delta = torch.zeros(1, c, h, w, device=device, requires_grad=True)
             trig_opt = torch.optim.SGD([delta], lr=params.lr1)
             for _ in range(steps):
                 ctx.check_cancel()
-                idx = draw()
-                xb, y_hat = to_device(x[idx], device), y_hat_all[idx].to(device)
+                xb, _ = batch()
+                # the masks are fixed during the trigger phase: no mask gradient is computed
+                with torch.no_grad():
+                    y_hat = forward(xb, False).argmax(1)
                 loss = -F.cross_entropy(forward(xb + delta, False), y_hat)
                 trig_opt.zero_grad()
                 loss.backward()
