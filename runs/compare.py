@@ -53,8 +53,8 @@ __all__ = [
 ]
 
 COLUMNS = ["run_id", "defense", "preset", "overrides", "seed", "ba", "asr", "ra", "der", "asr_after_retune", "seconds",
-           "device", "clean_images", "held_out", "date", "ba_before", "asr_before", "ra_before", "pareto", "run_dir",
-           "sweep"]
+           "device", "clean_images", "held_out", "date", "ba_before", "asr_before", "ra_before", "failed", "pareto",
+           "run_dir", "sweep"]
 METRICS = ("ba", "asr", "ra", "der")
 METRIC_LABELS = {"ba": "BA (benign accuracy)", "asr": "ASR (attack success rate)", "ra": "RA (robust accuracy)",
                  "der": "DER (defense effectiveness rating)"}
@@ -79,8 +79,10 @@ COLUMN_DEFINITIONS = {
     "ba_before": "BA of the suspect before the defense, measured by the same run",
     "asr_before": "ASR of the suspect before the defense, measured by the same run",
     "ra_before": "RA of the suspect before the defense, measured by the same run",
+    "failed": "the defense reported that it failed and returned the model unchanged (e.g. l_inf pruning gave up "
+              "because no few channels carry the trigger); such a run is never on the Pareto front",
     "pareto": "on the Pareto front of the runs listed: no other run has a BA at least as high and an ASR at least "
-              "as low, one of them strictly",
+              "as low, one of them strictly (runs whose defense failed are left out)",
     "run_dir": "the run's folder (the repaired model, its card and report)",
     "sweep": "the sweep that made the run (`backdoor-lens sweep`), if any",
 }
@@ -126,29 +128,38 @@ def runs_table(store: RunStore, suspect: str) -> pd.DataFrame:
             "held_out": int(split.get("held_out", 0)),
             "date": str(rep.get("finished", "")),
             **{k: _num(rep.get(k)) for k in ("ba_before", "asr_before", "ra_before")},
-            "pareto": False, "run_dir": rep.get("run_dir") or rec.run_dir or "",
+            "failed": bool((rep.get("artifacts") or {}).get("failed")), "pareto": False,
+            "run_dir": rep.get("run_dir") or rec.run_dir or "",
             "sweep": str(rec.params.get("_sweep") or ""),
         })
     df = pd.DataFrame(rows, columns=COLUMNS)
-    df["pareto"] = pareto_front(df["ba"], df["asr"])
+    df["failed"] = df["failed"].astype(bool)
+    df["pareto"] = pareto_front(df["ba"], df["asr"], eligible=~df["failed"])
     return df.reset_index(drop=True)
 
 
-def pareto_front(ba: Iterable[float], asr: Iterable[float]) -> np.ndarray:
+def pareto_front(ba: Iterable[float], asr: Iterable[float], eligible: Iterable[bool] | None = None) -> np.ndarray:
     """Boolean mask of the points no other point dominates (BA at least as high and ASR at least as low, one
     strictly). Points with an unknown BA or ASR are never on it; when no ASR is known at all (a suspect without
-    a trigger) the front is the highest BA."""
+    a trigger) the front is the highest BA. ``eligible``: points marked False (a defense that reported failure,
+    i.e. the suspect unchanged) are neither on the front nor dominate others."""
     ba = pd.to_numeric(pd.Series(list(ba), dtype=object), errors="coerce").to_numpy(dtype=float)
     asr = pd.to_numeric(pd.Series(list(asr), dtype=object), errors="coerce").to_numpy(dtype=float)
     if len(ba) and np.isnan(asr).all():
         asr = np.zeros_like(ba)
     ok = np.isfinite(ba) & np.isfinite(asr)
+    if eligible is not None:
+        ok &= np.asarray(list(eligible), dtype=bool)
     front = np.zeros(len(ba), dtype=bool)
     for i in np.flatnonzero(ok):
         better_or_equal = ok & (ba >= ba[i]) & (asr <= asr[i])
         strictly = (ba > ba[i]) | (asr < asr[i])
         front[i] = not (better_or_equal & strictly).any()
     return front
+
+
+def _not_failed(table: pd.DataFrame) -> np.ndarray | None:
+    return None if "failed" not in table else ~table["failed"].fillna(False).astype(bool).to_numpy()
 
 
 def filter_runs(table: pd.DataFrame, defenses: Sequence[str] | None = None, presets: Sequence[str] | None = None,
@@ -164,7 +175,7 @@ def filter_runs(table: pd.DataFrame, defenses: Sequence[str] | None = None, pres
     if max_asr is not None:
         keep &= table["asr"].isna() | (table["asr"] <= max_asr)
     out = table[keep].copy()
-    out["pareto"] = pareto_front(out["ba"], out["asr"])
+    out["pareto"] = pareto_front(out["ba"], out["asr"], eligible=_not_failed(out))
     if pareto_only:
         out = out[out["pareto"]]
     return out.reset_index(drop=True)
@@ -201,12 +212,15 @@ def format_table(table: pd.DataFrame) -> str:
         show[c] = [("n/a" if math.isnan(v) else f"{v:.3f}") for v in table[c]]
     show["seconds"] = [f"{v:.1f}" for v in table["seconds"]]
     show["clean_images"] = [f"{n} ({h} held out)" for n, h in zip(table["clean_images"], table["held_out"], strict=True)]
-    show.insert(0, "", ["*" if p else "" for p in table["pareto"]])
+    failed = table["failed"] if "failed" in table else [False] * len(table)
+    show.insert(0, "", ["*" if p else ("x" if f else "") for p, f in zip(table["pareto"], failed, strict=True)])
     show = show.rename(columns={"ba": "BA", "asr": "ASR", "ra": "RA", "der": "DER", "clean_images": "clean data",
                                 "asr_after_retune": "ASR re-tuned"})
     lines = [show.to_string(index=False)]
     lines.append("")
     lines.append("* on the Pareto front: " + COLUMN_DEFINITIONS["pareto"].split(": ", 1)[1])
+    if any(failed):
+        lines.append("x failed: " + COLUMN_DEFINITIONS["failed"])
     for key, label in (("ba", "BA"), ("asr", "ASR"), ("ra", "RA"), ("der", "DER")):
         lines.append(f"{label}: {DEFINITIONS[key]}")
     lines.append("clean data: " + COLUMN_DEFINITIONS["clean_images"] + "; " + COLUMN_DEFINITIONS["held_out"])
@@ -233,7 +247,7 @@ def best_run(table: pd.DataFrame) -> pd.Series | None:
 GROUP_KEYS = ["defense", "preset", "overrides"]
 GROUP_METRICS = ("ba", "asr", "ra", "der", "seconds")
 GROUP_COLUMNS = [*GROUP_KEYS, "n_seeds", *(f"{m}_{s}" for m in GROUP_METRICS for s in ("mean", "sd")), "seeds",
-                 "run_ids"]
+                 "run_ids", "n_failed"]
 BACKDOORBENCH_COLUMNS = ["attack", "defense", "model", "dataset", "pratio", "clean_acc", "asr", "ra",
                          "clean_acc_sd", "asr_sd", "ra_sd", "der", "der_sd", "n_seeds", "seconds", "seconds_sd",
                          "preset", "overrides"]
@@ -248,7 +262,8 @@ def _mean_sd(values: pd.Series) -> tuple[float, float]:
 
 
 def group_runs(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per (defense, preset, overrides): ``n_seeds`` runs, mean and sd of BA / ASR / RA / DER / seconds.
+    """One row per (defense, preset, overrides): ``n_seeds`` runs, mean and sd of BA / ASR / RA / DER / seconds,
+    and ``n_failed``, how many of the runs' defenses reported failure (model returned unchanged).
 
     Used by ``compare``, ``defend --seeds``, ``sweep``, the Compare page and the report; the sd is the sample
     standard deviation over the group's runs (NaN for a single run).
@@ -261,6 +276,7 @@ def group_runs(table: pd.DataFrame) -> pd.DataFrame:
             row[f"{m}_mean"], row[f"{m}_sd"] = _mean_sd(g[m])
         row["seeds"] = sorted(int(x) for x in g["seed"]) if "seed" in g else []
         row["run_ids"] = list(g["run_id"])
+        row["n_failed"] = int(g["failed"].fillna(False).astype(bool).sum()) if "failed" in g else 0
         rows.append(row)
     return pd.DataFrame(rows, columns=GROUP_COLUMNS)
 
@@ -325,19 +341,23 @@ def _defense_colors(defenses: Iterable[str]) -> dict[str, str]:
 
 
 def tradeoff_figure(table: pd.DataFrame, height: int = 420) -> go.Figure:
-    """BA (y) vs. ASR (x) of every run, the Pareto front as a step line, and the suspect before any defense; a
-    setting run with several seeds also shows its mean with ± sd error bars (:func:`group_runs`)."""
+    """BA (y) vs. ASR (x) of every run (an x where the defense reported failure), the Pareto front as a step line,
+    and the suspect before any defense; a setting run with several seeds also shows its mean with ± sd error bars
+    (:func:`group_runs`)."""
     fig = go.Figure()
     colors = _defense_colors(table["defense"])
     has_asr = table["asr"].notna().any()
     x_of = (lambda t: t["asr"]) if has_asr else (lambda t: t["seconds"])
     for defense, t in table.groupby("defense", sort=True):
+        failed = t["failed"].fillna(False).astype(bool) if "failed" in t else pd.Series(False, index=t.index)
         fig.add_trace(go.Scatter(
             x=x_of(t), y=t["ba"], mode="markers", name=defense,
             marker=dict(size=[13 if p else 9 for p in t["pareto"]], color=colors[defense],
+                        symbol=["x" if f else "circle" for f in failed],
                         line=dict(width=[2 if p else 0 for p in t["pareto"]], color="black")),
-            customdata=np.stack([t["run_id"], t["preset"], t["der"].round(3), t["ra"].round(3)], axis=1),
-            hovertemplate="%{customdata[0]}<br>preset %{customdata[1]}<br>BA %{y:.3f}<br>"
+            customdata=np.stack([t["run_id"], t["preset"], t["der"].round(3), t["ra"].round(3),
+                                 ["<br>the defense failed: model unchanged" if f else "" for f in failed]], axis=1),
+            hovertemplate="%{customdata[0]}<br>preset %{customdata[1]}%{customdata[4]}<br>BA %{y:.3f}<br>"
                           + ("ASR %{x:.3f}<br>RA %{customdata[3]}<br>DER %{customdata[2]}" if has_asr
                              else "%{x:.1f} s") + "<extra>%{fullData.name}</extra>"))
     spread = group_runs(table)

@@ -42,6 +42,7 @@ def _cells_done(store, suspect_ref: str) -> set[tuple[str, str, str, int, int]]:
     from runs.compare import runs_table
 
     table = runs_table(store, suspect_ref)
+    table = table[on_current_presets(store, table)]  # a cell run with an earlier version of its preset is redone
     return {(d, p, o, int(s), int(n)) for d, p, o, s, n in
             zip(table["defense"], table["preset"], table["overrides"], table["seed"], table["clean_images"],
                 strict=True)}
@@ -103,16 +104,44 @@ def on_current_weights(table, card: dict):
     return keep
 
 
+def on_current_presets(store, table):
+    """Rows whose run used today's preset: every parameter the preset sets (and that the row's overrides leave
+    alone) has the value the preset gives now. A run made before a preset was re-chosen (or before a parameter
+    existed) is left out: its numbers belong to another setting."""
+    from dataclasses import asdict
+
+    import pandas as pd
+
+    from defenses.registry import get_defense
+
+    presets: dict[tuple[str, str], dict] = {}
+    keep = []
+    for run_id, defense, preset, overrides in zip(table["run_id"], table["defense"], table["preset"],
+                                                  table["overrides"], strict=True):
+        if (defense, preset) not in presets:
+            try:
+                presets[defense, preset] = asdict(get_defense(defense).make_params(preset, {}))
+            except Exception:  # noqa: BLE001 - a defense or preset that no longer exists: not today's preset
+                presets[defense, preset] = {}
+        now = presets[defense, preset]
+        used = (store.report(run_id) or {}).get("params") or {}
+        overridden = {part.split("=", 1)[0] for part in overrides.split(", ") if part}
+        keep.append(bool(now) and all(k in used and json.dumps(used[k]) == json.dumps(v)
+                                      for k, v in now.items() if k not in overridden))
+    return pd.Series(keep, index=table.index, dtype=bool)
+
+
 def collect(store, attacks=ATTACKS):
     """Per attack: (the suspect's before-metrics, grouped runs with drop columns), from the store only, and the
-    runs: those on the demo suspects' current weights (``stale``: how many runs on earlier weights were left out)."""
+    runs: those on the demo suspects' current weights (``stale``: how many runs on earlier weights were left out)
+    made with today's presets (``old_presets``: how many runs with an earlier version of a preset were left out)."""
     import pandas as pd
 
     from runs.compare import group_runs, runs_table
 
     out = {}
     frames = []
-    stale = 0
+    stale = old_presets = 0
     for attack in attacks:
         table = runs_table(store, f"demo:{attack}")
         if table.empty:
@@ -120,6 +149,9 @@ def collect(store, attacks=ATTACKS):
         keep = on_current_weights(table, current_card(attack))
         stale += int((~keep).sum())
         table = table[keep]
+        current = on_current_presets(store, table)
+        old_presets += int((~current).sum())
+        table = table[current]
         if table.empty:
             continue
         table = table.assign(attack=attack, ba_drop=table["ba_before"] - table["ba"])
@@ -132,13 +164,15 @@ def collect(store, attacks=ATTACKS):
         out[attack] = (before, groups)
     runs = pd.concat(frames) if frames else pd.DataFrame()
     runs.attrs["stale"] = stale
+    runs.attrs["old_presets"] = old_presets
     return out, runs
 
 
 def _front(groups) -> set[tuple[str, str]]:
     from runs.compare import pareto_front
 
-    mask = pareto_front(groups["ba_mean"], groups["asr_mean"])
+    gave_up = groups["n_failed"] >= groups["n_seeds"] if "n_failed" in groups else None  # every seed gave up
+    mask = pareto_front(groups["ba_mean"], groups["asr_mean"], eligible=None if gave_up is None else ~gave_up)
     return {(d, _label(p, o)) for d, p, o, m in
             zip(groups["defense"], groups["preset"], groups["overrides"], mask, strict=True) if m}
 
@@ -283,6 +317,7 @@ def render(results, csv_name: str, runs=None) -> str:
     from runs.published import MISSING, published_for
 
     stale = int(runs.attrs.get("stale", 0)) if runs is not None else 0
+    old_presets = int(runs.attrs.get("old_presets", 0)) if runs is not None else 0
 
     out = [*HEADER[:-1], HEADER[-1] + f" Per-run rows: [`{csv_name}`]({csv_name}).", "",
            (setting_text(runs) if runs is not None else "") + " Each cell is the mean ± "
@@ -291,12 +326,15 @@ def render(results, csv_name: str, runs=None) -> str:
            "marked † (a `quick` preset set in round 1, partly with test-split runs, not yet re-derived); defenses never "
            "receive a test image (the runner seals the split). Seconds are the defense's wall time including the "
            "'after' measurement, on an otherwise idle machine."
-           + (f" {stale} runs of the store, made on earlier weights of the demo suspects, are left out." if stale else ""),
+           + (f" {stale} runs of the store, made on earlier weights of the demo suspects, are left out." if stale else "")
+           + (f" {old_presets} runs made with an earlier version of a preset (before it was re-chosen) are left out."
+              if old_presets else ""),
            "",
            "BA = clean test accuracy; drop = BA before - BA after; ASR = share of triggered non-target test images "
            "classified as the target; RA = their accuracy w.r.t. the true label; DER = [max(0, ASR0 - ASR1) - "
            "max(0, BA0 - BA1) + 1] / 2. **bold** = on the attack's Pareto front (no other row has a higher mean BA "
-           "and a lower mean ASR). *Published* numbers are on another setting (CIFAR-10, full-width ResNets): read "
+           "and a lower mean ASR; a row whose defense gave up at every seed, returning the suspect unchanged, is "
+           "left out). *Published* numbers are on another setting (CIFAR-10, full-width ResNets): read "
            "them as what the method achieves where it was designed, not as a target for these models.", ""]
     out += ["## Goals (checked on the numbers below)", "", *goal_lines(results), ""]
     for attack, (before, g) in results.items():
@@ -315,6 +353,8 @@ def render(results, csv_name: str, runs=None) -> str:
             name = f"**{title}**" if (row.defense, preset) in front else title
             if row.preset == "quick" and row.defense not in DEV_CHOSEN:
                 name += " †"
+            if getattr(row, "n_failed", 0):
+                name += f" (gave up at {row.n_failed} of {row.n_seeds} seeds: model unchanged)"
             out.append(f"| {name} | {preset} | {row.n_seeds} | {mean_sd_text(row.ba_mean, row.ba_sd)} | "
                        f"{mean_sd_text(row.drop_mean, row.drop_sd)} | {mean_sd_text(row.asr_mean, row.asr_sd)} | "
                        f"{mean_sd_text(row.ra_mean, row.ra_sd)} | {mean_sd_text(row.der_mean, row.der_sd)} | "
@@ -377,8 +417,10 @@ def write_doc(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not results:
         stale = int(runs.attrs.get("stale", 0))
+        old = int(runs.attrs.get("old_presets", 0))
+        left_out = [f"{stale} on earlier weights"] * bool(stale) + [f"{old} with an earlier version of a preset"] * bool(old)
         print(f"no finished benchmark runs on the current demo suspects in {args.runs}"
-              + (f" ({stale} on earlier weights)" if stale else "") + ": run `python scripts/benchmark.py run` first",
+              + (f" ({', '.join(left_out)})" if left_out else "") + ": run `python scripts/benchmark.py run` first",
               file=sys.stderr)
         if not capacity:
             return 2

@@ -79,6 +79,30 @@ def test_runs_on_earlier_weights_are_left_out(tmp_path, monkeypatch, capsys):
     assert "## Capacity" in text and "0.020 / 0.100, 10 s (n=1)" in text
 
 
+def test_runs_with_an_earlier_preset_are_left_out_and_redone(tmp_path, monkeypatch, capsys):
+    """A preset re-chosen on the development split makes the cells run with its earlier version another setting:
+    the document leaves them out (and says how many), and ``run`` fills the cell again with today's preset."""
+    from defenses.registry import get_defense
+
+    bench = _script()
+    store_dir = tmp_path / "bench"
+    argv = ["--runs", str(store_dir), "--defenses", "finetune", "--suspects", "badnets", "--presets", "quick",
+            "--seeds", "1", "--pool-size", "50", "--set", "steps=1"]
+    assert bench.main(["run", *argv]) == 0
+    quick = get_defense("finetune").presets["quick"]
+    monkeypatch.setitem(get_defense("finetune").presets, "quick", {**quick, "lr": quick["lr"] / 2})
+    assert bench.main(["write", "--runs", str(store_dir), "--out", str(tmp_path / "x.md")]) == 2
+    assert "1 with an earlier version of a preset" in capsys.readouterr().err
+    assert bench.main(["run", *argv]) == 0  # the cell is run again with today's preset
+    table = runs_table(RunStore(store_dir), "demo:badnets")
+    assert len(table) == 2
+    assert bench.main(["write", "--runs", str(store_dir), "--out", str(tmp_path / "x.md")]) == 0
+    text = (tmp_path / "x.md").read_text()
+    assert "1 runs made with an earlier version of a preset" in text
+    row = next(line for line in text.splitlines() if line.startswith("| ") and "quick (steps=1)" in line)
+    assert [c.strip() for c in row.strip("|").split("|")][2] == "1"  # only the new run counts
+
+
 def test_write_refuses_an_empty_store(tmp_path, capsys):
     assert _script().main(["write", "--runs", str(tmp_path / "none"), "--out", str(tmp_path / "x.md")]) == 2
     assert "no finished benchmark runs" in capsys.readouterr().err
@@ -121,6 +145,17 @@ def _groups(rows):
     cols = ["defense", "preset", "overrides", "n_seeds", "ba_mean", "ba_sd", "asr_mean", "asr_sd", "drop_mean",
             "seconds_mean"]
     return pd.DataFrame([dict(zip(cols, r, strict=True)) for r in rows])
+
+
+def test_a_row_that_gave_up_at_every_seed_is_off_the_front():
+    """l_inf pruning's unchanged model (BA before, ASR 1.0) would top the front; a row where it gave up at some
+    seeds only still counts (its mean is a real trade-off)."""
+    bench = _script()
+    groups = _groups([("linf_prune", "quick", "", 3, 0.9, 0.0, 1.0, 0.0, 0.0, 10.0),
+                      ("finetune", "quick", "", 3, 0.85, 0.01, 0.06, 0.01, 0.05, 10.0)])
+    assert bench._front(groups) == {("linf_prune", "quick"), ("finetune", "quick")}  # without n_failed
+    assert bench._front(groups.assign(n_failed=[3, 0])) == {("finetune", "quick")}
+    assert bench._front(groups.assign(n_failed=[1, 0])) == {("linf_prune", "quick"), ("finetune", "quick")}
 
 
 def test_goal_lines_check_the_retraining_and_paper_goals():

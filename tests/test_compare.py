@@ -26,6 +26,7 @@ from runs.compare import (
     filter_runs,
     format_table,
     gradcam_grid,
+    group_runs,
     metric_bars_figure,
     pareto_front,
     runs_table,
@@ -87,6 +88,30 @@ def test_pareto_front_marks_the_undominated_points():
     assert front.tolist() == [True, True, False, True, True, False]
     assert pareto_front([0.9, 0.8], [None, None]).tolist() == [True, False]  # no trigger: the highest BA
     assert pareto_front([], []).tolist() == []
+
+
+def test_a_defense_that_gave_up_is_marked_and_never_on_the_front(tmp_path):
+    """l_inf pruning returns the suspect unchanged when no few channels carry the trigger (``failed: true``): its BA
+    is the highest of all, but an unchanged model is not a trade-off a user can pick."""
+    store = RunStore(tmp_path / "runs")
+    model = suspects.load("demo:badnets")
+    for defense, ba, asr, failed in (("finetune", 0.85, 0.05, False), ("linf_prune", 0.9, 1.0, True),
+                                     ("linf_prune", 0.84, 0.08, False)):
+        rid = store.create(defense, "demo:badnets", "quick", {}, 300, 0)
+        report = _fake_report(defense, ba, asr) | {"artifacts": {"failed": failed, "n_pruned": 0 if failed else 3}}
+        store.finish(rid, report, model)
+    table = runs_table(store, "demo:badnets")
+    assert table.failed.tolist() == [False, True, False]  # newest first
+    assert table.pareto.tolist() == [False, False, True]  # without the rule the unchanged model would lead it
+    assert pareto_front(table.ba, table.asr).tolist() == [False, True, True]
+    assert filter_runs(table, defenses=["linf_prune"]).pareto.tolist() == [True, False]
+    text = format_table(table)
+    assert any(line.startswith("x") and "linf_prune" in line for line in text.splitlines())
+    assert "x failed: the defense reported that it failed" in text
+    groups = group_runs(table)
+    assert dict(zip(groups.defense, groups.n_failed, strict=True)) == {"finetune": 0, "linf_prune": 1}
+    symbols = {t.name: list(t.marker.symbol) for t in tradeoff_figure(table).data if t.name in ("finetune", "linf_prune")}
+    assert symbols == {"finetune": ["circle"], "linf_prune": ["circle", "x"]}
 
 
 def test_runs_table_lists_the_suspects_finished_runs(fake_store):

@@ -123,7 +123,8 @@ config = {c: st.column_config.Column(c.replace("_", " "), help=COLUMN_DEFINITION
 config |= {"seconds": st.column_config.NumberColumn("seconds", help=COLUMN_DEFINITIONS["seconds"], format="%.1f"),
            "clean_images": st.column_config.NumberColumn("clean images", help=COLUMN_DEFINITIONS["clean_images"]),
            "held_out": st.column_config.NumberColumn("held out", help=COLUMN_DEFINITIONS["held_out"]),
-           "pareto": st.column_config.CheckboxColumn("Pareto", help=COLUMN_DEFINITIONS["pareto"]), **numbers,
+           "pareto": st.column_config.CheckboxColumn("Pareto", help=COLUMN_DEFINITIONS["pareto"]),
+           "failed": st.column_config.CheckboxColumn("failed", help=COLUMN_DEFINITIONS["failed"]), **numbers,
            "asr_after_retune": st.column_config.NumberColumn("ASR after re-tuning", format="%.3f",
                                                              help=COLUMN_DEFINITIONS["asr_after_retune"])}
 st.dataframe(shown, column_config=config, hide_index=True, key="cmp_table")
