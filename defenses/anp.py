@@ -19,7 +19,10 @@ and ``'none'`` are kept as named options.
 ``scripts/capacity_study.py``, 1,000-image pool kept out of training, seeds 0-2; BA drop / ASR, mean +- sd,
 seconds): width 16 (bundle v2): BadNets 0.073 +- 0.028 / 0.305 +- 0.232 (81 s), Blended 0.137 +- 0.004 / 1.000 +-
 0.000 (83 s); width 8: BadNets 0.221 +- 0.113 / 0.087 +- 0.099 (48 s), Blended 0.384 +- 0.166 / 0.585 +- 0.474 (48
-s).
+s). With ``auto_threshold=true`` (``scripts/tune_on_dev.py``, bundle v2): BadNets 0.036 +- 0.005 / 0.911 +-
+0.145, Blended 0.081 +- 0.021 / 1.000 (90-97 s): after 300 mask iterations even the channels whose mask reached 0
+cost more than the 0.03 held-out tolerance, so the rule picks threshold 0 and prunes only those; not adopted. The
+threshold 0.2 itself dates from round 1 (test-split runs) and is not re-derived.
 """
 
 from __future__ import annotations

@@ -38,6 +38,9 @@ Deliberate deviations from the paper / official code:
   linear-head + 194,560 MixMatch steps on CIFAR-10's 50,000 images (1,700 + 710 + 194,560 on the demo's 9,000);
   ``quick`` 175 + 142 + 750 on the demo. Stages 1-2 are epochs over the training set by design (SimCLR's and the
   head's schedules are defined per pass); stage 3 already counts iterations.
+  Not yet re-derived on the development split for demo bundle v2 (width 16): measured there once (seed 0,
+  ``scripts/tune_on_dev.py dbd badnets``): BA drop 0.165 (0.906 -> 0.742) at ASR 0.110, 629 s on 2 CPU cores, i.e.
+  over the ten-minute aim and far from BA 0.82; it was set on bundle v1 (width 8) with test-split runs.
 - ``split="per-class"`` (``quick`` preset): the lowest-loss epsilon share *within each training label* keeps its
   labels. With the short stage 1 the paper's global split left whole classes (Pullover and Shirt on the
   Fashion-MNIST demo) without a single labelled sample, so the model never learned them (BA 0.66 on BadNets).
