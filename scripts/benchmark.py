@@ -433,7 +433,7 @@ def write_doc(args: argparse.Namespace) -> int:
         return 0
     csv = out.with_name(out.stem + "-runs.csv")
     keep = ["attack", "defense", "preset", "overrides", "seed", "ba_before", "ba", "ba_drop", "asr_before", "asr", "ra", "der",
-            "seconds", "device", "clean_images", "held_out", "date", "run_id"]
+            "seconds", "failed", "device", "clean_images", "held_out", "date", "run_id"]
     runs[keep].sort_values(["attack", "defense", "preset", "seed"]).to_csv(csv, index=False, float_format="%.4f")
     text = render(results, csv.name, runs)
     if capacity:
