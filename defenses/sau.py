@@ -38,10 +38,10 @@ Deviations from the official code:
     single seed 0: 10 rounds with 2 PGD steps: Blended 0.011 / 0.163 (102 s); 12 rounds: Blended 0.016 / 0.000
     (131 s).
   The Blended rows of 10 rounds took 117-122 s before the frozen suspect's clean predictions were computed once
-  per run instead of twice per step (same numbers, about 7% less work). Bundle v1 (width 8, the first choice of
-  8 rounds): BadNets 0.035 +- 0.015 / 0.037 +- 0.014, Blended 0.025 +- 0.016 / 0.000; 5 rounds: BadNets 0.036 +-
-  0.004 / 0.156 +- 0.194; lambda_1 1 (seed 0): Blended 0.079 / 0.000. The radius 0.2 is kept: the Blended trigger
-  (alpha 0.2) lies inside that L_inf ball.
+  per run instead of twice per step (the same computation, about 7% less work). Bundle v1 (width 8, the first
+  choice of 8 rounds): BadNets 0.035 +- 0.015 / 0.037 +- 0.014, Blended 0.025 +- 0.016 / 0.000; 5 rounds: BadNets
+  0.036 +- 0.004 / 0.156 +- 0.194; lambda_1 1 (seed 0): Blended 0.079 / 0.000. The radius 0.2 is kept: the Blended
+  trigger (alpha 0.2) lies inside that L_inf ball.
 """
 
 from __future__ import annotations
