@@ -158,8 +158,11 @@ def pareto_front(ba: Iterable[float], asr: Iterable[float], eligible: Iterable[b
     return front
 
 
-def _not_failed(table: pd.DataFrame) -> np.ndarray | None:
-    return None if "failed" not in table else ~table["failed"].fillna(False).astype(bool).to_numpy()
+def _failed(table: pd.DataFrame) -> pd.Series:
+    """The ``failed`` column as booleans (all False for a table without it, e.g. one built by hand)."""
+    if "failed" not in table:
+        return pd.Series(False, index=table.index)
+    return table["failed"].fillna(False).astype(bool)
 
 
 def filter_runs(table: pd.DataFrame, defenses: Sequence[str] | None = None, presets: Sequence[str] | None = None,
@@ -175,7 +178,7 @@ def filter_runs(table: pd.DataFrame, defenses: Sequence[str] | None = None, pres
     if max_asr is not None:
         keep &= table["asr"].isna() | (table["asr"] <= max_asr)
     out = table[keep].copy()
-    out["pareto"] = pareto_front(out["ba"], out["asr"], eligible=_not_failed(out))
+    out["pareto"] = pareto_front(out["ba"], out["asr"], eligible=~_failed(out))
     if pareto_only:
         out = out[out["pareto"]]
     return out.reset_index(drop=True)
@@ -212,14 +215,14 @@ def format_table(table: pd.DataFrame) -> str:
         show[c] = [("n/a" if math.isnan(v) else f"{v:.3f}") for v in table[c]]
     show["seconds"] = [f"{v:.1f}" for v in table["seconds"]]
     show["clean_images"] = [f"{n} ({h} held out)" for n, h in zip(table["clean_images"], table["held_out"], strict=True)]
-    failed = table["failed"] if "failed" in table else [False] * len(table)
+    failed = _failed(table)
     show.insert(0, "", ["*" if p else ("x" if f else "") for p, f in zip(table["pareto"], failed, strict=True)])
     show = show.rename(columns={"ba": "BA", "asr": "ASR", "ra": "RA", "der": "DER", "clean_images": "clean data",
                                 "asr_after_retune": "ASR re-tuned"})
     lines = [show.to_string(index=False)]
     lines.append("")
     lines.append("* on the Pareto front: " + COLUMN_DEFINITIONS["pareto"].split(": ", 1)[1])
-    if any(failed):
+    if failed.any():
         lines.append("x failed: " + COLUMN_DEFINITIONS["failed"])
     for key, label in (("ba", "BA"), ("asr", "ASR"), ("ra", "RA"), ("der", "DER")):
         lines.append(f"{label}: {DEFINITIONS[key]}")
@@ -276,7 +279,7 @@ def group_runs(table: pd.DataFrame) -> pd.DataFrame:
             row[f"{m}_mean"], row[f"{m}_sd"] = _mean_sd(g[m])
         row["seeds"] = sorted(int(x) for x in g["seed"]) if "seed" in g else []
         row["run_ids"] = list(g["run_id"])
-        row["n_failed"] = int(g["failed"].fillna(False).astype(bool).sum()) if "failed" in g else 0
+        row["n_failed"] = int(_failed(g).sum())
         rows.append(row)
     return pd.DataFrame(rows, columns=GROUP_COLUMNS)
 
@@ -349,7 +352,7 @@ def tradeoff_figure(table: pd.DataFrame, height: int = 420) -> go.Figure:
     has_asr = table["asr"].notna().any()
     x_of = (lambda t: t["asr"]) if has_asr else (lambda t: t["seconds"])
     for defense, t in table.groupby("defense", sort=True):
-        failed = t["failed"].fillna(False).astype(bool) if "failed" in t else pd.Series(False, index=t.index)
+        failed = _failed(t)
         fig.add_trace(go.Scatter(
             x=x_of(t), y=t["ba"], mode="markers", name=defense,
             marker=dict(size=[13 if p else 9 for p in t["pareto"]], color=colors[defense],

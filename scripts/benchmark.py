@@ -121,7 +121,7 @@ def on_current_presets(store, table):
         if (defense, preset) not in presets:
             try:
                 presets[defense, preset] = asdict(get_defense(defense).make_params(preset, {}))
-            except Exception:  # noqa: BLE001 - a defense or preset that no longer exists: not today's preset
+            except ValueError:  # a defense or preset that no longer exists: not today's preset
                 presets[defense, preset] = {}
         now = presets[defense, preset]
         used = (store.report(run_id) or {}).get("params") or {}
@@ -418,7 +418,11 @@ def write_doc(args: argparse.Namespace) -> int:
     if not results:
         stale = int(runs.attrs.get("stale", 0))
         old = int(runs.attrs.get("old_presets", 0))
-        left_out = [f"{stale} on earlier weights"] * bool(stale) + [f"{old} with an earlier version of a preset"] * bool(old)
+        left_out = []
+        if stale:
+            left_out.append(f"{stale} on earlier weights")
+        if old:
+            left_out.append(f"{old} with an earlier version of a preset")
         print(f"no finished benchmark runs on the current demo suspects in {args.runs}"
               + (f" ({', '.join(left_out)})" if left_out else "") + ": run `python scripts/benchmark.py run` first",
               file=sys.stderr)
