@@ -34,7 +34,7 @@ ATTACKS = ("badnets", "blended", "sig", "wanet")
 DOC = Path("docs/defense-benchmarks.md")
 # defenses whose ``quick`` preset was chosen on the development split over seeds 0-2 (their docstrings give the
 # numbers); the others' rows are marked until they are re-derived (issue 13)
-DEV_CHOSEN = {"finetune", "sau", "fst", "ibau", "awm", "linf_prune", "fineprune"}
+DEV_CHOSEN = {"finetune", "sau", "fst", "ibau", "awm", "linf_prune", "fineprune", "dbd", "cbd"}
 POST_TRAINING = ("shortcut", "linf_prune", "awm", "anp", "fineprune", "finetune", "sau", "fst", "ibau")
 
 

@@ -286,10 +286,14 @@ def test_dbd_pipeline_stores_its_backbone_and_reuses_it(finished_runs):
                      "warmup": p["warmup_epochs"] * -(-n // p["warmup_batch_size"]),
                      "semi": p["semi_epochs"] * p["iterations"]}
 
-    second = create_run(store, "dbd", "demo:badnets", "quick", {**TINY_DBD, "reuse_backbone_from": first},
-                        pool_size=100)
+    # the quick preset's cosine schedule ends stage 3 at a learning rate of 0; the official one stays constant
+    assert p["semi_schedule"] == "cosine" and report["curves"]["semi"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+    second = create_run(store, "dbd", "demo:badnets", "quick",
+                        {**TINY_DBD, "reuse_backbone_from": first, "semi_schedule": "constant"}, pool_size=100)
     assert execute(store, second) == "finished", store.get(second).error
     rep2 = store.report(second)
+    assert rep2["curves"]["semi"][-1]["lr"] == pytest.approx(rep2["params"]["lr"])
     assert rep2["artifacts"]["stage1"]["reused_from"] == str(folder / f"{BACKBONE_FILE}.safetensors")
     assert "simclr" not in rep2["curves"]
     a = load_file(str(folder / f"{BACKBONE_FILE}.safetensors"))

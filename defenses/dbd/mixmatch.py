@@ -41,8 +41,9 @@ class _Cycler:
 def mixmatch_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: TrainingSet, labelled: torch.Tensor,
                    device, iterations: int, batch_size: int, T: float, mix_alpha: float, lambda_u: float,
                    rampup: int, t0: float, augment: str, gen: torch.Generator, tick=None,
-                   label: str = "") -> dict:
-    """One MixMatch epoch on the whole model: ``labelled`` keep their labels, the others are unlabelled."""
+                   label: str = "", scheduler=None) -> dict:
+    """One MixMatch epoch on the whole model: ``labelled`` keep their labels, the others are unlabelled.
+    ``scheduler`` (optional) is stepped after every iteration."""
     num_classes = head(model).out_features
     xi = torch.nonzero(labelled).flatten()
     ui = torch.nonzero(~labelled).flatten()
@@ -89,5 +90,5 @@ def mixmatch_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: TrainingS
         if tick is not None:
             tick((s.batch + 1) / iterations, label)
 
-    fit(model, range(iterations), loss_fn, opt, device=device, tick=on_step)
+    fit(model, range(iterations), loss_fn, opt, device=device, scheduler=scheduler, tick=on_step)
     return {"loss_x": acc["x"] / iterations, "loss_u": acc["u"] / iterations, "lambda_u": acc["lambda_u"]}
