@@ -115,7 +115,7 @@ class DBD(Defense):
     curve_labels = {"simclr": "stage 1: SimCLR loss and k-NN BA / ASR on the held-out pool",
                     "warmup": "stage 2: SCE loss of the linear head, held-out BA / ASR",
                     "split": "stage 3 split: precision / recall of the label-dropped samples vs. the known poison",
-                    "semi": "stage 3: MixMatch losses, held-out BA / ASR"}
+                    "semi": "stage 3: MixMatch losses, learning rate, held-out BA / ASR"}
     run_files = {"reuse_backbone_from": f"{BACKBONE_FILE}.safetensors"}
 
     def repair(self, model, params: DBDParams, ctx: RepairContext) -> DefenseOutput:
