@@ -34,13 +34,16 @@ from suspects.triggers import Trigger
 
 from .samples import paired_sample
 
-__all__ = ["DEFAULT_GAMMAS", "MIN_CRITICAL_SCORE", "NoSkipConnectionsError", "AblationResult", "skip_ablation",
+__all__ = ["DEFAULT_GAMMAS", "MIN_CRITICAL_SCORE", "MAX_BA_DROP", "NoSkipConnectionsError", "AblationResult", "skip_ablation",
            "critical_block_score", "ablation_curves"]
 
 DEFAULT_GAMMAS = tuple(round(1.0 - 0.1 * i, 1) for i in range(11))
 # a block is critical only when its score exceeds this (0.05: an ASR rise of 5 points between neighbouring gammas
 # at ASR 0; smaller rises are within the sampling noise of a few hundred triggered images)
 MIN_CRITICAL_SCORE = 0.05
+# switching a block off "destroys clean accuracy" when BA at gamma = 0 is this many points (as a fraction) below the
+# unmodified model's: the paper's rule reads ASR only, so such a block is named critical all the same
+MAX_BA_DROP = 0.2
 
 
 class NoSkipConnectionsError(ValueError):
@@ -61,6 +64,33 @@ class AblationResult:
 
     def curve(self, block: str) -> pd.DataFrame:
         return self.table[self.table.block == block].sort_values("gamma")
+
+    def switched_off(self, block: str | None = None) -> dict[str, float] | None:
+        """BA and ASR of the unmodified model (gamma = 1) and with ``block``'s skip output switched off (gamma = 0);
+        ``block`` defaults to the critical block. None when there is no such block or either gamma was not
+        measured."""
+        block = block or self.critical_block
+        if block is None:
+            return None
+        t = self.curve(block)
+        on, off = t[t.gamma == 1.0], t[t.gamma == 0.0]
+        if not len(on) or not len(off):
+            return None
+        return {"ba_before": float(on.ba.iloc[0]), "asr_before": float(on.asr.iloc[0]),
+                "ba_after": float(off.ba.iloc[0]), "asr_after": float(off.asr.iloc[0])}
+
+    def critical_block_note(self, max_ba_drop: float = MAX_BA_DROP) -> str:
+        """A warning to print beside the critical block when switching it off also destroys clean accuracy (BA
+        at gamma = 0 more than ``max_ba_drop`` below gamma = 1); empty otherwise. Yang et al.'s rule reads ASR only,
+        so it names such a block all the same."""
+        eff = self.switched_off()
+        if eff is None or eff["ba_before"] - eff["ba_after"] <= max_ba_drop:
+            return ""
+        return (f"Switching {self.critical_block} off (γ = 0) also destroys clean accuracy: BA falls from "
+                f"{100 * eff['ba_before']:.1f}% to {100 * eff['ba_after']:.1f}% while ASR goes from "
+                f"{100 * eff['asr_before']:.1f}% to {100 * eff['asr_after']:.1f}%. The paper's rule reads ASR only, "
+                "so the block is named critical all the same: it is where ASR changes most, not a skip connection "
+                "the model can do without.")
 
     def no_critical_reason(self) -> str:
         """Why there is no critical block (empty when there is one)."""

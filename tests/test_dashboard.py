@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+from streamlit.proto.Metric_pb2 import Metric as MetricProto
 from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,6 +111,13 @@ def test_shortcuts_page_and_no_skip_message():
     spec = at.get("plotly_chart")[0].proto.spec
     assert "(critical)" in spec
     critical = at.metric[labels.index("Critical block")].value
+    # issue 27 item 6: a change's arrow is its sign and its colour its direction (BA falling: down and red)
+    for m in at.metric:
+        if m.label.endswith("with that block off (γ = 0)"):
+            falling = m.proto.delta.startswith("-")
+            assert MetricProto.MetricDirection.Name(m.proto.direction) == ("DOWN" if falling else "UP")
+            good = falling if m.label.startswith("ASR") else not falling
+            assert MetricProto.MetricColor.Name(m.proto.color) == ("GREEN" if good else "RED"), m.label
     at.run()  # the rerun is served from the stored ablation, drawn with the same bar, without an error
     assert not at.exception, at.exception
     assert at.metric[labels.index("Critical block")].value == critical

@@ -11,7 +11,8 @@ from analysis.figures import ablation_figure, activations_figure, embedding_figu
 from analysis.gradcam import compare_gradcam, default_target_layer
 from analysis.samples import paired_sample
 from analysis.shortcuts import ablation_curves
-from dashboard.common import load_suspect, sample_size, sidebar, store, trigger_notice
+from dashboard.common import load_suspect, model_line, sample_size, sidebar, store, trigger_notice
+from dashboard.signs import delta_color, delta_points
 from dashboard.stress import EXPLAIN as STRESS_EXPLAIN
 from dashboard.stress import stress_panel
 from runs.compare import (
@@ -42,6 +43,7 @@ suspect, lock = load_suspect(ref)
 runs = store()
 
 st.title("Compare defense runs")
+model_line(ref)
 trigger_notice(suspect)
 st.markdown(
     f"Every finished defense run of **{suspect.name}** in the run store: BA and ASR after the defense, measured on "
@@ -234,8 +236,8 @@ elif view == "gradcam":
                   caption=f"{labels[model_ref]}: clean on top, triggered below ({res.method} at {res.layer}, "
                           "predicted class)")
         col.metric("Trigger-attention share, triggered inputs", f"{100 * res.mean_triggered_share:.1f}%",
-                   delta=f"{100 * (res.mean_triggered_share - res.mean_clean_share):+.1f} pts vs. clean",
-                   delta_color="inverse", help="mean over the 16 images of sum(map on the trigger's pixels) / "
+                   delta=delta_points(res.mean_clean_share, res.mean_triggered_share, "vs. clean"),
+                   delta_color=delta_color("trigger_share"), help="mean over the 16 images of sum(map on the trigger's pixels) / "
                    f"sum(map); chance (the trigger's share of the image) {100 * res.footprint_fraction:.1f}%")
 elif view == "activations":
     side_fig = activations_figure({labels[r]: cached_activations(r, ref, n) for r in chosen})
@@ -267,6 +269,9 @@ elif view == "ablation":
         st.caption("BA and ASR as one block's skip output is scaled by γ from 1 to 0; bold: each model's critical "
                    "block (" + "; ".join(f"{k}: {v.critical_block or 'none'}" for k, v in results.items()) + "). A repaired "
                    "model whose ASR is already low at γ = 1 has no shortcut left to cut.")
+        for k, v in results.items():
+            if v.critical_block_note():
+                st.warning(f"{k}: {v.critical_block_note()}", icon=":material/warning:")
 
 # --- export -------------------------------------------------------------------------------------------
 

@@ -22,6 +22,10 @@ from dashboard.common import (
     to_display,
     trigger_notice,
 )
+from dashboard.signs import delta_color, delta_points
+
+SHARE_COLOUR = ("the change against clean inputs; a rise is drawn red, as on the Compare page: the more a map moves "
+                "onto the trigger, the more the trigger drives the decision (a repaired model should lower it)")
 
 ref = sidebar()
 suspect, lock = load_suspect(ref)
@@ -83,14 +87,16 @@ if res.whole_image:
                    "and its triggered copy: 0 = same attention, 1 = somewhere else entirely")
     m2.metric("Share on the trigger's strongest pixels, triggered inputs",
               f"{100 * res.mean_triggered_strong_share:.1f}%",
-              delta=f"{100 * (res.mean_triggered_strong_share - res.mean_clean_strong_share):+.1f} pts vs. clean")
+              delta=delta_points(res.mean_clean_strong_share, res.mean_triggered_strong_share, "vs. clean"),
+              delta_color=delta_color("trigger_share"), help=SHARE_COLOUR)
     m3.metric("Strongest pixels' share of the image", f"{100 * res.strongest_fraction:.1f}%",
               help="the share a map spread evenly over the image would put on them (chance level)")
 else:
     m1.metric("Trigger-attention share, clean inputs", f"{100 * res.mean_clean_share:.1f}%",
               help="mean over images of sum(map on trigger footprint) / sum(map)")
     m2.metric("Trigger-attention share, triggered inputs", f"{100 * res.mean_triggered_share:.1f}%",
-              delta=f"{100 * (res.mean_triggered_share - res.mean_clean_share):+.1f} pts")
+              delta=delta_points(res.mean_clean_share, res.mean_triggered_share, "vs. clean"),
+              delta_color=delta_color("trigger_share"), help=SHARE_COLOUR)
     m3.metric("Footprint share of the image", f"{100 * res.footprint_fraction:.1f}%",
               help="the share a map spread evenly over the image would put on the trigger (chance level)")
 

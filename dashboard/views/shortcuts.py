@@ -16,6 +16,7 @@ from dashboard.common import (
     sidebar,
     trigger_notice,
 )
+from dashboard.signs import delta_color, delta_points
 from suspects.models import list_residual_blocks
 
 ref = sidebar()
@@ -80,11 +81,20 @@ c1.metric("Critical block", res.critical_block or "none", help="argmax over bloc
 if res.critical_block is None:
     c1.caption(res.no_critical_reason() + ".")
 else:
-    crit = res.curve(res.critical_block)
-    at0 = crit[crit.gamma == 0.0]
-    if len(at0):
-        c1.metric("At γ = 0 on that block", f"ASR {100 * float(at0.asr.iloc[0]):.1f}%",
-                  delta=f"BA {100 * float(at0.ba.iloc[0]):.1f}%", delta_color="off")
+    eff = res.switched_off()
+    if eff is not None:
+        a, b = c1.columns(2)
+        a.metric("ASR with that block off (γ = 0)", f"{100 * eff['asr_after']:.1f}%",
+                 delta=delta_points(eff["asr_before"], eff["asr_after"], "vs. γ = 1"), delta_color=delta_color("asr"),
+                 help="attack success rate with the block's skip output scaled to 0; the change is against the "
+                      "unmodified model (γ = 1)")
+        b.metric("BA with that block off (γ = 0)", f"{100 * eff['ba_after']:.1f}%",
+                 delta=delta_points(eff["ba_before"], eff["ba_after"], "vs. γ = 1"), delta_color=delta_color("ba"),
+                 help="clean accuracy with the block's skip output scaled to 0; the change is against the "
+                      "unmodified model (γ = 1)")
+    note = res.critical_block_note()
+    if note:
+        c1.warning(note, icon=":material/warning:")
 scores = {b: round(v, 3) for b, v in sorted(res.scores.items(), key=lambda kv: -kv[1])}
 c2.dataframe({"block": list(scores), "critical-block score": list(scores.values())}, hide_index=True)
 with st.expander("Full table"):
