@@ -147,20 +147,43 @@ _REGISTRY: dict[str, type[Screener]] = {}
 
 
 def register_screener(cls: type[Screener]) -> type[Screener]:
-    """Class decorator adding a screener to the registry under ``cls.name``."""
-    _REGISTRY[cls.name] = cls
+    """Class decorator: check ``cls`` (a :class:`Screener` with ``forward_passes`` and ``_scores``, a ``Params``
+    dataclass, presets that build) and add it to the registry under ``cls.name``; a taken name is refused."""
+    from suspects.plugins import PluginError, claim_name
+
+    if not (isinstance(cls, type) and issubclass(cls, Screener)):
+        raise PluginError(f"{cls!r} is not a subclass of analysis.screening.Screener")
+    where = f"screener {cls.__qualname__}"
+    for method in ("forward_passes", "_scores"):
+        if getattr(cls, method) is getattr(Screener, method):
+            raise PluginError(f"{where} does not implement {method}()")
+    if not (isinstance(cls.Params, type) and dataclasses.is_dataclass(cls.Params)):
+        raise PluginError(f"{where}: Params must be a dataclass, got {cls.Params!r}")
+    if not isinstance(cls.presets, dict) or "quick" not in cls.presets:
+        raise PluginError(f"{where} needs a 'quick' preset")
+    for preset, values in cls.presets.items():
+        try:
+            params_from(cls.Params, dict(values))
+        except (TypeError, ValueError) as err:
+            raise PluginError(f"{where}: preset {preset!r} does not build: {err}") from None
+    if isinstance(cls.name, str) and cls.name != cls.name.lower().replace("_", "-"):
+        raise PluginError(f"{where}: a screener's name is lower case with '-' between words, got {cls.name!r}")
+    _REGISTRY[claim_name("screeners", _REGISTRY, cls.name, cls)] = cls
     return cls
 
 
 def list_screeners() -> list[str]:
-    """Registered screening methods, in the order they were registered."""
+    """Registered screening methods: the built-ins in the order they were registered, then installed plugins."""
+    from suspects.plugins import load_plugins
+
+    load_plugins("screeners", _REGISTRY, register_screener, builtin_modules=(__name__,))
     return list(_REGISTRY)
 
 
 def get_screener(name: str, preset: str = "quick", params: dict[str, Any] | None = None) -> Screener:
     """A new, unfitted screener ``name`` with the parameters of ``preset`` and the overrides ``params``."""
     key = name.lower().replace("_", "-")
-    if key not in _REGISTRY:
+    if key not in list_screeners():
         raise ValueError(f"unknown screening method {name!r}; registered: {', '.join(list_screeners())}")
     cls = _REGISTRY[key]
     return cls(cls.make_params(preset, params))

@@ -1,28 +1,61 @@
 """Defense registry: name -> Defense instance. Adding a defense is one module (or subpackage) of ``defenses``
-with one ``@register_defense`` class; the registry finds it by itself.
+with one ``@register_defense`` class, declared as a ``backdoor_lens.defenses`` entry point in ``pyproject.toml``;
+an installed package adds its own defense the same way (:mod:`suspects.plugins`, ``docs/plugins.md``).
 
-Discovery walks the ``defenses`` package with :mod:`pkgutil` and imports the modules and subpackages whose
-source registers a defense (a line starting with ``@register_defense``); the others (the runner, shared
-helpers, ...) are not imported. The listing is sorted by each class's ``order``, then by name.
+Discovery reads the entry points (Backdoor Lens's own first, then installed plugins). As a fallback for an install
+whose metadata predates them, it also walks the ``defenses`` package with :mod:`pkgutil` and imports the modules and
+subpackages whose source registers a defense (a line starting with ``@register_defense``); the others (the runner,
+shared helpers, ...) are not imported. :func:`register_defense` checks the interface (``repair``, a ``Params``
+dataclass, ``quick`` and ``paper`` presets that build, a threat model) and refuses a name that is already taken.
+The listing is sorted by each class's ``order``, then by name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 import re
 from pathlib import Path
 
-from .base import Defense
+from suspects.plugins import PluginError, claim_name, load_plugins
 
-__all__ = ["register_defense", "get_defense", "list_defenses", "all_defenses", "defense_modules"]
+from .base import Defense, ThreatModel, params_from
+
+__all__ = ["register_defense", "check_defense", "get_defense", "list_defenses", "all_defenses", "defense_modules",
+           "reload_plugins"]
 
 _REGISTRY: dict[str, Defense] = {}
 _MARK = re.compile(r"^@register_defense\b", re.MULTILINE)
 _loaded = False
 
 
+def check_defense(cls: object) -> None:
+    """Raise :class:`PluginError` (with the reason) when ``cls`` lacks what the :class:`Defense` interface needs."""
+    if not (isinstance(cls, type) and issubclass(cls, Defense)):
+        raise PluginError(f"{cls!r} is not a subclass of defenses.base.Defense")
+    where = f"defense {cls.__qualname__}"
+    if not isinstance(cls.title, str) or not cls.title.strip():
+        raise PluginError(f"{where} has no title")
+    if cls.repair is Defense.repair:
+        raise PluginError(f"{where} does not implement repair(model, params, ctx)")
+    if not (isinstance(cls.Params, type) and dataclasses.is_dataclass(cls.Params)):
+        raise PluginError(f"{where}: Params must be a dataclass, got {cls.Params!r}")
+    if not isinstance(cls.threat, ThreatModel):
+        raise PluginError(f"{where}: threat must be a defenses.base.ThreatModel")
+    if not isinstance(cls.presets, dict) or not {"quick", "paper"} <= set(cls.presets):
+        raise PluginError(f"{where} needs the presets 'quick' and 'paper'")
+    for preset, values in cls.presets.items():
+        try:
+            params_from(cls.Params, dict(values))
+        except (TypeError, ValueError) as err:
+            raise PluginError(f"{where}: preset {preset!r} does not build: {err}") from None
+
+
 def register_defense(cls: type[Defense]) -> type[Defense]:
+    """Class decorator: check ``cls`` (:func:`check_defense`) and register one instance under ``cls.name``."""
+    check_defense(cls)
+    claim_name("defenses", _REGISTRY, cls.name, cls)
     _REGISTRY[cls.name] = cls()
     return cls
 
@@ -56,9 +89,17 @@ def _load_all() -> None:
     global _loaded
     if _loaded:
         return
-    for module in defense_modules():
-        importlib.import_module(module)
     _loaded = True
+    load_plugins("defenses", _REGISTRY, register_defense, builtin_modules=defense_modules())
+
+
+def reload_plugins() -> None:
+    """Read the entry points again (after a ``pip install`` in a running notebook; tests)."""
+    global _loaded
+    from suspects.plugins import reset_plugins
+
+    reset_plugins("defenses")
+    _loaded = False
 
 
 def get_defense(name: str) -> Defense:

@@ -46,18 +46,32 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Decorator adding a constructor to the registry under its function name."""
-    _REGISTRY[fn.__name__] = fn
+    """Decorator adding a constructor to the registry under its function name (a name that is already taken is
+    refused with :class:`suspects.plugins.PluginError`)."""
+    from .plugins import PluginError, claim_name
+
+    if not callable(fn):
+        raise PluginError(f"architecture {fn!r} is not callable")
+    _REGISTRY[claim_name("architectures", _REGISTRY, getattr(fn, "__name__", None), fn)] = fn
     return fn
+
+
+def _plugins() -> None:
+    """Load the ``backdoor_lens.architectures`` entry points once (built-ins first, then installed plugins)."""
+    from .plugins import load_plugins
+
+    load_plugins("architectures", _REGISTRY, register_model, builtin_modules=(__name__, "suspects.tv_resnet"))
 
 
 def list_models(pattern: str = "*") -> list[str]:
     """Names of registered architectures matching a shell-style ``pattern``."""
+    _plugins()
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
     """Build a registered architecture, e.g. ``create_model('preact_resnet18', num_classes=10, width=16)``."""
+    _plugins()
     if name not in _REGISTRY:
         raise ValueError(f"unknown architecture {name!r}; registered: {', '.join(list_models())}")
     model = _REGISTRY[name](**kwargs)

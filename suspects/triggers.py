@@ -26,6 +26,7 @@ __all__ = [
     "PoisonPlan",
     "register_trigger",
     "list_triggers",
+    "get_trigger_class",
     "make_trigger",
     "trigger_from_spec",
     "MAPPINGS",
@@ -37,13 +38,39 @@ _REGISTRY: dict[str, type[Trigger]] = {}
 
 
 def register_trigger(cls: type[Trigger]) -> type[Trigger]:
-    _REGISTRY[cls.name] = cls
+    """Class decorator: check ``cls`` (a :class:`Trigger` with ``apply``) and register it under ``cls.name``; a name
+    that is already taken is refused (:class:`suspects.plugins.PluginError`)."""
+    from .plugins import PluginError, claim_name
+
+    if not (isinstance(cls, type) and issubclass(cls, Trigger)):
+        raise PluginError(f"{cls!r} is not a subclass of suspects.triggers.Trigger")
+    if cls.apply is Trigger.apply:
+        raise PluginError(f"attack {cls.__qualname__} does not implement apply(x)")
+    if not isinstance(cls.defaults, dict):
+        raise PluginError(f"attack {cls.__qualname__}: defaults must be a dict")
+    _REGISTRY[claim_name("attacks", _REGISTRY, cls.name, cls)] = cls
     return cls
+
+
+def _plugins() -> None:
+    """Load the ``backdoor_lens.attacks`` entry points once (built-ins: this module; then installed plugins)."""
+    from .plugins import load_plugins
+
+    load_plugins("attacks", _REGISTRY, register_trigger, builtin_modules=(__name__,))
 
 
 def list_triggers(include_recovered: bool = False) -> list[str]:
     """Registered attacks (those a suspect can be trained with; ``include_recovered`` adds reverse-engineered ones)."""
+    _plugins()
     return sorted(n for n, cls in _REGISTRY.items() if include_recovered or not cls.recovered)
+
+
+def get_trigger_class(name: str) -> type[Trigger]:
+    """The registered attack class ``name`` (built-in or plugin)."""
+    _plugins()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown attack {name!r}; registered: {', '.join(list_triggers())}")
+    return _REGISTRY[name]
 
 
 @dataclass
@@ -167,9 +194,7 @@ class Trigger:
 def make_trigger(name: str, input_shape: Sequence[int], num_classes: int, target: int = 0,
                  mapping: str = "all-to-one", **params: Any) -> Trigger:
     """Build a registered trigger, e.g. ``make_trigger('badnets', (1, 28, 28), 10, size=3)``."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown attack {name!r}; registered: {', '.join(list_triggers())}")
-    return _REGISTRY[name](input_shape, num_classes, target=target, mapping=mapping, **params)
+    return get_trigger_class(name)(input_shape, num_classes, target=target, mapping=mapping, **params)
 
 
 def trigger_from_spec(spec: dict[str, Any], input_shape: Sequence[int], num_classes: int) -> Trigger:

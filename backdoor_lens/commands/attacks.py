@@ -14,9 +14,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from suspects.triggers import _REGISTRY
+    from suspects.triggers import get_trigger_class, list_triggers
 
-    for name, cls in sorted(_REGISTRY.items()):
+    for name in list_triggers(include_recovered=True):
+        cls = get_trigger_class(name)
         label = "clean-label" if cls.clean_label else "dirty-label"
         print(f"{name:10s} {label:12s} {cls.description}  defaults: {cls.defaults}")
     return 0
