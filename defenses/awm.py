@@ -10,6 +10,12 @@ L1-bounded universal input perturbation Delta. Each outer epoch:
 T = floor(n / batch) * inner, batches drawn with replacement; the model stays in eval mode (BN fixed).
 The output is the soft-masked network theta * m (never thresholded).
 
+The mask learning rate decays as in the official ``main.py``: the mask optimiser is wrapped in
+``ExponentialLR(gamma=0.9)``, stepped once at the end of every outer epoch, so epoch e (from 0) runs at
+eta_2 * 0.9^e (about 0.135 eta_2 in the 20th). ``lr2_decay`` is that gamma (default 0.9 = official; 1.0 keeps eta_2
+constant, as this module did before issue 29). Earlier versions of the official script applied it only with
+``--lr-decay``; the current one always does.
+
 ``tau = 0`` scales the official 1000 (for 3 x 32 x 32 inputs, a mean |Delta| of about 0.33) to the input size.
 The budget is counted in steps per phase (``steps``, T): the official code derives T from its pool (floor(500 / 128)
 x 5 = 15 for 500 images), here T is fixed so a preset is the same work on any pool (``paper``: 20 x 15 steps of
@@ -62,6 +68,8 @@ class AWMParams:
     batch_size: int = param(128, help="images per step", min=1, max=4096)
     lr1: float = param(10.0, help="eta_1: SGD learning rate of the trigger Delta", min=1e-4, max=1000.0)
     lr2: float = param(0.01, help="eta_2: Adam learning rate of the masks", min=1e-6, max=1.0)
+    lr2_decay: float = param(0.9, help="decay of eta_2 per outer epoch (ExponentialLR gamma, stepped once per outer "
+                                       "epoch as the official code; 1.0 = constant)", min=0.01, max=1.0)
     alpha: float = param(0.9, help="weight of the clean loss; beta = 1 - alpha on the triggered loss", min=0.0, max=1.0)
     gamma: float = param(1e-8, help="L1 penalty on the masks", min=0.0, max=1.0)
     tau: float = param(0.0, help="L1 bound of Delta in pixel units (0 = 1000 scaled to the input size)",
@@ -115,6 +123,7 @@ class AWM(Defense):
         weights = _conv_weights(model)
         masks = {k: torch.ones_like(v, requires_grad=True) for k, v in weights.items()}
         mask_opt = torch.optim.Adam(list(masks.values()), lr=params.lr2, eps=1e-8)
+        mask_sched = torch.optim.lr_scheduler.ExponentialLR(mask_opt, gamma=params.lr2_decay)
         bs = min(params.batch_size, n)
         steps = params.steps or max(1, n // bs) * params.inner
         gen = torch.Generator().manual_seed(int(ctx.seed))
@@ -162,7 +171,9 @@ class AWM(Defense):
             total = sum(m.numel() for m in masks.values())
             zero = sum(int((m < 1e-3).sum()) for m in masks.values())
             curve.append({"epoch": epoch + 1, "loss_clean": float(loss_nat.detach()), "loss_triggered": float(loss_adv.detach()),
-                          "delta_l1": float(delta.abs().sum()), "mask_zero_share": zero / total})
+                          "delta_l1": float(delta.abs().sum()), "mask_zero_share": zero / total,
+                          "lr2": mask_opt.param_groups[0]["lr"]})
+            mask_sched.step()  # once per outer epoch, after its mask phase (official main.py)
             ctx.tick((epoch + 1) / params.outer, f"outer epoch {epoch + 1}/{params.outer}",
                      {"loss_clean": float(loss_nat.detach()), "loss_triggered": float(loss_adv.detach())})
         modules = dict(model.named_modules())

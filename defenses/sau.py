@@ -23,8 +23,12 @@ Official settings (BackdoorBench CIFAR-10, PreAct-ResNet-18): 5% of the training
 Deviations from the official code:
 - Only the L_inf ball (the official also offers L1, L2 and a regularised variant); init 'random' draws uniformly
   in the ball (the official draws in [0, 1] and then clips).
-- The two numerically different forms of -log(1 - p) the official averages are computed the same way here
-  (-log(1 + 1e-6 - p), p clamped to [0.001, 0.999]).
+- (Not a deviation.) L_sar is computed as the official code does: the mean of two numerically different forms of
+  -log(1 - p), p = p_theta(y_0 | x + delta): -log(1e-6 + q) with q = the summed probability of the *other* classes,
+  capped at 0.999 (exact when p is near 1, where 1 - p loses its digits), and -log(1 + 1e-6 - p) with p floored at
+  0.001. Each form is bounded on one side only, so the loss still has a gradient for confident shared adversarial
+  examples (p > 0.999), the ones SAU exists to unlearn; only images with p < 0.001 give none. Before issue 29 p was
+  clamped to [0.001, 0.999] in one form, which gave no gradient above 0.999.
 - Perturbed images are not clipped to [0, 1], as in the official code (the model normalises inside).
 - ``quick`` preset: 10 rounds instead of 100, Adam lr 5e-4 instead of 1e-4, lambda_1 = 3 (the clean loss weighs
   more, to keep BA through so few rounds), batch 128, 3 PGD steps. Chosen on the development split (2,000
@@ -125,11 +129,18 @@ def shared_pgd(model: nn.Module, ref: nn.Module, x: torch.Tensor, y: torch.Tenso
 
 
 def shared_risk(per_logits: torch.Tensor, adv_label_ref: torch.Tensor, poison: torch.Tensor) -> torch.Tensor:
-    """L_sar: mean over the batch of -log(1 - p(y_0 | x + delta)) on the images in ``poison``."""
+    """L_sar: sum over the images in ``poison`` of -log(1 - p(y_0 | x + delta)), divided by the batch size.
+
+    As the official code: the mean of -log(1e-6 + q) (q = the other classes' summed probability, at most 0.999)
+    and -log(1 + 1e-6 - p) (p at least 0.001); one-sided bounds, so p > 0.999 still has a gradient."""
     if not bool(poison.any()):
         return per_logits.sum() * 0.0
-    prob = F.softmax(per_logits, 1).gather(1, adv_label_ref[:, None]).squeeze(1)[poison]
-    return -torch.log(1 + 1e-6 - prob.clamp(0.001, 0.999)).sum() / len(per_logits)
+    probs = F.softmax(per_logits[poison], 1)
+    is_label = F.one_hot(adv_label_ref[poison], probs.shape[1]).bool()
+    p = probs.masked_fill(~is_label, 0.0).sum(1)
+    q = probs.masked_fill(is_label, 0.0).sum(1)
+    risk = -(torch.log(1e-6 + q.clamp(max=0.999)) + torch.log(1 + 1e-6 - p.clamp(min=0.001))) / 2
+    return risk.sum() / len(per_logits)
 
 
 @register_defense

@@ -161,3 +161,62 @@ def test_critical_block_named_when_a_block_matters(badnets):
                         badnets.trigger.target_labels(test.labels[mask]), gammas=(1.0, 0.5, 0.0))
     best = max(res.scores, key=res.scores.get)
     assert res.scores[best] > MIN_CRITICAL_SCORE and res.critical_block == best and res.no_critical_reason() == ""
+
+
+# --- issue 29: AWM's mask schedule, SAU's clamp, FST's projection order -------------------------------------------
+
+
+def test_awm_decays_the_mask_learning_rate_once_per_outer_epoch(badnets):
+    report = run_defense("awm", badnets, "quick", {"outer": 3, "steps": 1, "batch_size": 16}, pool_size=40)
+    assert report["params"]["lr2_decay"] == 0.9 == get_defense("awm").Params().lr2_decay  # official default
+    assert [r["lr2"] for r in report["curves"]["outer"]] == pytest.approx([0.01, 0.009, 0.0081])
+    flat = run_defense("awm", badnets, "quick", {"outer": 3, "steps": 1, "batch_size": 16, "lr2_decay": 1.0},
+                       pool_size=40)
+    assert [r["lr2"] for r in flat["curves"]["outer"]] == pytest.approx([0.01] * 3)
+
+
+def test_sau_shared_risk_has_a_gradient_for_confident_shared_examples():
+    from defenses.sau import shared_risk
+
+    # row 0: p(y_0) ~ 0.99995 (confident, above the former clamp at 0.999); row 1: p(y_0) ~ 5e-5 (below 0.001)
+    logits = torch.tensor([[12.0, 0.0, 0.0], [0.0, 10.0, 0.0]], requires_grad=True)
+    y0 = torch.tensor([0, 2])
+    loss = shared_risk(logits, y0, torch.tensor([True, True]))
+    loss.backward()
+    assert logits.grad[0].abs().sum() > 1e-3  # the confident example is still unlearned (was exactly 0)
+    assert logits.grad[1].abs().sum() == 0  # p < 0.001: both one-sided bounds hold, no gradient (as official)
+    probs = torch.softmax(logits.detach()[0], 0)
+    one = shared_risk(logits.detach(), y0, torch.tensor([True, False]))  # row 0 only, divided by the batch of 2
+    expected = -(torch.log(1e-6 + probs[1:].sum()) + torch.log(1 + 1e-6 - probs[0])) / 2 / 2
+    assert float(one) == pytest.approx(float(expected), rel=1e-5)
+    no_poison = shared_risk(logits.detach(), y0, torch.tensor([False, False]))
+    assert float(no_poison) == 0.0
+
+
+def test_fst_rescales_the_head_only_after_steps(badnets, monkeypatch):
+    import defenses.fst
+
+    seen: dict = {}
+    real = defenses.fst.fine_tune
+
+    def spy(model, ctx, **kw):
+        lin = head(model)
+        seen["start_norm"] = float(lin.weight.norm())
+        seen["steps"] = 0
+        inner = kw["after_step"]
+
+        def after_step():
+            seen["steps"] += 1
+            inner()
+        kw["after_step"] = after_step
+        return real(model, ctx, **kw)
+
+    monkeypatch.setattr(defenses.fst, "fine_tune", spy)
+    norm_ori = float(head(badnets.model).weight.norm())
+    report = run_defense("fst", badnets, "quick", {"steps": 2, "batch_size": 16}, pool_size=40)
+    # U(-1/sqrt(d), 1/sqrt(d)) on K x d weights: norm about sqrt(K / 3), not the original head's norm
+    assert seen["start_norm"] == pytest.approx((badnets.num_classes / 3) ** 0.5, rel=0.2)
+    assert abs(seen["start_norm"] - norm_ori) > 0.1 * norm_ori
+    assert seen["steps"] == 2
+    assert float(head(report.suspect.model).weight.norm()) == pytest.approx(norm_ori, rel=1e-4)
+    assert report["artifacts"]["passes"] == 1.0  # 28 training images of a 40-image pool: batches of 16 and 12
