@@ -100,7 +100,7 @@ def runs_root_of(args: argparse.Namespace) -> Path:
 
 
 def add_suspect_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("suspect", help="suspect folder, demo:NAME, or a state dict (.safetensors/.pt/.pth)")
+    p.add_argument("suspect", help="suspect folder, demo:NAME, a run id, or a state dict (.safetensors/.pt/.pth)")
     g = p.add_argument_group("bare state dicts (a file, not a suspect folder)")
     g.add_argument("--arch", help="architecture name (see `backdoor-lens models`)")
     g.add_argument("--num-classes", type=int, help="number of classes of the checkpoint")
@@ -122,6 +122,9 @@ def load_suspect(args: argparse.Namespace):
     if getattr(args, "attack", None):
         trigger = {"name": args.attack, "target": args.target, "mapping": args.mapping,
                    "params": parse_sets(args.attack_param)}
+    from runs.identity import resolve_ref
+
+    args.suspect = resolve_ref(args.suspect, root=getattr(args, "runs", None))  # a run id names its repaired model
     suspect = suspects.load(args.suspect, arch=args.arch, num_classes=args.num_classes, data=args.data,
                             input_shape=tuple(args.input_shape) if args.input_shape else None,
                             arch_kwargs=parse_sets(args.arch_arg) or None, trigger=trigger)

@@ -21,7 +21,6 @@ import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -40,7 +39,8 @@ from suspects.metrics import DEFINITIONS
 from suspects.models import list_residual_blocks
 from suspects.store import Suspect
 
-from .store import RunStore
+from .identity import runs_of, same_model
+from .store import RunRecord, RunStore
 from .stress import load_stress
 
 __all__ = [
@@ -95,23 +95,25 @@ PART_TITLES = {"gradcam": "Grad-CAM", "activations": "Activation statistics", "f
 
 
 def same_suspect(a: str, b: str) -> bool:
-    """Whether two suspect references name the same suspect (``demo:NAME`` exactly, folders by resolved path)."""
-    if a == b:
-        return True
-    if a.startswith("demo:") or b.startswith("demo:"):
-        return False
-    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    """Whether two suspect references name the same model: the same folder, ``demo:NAME`` and its folder, or the
+    same weights and data under another name (:func:`runs.identity.same_model`)."""
+    return same_model(a, b)
 
 
 def _num(v) -> float:
     return float("nan") if v is None else float(v)
 
 
-def runs_table(store: RunStore, suspect: str) -> pd.DataFrame:
-    """Every finished run of ``suspect`` whose folder is complete, newest first, in the columns ``COLUMNS``."""
+def runs_table(store: RunStore, suspect: str | None = None, key: str | None = None,
+               records: Sequence[RunRecord] | None = None) -> pd.DataFrame:
+    """Every finished run of the model ``suspect`` names (under any name: its fingerprint ``key`` is looked up,
+    :func:`runs.identity.runs_of`) whose folder is complete, newest first, in the columns ``COLUMNS``; or of the
+    given ``records``."""
     rows = []
-    for rec in store.list(status="finished"):
-        if not same_suspect(rec.suspect, suspect):
+    if records is None:
+        records = runs_of(store, suspect, key)
+    for rec in records:
+        if rec.status != "finished":
             continue
         rep = store.report(rec.id)
         if rep is None:
@@ -206,8 +208,12 @@ def table_json(table: pd.DataFrame, suspect: str) -> str:
                        "groups": groups_records(group_runs(table))}, indent=2)
 
 
-def format_table(table: pd.DataFrame) -> str:
-    """A fixed-width text table of the main columns (the Pareto front marked with *), then the definitions."""
+MADE_THIS = "the run that made the model under analysis"
+
+
+def format_table(table: pd.DataFrame, highlight: str | None = None) -> str:
+    """A fixed-width text table of the main columns (the Pareto front marked with *), then the definitions.
+    ``highlight``: a run id marked ``->`` (the run that made the repaired model under analysis)."""
     cols = ["run_id", "defense", "preset", "overrides", "ba", "asr", "ra", "der", "asr_after_retune", "seconds", "device",
             "clean_images", "date"]
     show = table[cols].copy()
@@ -217,10 +223,15 @@ def format_table(table: pd.DataFrame) -> str:
     show["clean_images"] = [f"{n} ({h} held out)" for n, h in zip(table["clean_images"], table["held_out"], strict=True)]
     failed = _failed(table)
     show.insert(0, "", ["*" if p else ("x" if f else "") for p, f in zip(table["pareto"], failed, strict=True)])
+    marked = highlight is not None and (table["run_id"] == highlight).any()
+    if marked:
+        show.insert(0, " ", ["->" if r == highlight else "" for r in table["run_id"]])
     show = show.rename(columns={"ba": "BA", "asr": "ASR", "ra": "RA", "der": "DER", "clean_images": "clean data",
                                 "asr_after_retune": "ASR re-tuned"})
     lines = [show.to_string(index=False)]
     lines.append("")
+    if marked:
+        lines.append(f"-> {MADE_THIS}")
     lines.append("* on the Pareto front: " + COLUMN_DEFINITIONS["pareto"].split(": ", 1)[1])
     if failed.any():
         lines.append("x failed: " + COLUMN_DEFINITIONS["failed"])

@@ -25,6 +25,7 @@ from typing import Any
 from defenses.base import Cancelled, ParamError
 from defenses.registry import get_defense
 from defenses.runner import parse_measure, resolve_pool_size, run_defense
+from suspects.identity import fingerprint
 
 from .store import RunStore, run_file
 
@@ -86,7 +87,7 @@ def create_run(store: RunStore, defense: str, suspect_ref: str, preset: str = "q
     if str(measure or "full").strip().lower() != "full":
         extra["_measure"] = str(measure).strip().lower()
     return store.create(defense, suspect_ref, preset, {**(overrides or {}), **extra},
-                        int(pool_size), int(seed), device, pid=pid)
+                        int(pool_size), int(seed), device, pid=pid, suspect_key=fingerprint(suspect))
 
 
 def submit(store: RunStore, defense: str, suspect_ref: str, preset: str = "quick",

@@ -10,10 +10,16 @@ Root: :func:`runs_root` (``./lens-runs`` by default, moved by ``BACKDOOR_LENS_RU
   (``<root>/.<run id>.artifacts/`` while it runs, e.g. DBD's stage-1 backbone; :func:`run_file` finds them again from
   a run id). It is written to ``<root>/.<run id>.partial/`` and renamed when complete, and its row says ``finished`` only after the rename: a crash never leaves a run that looks complete.
 - A run whose worker process died (a killed server, a crash) is marked ``interrupted``, never finished.
+- A run records the identity of the suspect it was made on (``suspect_key``, :func:`suspects.identity.fingerprint`:
+  weights and data, not the name it was given) and of the repaired model it made (``output_key``), so that
+  ``demo:badnets``, its folder and an uploaded copy share one history (:mod:`runs.identity`). The repaired model's
+  card names its run (``provenance.run_id``) and its parent's fingerprint (``provenance.parent_fingerprint``).
+  Rows written before these columns existed get them added empty; :func:`runs.identity.migrate` fills them.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -28,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from suspects.atomic import atomic_folder, write_json, write_text
+from suspects.identity import fingerprint
 from suspects.store import Suspect, write_suspect_files
 
 __all__ = ["RunStore", "RunRecord", "runs_root", "STATUSES", "ACTIVE", "run_file", "DEFAULT_FOLDER",
@@ -56,7 +63,9 @@ CREATE TABLE IF NOT EXISTS runs (
     cancel INTEGER DEFAULT 0,
     run_dir TEXT,
     error TEXT,
-    summary TEXT
+    summary TEXT,
+    suspect_key TEXT,
+    output_key TEXT
 );
 CREATE TABLE IF NOT EXISTS events (
     run_id TEXT NOT NULL,
@@ -67,6 +76,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_run ON events(run_id);
 """
+_ADDED_COLUMNS = {"suspect_key": "TEXT", "output_key": "TEXT"}  # columns added after the first stores were written
 
 
 ENV_VAR = "BACKDOOR_LENS_RUNS"
@@ -126,6 +136,18 @@ def run_file(ref: str, filename: str, root: str | os.PathLike | None = None) -> 
     raise FileNotFoundError(f"no finished run with {filename} found for {ref!r} (tried {tried})")
 
 
+def _with_run_provenance(suspect: Suspect, run_id: str, parent_key: str | None) -> Suspect:
+    """A shallow copy of a repaired ``suspect`` whose card names the run that made it and its parent's fingerprint
+    (cards of other models are left as they are)."""
+    prov = suspect.card.get("provenance") or {}
+    if prov.get("source") != "defense":
+        return suspect
+    out = copy.copy(suspect)
+    out.card = {**suspect.card, "provenance": {**prov, "run_id": run_id,
+                                               **({"parent_fingerprint": parent_key} if parent_key else {})}}
+    return out
+
+
 @dataclass
 class RunRecord:
     id: str
@@ -147,6 +169,8 @@ class RunRecord:
     run_dir: str | None
     error: str | None
     summary: dict | None
+    suspect_key: str | None = None
+    output_key: str | None = None
 
     @property
     def active(self) -> bool:
@@ -178,6 +202,13 @@ class RunStore:
         self.db_path = self.root / INDEX_FILE
         with self._conn() as c:
             c.executescript(_SCHEMA)
+            have = {row["name"] for row in c.execute("PRAGMA table_info(runs)").fetchall()}
+            for col, kind in _ADDED_COLUMNS.items():
+                if col not in have:  # an older store: the column is added empty (runs.identity.migrate fills it)
+                    try:
+                        c.execute(f"ALTER TABLE runs ADD COLUMN {col} {kind}")
+                    except sqlite3.OperationalError:  # another process added it meanwhile
+                        pass
 
     @contextmanager
     def _conn(self):
@@ -192,15 +223,16 @@ class RunStore:
 
     # --- writing -------------------------------------------------------------------------------------
     def create(self, defense: str, suspect: str, preset: str, params: dict, pool_size: int, seed: int,
-               device: str | None = None, pid: int | None = None) -> str:
-        """Add a run: queued, or already running under ``pid`` (a foreground run no worker may claim)."""
+               device: str | None = None, pid: int | None = None, suspect_key: str | None = None) -> str:
+        """Add a run: queued, or already running under ``pid`` (a foreground run no worker may claim).
+        ``suspect_key``: the suspect's :func:`suspects.identity.fingerprint` (its history's key)."""
         run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{defense}-{uuid.uuid4().hex[:6]}"
         now = time.time()
         with self._conn() as c:
             c.execute("INSERT INTO runs (id, defense, suspect, preset, params, pool_size, seed, device, status, "
-                      "created, started, pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                      "created, started, pid, suspect_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                       (run_id, defense, suspect, preset, json.dumps(params), pool_size, seed, device,
-                       "queued" if pid is None else "running", now, None if pid is None else now, pid))
+                       "queued" if pid is None else "running", now, None if pid is None else now, pid, suspect_key))
         return run_id
 
     def claim_next(self, pid: int) -> RunRecord | None:
@@ -241,11 +273,16 @@ class RunStore:
             if not _FILE_NAME.match(stem) or stem in ("model", "suspect", "report", "log"):
                 raise ValueError(f"invalid run file name {f.name!r} (lower-case letters, digits, '_' and '-')")
         final = self.root / run_id
+        rec = self.get(run_id)
+        suspect = _with_run_provenance(suspect, run_id, rec.suspect_key if rec is not None else None)
+        output_key = fingerprint(suspect)
         with atomic_folder(final, partial=self._partial(run_id)) as partial:
             write_suspect_files(suspect, partial)
             for f in kept:
                 shutil.copy2(f, partial / f.name)
-            report = {**report, "run_id": run_id, "run_dir": str(final)}
+            report = {**report, "run_id": run_id, "run_dir": str(final), "output_fingerprint": output_key}
+            if rec is not None and rec.suspect_key:
+                report["suspect_fingerprint"] = rec.suspect_key
             write_json(partial / "report.json", report, indent=2, default=str)
             write_text(partial / "log.txt", log)
         shutil.rmtree(self.artifacts_dir(run_id), ignore_errors=True)
@@ -253,7 +290,8 @@ class RunStore:
                                               "seconds", "device")}
         with self._conn() as c:
             c.execute("UPDATE runs SET status = 'finished', progress = 1, message = 'finished', finished = ?, "
-                      "run_dir = ?, summary = ? WHERE id = ?", (time.time(), str(final), json.dumps(summary), run_id))
+                      "run_dir = ?, summary = ?, output_key = ? WHERE id = ?",
+                      (time.time(), str(final), json.dumps(summary), output_key, run_id))
         return final
 
     def fail(self, run_id: str, error: str, status: str = "failed") -> None:
@@ -304,9 +342,12 @@ class RunStore:
             row = c.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
         return self._record(row) if row else None
 
-    def list(self, status: str | None = None, suspect: str | None = None, defense: str | None = None) -> list[RunRecord]:
+    def list(self, status: str | None = None, suspect: str | None = None, defense: str | None = None,
+             suspect_key: str | None = None) -> list[RunRecord]:
+        """Runs, newest first, filtered by status, the suspect's name as recorded, defense and suspect fingerprint
+        (:func:`runs.identity.runs_of` finds a model's runs under any of its names)."""
         q, args = "SELECT * FROM runs WHERE 1 = 1", []
-        for col, val in (("status", status), ("suspect", suspect), ("defense", defense)):
+        for col, val in (("status", status), ("suspect", suspect), ("defense", defense), ("suspect_key", suspect_key)):
             if val is not None:
                 q += f" AND {col} = ?"
                 args.append(val)

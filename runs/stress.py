@@ -1,8 +1,8 @@
 """Stress tests of stored runs and suspects: the retuning attack (:mod:`defenses.stress`) around the run store.
 
 - :func:`run_stress`: resolve a suspect reference or a run (id or folder), find its clean reference
-  (:func:`defenses.stress.clean_reference`), run the test, and store the result with the run (``stress.json`` in the
-  run's folder, written atomically) so the Compare page, ``backdoor-lens compare`` and the HTML report show it.
+  (:func:`suspects.identity.find_clean_reference`: by fingerprint, under any name), run the test, and store the
+  result with the run (``stress.json`` in the run's folder, written atomically) so the Compare page, ``backdoor-lens compare`` and the HTML report show it.
 - A job kind for the background worker (:mod:`runs.worker`): :func:`submit_stress` queues a stress test of a
   finished run in the table ``stress_jobs`` of the store's index; the worker takes queued stress tests after the
   queued defense runs, under the same per-device lock, and records progress the pages can follow
@@ -23,8 +23,9 @@ from typing import Any
 
 from defenses.base import ParamError, params_from
 from defenses.context import Cancelled, Progress
-from defenses.stress import StressParams, clean_reference, stress_test
+from defenses.stress import StressParams, stress_test
 from suspects.atomic import write_json
+from suspects.identity import bundle_name, find_clean_reference
 
 from .store import RunStore, _pid_alive
 
@@ -110,7 +111,7 @@ def run_stress(ref: str, store: RunStore | None = None, params: dict[str, Any] |
     target = resolve_target(ref, store)
     suspect = suspects.load(target.suspect)
     shown = target.run_id or ref
-    ref_ref = reference if reference is not None else clean_reference(target.suspect, suspect.card)
+    ref_ref = reference if reference is not None else find_clean_reference(suspect, target.suspect)
     if ref_ref in ("none", ""):
         ref_ref = None
     trigger = suspect.trigger
@@ -137,7 +138,7 @@ def run_stress(ref: str, store: RunStore | None = None, params: dict[str, Any] |
 
 
 def _same_ref(a: str, b: str) -> bool:
-    if a == b:
+    if a == b or (bundle_name(a) or a) == (bundle_name(b) or b):  # demo:NAME and its folder are one model
         return True
     if a.startswith("demo:") or b.startswith("demo:"):
         return False

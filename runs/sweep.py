@@ -37,6 +37,7 @@ import torch
 from defenses.base import ParamError
 from defenses.registry import get_defense, list_defenses
 from defenses.runner import resolve_pool_size
+from suspects.identity import fingerprint as identity_fingerprint
 from suspects.store import Suspect
 
 from .store import RunStore, _pid_alive, run_file
@@ -623,7 +624,7 @@ def _write_run(store: RunStore, sweep_id: str, cell: Cell, out: dict[str, Any], 
     report = out["report"]
     params = {**cell.overrides, "_resolved": report.get("params", {}), "_sweep": sweep_id, "_cell": cell.key}
     run_id = store.create(cell.defense, cell.suspect, cell.preset, params, cell.pool_size, cell.seed,
-                          report.get("device"), pid=os.getpid())
+                          report.get("device"), pid=os.getpid(), suspect_key=identity_fingerprint(parent))
     try:
         kept = store.artifacts_dir(run_id)
         if out["files"]:

@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Run a defense (see `backdoor-lens defenses`) on a suspect; the repaired "
                                           "model and its report go to the run store.")
     p.add_argument("defense", help="defense name")
-    p.add_argument("suspect", help="suspect folder or demo:NAME")
+    p.add_argument("suspect", help="suspect folder, demo:NAME, or a run id (its repaired model)")
     p.add_argument("--preset", default="quick", help="quick (CPU demo) or paper (official settings)")
     p.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a parameter, repeatable")
     p.add_argument("--pool-size", type=int,
@@ -43,9 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import suspects
+    from runs.identity import resolve_ref
 
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    args.suspect = resolve_ref(args.suspect, root=args.runs)  # a run id names its repaired model
     suspect = suspects.load(args.suspect)  # once: validation, the estimates and every seed's run share it
     if args.seeds == 1:
         return _run_one(args, args.seed, suspect)
