@@ -8,7 +8,10 @@ under ``bd_test_dataset/`` and ``bd_train_dataset/``, and ``defense/<method>/def
 Opening a run (``suspects.load(RUN_DIR, data=DATA_ROOT)`` or :func:`import_run`) gives a suspect whose
 
 - model is the run's network mapped onto this project's architectures (``preactresnet18`` ->
-  ``preact_resnet18``, ``resnet18`` -> ``resnet18_torchvision``; width and input channels read off the weights);
+  ``preact_resnet18``, ``resnet18`` -> ``resnet18_torchvision``; width and input channels read off the weights), or
+  for the rest of BackdoorBench's zoo (``vgg19_bn``, ``mobilenet_v3_large``, ``efficientnet_b3``, ``densenet161``,
+  ``convnext_tiny``, ``vit_b_16`` behind its resize to 224, ...) onto the same torchvision constructor
+  (:mod:`suspects.adapters`);
 - clean data is the run's dataset (``cifar10`` or ``mnist``, torchvision's order) found under the data root, as
   torchvision's files or as an image-folder copy whose files are named by their index (``train/<class>/<index>.png``);
   either way its order is checked against the run's own poisoned test images;
@@ -61,6 +64,13 @@ DEFENSE_FILE = "defense_result.pt"
 ATTACK_KEYS = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_train", "bd_test")
 # BackdoorBench model_name -> this project's architecture
 MODEL_NAMES = {"preactresnet18": "preact_resnet18", "resnet18": "resnet18_torchvision"}
+# BackdoorBench model_name -> a torchvision constructor (its zoo builds these from torchvision); the ViT sees its
+# images through a resize to 224 (BackdoorBench wraps it as Sequential(Resize, net), hence a leading '1.' in its keys)
+TORCHVISION_MODELS = {name: f"torchvision:{name}" for name in (
+    "vgg19_bn", "vgg19", "vgg16", "vgg11_bn", "mobilenet_v3_large", "mobilenet_v2", "efficientnet_b0", "efficientnet_b3",
+    "densenet121", "densenet161", "convnext_tiny", "vit_b_16", "resnet34", "resnet50", "squeezenet1_0",
+    "shufflenet_v2_x1_0", "googlenet", "mnasnet1_0", "resnext50_32x4d", "wide_resnet50_2", "alexnet")}
+RESIZED_MODELS = {"vit_b_16": 224}
 # BackdoorBench clean_data -> data source, (C, H, W), normalisation (BackdoorBench's own constants)
 DATASETS: dict[str, dict[str, Any]] = {
     "cifar10": {"source": "cifar10", "shape": (3, 32, 32), "mean": [0.4914, 0.4822, 0.4465],
@@ -212,15 +222,41 @@ def _clean_state_dict(raw: Any, model_name: str, source: str) -> tuple[dict[str,
     if model_name == "resnet18":
         sd = {tv_resnet.project_key(k): v for k, v in sd.items()}
         notes.append("renamed torchvision keys: downsample -> shortcut, fc -> linear")
+    elif model_name in TORCHVISION_MODELS:
+        if sd and all(k.startswith("1.") for k in sd):
+            sd = {k[2:]: v for k, v in sd.items()}
+            notes.append("stripped the '1.' prefix of BackdoorBench's Sequential(Resize, net) wrapper")
+        notes.append(f"built as {TORCHVISION_MODELS[model_name]} (torchvision's key names, under 'net.')")
     return sd, notes
+
+
+def _build_torchvision(model_name: str, sd: dict[str, torch.Tensor], num_classes: int, shape: tuple[int, int, int],
+                       norm: dict[str, Any], source: str) -> tuple[torch.nn.Module, str, dict[str, Any]]:
+    """A BackdoorBench network that its zoo builds from torchvision, with torchvision's key names."""
+    from .adapters import to_wrapper_keys
+
+    arch = TORCHVISION_MODELS[model_name]
+    kwargs: dict[str, Any] = {"input_size": int(shape[-1])}
+    if model_name in RESIZED_MODELS:
+        kwargs["resize_to"] = RESIZED_MODELS[model_name]
+    try:
+        model = create_model(arch, num_classes=num_classes, in_channels=shape[0], mean=norm["mean"], std=norm["std"],
+                             **kwargs)
+    except ValueError as err:
+        raise SuspectLoadError(f"{source}: cannot build {arch}: {err}") from None
+    load_weights(model, to_wrapper_keys(sd), source)
+    return model.eval(), arch, kwargs
 
 
 def _build(model_name: str, sd: dict[str, torch.Tensor], num_classes: int, shape: tuple[int, int, int],
            norm: dict[str, Any], source: str) -> tuple[torch.nn.Module, str, dict[str, Any]]:
+    if model_name in TORCHVISION_MODELS:
+        return _build_torchvision(model_name, sd, num_classes, shape, norm, source)
     if model_name not in MODEL_NAMES:
         raise SuspectLoadError(
             f"{source}: unsupported architecture {model_name!r}; Backdoor Lens maps "
-            f"{', '.join(sorted(MODEL_NAMES))} onto its own networks")
+            f"{', '.join(sorted(MODEL_NAMES))} onto its own networks and "
+            f"{', '.join(sorted(TORCHVISION_MODELS))} onto torchvision's")
     arch = MODEL_NAMES[model_name]
     conv1, head = sd.get("conv1.weight"), sd.get("linear.weight")
     if conv1 is None or conv1.dim() != 4 or head is None or head.dim() != 2:
@@ -611,7 +647,7 @@ def load_hook(path: Path, data: Any = None, arch: str | None = None, **_: Any) -
 
 def _bb_model_name(suspect: Suspect) -> str:
     arch = str(suspect.card.get("arch") or getattr(suspect.model, "arch_name", ""))
-    names = {v: k for k, v in MODEL_NAMES.items()}
+    names = {v: k for k, v in {**MODEL_NAMES, **TORCHVISION_MODELS}.items()}
     if arch not in names:
         raise SuspectLoadError(f"architecture {arch!r} has no BackdoorBench counterpart; exportable: "
                                f"{', '.join(f'{a} (as {b})' for a, b in names.items())}")
@@ -633,6 +669,12 @@ def _export_state_dict(suspect: Suspect, bb_name: str) -> OrderedDict[str, torch
                 f"express (no shortcut layer to fold it into); export is not possible for this suspect")
     if bb_name == "resnet18":
         sd = {tv_resnet.torchvision_key(k): v for k, v in sd.items()}
+    elif bb_name in TORCHVISION_MODELS:
+        from .adapters import to_library_keys
+
+        sd = to_library_keys(sd)
+        if bb_name in RESIZED_MODELS:
+            sd = {f"1.{k}": v for k, v in sd.items()}
     return OrderedDict(sd)
 
 

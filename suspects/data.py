@@ -399,6 +399,73 @@ def load_dataset(spec: dict | str) -> DatasetPair:
     raise ValueError(f"unknown data source {name!r}; known: {', '.join(_SOURCES)}")
 
 
+# --- standard normalisations and input shapes of the data sources ---------------------------------------------
+
+# name -> (mean, std) per channel, in [0, 1] units. ``demo`` is the demo bundle's own (its training images'
+# statistics, what the demo suspects were trained with); the others are the constants their usual training
+# pipelines (torchvision references, BackdoorBench) use.
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "none": ((0.0,), (1.0,)),
+    "demo": ((0.2867000102996826,), (0.35339999198913574,)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "half": ((0.5,), (0.5,)),
+}
+# the standard normalisation of each data source (None: no standard; the user names one)
+SOURCE_NORMALIZATION = {"demo": "demo", "fashion-mnist": "fashion-mnist", "mnist": "mnist", "cifar10": "cifar10",
+                        "gtsrb": "none"}
+SOURCE_SHAPES = {"demo": (1, 28, 28), "fashion-mnist": (1, 28, 28), "mnist": (1, 28, 28), "cifar10": (3, 32, 32),
+                 "gtsrb": (3, 32, 32)}
+
+
+def parse_normalization(text: str, channels: int) -> tuple[list[float], list[float], str]:
+    """``(mean, std, label)`` from a name (:data:`NORMALIZATIONS`: ``imagenet``, ``cifar10``, ``none`` ...) or
+    ``M1,...,Mc/S1,...,Sc``; a one-value name or list is repeated over ``channels``. Raises ValueError."""
+    text = str(text).strip()
+    if text.lower() in NORMALIZATIONS:
+        mean, std = NORMALIZATIONS[text.lower()]
+        label = text.lower()
+    else:
+        if "/" not in text:
+            raise ValueError(f"normalisation {text!r}: give a name ({', '.join(NORMALIZATIONS)}) or means/stds as "
+                             "M1,...,Mc/S1,...,Sc")
+        m_text, _, s_text = text.partition("/")
+        try:
+            mean = tuple(float(v) for v in m_text.split(","))
+            std = tuple(float(v) for v in s_text.split(","))
+        except ValueError:
+            raise ValueError(f"normalisation {text!r}: means and stds must be numbers (M1,...,Mc/S1,...,Sc)") from None
+        label = text
+    if len(mean) == 1 and channels > 1:
+        mean, std = mean * channels, std * channels
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"normalisation {text!r} has {len(mean)} means / {len(std)} stds but the model takes "
+                         f"{channels} input channel(s)")
+    if any(not s > 0 for s in std):
+        raise ValueError(f"normalisation {text!r}: standard deviations must be positive")
+    return [float(v) for v in mean], [float(v) for v in std], label
+
+
+def source_name(spec: dict | str | None) -> str | None:
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        return spec if spec in _SOURCES else "imagefolder"
+    return spec.get("name")
+
+
+def source_input_shape(spec: dict | str | None) -> tuple[int, int, int] | None:
+    """The (C, H, W) a data source gives without loading it (an image folder: 3 x ``size`` when given)."""
+    name = source_name(spec)
+    if name in SOURCE_SHAPES:
+        return SOURCE_SHAPES[name]
+    if name == "imagefolder" and isinstance(spec, dict) and spec.get("size"):
+        return (3, int(spec["size"]), int(spec["size"]))
+    return None
+
+
 def defense_pool_split(n_train: int, fraction: float = 0.05, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministically pick the clean *defense pool* from the training split.
 

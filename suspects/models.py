@@ -40,6 +40,11 @@ __all__ = [
     "reset_skip_gammas",
     "get_skip_gammas",
     "penultimate_features",
+    "CAPABILITIES",
+    "NotApplicableError",
+    "missing_capabilities",
+    "not_applicable_reason",
+    "require",
 ]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -70,10 +75,20 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
-    """Build a registered architecture, e.g. ``create_model('preact_resnet18', num_classes=10, width=16)``."""
+    """Build an architecture: a registered one, e.g. ``create_model('preact_resnet18', num_classes=10, width=16)``,
+    or a library's, ``create_model('torchvision:mobilenet_v3_small', num_classes=10, input_size=32)`` (no weights
+    are downloaded; see :mod:`suspects.adapters`)."""
+    from .adapters import build_library_model, is_library_arch
+
+    if is_library_arch(name):
+        model = build_library_model(name, **kwargs)
+        model.arch_name = name  # type: ignore[attr-defined]
+        model.arch_kwargs = dict(kwargs)  # type: ignore[attr-defined]
+        return model
     _plugins()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown architecture {name!r}; registered: {', '.join(list_models())}")
+        raise ValueError(f"unknown architecture {name!r}; registered: {', '.join(list_models())}, or "
+                         f"torchvision:NAME / timm:NAME for any model of those libraries")
     model = _REGISTRY[name](**kwargs)
     model.arch_name = name  # type: ignore[attr-defined]
     model.arch_kwargs = dict(kwargs)  # type: ignore[attr-defined]
@@ -428,6 +443,91 @@ def get_skip_gammas(model: nn.Module, non_default_only: bool = False) -> dict[st
 
 
 def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Input of the final linear layer for raw [0, 1] images: ``forward_head(forward_features(x), pre_logits=True)``."""
+    """Input of the final linear layer for raw [0, 1] images (``forward_head(forward_features(x), pre_logits=True)``
+    for the own architectures; for any model the classifier's input, read by a hook)."""
     api = model_api(model)
-    return api.forward_head(api.forward_features(x), pre_logits=True)
+    if getattr(model, "sequential_blocks", True):
+        return api.forward_head(api.forward_features(x), pre_logits=True)
+    captured: list[torch.Tensor] = []
+    handle = api.get_classifier().register_forward_pre_hook(lambda m, i: captured.append(i[0]))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return captured[-1].flatten(1)
+
+
+# --- what a model can do: every view and defense asks before it runs -----------------------------------------
+
+CAPABILITIES = {
+    "module_hooks": "module hooks (an exported program runs as one graph)",
+    "linear_head": "a linear classifier (an nn.Linear as the last layer)",
+    "residual_blocks": "residual blocks with a skip connection to scale",
+    "batchnorm": "BatchNorm2d layers",
+    "feature_map": "a convolutional feature map before the head (a 4-D map, not tokens)",
+    "pooled_head": "a head that average-pools the last feature map straight into the classifier (its inputs are "
+                   "the feature map's channels)",
+    "convolutions": "convolution layers",
+    "trainable": "trainable parameters",
+    "rebuildable": "an architecture that can be rebuilt from its card (a repaired model is stored as weights and a "
+                   "card; a torch.export program cannot be)",
+}
+
+
+class NotApplicableError(ModelInterfaceError):
+    """A view or defense needs something the model does not have; the message says what."""
+
+
+def _has_capability(model: nn.Module, need: str) -> bool:
+    if need == "module_hooks":
+        return not getattr(model, "exported_program", False)
+    if need == "trainable":
+        return any(p.requires_grad for p in model.parameters())
+    if need == "rebuildable":
+        return not getattr(model, "exported_program", False)
+    if not _has_capability(model, "module_hooks"):
+        return False
+    if need == "batchnorm":
+        return any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    if need == "convolutions":
+        return any(isinstance(m, nn.Conv2d) for m in model.modules())
+    try:
+        api = model_api(model)
+        if need == "linear_head":
+            return isinstance(api.get_classifier(), nn.Linear)
+        if need == "residual_blocks":
+            return bool(api.blocks())
+        layout = getattr(model, "layout", "map")
+        if need == "feature_map":
+            api.feature_layer()
+            return layout == "map"
+        if need == "pooled_head":
+            if layout != "map":
+                return False
+            channels = model.feature_channels() if hasattr(model, "feature_channels") else None
+            return channels is None or channels == api.get_classifier().in_features
+    except (ModelInterfaceError, StopIteration, RuntimeError, IndexError):
+        return False
+    raise ValueError(f"unknown capability {need!r}; known: {', '.join(CAPABILITIES)}")
+
+
+def missing_capabilities(model: nn.Module, needs: Sequence[str]) -> list[str]:
+    """Of ``needs`` (names of :data:`CAPABILITIES`), those ``model`` lacks (empty: everything applies)."""
+    return [n for n in needs if not _has_capability(model, n)]
+
+
+def not_applicable_reason(model: nn.Module, needs: Sequence[str]) -> str | None:
+    """``"not applicable to this model: it has no <what>"`` for the first missing capability, else None."""
+    missing = missing_capabilities(model, needs)
+    if not missing:
+        return None
+    arch = getattr(model, "arch_name", type(model).__name__)
+    what = "; ".join(CAPABILITIES[m] for m in missing)
+    return f"not applicable to this model ({arch}): it needs {what}"
+
+
+def require(model: nn.Module, needs: Sequence[str]) -> None:
+    """Raise :class:`NotApplicableError` when ``model`` lacks one of ``needs``."""
+    reason = not_applicable_reason(model, needs)
+    if reason:
+        raise NotApplicableError(reason)

@@ -48,6 +48,8 @@ __all__ = [
     "DEMO_SUSPECTS",
     "demo_suspect_path",
     "list_demo_suspects",
+    "normalization_for",
+    "normalization_label",
 ]
 
 CARD_FILE = "suspect.json"
@@ -233,10 +235,19 @@ def _head_key(model: nn.Module) -> str | None:
     return next((f"{n}.weight" for n, m in model.named_modules() if m is head), None)
 
 
-def read_arch_from_weights(arch: str, state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
+def read_arch_from_weights(arch: str, state_dict: dict[str, torch.Tensor],
+                           input_shape: tuple[int, int, int] = (3, 32, 32),
+                           arch_kwargs: dict[str, Any] | None = None) -> dict[str, int]:
     """``width``, ``in_channels`` and ``num_classes`` of architecture ``arch`` read off a state dict's first
     convolution and classifier (whichever of them it holds), as the BackdoorBench importer does."""
-    probe = create_model(arch, num_classes=2, in_channels=1)
+    from .adapters import is_library_arch
+
+    if is_library_arch(arch):
+        kw = {k: v for k, v in (arch_kwargs or {}).items() if k not in ("num_classes", "in_channels")}
+        kw.setdefault("input_size", int(input_shape[-1]))
+        probe = create_model(arch, num_classes=2, in_channels=int(input_shape[0]), **kw)
+    else:
+        probe = create_model(arch, num_classes=2, in_channels=1)
     out: dict[str, int] = {}
     conv, head = _first_conv_key(probe), _head_key(probe)
     w = state_dict.get(conv) if conv else None
@@ -394,9 +405,13 @@ def _read_card(folder: Path) -> dict[str, Any]:
 
 
 def _build_model(card: dict[str, Any]) -> nn.Module:
+    from .adapters import is_library_arch
+
     kwargs = dict(card.get("arch_kwargs", {}))
     kwargs.setdefault("num_classes", len(card["classes"]))
     kwargs.setdefault("in_channels", int(card["input_shape"][0]))
+    if is_library_arch(str(card["arch"])):
+        kwargs.setdefault("input_size", int(card["input_shape"][-1]))
     norm = card.get("normalization") or {}
     if norm.get("mean") is not None:
         kwargs.setdefault("mean", norm["mean"])
@@ -413,7 +428,12 @@ def _load_folder(folder: Path) -> Suspect:
     weights = folder / MODEL_FILE
     if not weights.is_file():
         raise SuspectLoadError(f"{folder} has no {MODEL_FILE}")
-    load_weights(model, _unwrap_state_dict(load_state_dict_file(weights), str(weights)), str(weights))
+    sd = _unwrap_state_dict(load_state_dict_file(weights), str(weights))
+    if getattr(model, "sequential_blocks", True) is False:
+        from .adapters import to_wrapper_keys
+
+        sd = to_wrapper_keys(sd)
+    load_weights(model, sd, str(weights))
     for name, gamma in (card.get("skip_gammas") or {}).items():
         set_skip_gamma(model, name, gamma)
     model.eval()
@@ -423,7 +443,7 @@ def _load_folder(folder: Path) -> Suspect:
 def load(path: str | os.PathLike, arch: str | None = None, num_classes: int | None = None,
          input_shape: tuple[int, int, int] | None = None, classes: list[str] | None = None,
          data: dict | str | None = None, arch_kwargs: dict | None = None, trigger: dict | None = None,
-         name: str | None = None, label: str | None = None) -> Suspect:
+         name: str | None = None, label: str | None = None, normalize: str | None = None) -> Suspect:
     """Load a suspect.
 
     ``path`` is a suspect folder, ``demo:NAME`` (a bundled demo suspect) or a bare state dict
@@ -433,11 +453,18 @@ def load(path: str | os.PathLike, arch: str | None = None, num_classes: int | No
     measure it on; ``trigger`` a trigger spec when the attack is known. ``label`` names a bare state dict in
     error messages (e.g. an upload's own filename rather than its temporary copy; default ``path``).
 
+    ``arch`` is a registered architecture or ``torchvision:NAME`` / ``timm:NAME`` (:mod:`suspects.adapters`; the
+    file then holds the library's own key names). The input normalisation of a bare state dict is ``normalize``
+    (a name of :data:`suspects.data.NORMALIZATIONS` or ``M1,...,Mc/S1,...,Sc``); without it, the data source's
+    standard one is assumed, or none (mean 0, std 1) without a known source, and the card says it was assumed
+    (``card["normalization"]["assumed"]``). The input shape defaults to the data source's. A suspect folder keeps
+    its card's normalisation (``normalize`` then overrides it, and the card says so).
+
     Raises :class:`SuspectLoadError`; a bad checkpoint file raises its subclass :class:`CheckpointError`.
     """
     text = str(path)
     if text.startswith("demo:"):
-        return _load_folder(demo_suspect_path(text[5:]))
+        return _with_normalization(_load_folder(demo_suspect_path(text[5:])), normalize)
     p = Path(text).expanduser()
     for loader in _loaders():
         found = loader(p, arch=arch, num_classes=num_classes, input_shape=input_shape, classes=classes, data=data)
@@ -446,21 +473,41 @@ def load(path: str | os.PathLike, arch: str | None = None, num_classes: int | No
     if p.is_dir():
         if not (p / CARD_FILE).is_file():
             raise SuspectLoadError(f"{p} is a folder without {CARD_FILE}; is it a suspect folder?")
-        return _load_folder(p)
+        return _with_normalization(_load_folder(p), normalize)
     shown = label or str(p)
     if not p.exists():
         raise CheckpointError(shown, "missing", f"{shown} does not exist")
+    if p.suffix == ".pt2":
+        from .exported import load_exported
+
+        return load_exported(p, shown, num_classes=num_classes, input_shape=input_shape, classes=classes, data=data,
+                             trigger=trigger, suspect_name=name, normalize=normalize)
     if p.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
-        raise SuspectLoadError(f"{shown}: unsupported file type {p.suffix!r} (use .safetensors, .pt or .pth)")
-    if arch is None:
-        raise SuspectLoadError(f"{shown} is a bare state dict: name its architecture (arch=...; CLI --arch)")
+        raise SuspectLoadError(f"{shown}: unsupported file type {p.suffix!r} (use .safetensors, .pt, .pth, or .pt2 "
+                               "for a torch.export program)")
+    # the file's own problems (missing, not a checkpoint, truncated, asks to run code) come before anything else
     sd = _unwrap_state_dict(load_state_dict_file(p, shown), shown)
+    if arch is None:
+        raise SuspectLoadError(f"{shown} is a bare state dict ({len(sd)} tensors): name its architecture "
+                               "(arch=...; CLI --arch, e.g. preact_resnet18, torchvision:resnet18, timm:resnet18)")
+    from .adapters import is_library_arch, to_wrapper_keys
+    from .data import source_input_shape
+
+    library = is_library_arch(arch)
+    if library:
+        sd = to_wrapper_keys(sd)
+    data_shape = source_input_shape(data)
     try:
-        found = read_arch_from_weights(arch, sd)
+        found = read_arch_from_weights(arch, sd, data_shape or (3, 32, 32), arch_kwargs or {})
     except (TypeError, ValueError):  # an unknown architecture: _build_model says so below
         found = {}
     # read off the weights what the caller did not give: width, input channels, class count
-    shape = tuple(input_shape) if input_shape else (found.get("in_channels", 3), 32, 32)
+    if input_shape:
+        shape = tuple(input_shape)
+    elif data_shape:
+        shape = data_shape
+    else:
+        shape = (found.get("in_channels", 3), 32, 32)
     if classes is None:
         if num_classes is None:
             num_classes = found.get("num_classes")
@@ -476,9 +523,57 @@ def load(path: str | os.PathLike, arch: str | None = None, num_classes: int | No
     card: dict[str, Any] = {
         "name": name or p.stem, "arch": arch, "arch_kwargs": kwargs, "classes": list(classes),
         "input_shape": list(shape), "data": data_spec, "trigger": trigger,
+        "normalization": normalization_for(normalize, data_spec, int(shape[0])),
         "provenance": {"source": "state dict", "file": shown},
     }
     model = _build_model(card)
     load_weights(model, sd, shown)
     model.eval()
     return Suspect(model, card, None)
+
+
+def normalization_for(normalize: str | None, data: dict | str | None, channels: int) -> dict[str, Any]:
+    """The card's ``normalization`` of a bare file: the named one, else the data source's standard one, else none;
+    ``assumed`` says whether the user named it, ``label`` what it is (shown next to BA)."""
+    from .data import NORMALIZATIONS, SOURCE_NORMALIZATION, parse_normalization, source_name
+
+    if normalize:
+        mean, std, label = parse_normalization(normalize, channels)
+        return {"mean": mean, "std": std, "label": label, "assumed": False}
+    src = source_name(data)
+    key = SOURCE_NORMALIZATION.get(src or "")
+    if key is not None and (len(NORMALIZATIONS[key][0]) in (1, channels)):
+        mean, std, _ = parse_normalization(key, channels)
+        return {"mean": mean, "std": std, "label": f"{key} (the {src} data source's standard; assumed)",
+                "assumed": True}
+    mean, std, _ = parse_normalization("none", channels)
+    why = f"the {src} data source has no standard one" if src else "no data source named"
+    return {"mean": mean, "std": std, "label": f"none (mean 0, std 1; assumed: {why})", "assumed": True}
+
+
+def _with_normalization(suspect: Suspect, normalize: str | None) -> Suspect:
+    """A suspect folder keeps its card's normalisation unless ``normalize`` names another (the card then says so)."""
+    if not normalize:
+        return suspect
+    from .data import parse_normalization
+
+    mean, std, label = parse_normalization(normalize, suspect.input_shape[0])
+    card = copy.deepcopy(suspect.card)
+    card["normalization"] = {"mean": mean, "std": std, "label": f"{label} (overrides the card's)", "assumed": False}
+    model = _build_model(card)
+    model.load_state_dict(suspect.model.state_dict())
+    for block, gamma in (card.get("skip_gammas") or {}).items():
+        set_skip_gamma(model, block, gamma)
+    return Suspect(model.eval(), card, suspect.path)
+
+
+def normalization_label(card: dict[str, Any]) -> str:
+    """What normalisation a suspect's model applies, in words (for the line next to BA)."""
+    norm = card.get("normalization") or {}
+    if norm.get("label"):
+        return str(norm["label"])
+    if norm.get("mean") is not None:
+        fmt = ",".join
+        return (f"mean {fmt(f'{v:.4g}' for v in norm['mean'])} / std {fmt(f'{v:.4g}' for v in norm['std'])} "
+                "(from the card)")
+    return "the architecture's default (the card names none)"

@@ -308,8 +308,11 @@ def test_clear_errors(tmp_path, data, net):
     run = make_run(tmp_path / "a", data, sd)
     with pytest.raises(SuspectLoadError, match="missing dataset root"):
         import_run(run, data_root=tmp_path / "nowhere")
-    with pytest.raises(SuspectLoadError, match="unsupported architecture 'vgg19_bn'"):
-        import_run(make_run(tmp_path / "b", data, sd, model_name="vgg19_bn"))
+    with pytest.raises(SuspectLoadError, match="unsupported architecture 'lenet'"):
+        import_run(make_run(tmp_path / "b", data, sd, model_name="lenet"))
+    # a zoo name whose weights are another network's: the keys are named, not loaded by position
+    with pytest.raises(SuspectLoadError, match="wrong architecture .* torchvision:vgg19_bn: missing keys: net"):
+        import_run(make_run(tmp_path / "b2", data, sd, model_name="vgg19_bn"))
     with pytest.raises(SuspectLoadError, match="wrong class count"):
         import_run(make_run(tmp_path / "c", data, sd, num_classes=100))
     with pytest.raises(SuspectLoadError, match="'gtsrb' is not supported"):
@@ -489,3 +492,29 @@ def test_import_summary_says_what_the_run_lacks(tmp_path, cdata, cnet, runs_dir,
                  str(tmp_path / "again")]) == 0
     printed = capsys.readouterr().out
     assert "lacks:\n    - no poisoned training images" in printed
+
+
+def test_torchvision_zoo_run_imports(tmp_path, data):
+    """A run of one of BackdoorBench's torchvision networks (its keys as torchvision names them) opens, computes the
+    same logits as the torchvision module it was saved from, and exports back to the same keys."""
+    import torchvision
+
+    from suspects.backdoorbench import DATASETS, export_backdoorbench
+
+    torch.manual_seed(0)
+    tv = torchvision.models.mobilenet_v3_large(num_classes=K)
+    first = tv.features[0][0]
+    tv.features[0][0] = torch.nn.Conv2d(1, first.out_channels, first.kernel_size, first.stride, first.padding,
+                                        bias=False)
+    tv.eval()
+    run = make_run(tmp_path, data, tv.state_dict(), model_name="mobilenet_v3_large")
+    suspect = import_run(run)
+    assert suspect.card["arch"] == "torchvision:mobilenet_v3_large"
+    x = torch.rand(4, 1, 28, 28)
+    norm = DATASETS["mnist"]
+    expected = tv((x - torch.tensor(norm["mean"]).view(1, -1, 1, 1)) / torch.tensor(norm["std"]).view(1, -1, 1, 1))
+    with torch.no_grad():
+        assert torch.allclose(suspect.model(x), expected, atol=1e-5)
+    out = export_backdoorbench(suspect, tmp_path / "export")
+    saved = torch.load(out, weights_only=True)
+    assert saved["model_name"] == "mobilenet_v3_large" and set(saved["model"]) == set(tv.state_dict())

@@ -44,11 +44,21 @@ def test_bare_state_dicts_safetensors_and_pt(tmp_path):
     x = torch.rand(2, 1, 28, 28)
     for f in ("m.safetensors", "m.pt"):
         s = load(tmp_path / f, arch="preact_resnet18", num_classes=10, input_shape=(1, 28, 28),
-                 arch_kwargs={"width": 4})
+                 arch_kwargs={"width": 4}, normalize="0.5/0.5")
         with torch.no_grad():
             assert torch.equal(s.model(x), model(x))
+        assert s.card["normalization"]["assumed"] is False
+    # no normalisation named: none is assumed, and the card says so (never a silent default)
+    s = load(tmp_path / "m.pt", arch="preact_resnet18", num_classes=10, input_shape=(1, 28, 28))
+    assert s.card["normalization"]["assumed"] is True and s.card["normalization"]["mean"] == [0.0]
+    assert "assumed" in s.card["normalization"]["label"]
+    # with a data source, its standard normalisation and input shape are assumed
+    s = load(tmp_path / "m.pt", arch="preact_resnet18", data="demo")
+    assert s.input_shape == (1, 28, 28) and s.card["normalization"]["label"].startswith("demo")
     with pytest.raises(SuspectLoadError, match="name its architecture"):
         load(tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="3 means"):
+        load(tmp_path / "m.pt", arch="preact_resnet18", data="demo", normalize="0.4,0.4,0.4/0.2,0.2,0.2")
 
 
 class Boom:
