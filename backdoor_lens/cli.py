@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["main", "build_parser", "parse_sets", "TqdmProgress", "add_runs_flag", "runs_root_of", "add_suspect_args",
-           "load_suspect", "print_json", "list_commands"]
+           "add_checkpoint_args", "suspect_reference", "load_suspect", "print_json", "list_commands"]
 
 RUNS_HELP = "run store folder (default ./lens-runs or $BACKDOOR_LENS_RUNS)"
 
@@ -99,14 +99,30 @@ def runs_root_of(args: argparse.Namespace) -> Path:
     return runs_root(getattr(args, "runs", None))
 
 
-def add_suspect_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("suspect", help="suspect folder, demo:NAME, a run id, or a state dict (.safetensors/.pt/.pth)")
-    g = p.add_argument_group("bare state dicts (a file, not a suspect folder)")
-    g.add_argument("--arch", help="architecture name (see `backdoor-lens models`)")
-    g.add_argument("--num-classes", type=int, help="number of classes of the checkpoint")
-    g.add_argument("--input-shape", type=int, nargs=3, metavar=("C", "H", "W"), help="input shape (default 3 32 32)")
-    g.add_argument("--arch-arg", action="append", metavar="NAME=VALUE", help="constructor argument, e.g. width=64")
+def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """The flags that describe a bare checkpoint (every subcommand that takes a suspect has them)."""
+    g = p.add_argument_group("bare checkpoints (a file, not a suspect folder)")
+    g.add_argument("--arch", help="architecture: a registered one (see `backdoor-lens models`), torchvision:NAME or "
+                                  "timm:NAME (any model of those libraries; no weights are downloaded)")
+    g.add_argument("--num-classes", type=int, help="number of classes (default: read off the classifier's weights)")
+    g.add_argument("--input-shape", type=int, nargs=3, metavar=("C", "H", "W"),
+                   help="input shape (default: the data source's, else 3 32 32)")
+    g.add_argument("--arch-arg", action="append", metavar="NAME=VALUE",
+                   help="constructor argument, e.g. width=64, resize_to=224, depth=12")
     g.add_argument("--data", help="data source to measure on (demo, fashion-mnist, mnist, cifar10, gtsrb, or a folder)")
+    g.add_argument("--normalize", metavar="NAME|M1,..,Mc/S1,..,Sc",
+                   help="the model's input normalisation: a name (imagenet, cifar10, mnist, fashion-mnist, demo, half, "
+                        "none) or per-channel means/stds, e.g. 0.2867/0.3534 (default for a file: the data source's "
+                        "standard one, stated as assumed; a suspect folder keeps its card's)")
+
+
+def add_suspect_args(p: argparse.ArgumentParser, trigger: bool = True,
+                     help: str = "suspect folder, demo:NAME, a run id, or a checkpoint (.safetensors/.pt/.pth/.pt2) "
+                                 "with --arch") -> None:
+    p.add_argument("suspect", help=help)
+    add_checkpoint_args(p)
+    if not trigger:
+        return
     t = p.add_argument_group("trigger (overrides the card's)")
     t.add_argument("--attack", help="attack name to evaluate with (see `backdoor-lens attacks`)")
     t.add_argument("--target", type=int, default=0, help="target class (default 0)")
@@ -127,12 +143,27 @@ def load_suspect(args: argparse.Namespace):
     args.suspect = resolve_ref(args.suspect, root=getattr(args, "runs", None))  # a run id names its repaired model
     suspect = suspects.load(args.suspect, arch=args.arch, num_classes=args.num_classes, data=args.data,
                             input_shape=tuple(args.input_shape) if args.input_shape else None,
-                            arch_kwargs=parse_sets(args.arch_arg) or None, trigger=trigger)
+                            arch_kwargs=parse_sets(args.arch_arg) or None, trigger=trigger,
+                            normalize=getattr(args, "normalize", None))
     if trigger is not None and suspect.card.get("trigger") != trigger:
         from suspects.triggers import trigger_from_spec
 
         suspect._trigger_override = trigger_from_spec(trigger, suspect.input_shape, suspect.num_classes)
     return suspect
+
+
+def suspect_reference(args: argparse.Namespace, attr: str = "suspect") -> str:
+    """A reference that a background job, the run store and Compare can load again: the argument itself for
+    ``demo:NAME``, a folder or a run; a bare checkpoint (with its flags) is loaded once and kept as a suspect folder
+    under the run store's ``uploads/`` (:func:`runs.uploads.save_checkpoint`: the same file, the same folder)."""
+    text = str(getattr(args, attr))
+    path = Path(text).expanduser()
+    if text.startswith("demo:") or not path.is_file():
+        return text
+    from runs.uploads import save_checkpoint
+
+    suspect = load_suspect(argparse.Namespace(**{**vars(args), "suspect": text}))
+    return str(save_checkpoint(path, suspect, runs_root_of(args)))
 
 
 # --- the parser and main ---------------------------------------------------------------------------------------

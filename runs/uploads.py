@@ -21,7 +21,7 @@ from suspects.store import CARD_FILE, Suspect
 
 from .store import INDEX_FILE, RunStore, runs_root
 
-__all__ = ["UPLOAD_LIMIT_MB", "SUBFOLDERS", "save_upload", "upload_folder", "stored_suspects", "read_card",
+__all__ = ["UPLOAD_LIMIT_MB", "SUBFOLDERS", "save_upload", "save_checkpoint", "upload_folder", "stored_suspects", "read_card",
            "card_name"]
 
 UPLOAD_LIMIT_MB = 200
@@ -65,6 +65,19 @@ def save_upload(raw: bytes, filename: str, arch: str, data: str, arch_kwargs: di
                                   "sha256_prefix": hashlib.sha256(raw).hexdigest()[:12]}
     folder = suspects.save(suspect, upload_folder(raw, filename, root), overwrite=True)
     return folder, suspect
+
+
+def save_checkpoint(path: str | os.PathLike, suspect: Suspect, root: str | os.PathLike | None = None) -> Path:
+    """Keep a suspect loaded from a bare checkpoint file (on the command line) as a suspect folder under
+    ``<root>/uploads/``, in the folder an upload of the same bytes under the same name gets, so a job, the run store
+    and Compare can load it again. Its card records the file it came from."""
+    path = Path(path)
+    raw = path.read_bytes()
+    folder = upload_folder(raw, path.name, root)
+    card = dict(suspect.card)
+    card["provenance"] = {**(card.get("provenance") or {}), "source": "checkpoint", "file": path.name,
+                          "sha256_prefix": hashlib.sha256(raw).hexdigest()[:12]}
+    return suspects.save(Suspect(suspect.model, card, None), folder, overwrite=True)
 
 
 def read_card(folder: str | os.PathLike) -> dict[str, Any] | None:

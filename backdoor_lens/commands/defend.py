@@ -7,7 +7,14 @@ import argparse
 import os
 import sys
 
-from backdoor_lens.cli import TqdmProgress, add_runs_flag, parse_sets, print_json
+from backdoor_lens.cli import (
+    TqdmProgress,
+    add_checkpoint_args,
+    add_runs_flag,
+    parse_sets,
+    print_json,
+    suspect_reference,
+)
 
 ORDER = 40
 
@@ -17,7 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Run a defense (see `backdoor-lens defenses`) on a suspect; the repaired "
                                           "model and its report go to the run store.")
     p.add_argument("defense", help="defense name")
-    p.add_argument("suspect", help="suspect folder, demo:NAME, or a run id (its repaired model)")
+    p.add_argument("suspect", help="suspect folder, demo:NAME, a run id (its repaired model), or a checkpoint "
+                                   "(.safetensors/.pt/.pth) with --arch")
+    add_checkpoint_args(p)
     p.add_argument("--preset", default="quick", help="quick (CPU demo) or paper (official settings)")
     p.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a parameter, repeatable")
     p.add_argument("--pool-size", type=int,
@@ -48,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     args.suspect = resolve_ref(args.suspect, root=args.runs)  # a run id names its repaired model
+    args.suspect = suspect_reference(args)  # a checkpoint file is kept as a suspect folder the run can name
     suspect = suspects.load(args.suspect)  # once: validation, the estimates and every seed's run share it
     if args.seeds == 1:
         return _run_one(args, args.seed, suspect)

@@ -30,13 +30,20 @@ def run(args: argparse.Namespace) -> int:
     model = prepare_model(suspect.model, device)
     m = suspects.evaluate(model, suspect.test, suspect.trigger, batch_size=args.batch_size, device=device,
                           limit=args.limit)
+    from suspects.store import normalization_label
+
+    norm = dict(suspect.card.get("normalization") or {})
     result = {"suspect": suspect.name, **m.to_dict(), "device": str(device),
-              "trigger": suspect.trigger.spec() if suspect.trigger else None}
+              "trigger": suspect.trigger.spec() if suspect.trigger else None,
+              "normalization": {"label": normalization_label(suspect.card), "mean": norm.get("mean"),
+                                "std": norm.get("std"), "assumed": bool(norm.get("assumed", False))}}
     if args.json:
         print_json(result)
         return 0
     print(f"suspect  {suspect.name}  ({suspect.card.get('arch')}, {len(suspect.classes)} classes, device {device})")
     print(f"BA   {m.ba:.4f}   {DEFINITIONS['ba']} (n={m.n_clean})")
+    print(f"     input normalisation: {normalization_label(suspect.card)}"
+          + ("  (name another with --normalize)" if norm.get("assumed") else ""))
     if m.asr is None:
         print("ASR  n/a      no trigger known for this suspect")
     else:
