@@ -52,7 +52,7 @@ __all__ = [
     "NORM_LABELS", "KIND_SYMBOLS", "KIND_COLORS", "gradcam_grid", "activations_figure", "norm_histogram_figure",
     "norm_box_figure", "embedding_figure", "ablation_figure", "class_labels", "anomaly_figure", "mask_norm_figure",
     "mask_tiles", "mask_grid", "mask_pattern_tile", "scale_groups", "lines_figure", "progress_axis",
-    "screening_histogram_figure", "roc_figure",
+    "screening_histogram_figure", "roc_figure", "footprint_tile", "framed",
 ]
 
 NORM_LABELS = {"l1": "l1 = Σ|A|", "l2": "l2 = (ΣA²)^½", "linf": "l_inf = max|A|"}
@@ -260,7 +260,7 @@ def mask_norm_figure(result: ReverseResult, classes: Sequence[str], height: int 
     """Bars of the recovered mask's L1 norm per class (hover: the recovered trigger's success on the pool)."""
     fig = go.Figure(go.Bar(x=class_labels(classes), y=result.l1, marker_color=_flag_colors(result),
                            customdata=result.success,
-                           hovertemplate="%{x}<br>mask L1 %{y:.1f}<br>success %{customdata:.2f}<extra></extra>"))
+                           hovertemplate="%{x}<br>mask L1 %{y:.1f}<br>success, re-measured %{customdata:.2f}<extra></extra>"))
     fig.update_layout(title="Mask L1 norm per class", yaxis_title="sum of mask values (pixels)", height=height,
                       margin=dict(t=40, b=10))
     return fig
@@ -344,6 +344,39 @@ def mask_pattern_tile(result: ReverseResult, k: int, scale: int = 3, gap: int = 
     for i, t in enumerate(tiles):
         out[:, i * (w + gap): i * (w + gap) + w] = t
     return out
+
+
+FOOTPRINT_RGB = (230, 25, 75)  # the trigger's pixels: a strong red that no demo image (greyscale) contains
+FOOTPRINT_BACKGROUND = 150  # the other pixels: mid grey, so a white or a black trigger both stand out
+FRAME_RGB = (255, 255, 255)
+
+
+def framed(img: np.ndarray, pad: int) -> np.ndarray:
+    """``img`` (H, W, 3 uint8) inside a ``pad``-pixel white frame: a page's rounded image corners then round off
+    the frame, never a corner patch of the image itself."""
+    if pad <= 0:
+        return img
+    out = np.empty((img.shape[0] + 2 * pad, img.shape[1] + 2 * pad, 3), dtype=np.uint8)
+    out[:] = FRAME_RGB
+    out[pad:-pad, pad:-pad] = img
+    return out
+
+
+def footprint_tile(footprint: np.ndarray, image: np.ndarray | None = None, scale: int = 3, pad: int = 4
+                   ) -> np.ndarray:
+    """A trigger's footprint (H, W bool: the pixels it changes) drawn visibly: red on a mid-grey background, or,
+    with ``image`` (C, H, W in [0, 1]), red over a dimmed greyscale copy of it; enlarged ``scale`` times and framed
+    (:func:`framed`, ``pad`` image pixels) so rounded corners do not clip a corner patch."""
+    fp = np.asarray(footprint, dtype=bool)
+    if image is None:
+        base = np.full((*fp.shape, 3), FOOTPRINT_BACKGROUND, dtype=np.uint8)
+    else:
+        grey = np.clip(np.asarray(image, dtype=np.float32), 0, 1).mean(0)
+        base = np.repeat((60 + 150 * grey).round().astype(np.uint8)[..., None], 3, axis=2)
+    base[fp] = FOOTPRINT_RGB
+    if scale > 1:
+        base = base.repeat(scale, 0).repeat(scale, 1)
+    return framed(base, pad * scale)
 
 
 # --- defense runs: curves and live progress ------------------------------------------------------------

@@ -24,8 +24,17 @@ Mask and pattern start at uniform random values (seeded) and are optimised in ta
 used every test image, so target-class images counted as free successes). Optimisation, the 99% test and the
 reported success of the kept mask all use the scan images of the other classes.
 
-**Convergence.** A class whose optimisation never reaches 99% success has no kept mask: it "did not converge", its
-mask L1 is reported as NaN (never as a small or large norm) and it is left out of the MAD statistics.
+**Convergence.** A class *converged* when some epoch's success (the share of that epoch's stamped batches classified
+as t, measured while the mask is being optimised: the official rule) reached ``success_threshold`` (99%); its kept
+mask is the one of such an epoch, and that epoch's success is reported as ``epoch_success`` (>= 99% for every
+converged class, NaN for the others). ``success`` is the kept mask re-measured once on all the scan images of the
+other classes: it can fall a little below 99% (the epoch's rate was measured on 32 images while the mask still moved),
+so it is shown beside ``epoch_success``, never as the convergence test. A class that never converged has no kept mask:
+its mask L1 is reported as NaN (never as a small or large norm) and it is left out of the MAD statistics.
+
+**Scope.** Neural Cleanse looks for the smallest *patch* that flips images to a class. A trigger that changes the
+whole image (a blended image, SIG's sinusoidal signal, WaNet's warp) has no small patch to find, so a scan of such a
+model usually says "nothing stands out" (:func:`scope_note` says so wherever that verdict is shown).
 
 **Anomaly index** (the official ``mad_outlier_detection.py``): over the converged classes,
 (median - l1_t) / (1.4826 * MAD); a class is flagged when its index exceeds ``threshold`` (2) on the small-norm side.
@@ -68,7 +77,7 @@ from suspects.metrics import model_fingerprint  # the one fingerprint of a model
 __all__ = ["ReverseResult", "ScanConfig", "CostSchedule", "ClassResult", "Verdict", "reverse_engineer_class",
            "neural_cleanse", "anomaly_indices", "verdict", "reference_scan", "reference_indices",
            "scan_suspect", "model_fingerprint", "trigger_overlap", "recovered_trigger_spec",
-           "scan_images", "scan_data",
+           "scan_images", "scan_data", "scope_note", "FULL_IMAGE_SHARE",
            "SUSPICIOUS_RATIO", "SUSPICIOUS_GAP"]
 
 Progress = Callable[[float, str, dict], None]
@@ -211,10 +220,11 @@ class ClassResult:
     mask: np.ndarray
     pattern: np.ndarray
     l1: float  # the kept mask's L1 norm; NaN when the class did not converge
-    success: float  # the returned mask's success on the scan images of the other classes
+    success: float  # the returned mask re-measured on all the scan images of the other classes
     converged: bool  # some epoch reached the success threshold
     epochs: int  # epochs run (fewer than the budget after an early stop)
     cost: float  # lambda at the end
+    epoch_success: float = float("nan")  # the success of the epoch whose mask was kept (>= threshold; NaN if none)
 
 
 @contextmanager
@@ -254,11 +264,6 @@ def _success(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, pattern: tor
     return hits / len(x)
 
 
-def _fmt_eta(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
 def reverse_engineer_class(model: nn.Module, x: torch.Tensor, target: int, config: ScanConfig | None = None,
                            should_stop: Callable[[], bool] | None = None,
                            on_epoch: Callable[[int, dict], None] | None = None) -> ClassResult:
@@ -287,6 +292,7 @@ def _reverse_engineer_class(model: nn.Module, x: torch.Tensor, target: int, conf
         return ClassResult(int(target), m[0, 0].cpu().numpy(), p[0].cpu().numpy(), float("nan"), float("nan"),
                            False, 0, 0.0)
     kept: tuple[torch.Tensor, torch.Tensor] | None = None
+    kept_success = float("nan")
     order = torch.randperm(len(x), generator=gen)
     pos, epoch = 0, 0
     for epoch in range(1, config.steps + 1):
@@ -316,6 +322,7 @@ def _reverse_engineer_class(model: nn.Module, x: torch.Tensor, target: int, conf
         if improved:
             with torch.no_grad():
                 kept = (_from_param(mask_param).detach().clone(), _from_param(pattern_param).detach().clone())
+            kept_success = success
         if on_epoch is not None:
             on_epoch(epoch, {"lambda": sched.cost, "success": success, "l1": reg_mean,
                              "best_l1": sched.best if sched.best < math.inf else float("nan")})
@@ -326,7 +333,8 @@ def _reverse_engineer_class(model: nn.Module, x: torch.Tensor, target: int, conf
         m, p = kept if kept is not None else (_from_param(mask_param), _from_param(pattern_param))
         success = _success(model, x, m, p, target, device)
     return ClassResult(int(target), m[0, 0].cpu().numpy(), p[0].cpu().numpy(),
-                       float(m.sum()) if converged else float("nan"), success, converged, epoch, sched.cost)
+                       float(m.sum()) if converged else float("nan"), success, converged, epoch, sched.cost,
+                       kept_success)
 
 
 def anomaly_indices(l1: np.ndarray) -> np.ndarray:
@@ -379,8 +387,8 @@ def verdict(l1: np.ndarray, threshold: float = 2.0, classes: list[str] | None = 
                  f"left out of the statistics." if not_conv else "")
     if n_ok < max(3, math.ceil(n / 2)):
         return Verdict("inconclusive", "warning", "inconclusive",
-                       f"Only {n_ok} of {n} classes converged (a mask that flips >= 99% of the other classes' images "
-                       "was found), too few to compare mask norms. Raise the budget (more epochs or images).",
+                       f"Only {n_ok} of {n} classes converged (some epoch's stamped images of the other classes "
+                       "were classified as the class at >= 99%), too few to compare mask norms. Raise the budget (more epochs or images).",
                        None, {"converged": n_ok, "not_converged": not_conv})
     ai = anomaly_indices(l1)
     med = float(np.median(l1[ok]))
@@ -413,6 +421,28 @@ def verdict(l1: np.ndarray, threshold: float = 2.0, classes: list[str] | None = 
                    "of a clean model." + conv_note, k, ev)
 
 
+#: a known trigger that changes more than this share of the image is a full-image trigger (as on the Grad-CAM view)
+FULL_IMAGE_SHARE = 0.5
+
+
+def scope_note(level: str, footprint_share: float | None = None, trigger_name: str | None = None) -> str:
+    """What Neural Cleanse cannot find, said beside a verdict that found nothing (``level`` ``clean``, "nothing
+    stands out") or beside any verdict on a model whose known trigger changes the whole image (``footprint_share``
+    of the pixels above :data:`FULL_IMAGE_SHARE`); empty otherwise. ``trigger_name``: the known attack's name."""
+    full = footprint_share is not None and footprint_share > FULL_IMAGE_SHARE
+    if full and level != "flagged":
+        return (f"The known trigger{f' ({trigger_name})' if trigger_name else ''} changes "
+                f"{100 * footprint_share:.0f}% of the image. Neural Cleanse looks for the smallest *patch* that flips "
+                "images to one class; it cannot find a full-image trigger (a blended image, SIG's signal, WaNet's "
+                "warp), so this verdict says nothing about this backdoor. Screen inputs (STRIP, SCALE-UP, IBD-PSC) "
+                "and the views of the known trigger apply instead.")
+    if level == "clean":
+        return ("Neural Cleanse looks for small patch triggers only: a full-image trigger (a blended image, SIG's "
+                "sinusoidal signal, WaNet's warp) has no small patch to find, so a model with one also shows "
+                "\"nothing stands out\". This verdict rules out a small-patch backdoor at this budget, no more.")
+    return ""
+
+
 @dataclass
 class ReverseResult:
     """Per class: mask (H, W), pattern (C, H, W), mask L1 norm (NaN when the class did not converge), success of
@@ -428,6 +458,11 @@ class ReverseResult:
     threshold: float
     seconds: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
+    #: per class, the success of the epoch whose mask was kept (>= the threshold exactly when the class converged);
+    #: None for a scan stored before it was recorded
+    epoch_success: np.ndarray | None = None
+    created: str = ""  # when the scan ran (local time, minutes)
+    stored: bool = False  # True when this result was read back from the run store, not computed now
 
     @property
     def converged(self) -> np.ndarray:
@@ -449,9 +484,32 @@ class ReverseResult:
         def clean(a: np.ndarray) -> list[float | None]:
             return [None if not np.isfinite(v) else float(v) for v in np.asarray(a, dtype=np.float64)]
 
-        return {"l1": clean(self.l1), "success": clean(self.success), "anomaly_index": clean(self.anomaly),
-                "converged": [bool(c) for c in self.converged], "flagged": self.flagged,
-                "threshold": self.threshold, "seconds": round(self.seconds, 2), "config": self.config}
+        epoch = self.epoch_success if self.epoch_success is not None else np.full(len(self.l1), np.nan)
+        return {"l1": clean(self.l1), "success": clean(self.success), "epoch_success": clean(epoch),
+                "anomaly_index": clean(self.anomaly), "converged": [bool(c) for c in self.converged],
+                "flagged": self.flagged, "threshold": self.threshold, "seconds": round(self.seconds, 2),
+                "config": self.config, "created": self.created, "stored": self.stored}
+
+    def class_table(self, classes: list[str] | None = None) -> list[dict[str, Any]]:
+        """One row per class: converged, the kept epoch's success (the convergence test), the kept mask's success
+        re-measured on all scan images, mask L1 and anomaly index (None where there is none), flagged."""
+        epoch = self.epoch_success if self.epoch_success is not None else np.full(len(self.l1), np.nan)
+
+        def num(v: float) -> float | None:
+            return float(v) if np.isfinite(v) else None
+
+        return [{"class": k, "name": classes[k] if classes else str(k), "converged": bool(self.converged[k]),
+                 "epoch_success": num(epoch[k]), "success": num(self.success[k]), "mask_l1": num(self.l1[k]),
+                 "anomaly_index": num(self.anomaly[k]), "flagged": k in self.flagged}
+                for k in range(len(self.l1))]
+
+    def stored_text(self) -> str:
+        """``stored scan of 2026-12-06 14:02 (it took 76.9 s then)`` for a result read back from the run store,
+        ``76.9 s`` for one computed now."""
+        if not self.stored:
+            return f"{self.seconds:.1f} s"
+        return (f"stored scan of {self.created or 'an earlier date'} (it took {self.seconds:.1f} s then; "
+                "nothing was recomputed)")
 
 
 def neural_cleanse(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
@@ -474,18 +532,14 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_class
                 if progress is None:
                     return
                 frac = (t + epoch / config.steps) / num_classes
-                eta = (time.time() - t0) * (1 - frac) / max(frac, 1e-9)
                 progress(frac, f"class {t + 1}/{num_classes}, epoch {epoch}/{config.steps}, "
-                               f"λ {metrics['lambda']:.1e}, ETA {_fmt_eta(eta)}",
-                         {"class": t, "epoch": epoch, **metrics})
+                               f"λ {metrics['lambda']:.1e}", {"class": t, "epoch": epoch, **metrics})
 
             r = reverse_engineer_class(model, x[y != t], t, config, should_stop=should_stop, on_epoch=on_epoch)
             results.append(r)
             if progress is not None:
-                frac = (t + 1) / num_classes
-                eta = (time.time() - t0) * (1 - frac) / frac
                 state = f"L1 {r.l1:.1f}" if r.converged else "did not converge"
-                progress(frac, f"class {t + 1}/{num_classes} done ({state}), ETA {_fmt_eta(eta)}",
+                progress((t + 1) / num_classes, f"class {t + 1}/{num_classes} done ({state})",
                          {"class": t, "l1": r.l1, "success": r.success, "converged": r.converged,
                           "epochs": r.epochs})
     l1 = np.array([r.l1 for r in results], dtype=np.float64)
@@ -494,7 +548,9 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_class
     return ReverseResult(np.stack([r.mask for r in results]), np.stack([r.pattern for r in results]), l1,
                          np.array([r.success for r in results]), anomaly, flagged, config.threshold,
                          seconds=time.time() - t0,
-                         config={**asdict(config), "epochs_run": [r.epochs for r in results]})
+                         config={**asdict(config), "epochs_run": [r.epochs for r in results]},
+                         epoch_success=np.array([r.epoch_success for r in results], dtype=np.float64),
+                         created=time.strftime("%Y-%m-%d %H:%M"))
 
 
 def reference_scan(config: ScanConfig | None = None, reference: str = "demo:clean",

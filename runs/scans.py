@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -44,8 +45,11 @@ def scan_file(root: str | os.PathLike, suspect, config: ScanConfig) -> Path:
 
 def _save_scan(base: Path, result: ReverseResult) -> None:
     with replacing(base.with_suffix(".npz")) as tmp:
-        np.savez_compressed(tmp, masks=result.masks, patterns=result.patterns, l1=result.l1, success=result.success)
-    write_json(base.with_suffix(".json"), result.to_dict())  # written last: the scan is complete only now
+        extra = {} if result.epoch_success is None else {"epoch_success": result.epoch_success}
+        np.savez_compressed(tmp, masks=result.masks, patterns=result.patterns, l1=result.l1, success=result.success,
+                            **extra)
+    meta = {k: v for k, v in result.to_dict().items() if k != "stored"}
+    write_json(base.with_suffix(".json"), meta)  # written last: the scan is complete only now
 
 
 def load_scan(base: str | os.PathLike) -> ReverseResult | None:
@@ -55,13 +59,17 @@ def load_scan(base: str | os.PathLike) -> ReverseResult | None:
         meta = json.loads(base.with_suffix(".json").read_text())
         with np.load(base.with_suffix(".npz"), allow_pickle=False) as arr:
             masks, patterns, l1, success = arr["masks"], arr["patterns"], arr["l1"], arr["success"]
+            epoch_success = arr["epoch_success"] if "epoch_success" in arr.files else None
+        created = str(meta.get("created") or "") or time.strftime(
+            "%Y-%m-%d %H:%M", time.localtime(base.with_suffix(".json").stat().st_mtime))
     except (OSError, ValueError, KeyError):
         return None
     anomaly = anomaly_indices(l1)
     threshold = float(meta.get("threshold", 2.0))
     flagged = [int(i) for i in np.nonzero(anomaly > threshold)[0]]
     return ReverseResult(masks, patterns, l1, success, anomaly, flagged, threshold,
-                         seconds=float(meta.get("seconds", 0.0)), config=dict(meta.get("config") or {}))
+                         seconds=float(meta.get("seconds", 0.0)), config=dict(meta.get("config") or {}),
+                         epoch_success=epoch_success, created=created, stored=True)
 
 
 def stored_scan(suspect, config: ScanConfig, cache_root: str | os.PathLike | None = None) -> ReverseResult | None:

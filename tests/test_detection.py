@@ -9,7 +9,8 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 import suspects
-from analysis.reverse import ScanConfig, recovered_trigger_spec, trigger_overlap
+from analysis.figures import FOOTPRINT_BACKGROUND, FOOTPRINT_RGB, footprint_tile
+from analysis.reverse import ScanConfig, recovered_trigger_spec, scope_note, trigger_overlap
 from backdoor_lens.cli import main
 from runs.scans import save_recovered_suspect, scan_suspect, stored_scan
 from suspects.metrics import evaluate
@@ -98,8 +99,42 @@ def test_detect_cli_json_and_adopt(tmp_path, capsys):
     ai = np.array([np.nan if a is None else a for a in out["anomaly_index"]])  # None: the class did not converge
     assert out["adopted"]["class"] == (int(np.nanargmax(ai)) if np.isfinite(ai).any() else out["most_suspicious"])
     assert suspects.load(out["adopted"]["path"]).trigger.name == "recovered"
+    assert out["stored"] is False and out["created"]
+    # the same scan again is read back from the store, and the output says so, with its date and its seconds
+    assert main(["detect", "demo:badnets", "--images", "40", "--steps", "4", "--runs", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert f"stored scan of {out['created']} (it took {out['seconds']:.1f} s then" in text
+    # converged = epoch success >= 0.99, and every converged class's row shows such an epoch success (issue 27.7)
+    rows = [ln[22:].split() for ln in text.splitlines() if ln[:5].strip().isdigit()]  # after "    k  name(14) "
+    assert len(rows) == 10
+    for row, conv in zip(rows, out["converged"], strict=True):  # mask L1, anomaly, epoch success, re-measured
+        assert (row[2] != "-" and float(row[2]) >= 0.99) == conv, row
     assert main(["detect", "demo:badnets", "--steps", "0", "--runs", str(tmp_path)]) == 2
     assert "steps must lie" in capsys.readouterr().err
+
+
+def test_scope_note_says_what_neural_cleanse_cannot_find():
+    assert "full-image" in scope_note("clean") and "patch" in scope_note("clean")
+    sig = scope_note("suspicious", 1.0, "sig")
+    assert "(sig) changes 100% of the image" in sig and "cannot find a full-image trigger" in sig
+    assert scope_note("clean", 1.0, "blended").startswith("The known trigger (blended)")
+    assert scope_note("suspicious", 0.01, "badnets") == "" and scope_note("flagged", 1.0, "sig") == ""
+
+
+def test_footprint_is_drawn_visibly_and_framed():
+    """Issue 27.7: the BadNets footprint was white on white and the rounded corners clipped the corner patch."""
+    trig = make_trigger("badnets", (1, 28, 28), 10, target=0)
+    fp = trig.footprint().numpy()
+    tile = footprint_tile(fp, scale=3, pad=4)
+    assert tile.shape == (3 * (28 + 8), 3 * (28 + 8), 3)
+    inner = tile[12:-12, 12:-12]
+    on, off = inner[np.repeat(np.repeat(fp, 3, 0), 3, 1)], inner[~np.repeat(np.repeat(fp, 3, 0), 3, 1)]
+    assert (on == FOOTPRINT_RGB).all() and (off == FOOTPRINT_BACKGROUND).all()  # red on grey: never white on white
+    assert (tile[:12] == 255).all() and (tile[:, :12] == 255).all()  # a white frame takes the rounded corners
+    ys, xs = np.nonzero(fp)
+    corner = (int(ys.max()) if ys.max() > 14 else int(ys.min()), int(xs.max()) if xs.max() > 14 else int(xs.min()))
+    assert min(corner[0], 27 - corner[0], corner[1], 27 - corner[1]) == 0  # the patch does touch a corner ...
+    assert (tile[12 + 3 * corner[0], 12 + 3 * corner[1]] == FOOTPRINT_RGB).all()  # ... and is drawn inside the frame
 
 
 def _app(suspect_ref: str) -> AppTest:
@@ -128,6 +163,7 @@ def test_detection_page_scans_and_adopts(monkeypatch, tmp_path):
     at.button(key="scan_reference").click().run()
     assert not at.exception, at.exception
     assert any("Reference: the clean demo model" in c.value for c in at.caption)
+    assert not any(b.key == "scan_reference" for b in at.button)  # the button goes once its result is there
     bars = at.get("plotly_chart")[0].proto.spec
     assert "clean reference" in bars
     at.button(key="adopt_go").click().run()

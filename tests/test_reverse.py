@@ -108,7 +108,14 @@ def test_unreachable_class_does_not_converge_and_is_left_out_of_the_mad():
     r = neural_cleanse(model, x, y, 5, cfg, progress=lambda f, msg, m: calls.append((f, msg, m)))
     assert r.converged.tolist() == [True, True, True, True, False]
     fractions = [f for f, _, _ in calls]
-    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and all("ETA" in msg for _, msg, _ in calls)
+    # the messages carry no ETA of their own: the bar (tqdm, the dashboard's) adds the time left once (issue 27.8)
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and not any("ETA" in msg for _, msg, _ in calls)
+    # "converged" is the kept epoch's success reaching the threshold, and the table shows exactly that (issue 27.7)
+    assert [bool(e >= cfg.success_threshold) for e in r.epoch_success] == r.converged.tolist()
+    rows = r.class_table([f"c{k}" for k in range(5)])
+    assert [row["converged"] for row in rows] == r.converged.tolist()
+    assert all(row["epoch_success"] >= cfg.success_threshold for row in rows if row["converged"])
+    assert rows[4]["epoch_success"] is None and rows[4]["mask_l1"] is None and rows[4]["success"] == 0.0
     assert "did not converge" in calls[-1][1] and calls[-1][2]["converged"] is False
     assert np.isnan(r.l1[4]) and np.isnan(r.anomaly[4]) and 4 not in r.flagged
     assert np.allclose(r.anomaly[:4], anomaly_indices(r.l1[:4]))  # the MAD of the converged classes only

@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from analysis.reverse import ScanConfig, trigger_overlap
+    from analysis.reverse import ScanConfig, scope_note, trigger_overlap
     from runs.scans import save_recovered_suspect, scan_suspect
     from suspects.device import pick_device, prepare_model
 
@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     out = {"suspect": suspect.name, "classes": suspect.classes, **result.to_dict(),
            "most_suspicious": result.most_suspicious, "verdict": verdict.level, "verdict_sentence": str(verdict)}
     known = suspect.trigger
+    known_share = float(known.footprint().float().mean()) if known is not None and known.name != "recovered" else None
+    out["scope_note"] = scope_note(verdict.level, known_share, known.name if known_share is not None else None)
     if known is not None and known.name != "recovered" and known.mapping == "all-to-one":
         out["known_target"] = known.target
         out["known_target_flagged"] = known.target in result.flagged
@@ -88,14 +90,22 @@ def run(args: argparse.Namespace) -> int:
         print_json(out)
         return 0
     print(f"Neural Cleanse on {suspect.name}: {result.config.get('images')} defense-pool images, "
-          f"{config.steps} epochs of {config.mini_batches}x{config.batch_size} images per class, {result.seconds:.1f} s")
+          f"{config.steps} epochs of {config.mini_batches}x{config.batch_size} images per class, "
+          f"{result.stored_text()}" + (" (--recompute runs it again)" if result.stored else ""))
     print("anomaly index = (median - l1) / (1.4826 * MAD) of the mask L1 norms of the converged classes; "
           f"a class is flagged when it exceeds {config.threshold:g}")
-    print(f"{'class':>5}  {'name':<14} {'mask L1':>8} {'anomaly':>8} {'success':>8}")
-    for k, name in enumerate(suspect.classes):
-        mark = "  <- flagged" if k in result.flagged else ("  (did not converge)" if not result.converged[k] else "")
-        print(f"{k:>5}  {name[:14]:<14} {result.l1[k]:8.2f} {result.anomaly[k]:8.2f} {result.success[k]:8.3f}{mark}")
+    print(f"converged = the epoch success (the kept mask's epoch, stamped images classified as the class) reached "
+          f"{config.success_threshold:g}; re-measured = that mask once more on all the scan images (can be lower)")
+    print(f"{'class':>5}  {'name':<14} {'mask L1':>8} {'anomaly':>8} {'epoch succ.':>11} {'re-measured':>11}")
+    for row in result.class_table(suspect.classes):
+        k = row["class"]
+        mark = "  <- flagged" if row["flagged"] else ("  (did not converge)" if not row["converged"] else "")
+        epoch = "-" if row["epoch_success"] is None else f"{row['epoch_success']:.3f}"
+        print(f"{k:>5}  {row['name'][:14]:<14} {result.l1[k]:8.2f} {result.anomaly[k]:8.2f} {epoch:>11} "
+              f"{result.success[k]:11.3f}{mark}")
     print(f"verdict: {verdict}")
+    if out["scope_note"]:
+        print(f"note: {out['scope_note']}")
     if "overlap_with_known_trigger" in out:
         ov = out["overlap_with_known_trigger"]
         print(f"known target {known.target}: {'flagged' if out['known_target_flagged'] else 'not flagged'}; "

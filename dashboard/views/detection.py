@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from analysis.figures import anomaly_figure, class_labels, mask_norm_figure, mask_pattern_tile
-from analysis.reverse import ScanConfig, trigger_overlap
+from analysis.figures import (
+    anomaly_figure,
+    class_labels,
+    footprint_tile,
+    framed,
+    mask_norm_figure,
+    mask_pattern_tile,
+)
+from analysis.reverse import ScanConfig, scope_note, trigger_overlap
 from dashboard.common import (
     StreamlitProgress,
     load_suspect,
@@ -29,7 +36,8 @@ st.markdown(
     "mask's L1 norm with a weight λ that follows the official schedule (0 until the attack succeeds on ≥ 99% of the "
     "images, then 10⁻³, doubled or divided by 2^1.5 with a patience of 5 epochs). A backdoor target needs a far smaller "
     "mask than the other classes. The **anomaly index** of a class is (median − L1) / (1.4826 · MAD) of the mask "
-    "norms of the classes that **converged** (reached 99% success); a class above the threshold is flagged. "
+    "norms of the classes that **converged** (some epoch's stamped images were classified as t at ≥ 99%: the "
+    "*epoch success* in the table below); a class above the threshold is flagged. "
     "Only clean **defense-pool** images of the other classes are used, never the test split."
 )
 trigger_notice(suspect)
@@ -66,12 +74,17 @@ classes = suspect.classes
 names = class_labels(classes)
 known = suspect.trigger if suspect.trigger is not None and suspect.trigger.name != "recovered" else None
 st.caption(f"Scan of {result.config.get('images', '?')} defense-pool images, at most {result.config.get('steps', '?')} "
-           f"epochs per class, λ₀ = {result.config.get('init_cost', '?')}; {result.seconds:.1f} s.")
+           f"epochs per class, λ₀ = {result.config.get('init_cost', '?')}; {result.stored_text()}.")
 
 # verdict with its evidence
 top = result.most_suspicious
 verdict = result.verdict(classes)
 getattr(st, verdict.kind)(f"**Verdict: {verdict.title}.** {verdict.sentence}")
+known_share = (float(suspect.trigger.footprint().float().mean())
+               if suspect.trigger is not None and suspect.trigger.name != "recovered" else None)
+scope = scope_note(verdict.level, known_share, suspect.trigger.name if known_share is not None else None)
+if scope:
+    st.info(scope, icon=":material/center_focus_weak:")
 if known is not None and known.mapping == "all-to-one":
     ov = trigger_overlap(result.masks[known.target], known.footprint().numpy())
     hit = "flagged" if known.target in result.flagged else "**not** flagged"
@@ -89,7 +102,9 @@ if suspect.card.get("name") != "clean" or suspect.card.get("data", {}).get("name
     clean = _suspects.load("demo:clean")
     reference = stored_scan(clean, config, root)
     if reference is None:
-        if st.button("Scan the clean reference (demo:clean, same budget, about 1-3 min)", key="scan_reference"):
+        slot = st.empty()  # the button goes once the reference is there
+        if slot.button("Scan the clean reference (demo:clean, same budget, about 1-3 min)", key="scan_reference"):
+            slot.empty()
             bar = StreamlitProgress("Neural Cleanse on the clean demo model")
             reference = scan_suspect(clean, config, cache_root=root, progress=bar)
             bar.done()
@@ -113,17 +128,39 @@ for start in range(0, len(classes), per_row):
     cols = st.columns(per_row)
     for j, k in enumerate(range(start, min(start + per_row, len(classes)))):
         flag = " · **flagged**" if k in result.flagged else ""
-        cols[j].image(mask_pattern_tile(result, k), width="stretch")
+        cols[j].image(framed(mask_pattern_tile(result, k), 6), width="stretch")
         if result.converged[k]:
             cols[j].caption(f"{names[k]} · L1 {result.l1[k]:.1f} · anomaly {result.anomaly[k]:.2f}{flag}")
         else:
             cols[j].caption(f"{names[k]} · did not converge (last mask shown)")
+with st.expander("Per-class numbers", icon=":material/table:"):
+    st.dataframe(result.class_table(classes), hide_index=True, key="scan_table", column_config={
+        "converged": st.column_config.CheckboxColumn(
+            "converged", help=f"some epoch's success reached {ScanConfig.success_threshold:.0%} (the official rule)"),
+        "epoch_success": st.column_config.NumberColumn(
+            "epoch success", format="%.3f", help="the success of the epoch whose mask was kept: the share of that "
+            "epoch's stamped images classified as the class, measured while the mask was optimised. Converged = at "
+            f"least {ScanConfig.success_threshold:g}."),
+        "success": st.column_config.NumberColumn(
+            "success, re-measured", format="%.3f", help="the kept mask re-measured once on all the scan images of "
+            "the other classes; it can be a little below the epoch's rate (measured on fewer images while the mask "
+            "still moved)"),
+        "mask_l1": st.column_config.NumberColumn("mask L1", format="%.1f", help="the kept mask's L1 norm; empty "
+                                                 "when the class did not converge"),
+        "anomaly_index": st.column_config.NumberColumn("anomaly index", format="%.2f"),
+    })
+    if result.epoch_success is None:
+        st.caption("This stored scan predates the epoch-success record; scan again (other settings or after "
+                   "clearing the store) to see it.")
 if known is not None:
     st.subheader("The known trigger, for comparison")
     x0 = suspect.defense_pool.images(np.arange(1))
     c1, c2, c3 = st.columns([1, 1, 3])
-    c1.image(to_display(known.footprint().float()[None], 3), caption="known trigger's footprint")
-    c2.image(to_display(known(x0)[0], 3), caption=f"a pool image with the known {known.name} trigger")
+    c1.image(footprint_tile(known.footprint().numpy(), scale=3), caption="known trigger's footprint: the pixels it "
+             "changes in red")
+    c2.image(framed(to_display(known(x0)[0], 3) if x0.shape[1] == 3 else
+                    np.repeat(to_display(known(x0)[0], 3)[..., None], 3, axis=2), 12),
+             caption=f"a pool image with the known {known.name} trigger")
 
 st.subheader("Use a recovered trigger")
 st.markdown("Adopting a recovered trigger saves a copy of this suspect that uses it: every view (Grad-CAM, "
