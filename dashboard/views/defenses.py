@@ -19,6 +19,7 @@ from runs.jobs import ensure_worker, reap_workers, submit
 from runs.store import RunRecord
 from runs.timing import eta_text, expected_time
 from suspects.metrics import DEFINITIONS
+from suspects.plugins import refused
 
 ref = sidebar()
 suspect, model_lock = load_suspect(ref)
@@ -219,7 +220,11 @@ def live_panel(defense_name: str) -> None:
         time.sleep(0.2)
 
 
-for defense in all_defenses():
+cards = all_defenses()  # the registry, installed plugins included (docs/plugins.md)
+for bad in refused("defenses"):  # a broken plugin is named once here and never breaks the page
+    st.warning(f"Defense plugin **{bad.name}** (`{bad.value}`, from {bad.dist}) was not loaded: {bad.reason}. "
+               "`backdoor-lens plugins` lists every plugin.", icon=":material/extension_off:")
+for defense in cards:
     with st.container(border=True):
         st.subheader(defense.title)
         st.markdown(f"{defense.summary}  \n*{defense.paper}* · threat model: {defense.threat.describe()}")
