@@ -13,10 +13,12 @@ from runs.stress import cancel_stress, latest_stress_job, load_stress, submit_st
 
 __all__ = ["stress_panel", "EXPLAIN"]
 
-EXPLAIN = ("**Stress test** (retuning attack, Min et al., NeurIPS 2024): fine-tune the repaired model for 5 epochs "
-           "on its clean defense pool with 5 images carrying the trigger, and the clean model of the same family "
-           "the same way. If the backdoor comes back far above the clean reference, the repair was only "
-           "*superficial*. The poisoned images come from the pool; the test split is only measured.")
+EXPLAIN = ("**Stress test** (retuning attack, Min et al., NeurIPS 2024, on the official protocol of "
+           "`ft_poison.py`): fine-tune the repaired model for 5 epochs on 1,000 images, 995 clean defense-pool images "
+           "and 5 from the attack's own poisoned training set, over 3 seeds, and the clean model of the same family "
+           "the same way. *Not repaired*: the ASR was never brought down; *superficial*: it comes back; *robust*: it "
+           "stays near the clean reference's; *inconclusive*: BA collapsed or too few images. The test split is only "
+           "measured.")
 
 
 def _pct(v) -> str:
@@ -25,11 +27,17 @@ def _pct(v) -> str:
 
 def _show_result(res: dict) -> None:
     verdict = res.get("verdict", "?")
-    text = (f"Stress test: **{verdict}** — ASR {_pct(res.get('asr'))} → {_pct(res.get('asr_after_retune'))} after "
-            f"re-tuning (BA {_pct(res.get('ba'))} → {_pct(res.get('ba_after_retune'))}); clean reference "
+    spread = (res.get("spread") or {}).get("asr_after_retune") or {}
+    rng = f" [{_pct(spread['min'])}, {_pct(spread['max'])}] over {len(spread.get('values', []))} seeds" if spread else ""
+    text = (f"Stress test: **{verdict}** — ASR {_pct(res.get('asr'))} → {_pct(res.get('asr_after_retune'))}{rng} "
+            f"after re-tuning (BA {_pct(res.get('ba'))} → {_pct(res.get('ba_after_retune'))}); clean reference "
             f"{res.get('reference') or 'none known'}: ASR after re-tuning "
-            f"{_pct(res.get('reference_asr_after_retune'))} · {res.get('seconds', 0):.0f} s")
-    {"robust": st.success, "superficial": st.error}.get(verdict, st.info)(text)
+            f"{_pct(res.get('reference_asr_after_retune'))} · {res.get('protocol', 'lens-v1')} protocol · "
+            f"{res.get('seconds', 0):.0f} s")
+    if res.get("verdict_reason"):
+        text += f"  \n{res['verdict_reason']}"
+    {"robust": st.success, "superficial": st.error, "not repaired": st.error,
+     "inconclusive": st.warning}.get(verdict, st.info)(text)
 
 
 @st.fragment(run_every=1.0)

@@ -279,8 +279,10 @@ def _stress_html(table: pd.DataFrame) -> str:
     return ("<h2>Stress test (retuning attack)</h2>"
             '<p class="muted">Min et al., NeurIPS 2024: each model is fine-tuned for a few epochs on clean '
             "defense-pool images with a few poisoned ones mixed in, and so is the clean model of the same family. "
-            "<b>robust</b>: the ASR after re-tuning stays within a few points of the clean reference's; "
-            "<b>superficial</b>: the backdoor comes back. Test images are only measured.</p>"
+            "<b>not repaired</b>: the ASR was never brought down; <b>superficial</b>: the backdoor comes back; "
+            "<b>robust</b>: the ASR after re-tuning stays near the clean reference's; <b>inconclusive</b>: BA "
+            "collapsed or too few images. ASR after re-tuning is the mean over the seeds. Test images are only "
+            "measured.</p>"
             f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
