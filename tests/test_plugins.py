@@ -186,8 +186,16 @@ def test_the_builtins_come_through_the_same_entry_points():
     records = plugin_records()
     assert {r.kind for r in records} == {"defenses", "attacks", "architectures", "screeners"}
     assert all(r.status == "loaded" and r.builtin for r in records)
-    assert sorted(p for r in records if r.kind == "defenses" for p in r.provides) == sorted(
-        __import__("defenses.registry").registry.list_defenses())
+    from analysis.screening import list_screeners
+    from defenses.registry import list_defenses
+    from suspects.triggers import list_triggers
+
+    def provided(kind: str) -> list[str]:
+        return sorted(p for r in records if r.kind == kind for p in r.provides)
+
+    assert provided("defenses") == sorted(list_defenses())  # every built-in is one of the entry points
+    assert provided("attacks") == sorted(list_triggers(include_recovered=True))
+    assert provided("screeners") == sorted(list_screeners())
 
 
 def test_an_install_without_the_entry_points_still_finds_the_builtins(monkeypatch):
