@@ -20,6 +20,7 @@ from torch import nn
 from suspects.device import to_device
 from suspects.models import model_api, penultimate_features
 from suspects.store import Suspect
+from suspects.triggers import Trigger
 
 from .samples import balanced_indices
 
@@ -66,10 +67,13 @@ def extract_features(model: nn.Module, images: torch.Tensor, batch_size: int = 5
 
 
 def feature_set(suspect: Suspect, n_clean: int = 1000, n_triggered: int = 500, n_train: int = 0,
-                seed: int = 0) -> FeatureSet:
+                seed: int = 0, trigger: Trigger | None = None) -> FeatureSet:
     """Clean test images of every class, triggered test images, and (when the poisoned training set is known
-    and ``n_train`` > 0) training samples with the poisoned ones included and marked."""
-    test, trigger = suspect.test, suspect.trigger
+    and ``n_train`` > 0) training samples with the poisoned ones included and marked. ``trigger``: another trigger
+    to stamp on the test images (e.g. a backdoored suspect's, on a clean model); the training samples then stay
+    out, since the poisoned training set belongs to the suspect's own trigger."""
+    own = trigger is None
+    test, trigger = suspect.test, (suspect.trigger if trigger is None else trigger)
     parts: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     idx = balanced_indices(test.labels, n_clean, seed)
     x = test.images(idx)
@@ -78,7 +82,7 @@ def feature_set(suspect: Suspect, n_clean: int = 1000, n_triggered: int = 500, n
         tidx = balanced_indices(test.labels, n_triggered, seed + 1, trigger.test_mask(test.labels))
         parts.append(("triggered test", trigger(test.images(tidx)), test.labels[tidx],
                       torch.ones(len(tidx), dtype=torch.bool), tidx))
-    if n_train > 0 and trigger is not None and suspect.card.get("poison"):
+    if n_train > 0 and own and trigger is not None and suspect.card.get("poison"):
         ds = suspect.poisoned_train()
         gen = torch.Generator().manual_seed(seed + 2)
         poison = ds.poison_idx[torch.randperm(len(ds.poison_idx), generator=gen)][: max(1, n_train // 5)]

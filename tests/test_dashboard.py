@@ -124,11 +124,29 @@ def test_shortcuts_page_and_no_skip_message():
 
 
 def test_pages_without_a_trigger_explain_themselves():
-    at = page_test("demo:clean")
-    for page in ("gradcam", "activations", "shortcuts"):
+    """Issue 27 item 5: a clean model is shown under another suspect's known trigger (README's tour, step 2), with
+    a "Trigger from" selector that defaults to the backdoored suspect viewed last, and each page says so."""
+    at = page_test("demo:blended")
+    at.switch_page("views/activations.py").run()  # a backdoored suspect with its own trigger: that one is used
+    assert at.selectbox(key="act_trigger_from:demo:blended").value == "own"
+    picker(at).set_value("demo:clean").run()
+    for page, key in (("gradcam", "cam"), ("activations", "act"), ("shortcuts", "abl"), ("features", "emb")):
         at.switch_page(f"views/{page}.py").run()
         assert not at.exception, at.exception
-        assert any("No trigger is known" in i.value for i in at.info), page
+        assert any("No trigger is known" in i.value and "blended (demo)" in i.value for i in at.info), page
+        source = at.selectbox(key=f"{key}_trigger_from:demo:clean")
+        assert source.value == "demo:blended" and "own" not in source.options, page
+    at.switch_page("views/gradcam.py").run()
+    at.selectbox(key="cam_trigger_from:demo:clean").set_value("demo:badnets").run()
+    assert not at.exception, at.exception
+    clean = {m.label: float(m.value.rstrip("%")) for m in at.metric}
+    assert len(at.get("image")) >= 16  # clean | triggered pairs, the 2 x 2 grid with the backdoored model
+    assert any("backdoored (badnets" in md.value for md in at.markdown)
+    bad = page_test("demo:badnets")
+    bad.switch_page("views/gradcam.py").run()
+    back = {m.label: float(m.value.rstrip("%")) for m in bad.metric}
+    key = "Trigger-attention share, triggered inputs"
+    assert clean[key] < back[key]  # the clean model looks at the BadNets patch far less than the backdoored one
 
 
 def test_defenses_page_runs_a_job_that_survives_a_reload(tmp_path, monkeypatch):

@@ -7,7 +7,16 @@ import streamlit as st
 from analysis.activations import NORMS, activation_stats, channel_maps, default_layers
 from analysis.figures import NORM_LABELS, activations_figure, norm_box_figure, norm_histogram_figure
 from analysis.samples import paired_sample
-from dashboard.common import load_suspect, model_line, sample_size, sidebar, to_display, trigger_notice
+from dashboard.common import (
+    load_suspect,
+    model_line,
+    sample_size,
+    sidebar,
+    stop_unless_applicable,
+    to_display,
+    trigger_notice,
+)
+from dashboard.trigger_source import pick_trigger
 
 ref = sidebar()
 suspect, lock = load_suspect(ref)
@@ -15,6 +24,7 @@ suspect, lock = load_suspect(ref)
 st.title("Activation statistics: l1, l2 and l_inf per channel")
 model_line(ref)
 trigger_notice(suspect)
+stop_unless_applicable(suspect, ("module_hooks",), "Activation statistics")
 st.markdown(
     "Every channel's activation map is reduced to three norms per image: l1 (total activity), l2 and l_inf (the "
     "single strongest response). Xu et al. (arXiv 2002.12162) observed that a trigger causes a *sparse spike* in a few "
@@ -23,22 +33,24 @@ st.markdown(
     "l_inf neuron pruning removes."
 )
 
-trigger = suspect.trigger
-if trigger is None:
-    st.info("No trigger is known for this suspect: clean vs. triggered statistics need one. Recover one on the "
-            "Detection page and adopt it.")
+picked = pick_trigger(ref, suspect, "act_trigger_from")
+if picked is None:
+    st.info("No trigger is known for this suspect and no demo suspect's trigger fits its data: clean vs. triggered "
+            "statistics need one. Recover one on the Detection page and adopt it.")
     st.stop()
+trigger_ref, trigger = picked
 
 
 @st.cache_data(show_spinner="Measuring activation norms ...", max_entries=16)
-def cached_stats(ref: str, n: int, seed: int = 0):
+def cached_stats(ref: str, trigger_ref: str, n: int, seed: int = 0):
+    """Norms of model ``ref`` on clean images and their copies with the trigger of suspect ``trigger_ref``."""
     s, lk = load_suspect(ref)
-    smp = paired_sample(s.test, s.trigger, n, seed)
+    smp = paired_sample(s.test, load_suspect(trigger_ref)[0].trigger, n, seed)
     with lk:
         return activation_stats(s.model, smp.clean, smp.triggered)
 
 
-stats = cached_stats(ref, sample_size())
+stats = cached_stats(ref, trigger_ref, sample_size())
 summary = stats.layer_summary()
 
 st.subheader("l_inf bias per layer")

@@ -14,9 +14,11 @@ from dashboard.common import (
     model_line,
     sample_size,
     sidebar,
+    stop_unless_applicable,
     to_display,
     trigger_notice,
 )
+from dashboard.trigger_source import pick_trigger
 
 ref = sidebar()
 suspect, lock = load_suspect(ref)
@@ -24,6 +26,7 @@ suspect, lock = load_suspect(ref)
 st.title("Feature space: do poisoned inputs form their own cluster?")
 model_line(ref)
 trigger_notice(suspect)
+stop_unless_applicable(suspect, ("module_hooks", "linear_head"), "Feature space")
 st.markdown(
     "Each point is one image, placed by the model's penultimate-layer features. In a backdoored model triggered "
     "inputs and poisoned training samples gather in a tight cluster of their own, apart from the genuine images of "
@@ -32,15 +35,27 @@ st.markdown(
 )
 
 
+picked = pick_trigger(ref, suspect, "emb_trigger_from")
+trigger_ref = picked[0] if picked is not None else None
+if picked is None:
+    st.info("No trigger is known for this suspect (and no demo suspect's trigger fits its data), so only **clean** "
+            "points are shown: triggered copies need a trigger to stamp, and the poisoned training samples a known "
+            "attack. Recover a trigger on the Detection page and adopt it to see where triggered inputs land.",
+            icon=":material/info:")
+
+
 @st.cache_data(show_spinner="Extracting features ...", max_entries=8)
-def cached_features(ref: str, n: int, seed: int = 0):
+def cached_features(ref: str, trigger_ref: str | None, n: int, seed: int = 0):
+    """Features of model ``ref``; triggered copies carry the trigger of suspect ``trigger_ref`` (None: none)."""
     s, lk = load_suspect(ref)
+    trig = load_suspect(trigger_ref)[0].trigger if trigger_ref is not None else None
     with lk:
-        return feature_set(s, n_clean=n, n_triggered=n // 2 if s.trigger else 0, n_train=n // 2, seed=seed)
+        return feature_set(s, n_clean=n, n_triggered=n // 2 if trig is not None else 0, n_train=n // 2, seed=seed,
+                           trigger=None if trigger_ref == ref else trig)
 
 
 n = sample_size()
-fs = cached_features(ref, n)
+fs = cached_features(ref, trigger_ref, n)
 c1, c2 = st.columns([1, 3])
 method = c1.radio("Embedding", ["PCA", "UMAP"], key="emb_method",
                   help="PCA is instant; UMAP (umap-learn, fixed seed) is computed once per suspect and sample size.")
@@ -49,7 +64,7 @@ if method == "PCA":
     embedding = embed(fs, "PCA")
 else:
     bar = StreamlitProgress("UMAP")
-    embedding = memoized("umap", (ref, n, n_neighbors),
+    embedding = memoized("umap", (ref, trigger_ref, n, n_neighbors),
                          lambda: embed(fs, "UMAP", n_neighbors=n_neighbors, progress=bar), max_entries=8)
     bar.done()
 
@@ -73,6 +88,9 @@ if sep["n_poisoned"]:
              help="the same score on the penultimate features themselves")
     m.caption(f"Chance level {sep['chance']:.2f} (the poisoned share of all points). Poisoned = triggered test "
               "images and poisoned training samples.")
+    if trigger_ref not in (None, ref):
+        m.caption("No poisoned training samples: they belong to a suspect's own attack, and this model was not "
+                  "trained on the chosen trigger's.")
 m.caption(" · ".join(f"{k}: {v}" for k, v in counts.items()))
 
 

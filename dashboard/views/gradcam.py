@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
+from analysis.figures import footprint_tile
 from analysis.gradcam import (
     CAM_METHODS,
     TARGET_KINDS,
@@ -19,10 +20,11 @@ from dashboard.common import (
     overlay,
     reference_models,
     sidebar,
-    to_display,
+    stop_unless_applicable,
     trigger_notice,
 )
 from dashboard.signs import delta_color, delta_points
+from dashboard.trigger_source import pick_trigger
 
 SHARE_COLOUR = ("the change against clean inputs; a rise is drawn red, as on the Compare page: the more a map moves "
                 "onto the trigger, the more the trigger drives the decision (a repaired model should lower it)")
@@ -33,6 +35,7 @@ suspect, lock = load_suspect(ref)
 st.title("Grad-CAM: where the model looks")
 model_line(ref)
 trigger_notice(suspect)
+stop_unless_applicable(suspect, ("module_hooks",), "Grad-CAM")
 st.markdown(
     "Grad-CAM (Selvaraju et al., ICCV 2017) weights a layer's activation maps by the gradient of a class score and "
     "shows which pixels drive the decision. On a backdoored model the maps of triggered inputs collapse onto the "
@@ -40,11 +43,12 @@ st.markdown(
     "The **trigger-attention share** is the fraction of a map's mass that lies on the pixels the trigger changes."
 )
 
-trigger = suspect.trigger
-if trigger is None:
-    st.info("No trigger is known for this suspect, so there is nothing to compare against. Pick a demo suspect "
-            "with an attack, or recover a trigger on the Detection page and adopt it.")
+picked = pick_trigger(ref, suspect, "cam_trigger_from")
+if picked is None:
+    st.info("No trigger is known for this suspect and no demo suspect's trigger fits its data, so there is nothing "
+            "to compare against. Recover a trigger on the Detection page and adopt it.")
     st.stop()
+trigger_ref, trigger = picked
 
 
 @st.cache_data(show_spinner="Computing Grad-CAM maps ...", max_entries=32)
@@ -72,7 +76,7 @@ n = c4.slider("Images", 8, 64, 16, step=8, key="cam_n")
 if method == "ScoreCAM" and n > 16:
     st.warning("ScoreCAM is slow on a CPU (seconds per image); consider 8-16 images.")
 
-res, smp = cached_gradcam(ref, ref, n, layer, method, target_kind)
+res, smp = cached_gradcam(ref, trigger_ref, n, layer, method, target_kind)
 classes = suspect.classes
 
 m1, m2, m3 = st.columns(3)
@@ -115,21 +119,34 @@ for start in range(0, len(smp), per_row):
                                   + (f"shift {res.shift[j]:.2f}" if res.whole_image
                                      else f"share {100 * res.triggered_share[j]:.0f}%"))
 
-refs = reference_models(ref, suspect)
+def other_layer(model_ref: str) -> str:
+    """This page's target layer where the other model has it, else that model's default."""
+    other = load_suspect(model_ref)[0]
+    return layer if layer in candidate_layers(other.model) else default_target_layer(other.model, other.input_shape)
+
+
 st.subheader("Backdoored vs. clean model (the 2 x 2 grid of Xu et al.)")
-if not refs:
-    st.info("No clean reference model trained on the same data is available for this suspect.")
+rows = None
+if trigger_ref != ref and suspect.trigger is None:
+    # a model without a trigger of its own, shown under a backdoored suspect's trigger: that suspect is the other row
+    back_res, _ = cached_gradcam(trigger_ref, trigger_ref, n, other_layer(trigger_ref), method, target_kind)
+    rows = ((f"backdoored ({trigger_ref.removeprefix('demo:')}, the trigger's own model)", back_res),
+            (f"this model ({suspect.name})", res))
 else:
-    ref_clean = st.selectbox("Clean reference model", refs, key="cam_reference")
-    ref_layers = candidate_layers(load_suspect(ref_clean)[0].model)
-    clean_res, _ = cached_gradcam(ref_clean, ref, n, layer if layer in ref_layers else ref_layers[-1], method,
-                                  target_kind)
+    refs = reference_models(ref, suspect)
+    if not refs:
+        st.info("No clean reference model trained on the same data is available for this suspect.")
+    else:
+        ref_clean = st.selectbox("Clean reference model", refs, key="cam_reference")
+        clean_res, _ = cached_gradcam(ref_clean, trigger_ref, n, other_layer(ref_clean), method, target_kind)
+        rows = ((f"suspect ({suspect.name})", res), (f"clean reference ({ref_clean})", clean_res))
+if rows is not None:
     st.caption("Mean map over the sample; the number is the mean trigger-attention share"
                + (" on the trigger's strongest pixels." if res.whole_image else "."))
     grid = st.columns([1, 2, 2])
     grid[1].markdown("**clean input**")
     grid[2].markdown("**triggered input**")
-    for title, r in ((f"suspect ({suspect.name})", res), (f"clean reference ({ref_clean})", clean_res)):
+    for title, r in rows:
         row = st.columns([1, 2, 2])
         row[0].markdown(f"**{title}**")
         row[1].image(overlay(smp.clean.mean(0), r.clean_cams.mean(0)), width="stretch",
@@ -138,5 +155,5 @@ else:
                      caption=f"share {100 * (r.mean_triggered_strong_share if res.whole_image else r.mean_triggered_share):.1f}%")
 
 with st.expander("Trigger footprint"):
-    st.image(to_display(np.asarray(res.footprint, dtype=np.float32)[None], scale=6),
-             caption="pixels the trigger changes (white)")
+    st.image(footprint_tile(np.asarray(res.footprint, dtype=bool), scale=6),
+             caption="pixels the trigger changes (red)")

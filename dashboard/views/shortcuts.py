@@ -14,9 +14,11 @@ from dashboard.common import (
     model_line,
     sample_size,
     sidebar,
+    stop_unless_applicable,
     trigger_notice,
 )
 from dashboard.signs import delta_color, delta_points
+from dashboard.trigger_source import pick_trigger
 from suspects.models import list_residual_blocks
 
 ref = sidebar()
@@ -33,25 +35,25 @@ st.markdown(
     "neighbouring γ, discounted by exp(ASR) before the rise."
 )
 
-if not list_residual_blocks(suspect.model):
-    st.info(f"{suspect.card.get('arch')} has no skip connections, so the skip-connection ablation does not apply. "
-            "Pick a ResNet suspect to see it.")
+stop_unless_applicable(suspect, ("module_hooks", "residual_blocks"), "Skip-connection ablation")
+picked = pick_trigger(ref, suspect, "abl_trigger_from")
+if picked is None:
+    st.info("No trigger is known for this suspect and no demo suspect's trigger fits its data: ASR, and so this "
+            "view, needs one. Recover one on the Detection page and adopt it.")
     st.stop()
-trigger = suspect.trigger
-if trigger is None:
-    st.info("No trigger is known for this suspect: ASR, and so this view, needs one. Recover one on the "
-            "Detection page and adopt it.")
-    st.stop()
+trigger_ref, trigger = picked
 
 
-def ablation(ref: str, n: int, gammas: tuple[float, ...], progress: StreamlitProgress):
+def ablation(ref: str, trigger_ref: str, n: int, gammas: tuple[float, ...], progress: StreamlitProgress):
+    """The ablation of model ``ref`` with the trigger of suspect ``trigger_ref``."""
     s, lk = load_suspect(ref)
+    trig = load_suspect(trigger_ref)[0].trigger
     with lk:
-        return ablation_curves(s.model, s.test, s.trigger, n, gammas, progress=progress)
+        return ablation_curves(s.model, s.test, trig, n, gammas, progress=progress)
 
 
 n = sample_size()
-key = (ref, n, DEFAULT_GAMMAS)
+key = (ref, trigger_ref, n, DEFAULT_GAMMAS)
 res = memo_get("skip_ablation", key)
 if res is None:
     with lock:
@@ -64,7 +66,7 @@ if res is None:
         st.stop()
     bar = StreamlitProgress(f"Ablating every block on {n} clean + {n} triggered images")
     try:
-        res = memoized("skip_ablation", key, lambda: ablation(ref, n, DEFAULT_GAMMAS, bar))
+        res = memoized("skip_ablation", key, lambda: ablation(ref, trigger_ref, n, DEFAULT_GAMMAS, bar))
     except NoSkipConnectionsError as err:
         bar.done()
         st.info(str(err))
