@@ -129,7 +129,7 @@ def pick_runs(table: pd.DataFrame, runs: Sequence[str] | None = None) -> pd.Data
 _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;max-width:1200px;color:#222;padding:0 1rem}
 h1{margin-bottom:.2rem}h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2.2rem}
-table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0}th,td{border:1px solid #ddd;padding:.25rem .5rem}
+table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0;display:block;max-width:100%;overflow-x:auto}th,td{border:1px solid #ddd;padding:.25rem .5rem}
 th{background:#f4f4f4;cursor:help;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.pareto td{background:#eef7ee}.muted{color:#666;font-size:.9rem}dl{font-size:.9rem}dt{font-weight:600}
 dd{margin:0 0 .4rem 1.2rem}.side{display:flex;gap:1.5rem;flex-wrap:wrap}.side>div{flex:1;min-width:300px}

@@ -107,7 +107,7 @@ if table.empty:
     st.stop()
 
 st.subheader(f"Stored runs ({len(table)})")
-f = st.columns([2, 1, 2, 1, 1])
+f = st.columns([2, 2, 2, 1, 1])  # the preset chips ("quick", "paper") need the room
 defenses = f[0].multiselect("Defense", sorted(set(table.defense)), default=sorted(set(table.defense)),
                             key="cmp_defenses")
 presets = f[1].multiselect("Preset", sorted(set(table.preset)), default=sorted(set(table.preset)), key="cmp_presets")

@@ -94,7 +94,7 @@ with right:
         import pandas as pd
 
         df = pd.DataFrame(hist).set_index("epoch")[[c for c in ("ba", "asr") if c in hist[0]]]
-        st.line_chart(df, height=260)
+        st.line_chart(df, height=260, x_label="training epoch", y_label="share of test images")
         st.caption("BA and ASR on the test split after each training epoch (reported, never used for selection).")
     else:
         st.info("No training history recorded for this suspect.")

@@ -21,6 +21,7 @@ from dashboard.common import (
     device,
     load_suspect,
     memoized,
+    model_line,
     overlay,
     sidebar,
     to_display,
@@ -31,6 +32,7 @@ ref = sidebar()
 suspect, lock = load_suspect(ref)
 
 st.title("Screen inputs")
+model_line(ref)
 st.markdown(
     "Input screening asks, for **one input at a time**, whether it carries a trigger: a deployed model can refuse "
     "or log a flagged input without being repaired. Every method gives each image a score (higher = more likely "
