@@ -196,6 +196,29 @@ def _refused_global(path: Path, kind: str, text: str) -> str | None:
     return None
 
 
+def _opcode_name(code: int) -> str:
+    """A pickle instruction's name from its byte value (149 -> FRAME), or "unknown"."""
+    return next((op.name for op in pickletools.opcodes if ord(op.code) == code), "unknown")
+
+
+def _plain_refusal(wanted: str, text: str) -> str:
+    """The details of a refused pickle in plain words: which global it asked for, what that means, and (when the
+    safe loader stopped at an instruction it does not run) which one, by name rather than by number."""
+    module, _, attr = wanted.rpartition(".")
+    lines = [f"The file's pickle asks for the Python global {wanted} (name {attr!r} from module {module!r}). "
+             "Unpickling imports such a global and calls it with arguments from the file: that is how a pickle runs "
+             "code. The safe loader allows only tensors, numbers, strings, "
+             "containers and the numpy types checkpoints hold, so it stopped; nothing from the file was run."]
+    m = re.search(r"Unsupported operand (\d+)", text)
+    if m:
+        code = int(m.group(1))
+        lines.append(f"It stopped at pickle instruction {_opcode_name(code)} (byte {code}), which it does not accept "
+                     "in a plain pickle; the global above was read from the file without running anything.")
+    else:
+        lines.append(f"The safe loader said: {_clean_details(text)}")
+    return "\n".join(lines)
+
+
 _ADVICE = re.compile(r"weights.only|torch\.load|file an issue|trusted source|WeightsUnpickler error:\s*$", re.I)
 
 
@@ -249,7 +272,7 @@ def load_checkpoint(path: str | os.PathLike, name: str | None = None) -> Any:
         wanted = _refused_global(path, kind, str(err))
         if wanted is not None:
             raise CheckpointError(name, "refused", f"refused to load {name}: it asks to run code ({wanted})",
-                                  text, refused_global=wanted) from None
+                                  _plain_refusal(wanted, text), refused_global=wanted) from None
         if isinstance(err, pickle.UnpicklingError) and re.search(r"Unsupported|not an allowed|blocked", str(err)):
             raise CheckpointError(name, "refused", f"refused to load {name}: its pickle uses instructions the safe "
                                   "loader does not run", text) from None

@@ -99,6 +99,8 @@ def test_a_malicious_pickle_is_refused_in_one_line_and_never_runs(files):
         assert (again.summary, again.details, again.kind, again.file) == (e.summary, e.details, e.kind, e.file)
         assert e.summary == f"refused to load {files / name}: it asks to run code ({e.refused_global})"
         assert "\n" not in str(e)
+        # the details say in plain words what it asked for, never a bare "Unsupported operand 149" (issue 27.8)
+        assert f"asks for the Python global {e.refused_global}" in e.details and "Unsupported operand" not in e.details
         for text in (str(e), e.details):
             assert "weights_only=False" not in text and "weights_only` set to `False" not in text
     assert not Payload.marker.exists()

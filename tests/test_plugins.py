@@ -256,7 +256,16 @@ def test_a_plugin_defense_runs_through_defend(plugins, tmp_path, capsys):
     assert (Path(report["run_dir"]) / "model.safetensors").is_file()
     from runs.store import RunStore
 
-    assert [r.defense for r in RunStore(tmp_path).list()] == ["lens_example"]
+    (rec,) = RunStore(tmp_path).list()
+    assert rec.defense == "lens_example"
+    # Compare lists it, and the stress test (the retuning attack) runs on its repaired model
+    assert main(["compare", "demo:badnets", "--runs", str(tmp_path), "--json"]) == 0
+    assert "lens_example" in capsys.readouterr().out
+    stress = ["stress", rec.id, "--json", "--quiet", "--runs", str(tmp_path), "--reference", "none"]
+    for k, v in {"epochs": 1, "pool_size": 100, "test_limit": 200, "batch_size": 64, "seeds": 1}.items():
+        stress += ["--set", f"{k}={v}"]
+    assert main(stress) == 0
+    assert "asr_after_retune" in json.loads(capsys.readouterr().out)
 
 
 @pytest.mark.usefixtures("one_thread")
