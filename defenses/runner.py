@@ -162,7 +162,9 @@ def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: d
     ctx = RepairContext(sealed, pool, device, seed=seed, artifacts=artifacts, progress=scaled, should_stop=stop)
     out = defense.repair(model, params, ctx)
     repaired = out.model.eval()
-    report_progress(0.96, "measuring the repaired model", {})
+    n_after = len(suspect.test) if subset is None else min(subset, len(suspect.test))
+    report_progress(0.96, f"measuring after: the repaired model on {n_after:,} test images"
+                          + (" and their triggered copies" if trigger is not None else ""), {})
     if subset is None:
         after = evaluate(repaired, suspect.test, trigger, device=device)
     else:

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import io
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -158,6 +159,12 @@ def ensure_worker(store: RunStore, device: str | None = None) -> subprocess.Pope
         return proc
 
 
+def _new_phase(previous: str, message: str) -> bool:
+    """Whether ``message`` starts a new phase of the run ("measuring after: ..." after "step 70/70"): such a message
+    is always recorded, so a page never sits at the last step while the run does something else (issue 27.8)."""
+    return re.sub(r"[\d.,]+", "#", previous) != re.sub(r"[\d.,]+", "#", message)
+
+
 def execute(store: RunStore, run_id: str, device: str | None = None, progress_hook=None, suspect: Any = None) -> str:
     """Run one claimed run to its end, recording progress, and return its final status. ``suspect``: the run's
     suspect when the caller has loaded it already (a foreground run), else it is loaded here."""
@@ -166,12 +173,13 @@ def execute(store: RunStore, run_id: str, device: str | None = None, progress_ho
     rec = store.get(run_id)
     log = io.StringIO()
     last = [0.0]
+    phase = [""]
 
     def progress(fraction: float, message: str, metrics: dict) -> None:
         now = time.time()
-        if metrics or now - last[0] > 0.5 or fraction >= 1.0:
+        if metrics or now - last[0] > 0.5 or fraction >= 1.0 or _new_phase(phase[0], message):
             store.update_progress(run_id, fraction, message, metrics)
-            last[0] = now
+            last[0], phase[0] = now, message
             log.write(f"{time.strftime('%H:%M:%S')} {100 * fraction:5.1f}% {message} {metrics}\n")
         if progress_hook is not None:
             progress_hook(fraction, message, metrics)

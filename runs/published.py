@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Published", "PUBLISHED", "MISSING", "published_for", "published_records"]
+__all__ = ["Published", "PUBLISHED", "MISSING", "published_for", "published_records", "RETUNE_PUBLISHED",
+           "RETUNE_NOT_FOUND", "retune_published_for"]
 
 BACKDOORBENCH = "BackdoorBench leaderboard, CIFAR-10, PreAct-ResNet-18, 10% poisoning"
 
@@ -98,3 +99,20 @@ def published_records(defenses, attack: str | None = None) -> list[dict]:
                          "ASR before": p.asr_before, "tag": p.tag,
                          "source": p.source + (f" ({p.note})" if p.note else "")})
     return rows
+
+
+# --- after the retuning attack (the stress test) ---------------------------------------------------------------
+
+RETUNE_PUBLISHED: tuple[Published, ...] = ()
+"""Published ASR *after the retuning attack* (Min et al., NeurIPS 2024: ``asr`` is P-ASR, ``asr_before`` O-ASR) for
+FT, ANP, SAU, FST and BTI-DBF, tagged as above. None is verified yet: see :data:`RETUNE_NOT_FOUND`."""
+
+RETUNE_NOT_FOUND = ("not found for FT, ANP, SAU, FST or BTI-DBF: the official repository's README gives none, and the "
+                    "paper's Fig. 1 (O-ASR vs. P-ASR, averaged over attacks) and Appendix C.1 tables were not "
+                    "retrievable here (../shared/reference/methods-2.md, 'Stress test protocol'); no number is filled "
+                    "from memory.")
+
+
+def retune_published_for(defense: str, attack: str | None = None) -> list[Published]:
+    """The published after-re-tuning entries for ``defense`` (and ``attack``, when given)."""
+    return [p for p in RETUNE_PUBLISHED if p.defense == defense and (attack is None or p.attack == attack)]

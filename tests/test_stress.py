@@ -255,3 +255,35 @@ def test_demo_suspect_by_name_or_folder_gives_the_same_result(runs_dir, capsys):
     for key in ("asr", "asr_after_retune", "reference_asr_after_retune", "verdict"):
         assert a[key] == b[key], key
     assert a["verdict"] == "not repaired" and a["reference_asr_after_retune"] is not None
+
+
+def _stress_doc():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "stress_doc.py"
+    spec = importlib.util.spec_from_file_location("stress_doc", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_stress_doc_regenerates_from_its_store():
+    """docs/stress.md is exactly what scripts/stress_doc.py renders from docs/stress-grid.json; every post-training
+    defense of the registry appears for every demo attack, measured or said to be not yet measured."""
+    doc = _stress_doc()
+    store = doc.load_store()
+    text = doc.render(store)
+    assert doc.DOC.read_text() == text, "docs/stress.md is stale: run python scripts/stress_doc.py"
+    defenses, attacks = doc.grid()
+    assert "dbd" not in defenses and {"finetune", "fst", "sau", "anp"} <= set(defenses)
+    assert attacks and "clean" not in attacks
+    for attack in attacks:
+        section = text.split(f"### {attack}\n")[1].split("\n### ")[0]
+        for d in defenses:
+            row = next(r for r in section.splitlines() if r.startswith(f"| {d} ") or r.startswith(f"| {d}("))
+            state = doc.cell_state(store, d, attack)
+            assert ("not yet" in row) == (state != "measured"), row
+    empty = doc.render({"cells": {}, "reference_cache": {}})
+    assert f"0 of {len(defenses) * len(attacks)} cells measured" in empty
+    assert empty.count("| not yet measured |") == len(defenses) * len(attacks)
