@@ -39,7 +39,7 @@ packages = ["__NAME__"]
 
 _README = '''# __NAME__
 
-__TITLE__: a [Backdoor Lens](https://github.com/) __KIND__ plugin, written by `backdoor-lens new __KIND__ __NAME__`.
+__TITLE__: a Backdoor Lens __KIND__ plugin, written by `backdoor-lens new __KIND__ __NAME__`.
 
 ```bash
 pip install -e .                 # offline: pip install --no-build-isolation -e .

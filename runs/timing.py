@@ -1,13 +1,17 @@
 """How long a defense run takes: elapsed time and ETA of a running one, and the expected time of one not yet started.
 
-The expected time is, in this order (issue 12.4 / 17.4):
+The expected time is, in this order (issue 12.4 / 17.4 / 27.8):
 
 1. **measured**: the median wall time of finished runs in the store with the same defense, the same resolved
-   parameters, the same suspect, pool size and ``measure`` option, on the same kind of device;
-2. **estimated**: a budget in image passes (:func:`budget_passes`, from the defense's parameters) times the time
+   parameters (so the same preset and overrides), the same suspect, pool size and ``measure`` option, on the same
+   kind of device; with the range (fastest to slowest) of those runs;
+2. **measured on similar suspects**: the same, from runs on other suspects of the same architecture, width and input
+   shape (the demo suspects are one such family), when this suspect has none;
+3. **estimated**: a budget in image passes (:func:`budget_passes`, from the defense's parameters) times the time
    of one forward+backward pass per image, timed here on a few pool images for this model and device
-   (:func:`pass_seconds`, cached), plus the test-split measurements;
-3. otherwise no figure (a defense whose budget this module cannot count, e.g. DBD or CBD, until it has run once).
+   (:func:`pass_timing`: several steps, cached), plus the test-split measurements. A busy CPU slows some steps a
+   lot, so the figure uses the fastest step and the range runs up to the median step;
+4. otherwise no figure (a defense whose budget this module cannot count, e.g. DBD or CBD, until it has run once).
 
 The labels say which one a figure is, so an estimate is never shown as a measurement.
 """
@@ -30,12 +34,15 @@ from suspects.metrics import model_fingerprint, stored_metrics
 from suspects.store import Suspect
 
 from .store import RunStore
+from .uploads import read_card
 
-__all__ = ["Expected", "fmt_duration", "eta_text", "measured_seconds", "pass_seconds", "budget_passes",
-           "estimate_seconds", "expected_time"]
+__all__ = ["Expected", "fmt_duration", "eta_text", "measured_seconds", "pass_seconds", "pass_timing",
+           "budget_passes", "estimate_seconds", "expected_time"]
 
 FORWARD_SHARE = 1.0 / 3.0  # a forward pass alone costs about a third of forward + backward
-_PASS_CACHE: dict[tuple[str, str, int], float] = {}
+TIMED_STEPS = 5  # training steps timed for an estimate (after one warm-up step) ...
+TIMING_BUDGET_S = 3.0  # ... or fewer (at least 2) once this many seconds are spent
+_PASS_CACHE: dict[tuple[str, str, int], tuple[float, float]] = {}
 
 
 def fmt_duration(seconds: float) -> str:
@@ -58,20 +65,30 @@ def eta_text(fraction: float, elapsed: float) -> str:
 
 @dataclass
 class Expected:
-    """An expected wall time: ``source`` is ``measured`` (from ``n_runs`` finished runs), ``estimated`` or
-    ``unknown`` (``seconds`` None)."""
+    """An expected wall time: ``source`` is ``measured`` (from ``n_runs`` finished runs; ``detail`` says when they
+    ran on other suspects), ``estimated`` or ``unknown`` (``seconds`` None); ``low`` / ``high``: its range."""
 
     seconds: float | None
     source: str
     n_runs: int = 0
     detail: str = ""
+    low: float | None = None
+    high: float | None = None
+
+    def range_text(self) -> str:
+        """``0:40-0:55`` when the range is wider than a few seconds, else empty."""
+        if self.low is None or self.high is None or round(self.high) - round(self.low) < 5:
+            return ""
+        return f"{fmt_duration(self.low)}-{fmt_duration(self.high)}"
 
     def text(self) -> str:
         if self.seconds is None:
             return "expected time: unknown until one run has finished" + (f" ({self.detail})" if self.detail else "")
-        label = (f"measured from {self.n_runs} run{'s' if self.n_runs != 1 else ''}" if self.source == "measured"
+        runs = f"{self.n_runs} run{'s' if self.n_runs != 1 else ''}"
+        label = ((f"measured from {runs}" + (f" {self.detail}" if self.detail else "")) if self.source == "measured"
                  else "estimated" + (f": {self.detail}" if self.detail else ""))
-        return f"expected time: about {fmt_duration(self.seconds)} ({label})"
+        span = self.range_text()
+        return f"expected time: about {fmt_duration(self.seconds)} ({span + ', ' if span else ''}{label})"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,9 +98,12 @@ def _device_kind(device: str | None) -> str:
     return (device or "").split(" ")[0].split(":")[0] or "cpu"
 
 
-def measured_seconds(store: RunStore, defense: str, resolved: dict[str, Any], suspect_ref: str, pool_size: int,
-                     device_kind: str, measure: str = "full") -> tuple[float | None, int]:
-    """Median seconds of matching finished runs (see the module docstring) and how many there were."""
+def _matching_times(store: RunStore, defense: str, resolved: dict[str, Any], suspect_ref: str | None,
+                    pool_size: int, device_kind: str, measure: str = "full", family: dict | None = None
+                    ) -> list[float]:
+    """Seconds of the finished runs of ``defense`` with these resolved parameters, pool size, ``measure`` option and
+    device kind: of suspect ``suspect_ref``, or (``suspect_ref`` None) of any other suspect whose model has the
+    ``family`` (architecture, its arguments, input shape) of the repaired model its run folder holds."""
     times = []
     for rec in store.list(status="finished", suspect=suspect_ref, defense=defense):
         summary = rec.summary or {}
@@ -91,14 +111,32 @@ def measured_seconds(store: RunStore, defense: str, resolved: dict[str, Any], su
                 or str(rec.params.get("_measure") or "full") != measure
                 or _device_kind(summary.get("device")) != device_kind or summary.get("seconds") is None):
             continue
+        if family is not None and _family(read_card(rec.run_dir) or {} if rec.run_dir else {}) != family:
+            continue
         times.append(float(summary["seconds"]))
+    return times
+
+
+def _family(card: dict[str, Any]) -> dict[str, Any]:
+    """What makes two suspects' runs take the same time: architecture, its arguments, input shape, data source."""
+    return {"arch": card.get("arch"), "arch_kwargs": card.get("arch_kwargs") or {},
+            "input_shape": list(card.get("input_shape") or []), "data": card.get("data")}
+
+
+def measured_seconds(store: RunStore, defense: str, resolved: dict[str, Any], suspect_ref: str, pool_size: int,
+                     device_kind: str, measure: str = "full") -> tuple[float | None, int]:
+    """Median seconds of matching finished runs (see the module docstring) and how many there were."""
+    times = _matching_times(store, defense, resolved, suspect_ref, pool_size, device_kind, measure)
     return (statistics.median(times) if times else None), len(times)
 
 
-def pass_seconds(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-                 batch_size: int = 32, repeats: int = 2) -> float:
-    """Seconds of one forward+backward pass per image for ``model`` on ``device`` (timed on a copy, after one
-    warm-up step; cached per weights, device and CPU thread count)."""
+def pass_timing(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                batch_size: int = 32, repeats: int = TIMED_STEPS, budget_s: float = TIMING_BUDGET_S
+                ) -> tuple[float, float]:
+    """Seconds of one forward+backward pass per image for ``model`` on ``device``: (fastest, median) over up to
+    ``repeats`` timed steps (at least 2; fewer once ``budget_s`` is spent), on a copy, after one warm-up step; cached
+    per weights, device and CPU thread count. Other work on a shared CPU slows single steps, so one step is no
+    measure: the fastest is what the machine can do, the median what it did just now."""
     import copy
 
     key = (model_fingerprint(model), str(device), torch.get_num_threads())
@@ -107,9 +145,10 @@ def pass_seconds(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
     net = prepare_model(copy.deepcopy(model), device).train()
     x = to_device(images[:batch_size], device)
     y = labels[:batch_size].to(device)
-    n = len(y)
-    spent = []
-    for i in range(repeats + 1):
+    n = max(1, len(y))
+    spent: list[float] = []
+    start = time.perf_counter()
+    for i in range(max(2, repeats) + 1):
         t0 = time.perf_counter()
         F.cross_entropy(net(x), y).backward()
         net.zero_grad(set_to_none=True)
@@ -117,8 +156,16 @@ def pass_seconds(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
             torch.cuda.synchronize(device)
         if i:
             spent.append(time.perf_counter() - t0)
-    _PASS_CACHE[key] = min(spent) / max(1, n)
+            if len(spent) >= 2 and time.perf_counter() - start > budget_s:
+                break
+    _PASS_CACHE[key] = (min(spent) / n, statistics.median(spent) / n)
     return _PASS_CACHE[key]
+
+
+def pass_seconds(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                 batch_size: int = 32, repeats: int = TIMED_STEPS) -> float:
+    """The fastest of :func:`pass_timing`'s steps: seconds of one forward+backward pass per image."""
+    return pass_timing(model, images, labels, device, batch_size, repeats)[0]
 
 
 def budget_passes(defense: str, params: Any, n_train: int, n_val: int, n_channels: int = 512,
@@ -165,7 +212,15 @@ def budget_passes(defense: str, params: Any, n_train: int, n_val: int, n_channel
 
 def estimate_seconds(defense: str, params: Any, suspect: Suspect, pool_size: int, device: torch.device,
                      measure: str = "full") -> tuple[float | None, str]:
-    """Budget x timed pass + the test-split measurements ("before" only when the card cannot be reused)."""
+    """Budget x timed pass (the fastest step) + the test-split measurements ("before" only when the card cannot be
+    reused); :func:`estimate_range` adds the range."""
+    low, _, detail = estimate_range(defense, params, suspect, pool_size, device, measure)
+    return low, detail
+
+
+def estimate_range(defense: str, params: Any, suspect: Suspect, pool_size: int, device: torch.device,
+                   measure: str = "full") -> tuple[float | None, float | None, str]:
+    """(seconds at the fastest timed step, seconds at the median timed step, how it was counted)."""
     n_val = held_out_count(pool_size)
     from defenses.common import head
 
@@ -174,20 +229,20 @@ def estimate_seconds(defense: str, params: Any, suspect: Suspect, pool_size: int
     passes = budget_passes(defense, params, pool_size - n_val, n_val, head(suspect.model).in_features,
                            n_trainset=max(0, n_trainset))
     if passes is None:
-        return None, f"{defense}'s budget is not counted here"
+        return None, None, f"{defense}'s budget is not counted here"
     pool = suspect.defense_pool
     idx = torch.arange(min(32, len(pool)))
-    per = pass_seconds(suspect.model, pool.images(idx), pool.labels[idx], device)
+    per, per_median = pass_timing(suspect.model, pool.images(idx), pool.labels[idx], device)
     n_test = len(suspect.test)
     subset = parse_measure(measure, n_test)
     after_n = n_test if subset is None else min(subset, n_test)
     triggered = 2.0 if suspect.trigger is not None else 1.0  # clean + triggered copies
     reuse = stored_metrics(suspect.card, suspect.model, suspect.test, suspect.trigger) is not None
     evals = FORWARD_SHARE * triggered * (after_n + (0 if reuse else n_test))
-    seconds = per * (passes + evals)
-    return seconds, (f"{passes:,.0f} training image passes at {1000 * per:.2f} ms each, timed here on "
-                     f"{torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else
-                     f"{passes:,.0f} training image passes at {1000 * per:.2f} ms each on {device.type}")
+    where = f"on {torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else f"on {device.type}"
+    return per * (passes + evals), per_median * (passes + evals), (
+        f"{passes:,.0f} training image passes at {1000 * per:.2f}-{1000 * per_median:.2f} ms each (fastest-median "
+        f"of the training steps timed here {where})")
 
 
 def expected_time(store: RunStore, defense: str, preset: str, overrides: dict[str, Any] | None, suspect: Suspect,
@@ -198,13 +253,19 @@ def expected_time(store: RunStore, defense: str, preset: str, overrides: dict[st
     d = get_defense(defense)
     params = d.make_params(preset, overrides)
     dev = pick_device(str(device) if device is not None else None)
-    median, n = measured_seconds(store, defense, asdict(params), suspect_ref, pool_size, dev.type,
-                                 str(measure or "full"))
-    if median is not None:
-        return Expected(median, "measured", n)
+    resolved, measure = asdict(params), str(measure or "full")
+    times = _matching_times(store, defense, resolved, suspect_ref, pool_size, dev.type, measure)
+    if times:
+        return Expected(statistics.median(times), "measured", len(times), low=min(times), high=max(times))
+    family = _family(suspect.card)
+    similar = [t for t in _matching_times(store, defense, resolved, None, pool_size, dev.type, measure, family)]
+    if similar:
+        return Expected(statistics.median(similar), "measured", len(similar),
+                        f"of {defense} ({preset}) on other suspects of this architecture and data",
+                        low=min(similar), high=max(similar))
     if not estimate:
         return Expected(None, "unknown")
-    seconds, detail = estimate_seconds(defense, params, suspect, pool_size, dev, measure)
-    if seconds is None or not math.isfinite(seconds):
+    low, high, detail = estimate_range(defense, params, suspect, pool_size, dev, measure)
+    if low is None or not math.isfinite(low):
         return Expected(None, "unknown", 0, detail)
-    return Expected(seconds, "estimated", 0, detail)
+    return Expected(low, "estimated", 0, detail, low=low, high=high)
