@@ -258,7 +258,7 @@ def expected_time(store: RunStore, defense: str, preset: str, overrides: dict[st
     if times:
         return Expected(statistics.median(times), "measured", len(times), low=min(times), high=max(times))
     family = _family(suspect.card)
-    similar = [t for t in _matching_times(store, defense, resolved, None, pool_size, dev.type, measure, family)]
+    similar = _matching_times(store, defense, resolved, None, pool_size, dev.type, measure, family)
     if similar:
         return Expected(statistics.median(similar), "measured", len(similar),
                         f"of {defense} ({preset}) on other suspects of this architecture and data",

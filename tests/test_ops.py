@@ -177,6 +177,9 @@ def test_a_queued_run_keeps_its_measure_option(tmp_path):
     store = RunStore(tmp_path)
     rid = jobs.submit(store, "finetune", "demo:badnets", "quick", {"steps": 2}, pool_size=100,
                       start_worker=False, measure="subset:150")
+    recorded = []  # what the store records as the run's message (what the pages show)
+    update = store.update_progress
+    store.update_progress = lambda *a, **k: (recorded.append(a[2]), update(*a, **k))[1]
     assert store.get(rid).params["_measure"] == "subset:150"
     with pytest.raises(ParamError):
         jobs.submit(store, "finetune", "demo:badnets", "quick", {}, pool_size=100, start_worker=False,
@@ -185,6 +188,10 @@ def test_a_queued_run_keeps_its_measure_option(tmp_path):
     assert jobs.execute(store, rid) == "finished"
     report = store.report(rid)
     assert report["n_clean"] == 150
+    # 'after' is measured under its own message, recorded at once after the last step (issue 27.8)
+    after = [m for m in recorded if m.startswith("measuring after: the repaired model on 150 test images")]
+    assert after and recorded.index(after[0]) < len(recorded) - 1
+    assert jobs._new_phase("step 69/70", "step 70/70") is False and jobs._new_phase("step 70/70", after[0])
 
 
 # --- 17.4: l_inf pruning gives up instead of pruning half the layer ------------------------------------------------
@@ -262,6 +269,8 @@ def test_expected_time_is_measured_from_the_store_else_estimated(tmp_path, badne
     store = RunStore(tmp_path)
     first = expected_time(store, "finetune", "quick", {"steps": 2}, badnets, "demo:badnets", 100, "cpu")
     assert first.source == "estimated" and first.seconds > 0 and "estimated" in first.text()
+    # several timed steps: the fastest gives the figure, the median the top of its range (issue 27.8)
+    assert first.low == first.seconds <= first.high and "fastest-median" in first.text()
     rid = jobs.submit(store, "finetune", "demo:badnets", "quick", {"steps": 2}, pool_size=100, start_worker=False,
                       device="cpu")
     store.claim_next(os.getpid())
@@ -270,6 +279,10 @@ def test_expected_time_is_measured_from_the_store_else_estimated(tmp_path, badne
     again = expected_time(store, "finetune", "quick", {"steps": 2}, badnets, "demo:badnets", 100, "cpu")
     assert (again.source, again.n_runs, again.seconds) == ("measured", 1, seconds)
     assert "measured from 1 run" in again.text()
+    # another suspect of the same architecture and data, with no run of its own, gets the history of this one
+    blended = suspects.load("demo:blended")
+    similar = expected_time(store, "finetune", "quick", {"steps": 2}, blended, "demo:blended", 100, "cpu")
+    assert (similar.source, similar.seconds) == ("measured", seconds) and "other suspects" in similar.text()
     other = expected_time(store, "finetune", "quick", {"steps": 4}, badnets, "demo:badnets", 100, "cpu")
     assert other.source == "estimated"  # other parameters: not the same run
     assert budget_passes("finetune", {"steps": 4, "batch_size": 64}, 80, 20) > budget_passes("finetune", {"steps": 2, "batch_size": 64}, 80, 20)
