@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -17,6 +18,7 @@ import torch
 import suspects
 from analysis.gradcam import cam_overlay
 from runs import uploads
+from runs.identity import run_of_folder
 from runs.store import RunStore, runs_root
 from runs.timing import eta_text
 from suspects.data import DatasetNotFoundError, list_sources
@@ -65,6 +67,11 @@ def label_of(ref: str) -> str:
         rel = p.relative_to(runs_root())
     except ValueError:
         return str(p)
+    run_id = run_of_folder(p) if len(rel.parts) == 1 else None
+    if run_id is not None:  # the run's own tag first, so two runs of one defense never look alike when cut short
+        when = re.match(r"(\d{4})(\d\d)(\d\d)-(\d\d)(\d\d)", run_id)
+        stamp = f" ({'-'.join(when.groups()[:3])} {':'.join(when.groups()[3:])})" if when else ""
+        return f"{uploads.card_name(p, rel.name)} · run {run_id.rsplit('-', 1)[-1]}{stamp}"
     return f"{uploads.card_name(p, rel.name)} · {rel} (run store)"
 
 

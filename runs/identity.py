@@ -172,8 +172,11 @@ def same_model(a: str, b: str, by_fingerprint: bool = True) -> bool:
 def runs_of(store: RunStore, ref: str | None = None, key: str | None = None, status: str | None = "finished",
             defense: str | None = None) -> list[RunRecord]:
     """The runs of one model, newest first: those whose ``suspect_key`` is the model's fingerprint (``key``, else
-    that of ``ref``), plus old rows without a fingerprint recorded under the same name (``ref``)."""
+    that of ``ref``; a run id names its repaired model), plus old rows without a fingerprint recorded under the same
+    name (``ref``)."""
     migrate(store)
+    if ref is not None:
+        ref = resolve_ref(ref, store)
     if key is None and ref is not None:
         key = ref_fingerprint(ref)
     out = []

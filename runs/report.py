@@ -36,6 +36,7 @@ from suspects.store import Suspect
 
 from .compare import (
     COLUMN_DEFINITIONS,
+    MADE_THIS,
     METRIC_LABELS,
     PARTS,
     SideBySide,
@@ -47,6 +48,7 @@ from .compare import (
     side_by_side,
     tradeoff_figure,
 )
+from .identity import family, made_by_text, resolve_ref, short_ref
 from .store import RunStore
 from .stress import load_stress
 
@@ -131,7 +133,7 @@ body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;
 h1{margin-bottom:.2rem}h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2.2rem}
 table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0;display:block;max-width:100%;overflow-x:auto}th,td{border:1px solid #ddd;padding:.25rem .5rem}
 th{background:#f4f4f4;cursor:help;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
-tr.pareto td{background:#eef7ee}.muted{color:#666;font-size:.9rem}dl{font-size:.9rem}dt{font-weight:600}
+tr.pareto td{background:#eef7ee}tr.made td{background:#fff3c4;font-weight:600}.muted{color:#666;font-size:.9rem}dl{font-size:.9rem}dt{font-weight:600}
 dd{margin:0 0 .4rem 1.2rem}.side{display:flex;gap:1.5rem;flex-wrap:wrap}.side>div{flex:1;min-width:300px}
 img.grid{image-rendering:pixelated;width:100%;border:1px solid #ddd}.note{background:#fff8e1;padding:.5rem}
 """
@@ -160,7 +162,8 @@ def _fig(fig: go.Figure) -> str:
     return pio.to_html(fig, full_html=False, include_plotlyjs=False, config={"displaylogo": False})
 
 
-def _table_html(table: pd.DataFrame) -> str:
+def _table_html(table: pd.DataFrame, highlight: str | None = None) -> str:
+    """The run table; ``highlight``: a run id whose row is marked (the run that made the model under analysis)."""
     cols = [c for c in table.columns if c != "run_dir"]
     head = "".join(f'<th title="{_e(COLUMN_DEFINITIONS.get(c, ""))}">{_e(c)}</th>' for c in cols)
     rows = []
@@ -168,7 +171,9 @@ def _table_html(table: pd.DataFrame) -> str:
         cells = "".join(
             f'<td class="num">{_e(_fmt(r[c], 1 if c == "seconds" else 3))}</td>' if isinstance(r[c], (float, int))
             and not isinstance(r[c], bool) else f"<td>{_e(_fmt(r[c]))}</td>" for c in cols)
-        rows.append(f'<tr class="{"pareto" if r["pareto"] else ""}">{cells}</tr>')
+        cls = " ".join(c for c, on in (("pareto", r["pareto"]), ("made", r["run_id"] == highlight)) if on)
+        title = f' title="{_e(MADE_THIS)}"' if r["run_id"] == highlight else ""
+        rows.append(f'<tr class="{cls}"{title}>{cells}</tr>')
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
@@ -294,9 +299,17 @@ def html_report(suspect_ref: str, store: RunStore | None = None, runs: Sequence[
     report = progress or (lambda f, m, d: None)
     store = store or RunStore()
     report(0.0, "reading the run store", {})
-    table = runs_table(store, suspect_ref)
-    chosen = pick_runs(table, runs)
-    base = suspects.load(suspect_ref)
+    suspect_ref = resolve_ref(suspect_ref, store)
+    here = suspects.load(suspect_ref)
+    fam = family(store, here, suspect_ref)
+    own = runs_table(store, records=fam.children)
+    if fam.repaired and fam.parent_ref is not None:  # a repaired model: its parent's runs, the one that made it marked
+        base = suspects.load(fam.parent_ref)
+        table = runs_table(store, records=fam.siblings)
+        chosen = pick_runs(table, runs or [fam.made_by.id])
+    else:
+        base, table = here, own
+        chosen = pick_runs(table, runs)
     base.model.eval()
     models: dict[str, Suspect] = {f"suspect ({base.name})": base}
     for _, row in chosen.iterrows():
@@ -307,19 +320,26 @@ def html_report(suspect_ref: str, store: RunStore | None = None, runs: Sequence[
 
     sbs = side_by_side(models, base, n=n, cam_images=cam_images, parts=parts, progress=scaled)
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    title = f"Backdoor Lens report: {base.name}"
+    title = f"Backdoor Lens report: {here.name}"
+    name = short_ref(suspect_ref, store, here)
+    made = fam.made_by.id if base is not here and fam.made_by is not None else None
     body = [f"<h1>{_e(title)}</h1>",
             f'<p class="muted">Generated {_e(now)} by backdoor-lens {_e(suspects.__version__)} from the run store '
-            f"{_e(store.root)}.</p>", "<h2>Suspect</h2>", _card_html(base, suspect_ref),
+            f"{_e(store.root)}.</p>", "<h2>Suspect</h2>", _card_html(here, name)]
+    if made is not None:
+        body.append(f'<p class="note">This is the repaired model of {_e(made_by_text(fam, store))}. The stored runs '
+                    "below are its parent's (its siblings; the highlighted row is the run that made it), and the "
+                    "side by side compares the parent with it.</p>")
+    body += [
             "<h2>Metrics</h2><dl>" + "".join(f"<dt>{_e(METRIC_LABELS[k])}</dt><dd>{_e(DEFINITIONS[k])}</dd>"
                                              for k in ("ba", "asr", "ra", "der")) + "</dl>",
-            f"<h2>Stored runs ({len(table)})</h2>"]
+            f"<h2>{'Runs of its parent' if made else 'Stored runs'} ({len(table)})</h2>"]
     if table.empty:
         body.append('<p class="note">No finished run of this suspect is stored yet '
                     "(`backdoor-lens defend DEFENSE SUSPECT` or the Defenses page adds one).</p>")
     else:
         body += ['<p class="muted">Every finished defense run of this suspect, newest first; green rows are on the '
-                 "Pareto front. Hover a column name for its definition.</p>", _table_html(table),
+                 "Pareto front. Hover a column name for its definition.</p>", _table_html(table, made),
                  "<details><summary>Column definitions</summary>"
                  + _definitions_html([c for c in table.columns if c in COLUMN_DEFINITIONS]) + "</details>",
                  _groups_html(table),
@@ -327,6 +347,10 @@ def html_report(suspect_ref: str, store: RunStore | None = None, runs: Sequence[
                  '<p class="muted">Top left is best. The dashed step line is the Pareto front; the star is the '
                  "suspect before any defense.</p>", _fig(metric_bars_figure(table)),
                  '<p class="muted">Dashed red line: the suspect before the defense.</p>', _stress_html(table)]
+    if made is not None:
+        body.append(f"<h2>Runs on this repaired model ({len(own)})</h2>")
+        body.append(_table_html(own) if not own.empty else '<p class="note">None yet (`backdoor-lens defend DEFENSE '
+                    f"{_e(name)}` adds one).</p>")
     against = ", ".join(list(models)[1:]) or "no run"
     body += [f"<h2>Before / after: the suspect vs. {_e(against)}</h2>",
              f'<p class="muted">The same {n} test images (and {cam_images} for Grad-CAM) and the suspect\'s trigger '

@@ -31,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from runs.compare import runs_table
+    from runs.identity import resolve_ref
     from runs.report import figures_png, run_figures, write_report
     from runs.store import RunStore
     from suspects.atomic import write_bytes
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained)")
     if args.png_dir:
-        table = runs_table(store, args.suspect)
+        table = runs_table(store, resolve_ref(args.suspect, store))
         if table.empty:
             print("no stored runs: no charts to write", file=sys.stderr)
             return 0

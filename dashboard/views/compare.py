@@ -11,12 +11,13 @@ from analysis.figures import ablation_figure, activations_figure, embedding_figu
 from analysis.gradcam import compare_gradcam, default_target_layer
 from analysis.samples import paired_sample
 from analysis.shortcuts import ablation_curves
-from dashboard.common import load_suspect, model_line, sample_size, sidebar, store, trigger_notice
+from dashboard.common import label_of, load_suspect, model_line, sample_size, sidebar, store, trigger_notice
 from dashboard.signs import delta_color, delta_points
 from dashboard.stress import EXPLAIN as STRESS_EXPLAIN
 from dashboard.stress import stress_panel
 from runs.compare import (
     COLUMN_DEFINITIONS,
+    MADE_THIS,
     METRIC_LABELS,
     PART_TITLES,
     backdoorbench_csv,
@@ -32,9 +33,11 @@ from runs.compare import (
     tradeoff_figure,
     with_model,
 )
+from runs.identity import family, made_by_text, short_ref
 from runs.published import published_records
 from runs.report import figures_zip, html_report, run_figures
 from runs.sweep import SweepSpec, cancel_sweep, list_sweeps, parse_sets, submit_sweep
+from suspects.identity import ref_fingerprint
 from suspects.metrics import DEFINITIONS
 from suspects.models import list_residual_blocks
 
@@ -100,13 +103,34 @@ with st.expander("Start a sweep", icon=":material/grid_view:"):
                 st.success(f"Sweep `{sid}` queued ({spec.size()} cells); it runs in the background on Ray and "
                            "survives page reloads. Progress above.")
 
-table = runs_table(runs, ref)
+# --- the model's family: one history per model (its fingerprint), a repaired model with its parent's runs ------
+
+fam = family(runs, suspect, ref, key=ref_fingerprint(ref))
+here_ref, here, made_by = ref, suspect, fam.made_by
+if fam.repaired and fam.parent_ref is not None:
+    # a repaired model: the page shows its parent's runs (the one that made it highlighted) and its own below
+    st.info(f"**{suspect.name}** is the repaired model of {made_by_text(fam, runs)}. Below: every run of its "
+            f"parent (this model's siblings; the run that made it is highlighted), then the runs on this model "
+            f"itself ({len(fam.children)}).", icon=":material/family_history:")
+    if st.button("Open the parent in the analysis pages", key="cmp_open_parent", icon=":material/arrow_upward:"):
+        st.session_state["suspect"] = fam.parent_ref
+        st.rerun()
+    ref, suspect = fam.parent_ref, load_suspect(fam.parent_ref)[0]
+    table = runs_table(runs, records=fam.siblings)
+else:
+    table = runs_table(runs, records=fam.children)
+    if fam.repaired:  # the parent no longer loads: its runs are listed from the store alone
+        st.info(f"**{suspect.name}** is the repaired model of {made_by_text(fam, runs)}; that suspect cannot be "
+                "loaded any more, so only the runs on this model are shown.")
 if table.empty:
     st.info("No finished run of this suspect is stored yet. Run a defense on the Defenses page (or "
-            f"`backdoor-lens defend DEFENSE {ref}`) and come back.")
+            f"`backdoor-lens defend DEFENSE {short_ref(ref, runs, suspect)}`) and come back.")
     st.stop()
 
-st.subheader(f"Stored runs ({len(table)})")
+if made_by is not None and ref != here_ref:
+    st.subheader(f"Runs of the parent, {label_of(ref)} ({len(table)})")
+else:
+    st.subheader(f"Stored runs ({len(table)})")
 f = st.columns([2, 2, 2, 1, 1])  # the preset chips ("quick", "paper") need the room
 defenses = f[0].multiselect("Defense", sorted(set(table.defense)), default=sorted(set(table.defense)),
                             key="cmp_defenses")
@@ -129,7 +153,15 @@ config |= {"seconds": st.column_config.NumberColumn("seconds", help=COLUMN_DEFIN
            "failed": st.column_config.CheckboxColumn("failed", help=COLUMN_DEFINITIONS["failed"]), **numbers,
            "asr_after_retune": st.column_config.NumberColumn("ASR after re-tuning", format="%.3f",
                                                              help=COLUMN_DEFINITIONS["asr_after_retune"])}
-st.dataframe(shown, column_config=config, hide_index=True, key="cmp_table")
+if made_by is not None and (shown.run_id == made_by.id).any():
+    marked = shown.copy()
+    marked.insert(0, "made_this_model", marked.run_id == made_by.id)
+    config["made_this_model"] = st.column_config.CheckboxColumn("this model", help=MADE_THIS)
+    st.dataframe(marked.style.apply(lambda row: ["background-color: rgba(255, 200, 0, 0.25)"
+                                                 if row["made_this_model"] else "" for _ in row], axis=1),
+                 column_config=config, hide_index=True, key="cmp_table")
+else:
+    st.dataframe(shown, column_config=config, hide_index=True, key="cmp_table")
 if shown.empty:
     st.warning("No run passes the filters.")
 else:
@@ -161,6 +193,15 @@ else:
                             format_func=lambda r: run_label(shown.set_index("run_id").loc[r].to_dict() | {"run_id": r}))
         stress_panel(runs, pick, shown.set_index("run_id").loc[pick, "run_dir"], key="cmp_")
 
+if ref != here_ref:  # a repaired model: its own runs (their "before" is this model)
+    own = runs_table(runs, records=fam.children)
+    st.subheader(f"Runs on this repaired model ({len(own)})")
+    if own.empty:
+        st.caption("None yet: run a defense on it on the Defenses page (or "
+                   f"`backdoor-lens defend DEFENSE {short_ref(here_ref, runs, here)}`).")
+    else:
+        st.dataframe(own, column_config=config, hide_index=True, key="cmp_own_table")
+
 # --- side by side -------------------------------------------------------------------------------------
 
 st.subheader("Before / after, side by side")
@@ -169,7 +210,9 @@ options = list(labels)
 best = best_run(table)
 s1, s2 = st.columns(2)
 left = s1.selectbox("Left", options, index=0, format_func=labels.get, key="cmp_left")
-right = s2.selectbox("Right", options, index=options.index(best.run_dir) if best is not None else 0,
+default_right = made_by.run_dir if made_by is not None and made_by.run_dir in options else \
+    (best.run_dir if best is not None else options[0])
+right = s2.selectbox("Right", options, index=options.index(default_right),
                      format_func=labels.get, key="cmp_right")
 chosen = list(dict.fromkeys([left, right]))
 if len(chosen) == 1:
@@ -296,7 +339,7 @@ e[2].download_button("Charts (PNG, zip)", lambda: figures_zip(charts), file_name
                      "each chart's camera button also saves it as PNG")
 picked = table.set_index("run_dir").loc[[r for r in chosen if r != ref], "run_id"].tolist()
 report_n = min(n, 200)  # the report runs all four analyses on every model shown: cap its sample
-e[3].download_button("HTML report", lambda: html_report(ref, store=runs, runs=picked or None, n=report_n),
+e[3].download_button("HTML report", lambda: html_report(here_ref, store=runs, runs=picked or None, n=report_n),
                      file_name=f"{stem}-report.html", mime="text/html", icon=":material/description:",
                      on_click="ignore", key="cmp_html",
                      help=f"one self-contained file (opens offline): every stored run of this suspect, the charts, "
