@@ -17,6 +17,7 @@ import torch
 
 import suspects
 from analysis.gradcam import cam_overlay
+from dashboard.paths import from_url, to_url
 from runs import uploads
 from runs.identity import run_of_folder
 from runs.store import RunStore, runs_root
@@ -102,7 +103,7 @@ def device() -> torch.device:
 def selected_ref() -> str:
     """The selected suspect, kept in session state and in the query params so a reload keeps it."""
     choices = suspect_choices()
-    ref = st.session_state.get("suspect") or st.query_params.get("suspect") \
+    ref = st.session_state.get("suspect") or from_url(st.query_params.get("suspect"), choices) \
         or os.environ.get("BACKDOOR_LENS_SUSPECT") or DEFAULT_SUSPECT
     if ref not in choices and choices:
         ref = DEFAULT_SUSPECT if DEFAULT_SUSPECT in choices else choices[0]
@@ -199,7 +200,7 @@ def sidebar() -> str:
         st.slider("Sample size (images per view)", 50, 2000, st.session_state.get("sample_size", 500), step=50,
                   key="sample_size", help="How many test images the analysis views use; larger is slower but steadier.")
         st.caption(f"Device: **{describe_device(device())}**")
-    st.query_params["suspect"] = ref
+    st.query_params["suspect"] = to_url(ref)  # no absolute server path in the URL
     return ref
 
 

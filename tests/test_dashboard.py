@@ -269,3 +269,23 @@ def test_a_damaged_stored_suspect_stops_the_page_in_one_line(tmp_path, monkeypat
     picker(at).set_value("demo:clean").run()
     assert not at.exception, at.exception
     assert "clean" in at.title[0].value
+
+
+def test_the_url_names_a_stored_suspect_without_a_server_path(tmp_path, monkeypatch):
+    """Issue 27.8: the page URL carries ``runs:<folder in the run store>``, never the absolute path, and reads back."""
+    import suspects
+
+    monkeypatch.setenv("BACKDOOR_LENS_RUNS", str(tmp_path))
+    folder = suspects.save(suspects.load("demo:clean"), tmp_path / "recovered" / "clean-copy")
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.session_state["suspect"] = str(folder)
+    at.run()
+    assert not at.exception, at.exception
+    url = at.query_params["suspect"]
+    url = url[0] if isinstance(url, list) else url
+    assert url == "runs:recovered/clean-copy" and str(tmp_path) not in url
+    again = AppTest.from_file(APP, default_timeout=120)
+    again.query_params["suspect"] = url
+    again.run()
+    assert not again.exception, again.exception
+    assert picker(again).value == str(folder)
