@@ -33,7 +33,8 @@ NORMS = ("l1", "l2", "linf")
 
 
 def default_layers(model: nn.Module) -> list[str]:
-    """Every residual block's output; for a network without skips, the ReLUs after convolutions."""
+    """Every residual block's output (a transformer's blocks: tokens x channels); for a network without skips, the
+    activations after convolutions."""
     blocks = list_residual_blocks(model)
     if blocks:
         return blocks
@@ -55,7 +56,9 @@ def channel_norms(model: nn.Module, images: torch.Tensor, layers: list[str], bat
 
     def hook(name):
         def fn(module, inputs, output):
-            a = output.detach().float().abs().flatten(2)  # (B, C, HW)
+            a = output.detach().float().abs()
+            # (B, C, HW) from a map; a transformer's (B, T, D) tokens are D channels over T positions
+            a = a.transpose(1, 2) if a.dim() == 3 else a.flatten(2)
             current[name] = torch.stack([a.sum(2), a.pow(2).sum(2).sqrt(), a.amax(2)], dim=2).cpu()
         return fn
 

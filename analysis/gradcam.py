@@ -13,6 +13,7 @@ pixels* (the fraction of the image where the trigger changes the pixels most; ch
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,7 @@ from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, LayerCAM, Score
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
+from suspects.adapters import tokens_to_grid
 from suspects.models import list_residual_blocks
 from suspects.triggers import Trigger
 
@@ -55,8 +57,28 @@ WHOLE_IMAGE_FRACTION = 0.5  # a footprint above this share of the image makes th
 STRONGEST_FRACTION = 0.1  # the share of pixels the "strongest pixels" measure keeps
 
 
+def _token_layers(model: nn.Module) -> list[str]:
+    """For a transformer: each block's first norm, whose (N, T, D) tokens a CAM reads on their patch grid."""
+    names = []
+    for block in getattr(model, "transformer_blocks", lambda: [])():
+        mod = model.get_submodule(block)
+        norm = next((n for n, c in mod.named_children() if isinstance(c, nn.LayerNorm)), None)
+        if norm is not None:
+            names.append(f"{block}.{norm}")
+    return names
+
+
+def _reshape_for(model: nn.Module, layer: str):
+    """pytorch-grad-cam's ``reshape_transform`` for ``layer``: tokens onto their grid for a transformer's layers."""
+    return tokens_to_grid if layer in _token_layers(model) else None
+
+
 def candidate_layers(model: nn.Module) -> list[str]:
-    """Layers a CAM can hook: residual blocks, else the ReLUs that follow convolutions."""
+    """Layers a CAM can hook: a transformer's block norms, else residual blocks, else the ReLUs that follow
+    convolutions (any activation module, for library networks)."""
+    tokens = _token_layers(model)
+    if tokens:
+        return tokens
     blocks = list_residual_blocks(model)
     if blocks:
         return blocks
@@ -64,7 +86,7 @@ def candidate_layers(model: nn.Module) -> list[str]:
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
             prev_conv = True
-        elif isinstance(m, nn.ReLU) and prev_conv:
+        elif isinstance(m, (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU)) and prev_conv:
             names.append(name)
             prev_conv = False
     return names
@@ -73,8 +95,10 @@ def candidate_layers(model: nn.Module) -> list[str]:
 def _output_sizes(model: nn.Module, names: list[str], input_shape: tuple[int, int, int]) -> dict[str, int]:
     sizes: dict[str, int] = {}
     modules = dict(model.named_modules())
-    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: sizes.__setitem__(n, o.shape[-1]))
-             for n in names]
+    def size(o: torch.Tensor) -> int:  # a token sequence's size is its patch grid's side
+        return int(math.isqrt(o.shape[1])) if o.dim() == 3 else int(o.shape[-1])
+
+    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: sizes.__setitem__(n, size(o))) for n in names]
     try:
         with torch.no_grad():
             was = model.training
@@ -92,6 +116,9 @@ def default_target_layer(model: nn.Module, input_shape: tuple[int, int, int], mi
 
     A 4x4 map (``layer4`` on 28-32 px inputs) cannot localise a 3x3 trigger; ``layer3`` (7-8 px) can.
     """
+    tokens = _token_layers(model)
+    if tokens:  # a ViT: the last block's norm, as pytorch-grad-cam documents (every block sees the whole grid)
+        return tokens[-1]
     names = candidate_layers(model)
     if not names:
         raise ValueError("model has no convolutional layer to attach a CAM to")
@@ -112,7 +139,8 @@ def compute_cams(model: nn.Module, images: torch.Tensor, layer: str, method: str
     was_training = model.training
     out = []
     try:
-        with CAM_METHODS[method](model=model, target_layers=[modules[layer]]) as cam:
+        with CAM_METHODS[method](model=model, target_layers=[modules[layer]],
+                                 reshape_transform=_reshape_for(model, layer)) as cam:
             for start in range(0, len(images), batch_size):
                 x = images[start:start + batch_size].to(device)
                 t = None

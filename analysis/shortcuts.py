@@ -116,6 +116,14 @@ def _predictions(api: InspectableModel, x: torch.Tensor, block_pos: int, gammas:
                  ) -> dict[float, torch.Tensor]:
     """Predictions with block ``block_pos`` scaled by each gamma: the stem and the blocks before it run once."""
     blocks = [b for _, b in api.blocks()]
+    if getattr(api, "sequential_blocks", True) is False:  # a library network: one whole forward pass per gamma
+        block = blocks[block_pos]
+        out = {}
+        for g in gammas:
+            block.gamma = float(g)
+            out[g] = api(x).argmax(1).cpu()  # type: ignore[operator]
+        block.gamma = 1.0
+        return out
     h = api.forward_stem(x)
     for blk in blocks[:block_pos]:
         h = blk(h)

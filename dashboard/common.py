@@ -26,6 +26,7 @@ from suspects.data import DatasetNotFoundError, list_sources
 from suspects.device import apply_cpu_threads, describe_device, pick_device, prepare_model
 from suspects.models import list_models
 from suspects.store import DEMO_SUSPECTS, SuspectLoadError, list_demo_suspects
+from suspects.triggers import list_triggers
 
 DEFAULT_SUSPECT = "demo:badnets"
 UPLOAD_LIMIT_MB = uploads.UPLOAD_LIMIT_MB
@@ -132,7 +133,8 @@ def load_error(err: Exception) -> None:
             st.code(details, language=None)
 
 
-def upload_checkpoint(raw: bytes, filename: str, arch: str, data: str, width: int | None) -> str | None:
+def upload_checkpoint(raw: bytes, filename: str, arch: str, data: str, width: int | None,
+                      normalize: str | None = None, trigger: dict | None = None) -> str | None:
     """Save an uploaded checkpoint as a suspect and select it; returns its folder, or None after showing the error
     as one line (details in an expander). Width, input channels and class count are read off the weights unless
     ``width`` is given."""
@@ -141,7 +143,8 @@ def upload_checkpoint(raw: bytes, filename: str, arch: str, data: str, width: in
         return None
     try:
         folder, _ = uploads.save_upload(raw, filename, arch, data,
-                                        arch_kwargs={"width": int(width)} if width else None, root=runs_root())
+                                        arch_kwargs={"width": int(width)} if width else None, root=runs_root(),
+                                        normalize=normalize, trigger=trigger)
     except DatasetNotFoundError as err:
         load_error(err)
         return None
@@ -162,13 +165,34 @@ def _upload_form() -> None:
         st.caption(f"A state dict (.safetensors, .pt, .pth; at most {UPLOAD_LIMIT_MB} MB). Nothing in it is executed: "
                    "pickles that ask for code are refused.")
         file = st.file_uploader("Checkpoint", type=["safetensors", "pt", "pth"], key="upload_file")
-        arch = st.selectbox("Architecture", list_models(), key="upload_arch")
-        width = st.number_input("Width (base channels)", 1, 512, None, key="upload_width", placeholder="from weights",
-                                help="leave empty: read off the weights (with input channels and class count)")
+        other = "another library's: torchvision:NAME or timm:NAME"
+        arch = st.selectbox("Architecture", [*list_models(), other], key="upload_arch")
+        if arch == other:
+            arch = st.text_input("Library architecture", "torchvision:resnet18", key="upload_arch_name",
+                                 help="any torchvision classification model (torchvision:mobilenet_v3_small) or timm "
+                                      "model (timm:vit_tiny_patch16_224); the file holds the library's key names")
+            width = None
+        else:
+            width = st.number_input("Width (base channels)", 1, 512, None, key="upload_width",
+                                    placeholder="from weights",
+                                    help="leave empty: read off the weights (with input channels and class count)")
         data = st.selectbox("Measure on", list_sources()[:-1], key="upload_data",
                             help="the data source whose test split and classes the model uses")
+        normalize = st.text_input("Input normalisation", "", key="upload_norm",
+                                  placeholder="the data source's standard one",
+                                  help="a name (imagenet, cifar10, mnist, fashion-mnist, demo, half, none) or "
+                                       "per-channel means/stds as M1,...,Mc/S1,...,Sc; empty: the data source's "
+                                       "standard one, shown as assumed on Overview")
+        unknown = "unknown: detect it (Detection page)"
+        attack = st.selectbox("Attack", [unknown, *list_triggers()], key="upload_attack",
+                              help="the trigger, when known, so ASR can be measured; otherwise Neural Cleanse looks "
+                                   "for one")
+        trigger = None
+        if attack != unknown:
+            target = st.number_input("Target class", 0, 999, 0, key="upload_target")
+            trigger = {"name": attack, "target": int(target), "mapping": "all-to-one", "params": {}}
         if file is not None and st.button("Load checkpoint", key="upload_go"):
-            if upload_checkpoint(file.getvalue(), file.name, arch, data, width):
+            if upload_checkpoint(file.getvalue(), file.name, arch, data, width, normalize.strip() or None, trigger):
                 st.rerun()
 
 
@@ -315,3 +339,13 @@ class StreamlitProgress:
 
     def done(self) -> None:
         self.bar.empty()
+
+
+def stop_unless_applicable(suspect: suspects.Suspect, needs: tuple[str, ...], view: str) -> None:
+    """A view that needs what the model lacks says so ("not applicable to this model: ...") and stops the page."""
+    from suspects.models import not_applicable_reason
+
+    reason = not_applicable_reason(suspect.model, needs)
+    if reason:
+        st.info(f"{view}: {reason}.")
+        st.stop()

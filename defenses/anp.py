@@ -106,6 +106,7 @@ class ANP(Defense):
     title = "Adversarial Neuron Pruning (ANP)"
     paper = "Wu & Wang, NeurIPS 2021 (arXiv 2110.14430)"
     order = 40
+    needs = ("batchnorm", "rebuildable")
     summary = ("Perturbs every BN channel adversarially and learns which channels the model can lose; the ones "
                "that make it collapse toward the target under small noise are pruned.")
     threat = ThreatModel(clean_pool=True)

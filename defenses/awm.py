@@ -102,6 +102,7 @@ class AWM(Defense):
     title = "Adversarial Weight Masking (AWM)"
     paper = "Chai & Chen, NeurIPS 2022 (arXiv 2207.04497)"
     order = 30
+    needs = ("convolutions", "rebuildable", "trainable")
     summary = ("Recovers a universal trigger-like perturbation and learns soft masks on all convolution weights so "
                "the network stops reacting to it; works down to one clean image per class.")
     threat = ThreatModel(clean_pool=True, note="one image per class suffices in the one-shot setting")

@@ -86,14 +86,30 @@ class Defense:
     # parameters that may name an earlier run (its id, folder or the file itself) -> the file of that run they need;
     # whoever owns the run store resolves a run id to the file's path before the run, so a defense sees paths only
     run_files: ClassVar[dict[str, str]] = {}
+    # what the defense needs from the model (names of suspects.models.CAPABILITIES); a model without one gets
+    # "not applicable to this model: ..." on its card and from `defend`, never a traceback
+    needs: ClassVar[tuple[str, ...]] = ("rebuildable", "trainable")
 
     def make_params(self, preset: str = "quick", overrides: dict[str, Any] | None = None) -> Any:
         if preset not in self.presets:
             raise ParamError(f"{self.name}: unknown preset {preset!r}; presets: {sorted(self.presets)}")
         return params_from(self.Params, {**self.presets[preset], **(overrides or {})})
 
+    def not_applicable(self, model: nn.Module) -> str | None:
+        """Why this defense cannot run on ``model`` (what the model lacks), or None when it can."""
+        from suspects.models import not_applicable_reason
+
+        reason = not_applicable_reason(model, self.needs)
+        return f"{self.title}: {reason}" if reason else None
+
     def check_applicable(self, suspect: Suspect) -> None:
-        """Raise ValueError when the suspect lacks what the threat model needs."""
+        """Raise ValueError when the model lacks what the defense needs
+        (:class:`~suspects.models.NotApplicableError`) or the suspect what the threat model needs."""
+        reason = self.not_applicable(suspect.model)
+        if reason:
+            from suspects.models import NotApplicableError
+
+            raise NotApplicableError(reason)
         if self.threat.poisoned_training_set:
             poison = suspect.card.get("poison")
             if not poison or suspect.trigger is None:

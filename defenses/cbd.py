@@ -324,6 +324,7 @@ class CBD(Defense):
     title = "Causality-inspired Backdoor Defense (CBD)"
     paper = "Zhang et al., CVPR 2023 (arXiv 2303.06818)"
     order = 80
+    needs = ("linear_head", "module_hooks", "rebuildable", "trainable")
     summary = ("Trains a deliberately backdoored model for a few epochs to capture the trigger shortcut, then trains "
                "a fresh model from the poisoned training set with per-sample weights that down-weight what the "
                "backdoored model finds easy, plus a mutual-information penalty that keeps the two models' features "

@@ -66,6 +66,7 @@ class FinePrune(RankedPruning):
     summary = ("Prunes the last-layer channels that stay quiet on clean images, where backdoor neurons tend to hide, "
                "until clean accuracy starts to suffer; then fine-tunes on clean data.")
     order = 50
+    needs = ("feature_map", "pooled_head", "linear_head", "rebuildable", "trainable")
     threat = ThreatModel(clean_pool=True)
     Params = FinePruneParams
     presets = {"quick": {"steps": 140, "lr": 0.05, "batch_size": 64}, "paper": {}}

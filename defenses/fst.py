@@ -91,6 +91,7 @@ class FST(Defense):
     title = "Feature Shift Tuning (FST)"
     paper = "Min et al., NeurIPS 2023 (arXiv 2310.01875)"
     order = 91
+    needs = ("linear_head", "rebuildable", "trainable")
     summary = ("Re-initialises the classifier and fine-tunes the whole network on a small clean set while pushing the "
                "new classifier away from the old one, so the features drift away from the backdoored ones; works at "
                "low poisoning rates where plain fine-tuning fails.")

@@ -77,6 +77,7 @@ class LinfPrune(RankedPruning):
     summary = ("Finds the last-layer channels whose strongest response (l_inf norm) jumps when the trigger is "
                "present and prunes them. A partial defense that needs a trigger, known or recovered.")
     order = 20
+    needs = ("feature_map", "pooled_head", "linear_head", "rebuildable")
     threat = ThreatModel(clean_pool=True, trigger=True, note="with the known trigger this is an oracle setting")
     Params = LinfPruneParams
     # paper: the 5-10% budget the reference suggests ([design], no official values); quick: on the narrow demo

@@ -69,6 +69,7 @@ class ShortcutSuppression(Defense):
     title = "Shortcut suppression (SSFT)"
     paper = "Yang et al., ICASSP 2023 (arXiv 2211.05631)"
     order = 10
+    needs = ("residual_blocks", "rebuildable")
     summary = ("Switches off the skip connection the trigger travels through (the critical block of the ablation) "
                "and fine-tunes that stage on clean data to win back accuracy.")
     threat = ThreatModel(clean_pool=True, trigger=True,
@@ -77,10 +78,6 @@ class ShortcutSuppression(Defense):
     # quick keeps this project's former fine-tuning (cosine, crop); paper is the official code's (constant, none)
     presets = {"quick": {"steps": 70, "batch_size": 64, "lr": 0.02, "schedule": "cosine", "augment": "crop"},
                "paper": {}}
-
-    def check_applicable(self, suspect) -> None:
-        if not list_residual_blocks(suspect.model):
-            raise ValueError(f"{self.title} needs skip connections; {suspect.card.get('arch')} has none")
 
     def repair(self, model, params: ShortcutParams, ctx: RepairContext) -> DefenseOutput:
         blocks = list_residual_blocks(model)

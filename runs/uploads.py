@@ -40,11 +40,14 @@ def upload_folder(raw: bytes, filename: str, root: str | os.PathLike | None = No
 
 
 def save_upload(raw: bytes, filename: str, arch: str, data: str, arch_kwargs: dict[str, Any] | None = None,
-                root: str | os.PathLike | None = None, limit_mb: int = UPLOAD_LIMIT_MB) -> tuple[Path, Suspect]:
+                root: str | os.PathLike | None = None, limit_mb: int = UPLOAD_LIMIT_MB, normalize: str | None = None,
+                trigger: dict[str, Any] | None = None) -> tuple[Path, Suspect]:
     """Read an uploaded state dict (``.safetensors`` / ``.pt`` / ``.pth``) as architecture ``arch`` measured on the
     data source ``data``, and save it as a suspect folder under ``<root>/uploads/``; returns the folder and suspect.
 
-    Nothing in the file runs. Errors name ``filename`` (the user's own), never the temporary copy:
+    ``normalize`` names the model's input normalisation (default: the data source's standard one, recorded as
+    assumed); ``trigger`` a trigger spec when the attack is known (None: unknown, to be detected). Nothing in the
+    file runs. Errors name ``filename`` (the user's own), never the temporary copy:
     :class:`suspects.CheckpointError` for the file itself, :class:`suspects.SuspectLoadError` otherwise, and
     :class:`suspects.DatasetNotFoundError` when the data source is missing.
     """
@@ -60,7 +63,8 @@ def save_upload(raw: bytes, filename: str, arch: str, data: str, arch_kwargs: di
         path.write_bytes(raw)
         suspect = suspects.load(path, arch=arch, classes=pair.classes, input_shape=pair.input_shape,
                                 data={"name": data}, arch_kwargs=dict(arch_kwargs or {}),
-                                name=Path(filename).stem, label=filename)
+                                name=Path(filename).stem, label=filename, normalize=normalize or None,
+                                trigger=trigger)
     suspect.card["provenance"] = {"source": "upload", "file": filename,
                                   "sha256_prefix": hashlib.sha256(raw).hexdigest()[:12]}
     folder = suspects.save(suspect, upload_folder(raw, filename, root), overwrite=True)

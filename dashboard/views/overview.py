@@ -8,6 +8,7 @@ import torch
 
 from dashboard.common import device, load_suspect, model_line, sidebar, trigger_notice
 from suspects.metrics import DEFINITIONS, predict
+from suspects.store import normalization_label
 
 
 def run_report(ref: str) -> dict:
@@ -39,7 +40,26 @@ st.markdown(
     "This page shows what is known about it and how often the trigger works."
 )
 
+MEASURE_LIMIT = 2000
+
+
+@st.cache_data(show_spinner="Measuring BA / ASR on the test split ...", max_entries=16)
+def measured_metrics(ref: str) -> dict:
+    """BA / ASR / RA of a suspect whose card holds none (an upload, a checkpoint), on its first test images."""
+    from suspects.metrics import evaluate_subset
+
+    s, lk = load_suspect(ref)
+    with lk:
+        m = evaluate_subset(s.model, s.test, s.trigger, MEASURE_LIMIT, device=device())
+    return {**m.to_dict(), "evaluated_on": f"{m.n_clean} random test images, measured when the model was opened"}
+
+
 metrics = card.get("metrics") or {}
+if not metrics.get("ba") and card.get("data"):
+    try:
+        metrics = measured_metrics(ref)
+    except Exception as err:  # noqa: BLE001 - a missing data source: the card is still shown
+        st.warning(f"BA / ASR could not be measured: {getattr(err, 'summary', None) or err}")
 cols = st.columns(3)
 labels = {"ba": "BA (benign accuracy)", "asr": "ASR (attack success rate)", "ra": "RA (robust accuracy)"}
 for col, key in zip(cols, ("ba", "asr", "ra"), strict=True):
@@ -60,6 +80,7 @@ with left:
         "classes": ", ".join(suspect.classes),
         "input shape (C, H, W)": str(tuple(card.get("input_shape", []))),
         "data source": str(card.get("data")),
+        "input normalisation": normalization_label(card),
         "attack": "none known" if trigger is None else
         f"{trigger.name}, target {trigger.target} ({suspect.classes[trigger.target]}), {trigger.mapping}",
         "attack parameters": "—" if trigger is None else (

@@ -97,6 +97,7 @@ class DBD(Defense):
     title = "Decoupling-based Backdoor Defense (DBD)"
     paper = "Huang et al., ICLR 2022 (arXiv 2202.03423)"
     order = 70
+    needs = ("linear_head", "module_hooks", "rebuildable", "trainable")
     summary = ("Retrains the model from the poisoned training set in three stages: a self-supervised backbone "
                "(SimCLR, labels ignored, so features group by content rather than by trigger), a linear head with "
                "a noise-robust loss, then semi-supervised MixMatch fine-tuning where the high-loss half (where the "
