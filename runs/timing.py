@@ -33,6 +33,7 @@ from suspects.device import pick_device, prepare_model, to_device
 from suspects.metrics import model_fingerprint, stored_metrics
 from suspects.store import Suspect
 
+from .identity import runs_of
 from .store import RunStore
 from .uploads import read_card
 
@@ -105,7 +106,8 @@ def _matching_times(store: RunStore, defense: str, resolved: dict[str, Any], sus
     device kind: of suspect ``suspect_ref``, or (``suspect_ref`` None) of any other suspect whose model has the
     ``family`` (architecture, its arguments, input shape) of the repaired model its run folder holds."""
     times = []
-    for rec in store.list(status="finished", suspect=suspect_ref, defense=defense):
+    for rec in (runs_of(store, suspect_ref, defense=defense) if suspect_ref is not None  # the model, any name
+                else store.list(status="finished", defense=defense)):
         summary = rec.summary or {}
         if (rec.params.get("_resolved") != resolved or int(rec.pool_size) != int(pool_size)
                 or str(rec.params.get("_measure") or "full") != measure

@@ -15,14 +15,17 @@ from defenses.base import ParamError, param_specs
 from defenses.registry import all_defenses, get_defense, list_defenses
 from defenses.runner import HELD_OUT_FRACTION, resolve_pool_size
 from runs.compare import format_groups, group_runs, runs_table
+from runs.identity import runs_of
 from runs.jobs import ensure_worker, reap_workers, submit
 from runs.store import RunRecord
 from runs.timing import eta_text, expected_time
+from suspects.identity import ref_fingerprint
 from suspects.metrics import DEFINITIONS
 from suspects.plugins import refused
 
 ref = sidebar()
 suspect, model_lock = load_suspect(ref)
+model_key = ref_fingerprint(ref)  # one history per model: its runs under any name (runs.identity)
 runs = store()
 reap_workers()  # a worker this server started and that has exited is waited for: no zombies (issue 12.9)
 
@@ -50,7 +53,7 @@ LIVE_MEASURE = "subset:2000"
 
 def _expected(defense_name: str, preset: str, overrides: dict) -> str:
     """The card's expected-time line: measured from finished runs in the store, else estimated (cached)."""
-    n_done = len(runs.list(status="finished", suspect=ref, defense=defense_name))
+    n_done = len(runs_of(runs, ref, key=model_key, defense=defense_name))
     key = (ref, defense_name, preset, tuple(sorted((k, str(v)) for k, v in overrides.items())), pool_size, n_done)
 
     def compute() -> str:
@@ -201,7 +204,7 @@ def _render_spread(rec: RunRecord) -> None:
 
 @st.fragment(run_every=1.0)
 def live_panel(defense_name: str) -> None:
-    latest = runs.list(suspect=ref, defense=defense_name)
+    latest = runs_of(runs, ref, key=model_key, status=None, defense=defense_name)
     rec = latest[0] if latest else None
     if rec is None or not rec.active:
         st.rerun()  # the run ended: redraw the whole page once with its results
@@ -233,7 +236,7 @@ for defense in cards:
             applicable, reason = True, ""
         except ValueError as err:
             applicable, reason = False, str(err)
-        latest = runs.list(suspect=ref, defense=defense.name)
+        latest = runs_of(runs, ref, key=model_key, status=None, defense=defense.name)  # this model, any name
         rec = latest[0] if latest else None
         busy = rec is not None and rec.active
         with st.expander("Parameters", expanded=False):
