@@ -142,10 +142,18 @@ def activation_summary(model: nn.Module, sample: PairedSample) -> pd.DataFrame:
 
 @torch.no_grad()
 def channel_maps(model: nn.Module, images: torch.Tensor, layer: str, channels: list[int]) -> np.ndarray:
-    """Activation maps (N, len(channels), h, w) of selected channels, for display."""
+    """Activation maps (N, len(channels), h, w) of selected channels, for display (a transformer's tokens laid on
+    their patch grid)."""
+    from suspects.adapters import tokens_to_grid
+
     modules = dict(model.named_modules())
     captured: list[torch.Tensor] = []
-    handle = modules[layer].register_forward_hook(lambda m, i, o: captured.append(o.detach().float()[:, channels].cpu()))
+
+    def keep(m: nn.Module, i: tuple, o: torch.Tensor) -> None:
+        o = o.detach().float()
+        captured.append((tokens_to_grid(o) if o.dim() == 3 else o)[:, channels].cpu())
+
+    handle = modules[layer].register_forward_hook(keep)
     was = model.training
     model.eval()
     try:

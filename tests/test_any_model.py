@@ -176,3 +176,55 @@ def test_exported_program_loads_without_its_code_and_refuses_code(tmp_path):
         dst.writestr("m/extra/payload.pkl", pickle.dumps(Evil()))
     with pytest.raises(suspects.CheckpointError, match="asks to run code"):
         suspects.load(bad, data="demo")
+
+
+def test_every_page_renders_on_library_models(tmp_path, runs_dir):
+    """Every page on a timm ViT (tokens, no BatchNorm) and a torchvision DenseNet (no skips), saved as suspect folders:
+    each renders without an exception, and a view that cannot apply says why."""
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    app = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
+
+    torch.manual_seed(0)
+    folders = {}
+    for arch, kw in (("timm:vit_tiny_patch16_224", FAMILIES["timm:vit_tiny_patch16_224"]),
+                     ("torchvision:densenet121", FAMILIES["torchvision:densenet121"])):
+        model = create_model(arch, num_classes=10, in_channels=1, input_size=28, **kw).eval()
+        path = tmp_path / f"{arch.replace(':', '_')}.safetensors"
+        save_file({k: v.contiguous() for k, v in model.net.state_dict().items()}, str(path))
+        kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
+        s = suspects.load(path, arch=arch, data="demo", trigger=TRIGGER, arch_kwargs=kwargs)
+        folders[arch] = suspects.save(s, runs_dir / "uploads" / path.stem)
+    pages = ["overview", "gradcam", "activations", "features", "shortcuts", "detection", "screening", "defenses"]
+    for arch, folder in folders.items():
+        at = AppTest.from_file(app, default_timeout=240)
+        at.query_params["suspect"] = str(folder)
+        at.session_state["sample_size"] = 50
+        at.run()
+        assert not at.exception, (arch, at.exception)
+        for page in pages:
+            at.switch_page(f"views/{page}.py").run()
+            assert not at.exception, (arch, page, at.exception)
+            if page == "shortcuts" and arch == "torchvision:densenet121":
+                assert any("not applicable to this model" in i.value for i in at.info), [i.value for i in at.info]
+        if arch == "timm:vit_tiny_patch16_224":  # ANP needs BatchNorm: its card says so
+            assert any("not applicable to this model" in str(c.value) for c in [*at.info, *at.caption, *at.warning,
+                                                                                 *at.markdown])
+
+
+def test_architecture_table_in_docs_is_current():
+    """The cheap rows of docs/bring-your-own-model.md's table regenerate verbatim (scripts/model_table.py)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("model_table", root / "scripts" / "model_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    doc = (root / "docs" / "bring-your-own-model.md").read_text()
+    cheap = [f for f in mod.FAMILIES if f[0] in ("preact_resnet18", "vgg11_bn", "timm:resnet18",
+                                                  "timm:vit_tiny_patch16_224")]
+    for arch, row in mod.rows(cheap, exported=True):
+        assert mod.markdown_row(arch, row) in doc, arch
