@@ -228,3 +228,26 @@ def test_architecture_table_in_docs_is_current():
                                                   "timm:vit_tiny_patch16_224")]
     for arch, row in mod.rows(cheap, exported=True):
         assert mod.markdown_row(arch, row) in doc, arch
+
+
+def test_defend_takes_a_checkpoint_with_the_same_flags(tmp_path, runs_dir):
+    """Issue 27.3: `defend` takes a bare checkpoint with --arch / --data / --normalize like `evaluate`; the file is
+    kept as one suspect folder (the same file, the same folder), so its run is found again by `compare`."""
+    demo = "assets/demo/suspects/badnets/model.safetensors"
+    flags = ["--arch", "preact_resnet18", "--data", "demo", "--normalize", "demo", "--attack", "badnets"]
+    cmd = [sys.executable, "-m", "backdoor_lens.cli", "defend", "finetune", demo, *flags[:6], "--preset", "quick",
+           "--set", "steps=1", "--pool-size", "20", "--measure", "subset:32", "--no-estimate", "--json",
+           "--runs", str(runs_dir)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    uploads = list((runs_dir / "uploads").glob("model-*"))
+    assert len(uploads) == 1 and json.loads((uploads[0] / "suspect.json").read_text())["normalization"]["label"] == "demo"
+    listed = subprocess.run([sys.executable, "-m", "backdoor_lens.cli", "compare", str(uploads[0]), "--json",
+                             "--runs", str(runs_dir)], capture_output=True, text=True)
+    assert listed.returncode == 0 and listed.stdout.count('"finetune"') >= 1
+    # a file's own problem comes first, named, even without --arch
+    bad = tmp_path / "notes.pt"
+    bad.write_text("not a checkpoint")
+    out = subprocess.run([sys.executable, "-m", "backdoor_lens.cli", "defend", "finetune", str(bad),
+                          "--runs", str(runs_dir)], capture_output=True, text=True)
+    assert out.returncode == 2 and "not a checkpoint" in out.stderr
