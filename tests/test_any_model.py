@@ -251,3 +251,38 @@ def test_defend_takes_a_checkpoint_with_the_same_flags(tmp_path, runs_dir):
     out = subprocess.run([sys.executable, "-m", "backdoor_lens.cli", "defend", "finetune", str(bad),
                           "--runs", str(runs_dir)], capture_output=True, text=True)
     assert out.returncode == 2 and "not a checkpoint" in out.stderr
+
+
+@pytest.mark.parametrize("size,arch,kw", [
+    (64, "torchvision:resnet18", {}),  # Tiny-ImageNet's size
+    (224, "timm:vit_tiny_patch16_224", {"depth": 1, "embed_dim": 32, "num_heads": 2}),  # an ImageFolder at 224
+])
+def test_views_at_other_input_sizes(tmp_path, size, arch, kw):
+    """Input sizes other than 28 / 32 go through every view: an ImageFolder of RGB images at 64 and 224 pixels."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("a", "b", "c"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    data = {"name": "imagefolder", "root": str(tmp_path), "size": size}
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=3, in_channels=3, input_size=size, **kw).eval()
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in model.net.state_dict().items()}, str(path))
+    s = suspects.load(path, arch=arch, data=data, trigger={**TRIGGER, "params": {"size": 8}},
+                      arch_kwargs={k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
+                      normalize="imagenet")
+    assert s.input_shape == (3, size, size)
+    smp = paired_sample(s.test, s.trigger, 4)
+    cams = compare_gradcam(s.model, smp, s.trigger)
+    assert cams.clean_cams.shape == (4, size, size)
+    assert len(activation_stats(s.model, smp.clean, smp.triggered).table) > 0
+    assert feature_set(s, n_clean=6, n_triggered=3).features.shape[0] == 9
+    blocks = list_residual_blocks(s.model)
+    result = skip_ablation(s.model, smp.clean, s.test.labels[smp.index], smp.triggered, smp.attack_labels,
+                           gammas=(1.0, 0.0), blocks=blocks[-1:])
+    assert len(result.table) == 2
