@@ -59,27 +59,36 @@ def pool_asr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, trigger: Trigge
 def fine_tune(model: nn.Module, ctx: RepairContext, *, steps: int, lr: float, batch_size: int,
               momentum: float = 0.9, weight_decay: float = 5e-4, augment: str = "crop",
               after_step: Callable[[], None] | None = None, span: tuple[float, float] = (0.0, 1.0),
-              label: str = "fine-tuning", schedule: str = "cosine",
-              penalty: Callable[[], torch.Tensor] | None = None) -> list[float]:
+              label: str = "fine-tuning", schedule: str | Callable[..., object] = "cosine",
+              penalty: Callable[[], torch.Tensor] | None = None,
+              loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+              optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None) -> list[float]:
     """Cross-entropy on the pool's training part (plus ``penalty()`` when given; SGD, cosine schedule or a constant
     learning rate with ``schedule='constant'``, the trainable parameters only) through the
     one training loop :func:`suspects.training.fit`; reports every epoch with the held-out pool BA / ASR over the
     ``span`` of the defense's progress. ``penalty()``, when given, is added to every batch's loss (FST's term on
     the classifier). The budget is ``steps`` optimisation steps (the same work whatever the pool's size; the last
     pass over the pool may stop part-way).
+    ``loss(x, y)``, when given, replaces the cross-entropy of a batch (NAD's distillation loss, FT-SAM's smoothed
+    labels); ``optimizer(params)`` replaces SGD (given ``lr`` is then the optimiser's own); ``schedule`` may also be
+    a function ``schedule(optimizer, total_steps)`` returning a scheduler stepped after every optimiser step.
     Returns the per-epoch mean loss; the model ends in eval mode."""
     x, y, device = ctx.pool.x, ctx.pool.y, ctx.device
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = (optimizer(params) if optimizer is not None
+           else torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay))
     steps_per_epoch = max(1, -(-len(x) // batch_size))
     if int(steps) < 1:
         raise ValueError(f"fine_tune: steps must be >= 1, got {steps}")
     total_steps = int(steps)
     epochs = max(1, -(-total_steps // steps_per_epoch))
-    if schedule not in ("cosine", "constant"):
+    if callable(schedule):
+        sched = schedule(opt, total_steps)
+    elif schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
-             if schedule == "cosine" else None)
+    else:
+        sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
+                 if schedule == "cosine" else None)
     gen = torch.Generator().manual_seed(int(ctx.seed))  # the run's seed: batch order and crops vary with it
     monitor = pool_monitor(model, ctx.pool, ctx.trigger, device)
     lo, hi = span
@@ -92,10 +101,10 @@ def fine_tune(model: nn.Module, ctx: RepairContext, *, steps: int, lr: float, ba
 
     def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
         xb, yb = batch
-        loss = F.cross_entropy(model(xb), yb)
+        value = loss(xb, yb) if loss is not None else F.cross_entropy(model(xb), yb)
         if penalty is not None:
-            loss = loss + penalty()
-        return loss, len(yb)
+            value = value + penalty()
+        return value, len(yb)
 
     def tick(step: FitStep) -> None:
         ctx.check_cancel()
