@@ -286,3 +286,30 @@ def test_views_at_other_input_sizes(tmp_path, size, arch, kw):
     result = skip_ablation(s.model, smp.clean, s.test.labels[smp.index], smp.triggered, smp.attack_labels,
                            gammas=(1.0, 0.0), blocks=blocks[-1:])
     assert len(result.table) == 2
+
+
+def test_an_upload_asks_what_the_card_needs_and_overview_measures_it(runs_dir):
+    """Issue 27.4: an upload names its data source, normalisation and attack (or 'unknown'); Overview measures BA / ASR
+    for it instead of showing n/a and "?" images, and names the normalisation."""
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from runs.uploads import save_upload
+
+    raw = Path("assets/demo/suspects/badnets/model.safetensors").read_bytes()
+    folder, s = save_upload(raw, "mine.safetensors", "preact_resnet18", "demo", root=runs_dir, normalize="demo",
+                            trigger=TRIGGER)
+    assert s.card["normalization"]["label"] == "demo" and s.trigger is not None
+    app = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
+    at = AppTest.from_file(app, default_timeout=240)
+    at.query_params["suspect"] = str(folder)
+    at.run()
+    assert not at.exception, at.exception
+    values = [m.value for m in at.metric]
+    assert values[0] != "n/a" and values[1] != "n/a", values
+    assert float(values[1].rstrip("%")) > 90  # the demo BadNets weights under their own trigger
+    assert any("measured when the model was opened" in c.value for c in at.caption)
+    # the upload form has the fields the card needs
+    labels = {w.label for w in [*at.sidebar.selectbox, *at.sidebar.text_input]}
+    assert {"Architecture", "Measure on", "Input normalisation", "Attack"} <= labels, labels
