@@ -220,3 +220,28 @@ def test_fst_rescales_the_head_only_after_steps(badnets, monkeypatch):
     assert seen["steps"] == 2
     assert float(head(report.suspect.model).weight.norm()) == pytest.approx(norm_ori, rel=1e-4)
     assert report["artifacts"]["passes"] == 1.0  # 28 training images of a 40-image pool: batches of 16 and 12
+
+
+def test_every_registered_defense_has_a_fidelity_section():
+    """docs/fidelity.md has a section per registered defense (a heading naming it in backquotes) with a table of
+    what the official code does and what we do; a new defense must add one (issue 29)."""
+    from pathlib import Path
+
+    from defenses.registry import list_defenses
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "fidelity.md").read_text()
+    sections = {}
+    for part in text.split("\n### ")[1:]:
+        head, _, body = part.partition("\n")
+        if head.startswith("`"):
+            sections[head.split("`")[1]] = body.split("\n## ")[0]
+    # the project's own defenses (a third-party plugin a test installs documents itself)
+    ours = [d for d in list_defenses() if type(get_defense(d)).__module__.split(".")[0] == "defenses"]
+    assert len(ours) >= 11
+    missing = [d for d in ours if d not in sections]
+    assert not missing, (f"docs/fidelity.md has no section for {missing}: add a '### `NAME`: title' section with a "
+                         "table | aspect | official code | ours | why | measured | (see the sections there)")
+    for name in ours:
+        body = sections[name]
+        assert "| aspect |" in body and ("official code" in body or "the paper" in body), name
+        assert body.count("\n|") >= 3, f"the {name} section has no table rows"
