@@ -140,7 +140,7 @@ def test_overview(server, browser, shots):
 @pytest.mark.parametrize("path,marker", [
     ("gradcam", "Trigger-attention share, triggered inputs"),
     ("activations", "Top channels by l_inf bias"),
-    ("shortcuts", "At γ = 0 on that block"),
+    ("shortcuts", "ASR with that block off (γ = 0)"),
 ])
 def test_analysis_pages_render(server, browser, shots, path, marker):
     page = open_page(browser, f"{server}/{path}?suspect=demo:badnets")
