@@ -243,8 +243,8 @@ def estimate_range(defense: str, params: Any, suspect: Suspect, pool_size: int, 
     evals = FORWARD_SHARE * triggered * (after_n + (0 if reuse else n_test))
     where = f"on {torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else f"on {device.type}"
     return per * (passes + evals), per_median * (passes + evals), (
-        f"{passes:,.0f} training image passes at {1000 * per:.2f}-{1000 * per_median:.2f} ms each (fastest-median "
-        f"of the training steps timed here {where})")
+        f"{passes:,.0f} training image passes at {1000 * per:.2f}-{1000 * per_median:.2f} ms each, the fastest and "
+        f"the median of the training steps timed here {where}")
 
 
 def expected_time(store: RunStore, defense: str, preset: str, overrides: dict[str, Any] | None, suspect: Suspect,
