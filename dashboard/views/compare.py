@@ -17,14 +17,15 @@ from dashboard.stress import EXPLAIN as STRESS_EXPLAIN
 from dashboard.stress import stress_panel
 from runs.compare import (
     COLUMN_DEFINITIONS,
+    GROUP_DISPLAY,
     MADE_THIS,
     METRIC_LABELS,
     PART_TITLES,
     backdoorbench_csv,
     best_run,
     filter_runs,
-    format_groups,
     group_runs,
+    groups_display,
     metric_bars_figure,
     run_label,
     runs_table,
@@ -153,6 +154,7 @@ config |= {"seconds": st.column_config.NumberColumn("seconds", help=COLUMN_DEFIN
            "failed": st.column_config.CheckboxColumn("failed", help=COLUMN_DEFINITIONS["failed"]), **numbers,
            "asr_after_retune": st.column_config.NumberColumn("ASR after re-tuning", format="%.3f",
                                                              help=COLUMN_DEFINITIONS["asr_after_retune"])}
+config["run_dir"] = None  # the server's folder: not shown (the run id names a run everywhere)
 if made_by is not None and (shown.run_id == made_by.id).any():
     marked = shown.copy()
     marked.insert(0, "made_this_model", marked.run_id == made_by.id)
@@ -169,12 +171,18 @@ else:
                "the front among the runs shown.")
     groups = group_runs(shown)
     if (groups["n_seeds"] > 1).any():
-        st.markdown("**Grouped by (defense, preset, overrides)**: mean ± sample sd over the seeds")
-        st.code(format_groups(groups), language=None)
+        st.markdown("**Grouped by (defense, preset, overrides)**: each setting's runs: mean ± sample sd, median "
+                    "and range, the bootstrap 95% interval of the mean (n >= 5), successes (k/n) and whether the runs "
+                    "split; hover a column name for its definition")
+        st.dataframe(groups_display(groups), hide_index=True, key="cmp_groups",
+                     column_config={c: st.column_config.Column(c, help=h) for c, h in GROUP_DISPLAY.items()})
+        st.caption("front: * on the Pareto front of the groups' means; ~ near it (its interval reaches the front: "
+                   "the difference is within the runs' spread).")
     c1, c2 = st.columns([2, 3])
     c1.plotly_chart(tradeoff_figure(shown), key="cmp_tradeoff")
-    c1.caption("Top left is best. Dashed: the Pareto front; star: the suspect before any defense; open diamonds "
-               "with error bars: a setting's mean ± sd over its seeds.")
+    c1.caption("Top left is best. Dashed: the Pareto front; star: the suspect before any defense; diamonds with "
+               "error bars: a setting's mean with its range (n < 5) or bootstrap 95% interval (n >= 5), filled on "
+               "the front of the settings' means, hollow with a thick rim when the interval reaches that front.")
     c2.plotly_chart(metric_bars_figure(shown), key="cmp_bars")
     c2.caption("One bar per run (defense · preset · id); dashed red: the suspect before the defense. "
                + " ".join(f"{METRIC_LABELS[k]}: {DEFINITIONS[k]}." for k in ("ba", "asr", "ra", "der")))

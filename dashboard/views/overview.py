@@ -7,6 +7,7 @@ import streamlit as st
 import torch
 
 from dashboard.common import device, load_suspect, model_line, sidebar, trigger_notice
+from dashboard.paths import to_url
 from suspects.metrics import DEFINITIONS, predict
 from suspects.store import normalization_label
 
@@ -100,7 +101,7 @@ with left:
                                f"{run.get('seed', '?')}, pool {run.get('pool_size', '?')} images, finished "
                                f"{run.get('finished') or card.get('created', '?')}")
         rows["defense parameters"] = ", ".join(f"{k}={_num(v)}" for k, v in params.items()) or "—"
-        rows["repaired from"] = str(prov.get("parent", "?"))
+        rows["repaired from"] = to_url(str(prov.get("parent", "?")))  # a short name, never a server path
     elif prov.get("source") == "upload":
         rows["provenance"] = f"upload of {prov.get('file', '?')}"
     st.table({"field": list(rows), "value": list(rows.values())})
