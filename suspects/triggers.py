@@ -56,7 +56,7 @@ def _plugins() -> None:
     """Load the ``backdoor_lens.attacks`` entry points once (built-ins: this module; then installed plugins)."""
     from .plugins import load_plugins
 
-    load_plugins("attacks", _REGISTRY, register_trigger, builtin_modules=(__name__,))
+    load_plugins("attacks", _REGISTRY, register_trigger, builtin_modules=(__name__, "suspects.attacks"))
 
 
 def list_triggers(include_recovered: bool = False) -> list[str]:
@@ -170,9 +170,30 @@ class Trigger:
     def _noise_plan(self, labels, poison, exclude, gen) -> torch.Tensor:
         return torch.empty(0, dtype=torch.long)
 
-    def apply_noise(self, x: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-        """Noise-mode transform (WaNet only); identity otherwise."""
+    def _extra_plan(self, labels, poison, exclude, gen, ratio: float) -> torch.Tensor:
+        """``round(ratio * len(poison))`` further training indices (not poisoned, not excluded) that keep their
+        label: WaNet's noise samples, BppAttack's negatives, the adaptive attacks' cover samples."""
+        n_extra = int(round(len(poison) * float(ratio)))
+        free = torch.ones(len(labels), dtype=torch.bool)
+        free[poison] = False
+        if exclude is not None and len(exclude):
+            free[torch.as_tensor(exclude, dtype=torch.long)] = False
+        candidates = torch.nonzero(free).flatten()
+        n_extra = min(n_extra, len(candidates))
+        return candidates[torch.randperm(len(candidates), generator=gen)[:n_extra]].sort().values
+
+    noise_partners: ClassVar[bool] = False
+    """True: :meth:`apply_noise` also takes ``partners``, one other training image per sample (BppAttack)."""
+
+    def apply_noise(self, x: torch.Tensor, seeds: Sequence[int], partners: torch.Tensor | None = None) -> torch.Tensor:
+        """Transform of the label-keeping extra samples (WaNet noise, BppAttack negatives, adaptive cover samples);
+        identity for triggers without them. ``seeds`` make each sample's randomness reproducible."""
         return x
+
+    def apply_train(self, x: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        """Triggered copy of poisoned *training* samples; the test-time trigger :meth:`apply` by default. Attacks whose
+        training trigger differs per sample (Adaptive-Blend's masked pieces) override it; ``seeds`` as above."""
+        return self(x)
 
     def footprint(self, x: torch.Tensor | None = None, tol: float = 1.0 / 255) -> torch.Tensor:
         """(H, W) bool map of pixels the trigger changes (on ``x``, or on mid-grey and random images)."""
@@ -362,16 +383,9 @@ class WaNet(Trigger):
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
     def _noise_plan(self, labels, poison, exclude, gen) -> torch.Tensor:
-        n_noise = int(round(len(poison) * float(self.params["cross_ratio"])))
-        free = torch.ones(len(labels), dtype=torch.bool)
-        free[poison] = False
-        if exclude is not None and len(exclude):
-            free[torch.as_tensor(exclude, dtype=torch.long)] = False
-        candidates = torch.nonzero(free).flatten()
-        n_noise = min(n_noise, len(candidates))
-        return candidates[torch.randperm(len(candidates), generator=gen)[:n_noise]].sort().values
+        return self._extra_plan(labels, poison, exclude, gen, float(self.params["cross_ratio"]))
 
-    def apply_noise(self, x: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+    def apply_noise(self, x: torch.Tensor, seeds: Sequence[int], partners: torch.Tensor | None = None) -> torch.Tensor:
         _, h, w = self.input_shape
         offsets = []
         for s in seeds:
