@@ -56,14 +56,27 @@ def stored_suspects() -> list[str]:
     return uploads.stored_suspects(root, store())
 
 
+def zoo_suspects() -> list[str]:
+    """``zoo:NAME`` of every built zoo suspect but the seed-0 test ones (they are the demos, listed as such)."""
+    from suspects.zoo import default_zoo
+
+    try:
+        zoo = default_zoo()
+        return [e.ref for e in zoo.entries() if not e.bundle and zoo.present(e)]
+    except (SuspectLoadError, ValueError, OSError):  # no readable manifest: no zoo in the picker
+        return []
+
+
 def suspect_choices() -> list[str]:
-    """Every suspect the picker offers: the bundled demos, then the run store."""
-    return [f"demo:{name}" for name in list_demo_suspects()] + stored_suspects()
+    """Every suspect the picker offers: the bundled demos, the built zoo suspects, then the run store."""
+    return [f"demo:{name}" for name in list_demo_suspects()] + zoo_suspects() + stored_suspects()
 
 
 def label_of(ref: str) -> str:
     if ref.startswith("demo:"):
         return f"{ref[5:]} (demo)"
+    if ref.startswith("zoo:"):
+        return f"{ref[4:]} (zoo, {'development' if '-dev-' in ref else 'test'})"
     p = Path(ref)
     try:
         rel = p.relative_to(runs_root())

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from suspects.device import describe_device, pick_device, prepare_model
+from suspects.device import describe_device, machine_info, pick_device, prepare_model
 from suspects.metrics import (
     DEFINITIONS,
     Metrics,
@@ -193,6 +193,7 @@ def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: d
         "der": (der(before.ba, before.asr, after.ba, after.asr) if before.asr is not None else None),
         "seconds": round(seconds, 2),
         "device": describe_device(device),
+        "machine": machine_info(device),  # CPU, its kernels, torch, BLAS, threads: what else a result depends on
         "artifacts": out.artifacts,
         "curves": out.curves,
         "files": (sorted(p.name for p in artifacts.iterdir() if p.is_file())

@@ -7,6 +7,7 @@ card can say where its data came from and :func:`load_dataset` can find it again
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import struct
@@ -28,6 +29,8 @@ __all__ = [
     "read_idx",
     "defense_pool_split",
     "list_sources",
+    "DEV_SOURCE",
+    "fashion_mnist_dev_indices",
 ]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -362,7 +365,58 @@ def _demo_pair(path: str | None = None) -> DatasetPair:
     return DatasetPair(train, test, {"name": "demo"})
 
 
-_SOURCES = ("demo", "fashion-mnist", "mnist", "cifar10", "gtsrb", "imagefolder")
+# --- development data: Fashion-MNIST images the demo bundle does not use ------------------------------------------
+
+DEV_SOURCE = "fashion-mnist-dev"
+DEV_SEED = 2028  # the selection's random seed (numpy's default_rng)
+DEV_TRAIN_PER_CLASS = 1000  # as the bundle: 10,000 training images ...
+DEV_TEST_PER_CLASS = 250  # ... and 2,500 evaluation images
+
+
+def fashion_mnist_dev_indices(train_labels: np.ndarray, bundle_train_index: np.ndarray
+                              ) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, test)`` indices into Fashion-MNIST's 60,000 *training* images of the development source: per class,
+    a random permutation (``numpy.random.default_rng(2028)``, classes 0..9 in order) of the training images of that
+    class that the demo bundle does not train on (``train_source_index``), of which the first 1,000 train and the
+    next 250 evaluate; each list sorted. The bundle's test split comes from Fashion-MNIST's test file, so neither
+    part shares an image with the bundle."""
+    free = np.setdiff1d(np.arange(len(train_labels)), bundle_train_index)
+    rng = np.random.default_rng(DEV_SEED)
+    tr, te = [], []
+    for c in range(10):
+        pick = rng.permutation(free[train_labels[free] == c])
+        tr.append(pick[:DEV_TRAIN_PER_CLASS])
+        te.append(pick[DEV_TRAIN_PER_CLASS:DEV_TRAIN_PER_CLASS + DEV_TEST_PER_CLASS])
+    return np.sort(np.concatenate(tr)), np.sort(np.concatenate(te))
+
+
+def _dev_pair(root: str | None) -> DatasetPair:
+    train, test = _dev_sets(root)
+    return DatasetPair(train.subset(torch.arange(len(train))), test.subset(torch.arange(len(test))),
+                       {"name": DEV_SOURCE})
+
+
+@functools.lru_cache(maxsize=2)
+def _dev_sets(root: str | None) -> tuple[ImageSet, ImageSet]:
+    """The ``fashion-mnist-dev`` source (:func:`fashion_mnist_dev_indices`): the development suspects' training
+    images, defense pool and evaluation split, none of them in the demo bundle. Checks first that the full
+    Fashion-MNIST found on disk is the one the bundle was cut from."""
+    full = _load_idx_pair("fashion-mnist", root, FASHION_MNIST_CLASSES, "FashionMNIST")
+    if not DEMO_DATA.is_file():
+        raise DatasetNotFoundError(f"{DEV_SOURCE}: the demo bundle ({DEMO_DATA}) is needed to know which images to "
+                                   "leave out")
+    with np.load(DEMO_DATA) as z:
+        bundle_index = z["train_source_index"].astype(np.int64)
+        bundle_x = z["train_x"]
+    if not np.array_equal(full.train.pixels[torch.from_numpy(bundle_index), 0].numpy(), bundle_x):
+        raise DatasetNotFoundError(f"{DEV_SOURCE}: the Fashion-MNIST at {full.spec.get('root')} is not the one the demo "
+                                   "bundle was cut from (its images at the bundle's indices differ)")
+    tr, te = fashion_mnist_dev_indices(full.train.labels.numpy(), bundle_index)
+    return (full.train.subset(torch.from_numpy(tr), f"{DEV_SOURCE}/train"),
+            full.train.subset(torch.from_numpy(te), f"{DEV_SOURCE}/test"))
+
+
+_SOURCES = ("demo", "fashion-mnist", "mnist", "cifar10", "gtsrb", DEV_SOURCE, "imagefolder")
 
 
 def list_sources() -> list[str]:
@@ -376,16 +430,35 @@ def load_dataset(spec: dict | str) -> DatasetPair:
     sources only; default False), ``limit_per_class`` / ``size`` / ``test_fraction`` / ``seed``
     (ImageFolder), ``order`` (ImageFolder with ``train/`` and ``test/``: ``'sorted'``, class-major as read, or
     ``'index'``, files named by their index in the split and returned in that order, e.g. a copy of CIFAR-10 in
-    torchvision's order). Raises :class:`DatasetNotFoundError` with the expected path when absent, and
-    :class:`DatasetChecksumError` when torchvision's files are there but differ from its download.
+    torchvision's order). ``limit_train`` / ``limit_test`` (any source): keep only the first N images of that split
+    (tiny suspects for tests; kept in the returned spec, so a card says so). Raises :class:`DatasetNotFoundError`
+    with the expected path when absent, and :class:`DatasetChecksumError` when torchvision's files are there but
+    differ from its download.
     """
     if isinstance(spec, str):
         spec = {"name": spec} if spec in _SOURCES else {"name": "imagefolder", "root": spec}
+    pair = _load_source(spec)
+    limits = {k: int(spec[k]) for k in ("limit_train", "limit_test") if spec.get(k) is not None}
+    if not limits:
+        return pair
+    if any(n < 1 for n in limits.values()):
+        raise ValueError(f"limit_train / limit_test must be positive, got {limits}")
+    train, test = pair.train, pair.test
+    if "limit_train" in limits:
+        train = train.subset(torch.arange(min(limits["limit_train"], len(train))), train.name)
+    if "limit_test" in limits:
+        test = test.subset(torch.arange(min(limits["limit_test"], len(test))), test.name)
+    return DatasetPair(train, test, {**pair.spec, **limits})
+
+
+def _load_source(spec: dict) -> DatasetPair:
     name = spec.get("name")
     if name == "demo":
         return _demo_pair(spec.get("path"))
     if name == "fashion-mnist":
         return _load_idx_pair(name, spec.get("root"), FASHION_MNIST_CLASSES, "FashionMNIST")
+    if name == DEV_SOURCE:
+        return _dev_pair(spec.get("root"))
     if name == "mnist":
         return _load_idx_pair(name, spec.get("root"), MNIST_CLASSES, "MNIST")
     if name in ("cifar10", "gtsrb"):
@@ -415,9 +488,9 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 # the standard normalisation of each data source (None: no standard; the user names one)
 SOURCE_NORMALIZATION = {"demo": "demo", "fashion-mnist": "fashion-mnist", "mnist": "mnist", "cifar10": "cifar10",
-                        "gtsrb": "none"}
+                        "gtsrb": "none", DEV_SOURCE: "fashion-mnist"}
 SOURCE_SHAPES = {"demo": (1, 28, 28), "fashion-mnist": (1, 28, 28), "mnist": (1, 28, 28), "cifar10": (3, 32, 32),
-                 "gtsrb": (3, 32, 32)}
+                 "gtsrb": (3, 32, 32), DEV_SOURCE: (1, 28, 28)}
 
 
 def parse_normalization(text: str, channels: int) -> tuple[list[float], list[float], str]:

@@ -8,7 +8,8 @@ import os
 import torch
 
 __all__ = ["pick_device", "amp_dtype", "needs_grad_scaler", "grad_scaler", "autocast", "full_precision",
-           "prepare_model", "describe_device", "cpu_cores", "cpu_threads", "apply_cpu_threads", "THREAD_ROLES"]
+           "prepare_model", "describe_device", "cpu_cores", "cpu_threads", "apply_cpu_threads", "THREAD_ROLES",
+           "machine_info", "deterministic"]
 
 THREAD_ROLES = ("worker", "ui", "cli")
 
@@ -159,3 +160,66 @@ def describe_device(device: torch.device | str) -> str:
     if device.type == "cpu":
         return f"cpu ({torch.get_num_threads()} threads)"
     return str(device)
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere :func:`platform.processor`)."""
+    import platform
+
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _build_settings() -> dict[str, str]:
+    """``BLAS_INFO`` / ``LAPACK_INFO`` / ``USE_MKLDNN`` ... from :func:`torch.__config__.show`'s build settings."""
+    out: dict[str, str] = {}
+    with contextlib.suppress(Exception):
+        for line in torch.__config__.show().splitlines():
+            if "Build settings:" in line:
+                for part in line.split("Build settings:", 1)[1].split(","):
+                    key, _, value = part.strip().partition("=")
+                    if key in ("BLAS_INFO", "LAPACK_INFO", "USE_MKLDNN", "USE_OPENMP"):
+                        out[key] = value.strip()
+    return out
+
+
+def machine_info(device: torch.device | str | None = None) -> dict[str, object]:
+    """What a run's numbers depend on besides the code and the seed, kept small for every report: the CPU model, the
+    kernels torch dispatches to on it (``cpu_capability``: AVX2 / AVX512 ...), torch's version, BLAS and oneDNN,
+    its thread counts, whether deterministic algorithms are on, and the GPU with CUDA / cuDNN versions where one is
+    used. The same command and seed gave SAU Blended ASR 0.005 on one 2-core machine and 0.141 on another (issue
+    28.5): float sums run in another order under other kernels or thread counts, and a defense amplifies that."""
+    import platform
+
+    build = _build_settings()
+    info: dict[str, object] = {
+        "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cores": cpu_cores(),
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "torch": torch.__version__,
+        "blas": build.get("BLAS_INFO") or ("mkl" if torch.backends.mkl.is_available() else "unknown"),
+        "mkldnn": bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "os": f"{platform.system()} {platform.machine()}",
+    }
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(dev), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version())
+    return info
+
+
+def deterministic(enabled: bool = True) -> None:
+    """Ask torch for deterministic kernels (``torch.use_deterministic_algorithms(enabled, warn_only=True)``: an op
+    without a deterministic implementation warns instead of failing) and cuDNN's deterministic, non-benchmarking
+    mode. On a CPU the defenses' kernels are already deterministic for one thread count on one machine; this
+    makes the CUDA path so too. It does not make two machines agree (see :func:`machine_info`)."""
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = not enabled and torch.backends.cudnn.benchmark

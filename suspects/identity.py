@@ -60,6 +60,14 @@ def _files_of(ref: str) -> list[Path] | None:
     nothing on disk."""
     if ref.startswith("demo:"):
         folder = DEMO_SUSPECTS / ref[5:]
+    elif ref.startswith("zoo:"):
+        from .zoo import default_zoo
+
+        try:
+            zoo = default_zoo()
+            folder = zoo.path(zoo.entry(ref))
+        except (ValueError, OSError, RuntimeError):
+            return None
     else:
         folder = Path(ref).expanduser()
     if folder.is_dir():

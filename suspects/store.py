@@ -446,7 +446,8 @@ def load(path: str | os.PathLike, arch: str | None = None, num_classes: int | No
          name: str | None = None, label: str | None = None, normalize: str | None = None) -> Suspect:
     """Load a suspect.
 
-    ``path`` is a suspect folder, ``demo:NAME`` (a bundled demo suspect) or a bare state dict
+    ``path`` is a suspect folder, ``demo:NAME`` (a bundled demo suspect), ``zoo:NAME`` (a built suspect of the zoo,
+    :mod:`suspects.zoo`) or a bare state dict
     (``.safetensors`` / ``.pt`` / ``.pth``); a bare state dict needs ``arch``; its width, input channels and
     class count are read off the weights unless given (``arch_kwargs``, ``input_shape``, ``num_classes`` /
     ``classes``; height and width of the input default to 32). ``data`` names the data source to
@@ -465,6 +466,10 @@ def load(path: str | os.PathLike, arch: str | None = None, num_classes: int | No
     text = str(path)
     if text.startswith("demo:"):
         return _with_normalization(_load_folder(demo_suspect_path(text[5:])), normalize)
+    if text.startswith("zoo:"):  # a suspect of the zoo (suspects/zoo.py): its folder, built or the bundle's
+        from .zoo import zoo_path
+
+        return _with_normalization(_load_folder(zoo_path(text)), normalize)
     p = Path(text).expanduser()
     for loader in _loaders():
         found = loader(p, arch=arch, num_classes=num_classes, input_shape=input_shape, classes=classes, data=data)
