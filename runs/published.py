@@ -10,7 +10,7 @@ PreAct-ResNet-18 or ResNet-18, not our demo), with where it comes from and how s
 - ``figure``: read off a figure in the official repository (approximate).
 
 Values recalled from a paper but never checked against it are not listed. A defense with no entry has no verified
-published number here (SAU, FST, CBD, shortcut suppression and l_inf pruning: see :data:`MISSING`).
+published number here (SAU, FST, CBD, shortcut suppression, l_inf pruning and NPD: see :data:`MISSING`).
 """
 
 from __future__ import annotations
@@ -68,6 +68,10 @@ PUBLISHED: tuple[Published, ...] = (
     # AWM
     Published("awm", "badnets", 0.8898, 0.3308, "jinghuichen/AWM issue #2 (ResNet-18, 10%, 500 images, defaults)",
               "3rd", 0.9210, 0.9971),
+    # RNP (not on BackdoorBench's leaderboard): the official README's log, every threshold printed on the test split
+    Published("rnp", "badnets", 0.9280, 0.0661, "bboylyg/RNP README log (ResNet-18, BadNets 10%, 500 clean images, "
+              "threshold 0.2, 24 neurons pruned)", "README", 0.9340, 1.0,
+              "threshold read off the test split; at 0.3 (32 pruned): 92.77 / 1.72"),
 )
 
 MISSING = {
@@ -76,6 +80,8 @@ MISSING = {
     "cbd": "not on BackdoorBench's leaderboard; the paper's Table 1 was not checked here",
     "shortcut": "the abstract is qualitative; no table was checked here",
     "linf_prune": "the abstract gives no numbers",
+    "npd": "not on BackdoorBench's leaderboard (which holds the official code); the paper's tables were not checked "
+           "here",
 }
 
 

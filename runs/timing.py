@@ -206,6 +206,16 @@ def budget_passes(defense: str, params: Any, n_train: int, n_val: int, n_channel
         return p["iterations"] * p["batch_size"] * (p["steps"] + 1)
     if defense == "sau":  # per image and round: shared PGD on two models, the unlearning step, the frozen copy's labels
         return p["n_rounds"] * n_train * (2 * p["adv_steps"] + 3) + FORWARD_SHARE * 2 * n_val * p["n_rounds"]
+    if defense == "rnp":  # unlearning (at most unlearn_epochs; it usually stops earlier), recovery, the sweep
+        n = min(p["max_images"], n_train) if p.get("max_images") else n_train
+        evals = FORWARD_SHARE * 2 * n_val * (p["unlearn_epochs"] + p["recover_epochs"])
+        sweep = FORWARD_SHARE * 2 * n_val * (int(round(p["max_threshold"] / 0.05)) + 2)
+        return n * (p["unlearn_epochs"] + p["recover_epochs"]) + evals + sweep
+    if defense == "npd":  # per bi-level image: clean labels, the attack (step + check), clean and perturbed passes
+        bs = min(p["batch_size"], max(1, n_train))
+        passes = -(-(p["warmup_steps"] + p["steps"]) // max(1, -(-n_train // bs)))
+        per_image = FORWARD_SHARE + p["inner_steps"] * (1 + FORWARD_SHARE) + 2
+        return p["warmup_steps"] * bs + p["steps"] * bs * per_image + FORWARD_SHARE * 2 * n_val * passes
     if defense == "ibau":  # per round: the inner pass for delta, then K Hessian-vector products per outer step
         per_round = n_train * (2 + 2 * p["K"] + 1 + FORWARD_SHARE) + FORWARD_SHARE * 2 * n_val
         return p["n_rounds"] * per_round
