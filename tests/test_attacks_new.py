@@ -199,3 +199,15 @@ def test_cli_trains_a_suspect_with_each_new_attack(attack, params, tmp_path, cap
     ds = s.poisoned_train()
     expect = s.trigger.target_labels(ds.base.labels[ds.poison_idx])
     assert torch.equal(ds.labels[ds.poison_idx], expect)
+    if attack == "adaptive_blend":  # all-to-all: ASR is the share classified as (y + 1) mod K; views pair likewise
+        from analysis.gradcam import compare_gradcam
+        from analysis.samples import paired_sample
+        from suspects.metrics import predict
+
+        x, y = s.test.images(), s.test.labels
+        pred = predict(s.model, s.trigger(x))
+        assert abs(float((pred == (y + 1) % 10).float().mean()) - m.asr) < 1e-6
+        sample = paired_sample(s.test, s.trigger, 4)
+        assert torch.equal(sample.attack_labels, (sample.labels + 1) % 10)
+        cmp = compare_gradcam(s.model, sample, s.trigger, target_kind="target")
+        assert cmp.whole_image and cmp.triggered_cams.shape == (4, 28, 28)

@@ -83,7 +83,9 @@ with left:
         "data source": str(card.get("data")),
         "input normalisation": normalization_label(card),
         "attack": "none known" if trigger is None else
-        f"{trigger.name}, target {trigger.target} ({suspect.classes[trigger.target]}), {trigger.mapping}",
+        (f"{trigger.name}, target {trigger.target} ({suspect.classes[trigger.target]}), {trigger.mapping}"
+         if trigger.mapping == "all-to-one" else
+         f"{trigger.name}, all-to-all: each class y goes to class (y + 1) mod {suspect.num_classes}"),
         "attack parameters": "—" if trigger is None else (
             f"recovered mask and pattern (L1 {float(trigger.mask.sum()):.1f}, "
             f"{(trigger.params.get('source') or {}).get('method', '?')})" if trigger.name == "recovered"
