@@ -400,7 +400,8 @@ class Trojan(Trigger):
     """TrojanNN-style (Liu et al., NDSS 2018) fixed watermark patch: a ring-and-cross logo pasted with opacity ``alpha``.
 
     The original optimises the patch against a victim network; here the patch is a fixed, deterministic
-    logo (``size`` pixels, default a fifth of the image side) so suspects stay reproducible.
+    logo (``size`` pixels, default a fifth of the image side) so suspects stay reproducible. The optimised version
+    (BackdoorBench's) is ``trojannn`` in :mod:`suspects.attacks`.
     """
 
     name = "trojan"
