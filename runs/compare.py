@@ -40,6 +40,16 @@ from suspects.models import list_residual_blocks
 from suspects.store import Suspect
 
 from .identity import runs_of, same_model
+from .stats import (
+    STAT_DEFINITIONS,
+    front_marks,
+    group_stats,
+    interval,
+    interval_text,
+    range_text,
+    split_text,
+    successes_text,
+)
 from .store import RunRecord, RunStore
 from .stress import load_stress
 
@@ -49,7 +59,8 @@ __all__ = [
     "best_run", "tradeoff_figure", "metric_bars_figure", "Embedding", "with_model", "embed_features", "activation_summary",
     "ablation_curves", "gradcam_grid", "activations_figure", "embedding_figure", "ablation_figure", "SideBySide",
     "side_by_side", "GROUP_KEYS", "GROUP_COLUMNS", "BACKDOORBENCH_COLUMNS", "group_runs", "format_groups",
-    "groups_records", "backdoorbench_csv", "mean_sd_text",
+    "groups_records", "backdoorbench_csv", "mean_sd_text", "GROUP_DEFINITIONS", "GROUP_DISPLAY", "groups_display",
+    "split_flag_text",
 ]
 
 COLUMNS = ["run_id", "defense", "preset", "overrides", "seed", "ba", "asr", "ra", "der", "asr_after_retune", "seconds",
@@ -200,12 +211,15 @@ def table_csv(table: pd.DataFrame) -> str:
 
 
 def table_json(table: pd.DataFrame, suspect: str) -> str:
-    """``{"suspect", "definitions", "runs", "groups"}``: the rows with every column's definition, and the runs
-    grouped by (defense, preset, overrides) with ``ba_mean``, ``ba_sd``, ``asr_mean``, ``asr_sd``, ``n_seeds``..."""
+    """``{"suspect", "definitions", "runs", "groups", "group_definitions"}``: the rows with every column's definition,
+    and the runs grouped by (defense, preset, overrides) with ``ba_mean``, ``ba_sd``, ``asr_median``, ``asr_min``,
+    ``asr_max``, ``asr_ci_low``, ``successes``, ``n_judged``, ``split``, ``pareto``, ``near_front``, ``n_seeds``...
+    (:func:`group_runs`), each column defined in ``group_definitions``."""
     return json.dumps({"suspect": suspect,
                        "definitions": {c: COLUMN_DEFINITIONS[c] for c in table.columns if c in COLUMN_DEFINITIONS},
                        "runs": table_records(table),
-                       "groups": groups_records(group_runs(table))}, indent=2)
+                       "groups": groups_records(group_runs(table)),
+                       "group_definitions": GROUP_DEFINITIONS}, indent=2)
 
 
 MADE_THIS = "the run that made the model under analysis"
@@ -260,11 +274,26 @@ def best_run(table: pd.DataFrame) -> pd.Series | None:
 
 GROUP_KEYS = ["defense", "preset", "overrides"]
 GROUP_METRICS = ("ba", "asr", "ra", "der", "seconds")
+SPREAD_METRICS = ("ba", "asr", "ra", "der", "ba_drop")  # median, range and bootstrap interval (runs.stats)
 GROUP_COLUMNS = [*GROUP_KEYS, "n_seeds", *(f"{m}_{s}" for m in GROUP_METRICS for s in ("mean", "sd")), "seeds",
-                 "run_ids", "n_failed"]
+                 "run_ids", "n_failed",
+                 *(f"{m}_{s}" for m in SPREAD_METRICS for s in ("median", "min", "max", "ci_low", "ci_high")),
+                 "ba_drop_mean", "ba_drop_sd", "successes", "n_judged", "removed", "not_removed", "split", "pareto",
+                 "near_front"]
 BACKDOORBENCH_COLUMNS = ["attack", "defense", "model", "dataset", "pratio", "clean_acc", "asr", "ra",
                          "clean_acc_sd", "asr_sd", "ra_sd", "der", "der_sd", "n_seeds", "seconds", "seconds_sd",
                          "preset", "overrides"]
+GROUP_DEFINITIONS = {
+    "n_seeds": STAT_DEFINITIONS["n"],
+    **{f"{m}_{s}": f"{m.upper().replace('_DROP', ' drop')}: {STAT_DEFINITIONS[s]}"
+       for m in (*GROUP_METRICS, "ba_drop") for s in ("mean", "sd")},
+    **{f"{m}_{s}": f"{m.upper().replace('_DROP', ' drop')}: {STAT_DEFINITIONS[s]}"
+       for m in SPREAD_METRICS for s in ("median", "min", "max", "ci_low", "ci_high")},
+    "seeds": "the runs' seeds", "run_ids": "the runs' ids",
+    "n_failed": "runs whose defense reported failure (model returned unchanged)",
+    **{k: STAT_DEFINITIONS[k] for k in ("successes", "n_judged", "removed", "not_removed", "split", "pareto",
+                                         "near_front")},
+}
 
 
 def _mean_sd(values: pd.Series) -> tuple[float, float]:
@@ -275,24 +304,41 @@ def _mean_sd(values: pd.Series) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
 
 
-def group_runs(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per (defense, preset, overrides): ``n_seeds`` runs, mean and sd of BA / ASR / RA / DER / seconds,
-    and ``n_failed``, how many of the runs' defenses reported failure (model returned unchanged).
+def group_runs(table: pd.DataFrame, keys: Sequence[str] = GROUP_KEYS) -> pd.DataFrame:
+    """One row per group (default: (defense, preset, overrides)): ``n_seeds`` runs, mean and sd of BA / ASR / RA /
+    DER / seconds, ``n_failed`` (runs whose defense reported failure, model unchanged), and the statistics of
+    :mod:`runs.stats`: median, range and (n >= 5) bootstrap 95% interval of BA / ASR / RA / DER / BA drop,
+    ``successes`` of ``n_judged`` (k/n), the ``split`` flag, and ``pareto`` / ``near_front`` on the groups' means
+    (:func:`runs.stats.front_marks`; a group that gave up at every run is on neither).
 
-    Used by ``compare``, ``defend --seeds``, ``sweep``, the Compare page and the report; the sd is the sample
-    standard deviation over the group's runs (NaN for a single run).
+    Used by ``compare``, ``defend --seeds``, ``sweep``, the Compare page, the report and the benchmark; the sd is the
+    sample standard deviation over the group's runs (NaN for a single run). Definitions: ``GROUP_DEFINITIONS``.
     """
+    keys = list(keys)
+    stats = group_stats(table, keys, metrics=(*GROUP_METRICS, "ba_drop"))
     rows = []
-    for key, g in table.groupby(GROUP_KEYS, sort=True, dropna=False):
-        row: dict = dict(zip(GROUP_KEYS, key, strict=True))
+    for (key, g), (_, st) in zip(table.groupby(keys, sort=True, dropna=False), stats.iterrows(), strict=True):
+        key = key if isinstance(key, tuple) else (key,)
+        row: dict = dict(zip(keys, key, strict=True))
         row["n_seeds"] = int(len(g))
         for m in GROUP_METRICS:
             row[f"{m}_mean"], row[f"{m}_sd"] = _mean_sd(g[m])
         row["seeds"] = sorted(int(x) for x in g["seed"]) if "seed" in g else []
-        row["run_ids"] = list(g["run_id"])
+        row["run_ids"] = list(g["run_id"]) if "run_id" in g else []
         row["n_failed"] = int(_failed(g).sum())
+        for m in SPREAD_METRICS:
+            for s in ("median", "min", "max", "ci_low", "ci_high"):
+                row[f"{m}_{s}"] = st.get(f"{m}_{s}", float("nan"))
+        row["ba_drop_mean"], row["ba_drop_sd"] = st.get("ba_drop_mean", float("nan")), st.get("ba_drop_sd", float("nan"))
+        for c in ("successes", "n_judged", "removed", "not_removed", "split"):
+            row[c] = st[c]
         rows.append(row)
-    return pd.DataFrame(rows, columns=GROUP_COLUMNS)
+    out = pd.DataFrame(rows, columns=[*keys, *(c for c in GROUP_COLUMNS if c not in GROUP_KEYS)])
+    if out.empty:
+        return out
+    gave_up = out["n_failed"] >= out["n_seeds"]
+    out["pareto"], out["near_front"] = front_marks(out, eligible=~gave_up, n_col="n_seeds")
+    return out
 
 
 def mean_sd_text(mean: float | None, sd: float | None, digits: int = 3) -> str:
@@ -302,18 +348,66 @@ def mean_sd_text(mean: float | None, sd: float | None, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" + ("" if sd is None or math.isnan(sd) else f" ± {sd:.{digits}f}")
 
 
-def format_groups(groups: pd.DataFrame) -> str:
-    """A fixed-width text table: defense, preset, overrides, n, BA / ASR / RA / DER as mean ± sd, seconds."""
+def split_flag_text(row: dict | pd.Series) -> str:
+    """``"split: 1 of 3 removed"`` for a group whose runs split (``runs.stats``), else ``""``."""
+    return split_text(int(row["removed"]), int(row["n_seeds"])) if row["split"] else ""
+
+
+def _front_mark(row: dict | pd.Series) -> str:
+    return "*" if row["pareto"] else ("~" if row["near_front"] else "")
+
+
+# the columns of the groups' display table (text, page, report) and what each one shows
+GROUP_DISPLAY = {
+    "front": "* on the Pareto front of the groups' means; ~ near it: " + STAT_DEFINITIONS["near_front"],
+    "n": STAT_DEFINITIONS["n"],
+    "BA mean ± sd": "BA (benign accuracy): mean ± sample sd over the group's runs",
+    "BA median [range]": "BA: median [min, max] over the group's runs",
+    "ASR mean ± sd": "ASR (attack success rate): mean ± sample sd over the group's runs",
+    "ASR median [range]": "ASR: median [min, max] over the group's runs",
+    "ASR 95% CI": "ASR: " + STAT_DEFINITIONS["ci"],
+    "RA mean ± sd": "RA (robust accuracy): mean ± sample sd over the group's runs",
+    "DER mean ± sd": "DER (defense effectiveness rating): mean ± sample sd over the group's runs",
+    "k/n": STAT_DEFINITIONS["successes"],
+    "split": STAT_DEFINITIONS["split"],
+    "seconds": "wall-clock seconds per run: mean ± sample sd",
+}
+
+
+def groups_display(groups: pd.DataFrame) -> pd.DataFrame:
+    """The groups as text cells in the columns ``GROUP_DISPLAY`` (after defense, preset, overrides): the one table
+    the CLI, the Compare page and the HTML report show."""
     show = groups[GROUP_KEYS].copy()
-    show["n"] = groups["n_seeds"]
-    for m, label in (("ba", "BA"), ("asr", "ASR"), ("ra", "RA"), ("der", "DER")):
-        show[label] = [mean_sd_text(a, b) for a, b in zip(groups[f"{m}_mean"], groups[f"{m}_sd"], strict=True)]
+    show.insert(0, "front", [_front_mark(r) for _, r in groups.iterrows()])
+    show["n"] = groups["n_seeds"].astype(int)
+    for m, label in (("ba", "BA"), ("asr", "ASR")):
+        show[f"{label} mean ± sd"] = [mean_sd_text(a, b) for a, b in zip(groups[f"{m}_mean"], groups[f"{m}_sd"],
+                                                                          strict=True)]
+        show[f"{label} median [range]"] = [range_text(md, lo, hi) for md, lo, hi in
+                                           zip(groups[f"{m}_median"], groups[f"{m}_min"], groups[f"{m}_max"],
+                                               strict=True)]
+    show["ASR 95% CI"] = [interval_text(lo, hi) or "n < 5" for lo, hi in
+                          zip(groups["asr_ci_low"], groups["asr_ci_high"], strict=True)]
+    for m, label in (("ra", "RA"), ("der", "DER")):
+        show[f"{label} mean ± sd"] = [mean_sd_text(a, b) for a, b in zip(groups[f"{m}_mean"], groups[f"{m}_sd"],
+                                                                          strict=True)]
+    show["k/n"] = [successes_text(int(k), int(n)) for k, n in zip(groups["successes"], groups["n_judged"],
+                                                                    strict=True)]
+    show["split"] = [split_flag_text(r) for _, r in groups.iterrows()]
     show["seconds"] = [mean_sd_text(a, b, 1) for a, b in zip(groups["seconds_mean"], groups["seconds_sd"], strict=True)]
-    return show.to_string(index=False) + "\nmean ± sample sd over the group's seeds (n runs)"
+    return show.reset_index(drop=True)
+
+
+def format_groups(groups: pd.DataFrame) -> str:
+    """A fixed-width text table (:func:`groups_display`), then what each column means."""
+    lines = [groups_display(groups).to_string(index=False), ""]
+    lines += [f"{k}: {v}" for k, v in GROUP_DISPLAY.items()]
+    return "\n".join(lines)
 
 
 def groups_records(groups: pd.DataFrame) -> list[dict]:
-    """Groups as JSON-able dicts (NaN -> None): ``ba_mean``, ``ba_sd``, ``asr_mean``, ``asr_sd``, ``n_seeds``..."""
+    """Groups as JSON-able dicts (NaN -> None): ``ba_mean``, ``ba_sd``, ``asr_median``, ``asr_min``, ``asr_ci_low``,
+    ``successes``, ``n_judged``, ``split``, ``near_front``... (definitions: ``GROUP_DEFINITIONS``)."""
     return table_records(groups)
 
 
@@ -356,8 +450,10 @@ def _defense_colors(defenses: Iterable[str]) -> dict[str, str]:
 
 def tradeoff_figure(table: pd.DataFrame, height: int = 420) -> go.Figure:
     """BA (y) vs. ASR (x) of every run (an x where the defense reported failure), the Pareto front as a step line,
-    and the suspect before any defense; a setting run with several seeds also shows its mean with ± sd error bars
-    (:func:`group_runs`)."""
+    and the suspect before any defense; a setting run with several seeds also shows its mean (a diamond) with its
+    interval as error bars (the range for n < 5, the bootstrap 95% interval of the mean for n >= 5: :mod:`runs.stats`),
+    filled when the group is on the front of the groups' means, hollow with a thick rim when its interval reaches
+    that front (``near_front``: the difference is within noise) (:func:`group_runs`)."""
     fig = go.Figure()
     colors = _defense_colors(table["defense"])
     has_asr = table["asr"].notna().any()
@@ -375,17 +471,34 @@ def tradeoff_figure(table: pd.DataFrame, height: int = 420) -> go.Figure:
                           + ("ASR %{x:.3f}<br>RA %{customdata[3]}<br>DER %{customdata[2]}" if has_asr
                              else "%{x:.1f} s") + "<extra>%{fullData.name}</extra>"))
     spread = group_runs(table)
-    spread = spread[spread["n_seeds"] > 1]
-    if has_asr and not spread.empty:  # several seeds of one setting: their mean with ± sd error bars
+    if has_asr and not spread.empty:  # several runs of one setting: their mean with its interval
+        lo_ba, hi_ba = interval(spread, "ba", "n_seeds")
+        lo_asr, hi_asr = interval(spread, "asr", "n_seeds")
+        spread = spread.assign(lo_ba=lo_ba, hi_ba=hi_ba, lo_asr=lo_asr, hi_asr=hi_asr)
+        spread = spread[spread["n_seeds"] > 1]
+    if has_asr and not spread.empty:
         for defense, g in spread.groupby("defense", sort=True):
+            # filled: the groups' front (on means); hollow with a thick rim: near it (interval reaches it); small
+            # and hollow: neither
             fig.add_trace(go.Scatter(
-                x=g["asr_mean"], y=g["ba_mean"], mode="markers", name=f"{defense} mean ± sd",
-                marker=dict(symbol="diamond-open", size=14, color=colors[defense], line=dict(width=2)),
-                error_x=dict(type="data", array=g["asr_sd"].fillna(0).tolist(), visible=True),
-                error_y=dict(type="data", array=g["ba_sd"].fillna(0).tolist(), visible=True),
+                x=g["asr_mean"], y=g["ba_mean"], mode="markers", name=f"{defense} mean (interval)",
+                marker=dict(symbol=["diamond" if p else "diamond-open" for p in g["pareto"]],
+                            size=[16 if p or q else 11 for p, q in zip(g["pareto"], g["near_front"], strict=True)],
+                            color=colors[defense],
+                            line=dict(width=[3 if q else 1.5 for q in g["near_front"]], color=colors[defense])),
+                error_x=dict(type="data", symmetric=False, array=(g["hi_asr"] - g["asr_mean"]).fillna(0).tolist(),
+                             arrayminus=(g["asr_mean"] - g["lo_asr"]).fillna(0).tolist(), visible=True),
+                error_y=dict(type="data", symmetric=False, array=(g["hi_ba"] - g["ba_mean"]).fillna(0).tolist(),
+                             arrayminus=(g["ba_mean"] - g["lo_ba"]).fillna(0).tolist(), visible=True),
                 customdata=np.stack([g["preset"], g["overrides"], g["n_seeds"], g["ba_sd"].round(3),
-                                     g["asr_sd"].round(3)], axis=1),
-                hovertemplate="preset %{customdata[0]} %{customdata[1]}<br>%{customdata[2]} seeds<br>"
+                                     g["asr_sd"].round(3),
+                                     [f"{int(k)}/{int(n)}" for k, n in zip(g["successes"], g["n_judged"], strict=True)],
+                                     ["<br>on the front (means)" if p else "<br>near the front (within its interval)"
+                                      if q else "" for p, q in zip(g["pareto"], g["near_front"], strict=True)],
+                                     ["<br>" + split_flag_text(r) if r["split"] else "" for _, r in g.iterrows()]],
+                                    axis=1),
+                hovertemplate="preset %{customdata[0]} %{customdata[1]}<br>%{customdata[2]} runs, "
+                              "%{customdata[5]} successes%{customdata[7]}%{customdata[6]}<br>"
                               "BA %{y:.3f} ± %{customdata[3]}<br>ASR %{x:.3f} ± %{customdata[4]}"
                               "<extra>%{fullData.name}</extra>"))
     front = table[table["pareto"]].sort_values(["asr", "ba"] if has_asr else ["seconds", "ba"])

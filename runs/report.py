@@ -36,12 +36,15 @@ from suspects.store import Suspect
 
 from .compare import (
     COLUMN_DEFINITIONS,
+    GROUP_DISPLAY,
+    GROUP_KEYS,
     MADE_THIS,
     METRIC_LABELS,
     PARTS,
     SideBySide,
     best_run,
     group_runs,
+    groups_display,
     metric_bars_figure,
     run_label,
     runs_table,
@@ -178,22 +181,21 @@ def _table_html(table: pd.DataFrame, highlight: str | None = None) -> str:
 
 
 def _groups_html(table: pd.DataFrame) -> str:
-    """The runs grouped by (defense, preset, overrides) with mean ± sd, when some setting has several seeds."""
+    """The runs grouped by (defense, preset, overrides) with the statistics of :mod:`runs.stats` (mean ± sd, median
+    and range, bootstrap interval, k/n, split, near the front), when some setting has several seeds; each column
+    carries its definition (hover, and listed below the table)."""
     groups = group_runs(table)
     if not (groups["n_seeds"] > 1).any():
         return ""
-
-    def pm(mean: float, sd: float) -> str:
-        return _fmt(mean) + ("" if sd != sd else f" ± {_fmt(sd)}")
-
-    head = "".join(f"<th>{h}</th>" for h in ("defense", "preset", "overrides", "n", "BA", "ASR", "RA", "DER"))
+    show = groups_display(groups)
+    head = "".join(f'<th title="{_e(GROUP_DISPLAY.get(c, ""))}">{_e(c)}</th>' for c in show.columns)
     rows = "".join(
-        f"<tr><td>{_e(g['defense'])}</td><td>{_e(g['preset'])}</td><td>{_e(g['overrides'])}</td>"
-        f'<td class="num">{g["n_seeds"]}</td>'
-        + "".join(f'<td class="num">{_e(pm(g[f"{m}_mean"], g[f"{m}_sd"]))}</td>' for m in ("ba", "asr", "ra", "der"))
-        + "</tr>" for _, g in groups.iterrows())
-    return ('<h3>Grouped by (defense, preset, overrides)</h3><p class="muted">Mean ± sample sd over each '
-            f"setting's seeds (n runs).</p><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        "<tr>" + "".join(f'<td class="num">{_e(v)}</td>' if c not in GROUP_KEYS else f"<td>{_e(v)}</td>"
+                         for c, v in r.items()) + "</tr>" for _, r in show.iterrows())
+    defs = "<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in GROUP_DISPLAY.items()) + "</dl>"
+    return ('<h3>Grouped by (defense, preset, overrides)</h3><p class="muted">Each setting\'s runs: mean ± sample sd, '
+            "median and range, the bootstrap 95% interval of the mean (n >= 5), successes (k/n) and whether the runs "
+            f"split.</p><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>{defs}")
 
 
 def _definitions_html(keys: Sequence[str]) -> str:
