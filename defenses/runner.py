@@ -12,6 +12,7 @@ a 95% Wilson interval beside each rate either way (issue 17.4).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
 import time
@@ -22,7 +23,14 @@ from typing import Any
 
 import torch
 
-from suspects.device import describe_device, machine_info, pick_device, prepare_model
+from suspects.device import (
+    describe_device,
+    deterministic,
+    deterministic_requested,
+    machine_info,
+    pick_device,
+    prepare_model,
+)
 from suspects.metrics import (
     DEFINITIONS,
     Metrics,
@@ -160,7 +168,11 @@ def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: d
     artifacts = Path(artifacts_dir) if artifacts_dir is not None else None
     sealed = without_test_split(suspect)  # the defense never sees a test image
     ctx = RepairContext(sealed, pool, device, seed=seed, artifacts=artifacts, progress=scaled, should_stop=stop)
-    out = defense.repair(model, params, ctx)
+    # BACKDOOR_LENS_DETERMINISTIC=1: deterministic kernels for the repair (no change on the CPU; see
+    # suspects.device.deterministic); the machine record says whether they were on
+    with deterministic() if deterministic_requested() else contextlib.nullcontext():
+        out = defense.repair(model, params, ctx)
+        machine = machine_info(device)
     repaired = out.model.eval()
     n_after = len(suspect.test) if subset is None else min(subset, len(suspect.test))
     report_progress(0.96, f"measuring after: the repaired model on {n_after:,} test images"
@@ -193,7 +205,7 @@ def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: d
         "der": (der(before.ba, before.asr, after.ba, after.asr) if before.asr is not None else None),
         "seconds": round(seconds, 2),
         "device": describe_device(device),
-        "machine": machine_info(device),  # CPU, its kernels, torch, BLAS, threads: what else a result depends on
+        "machine": machine,  # CPU, its kernels, torch, BLAS, threads: what else a result depends on
         "artifacts": out.artifacts,
         "curves": out.curves,
         "files": (sorted(p.name for p in artifacts.iterdir() if p.is_file())

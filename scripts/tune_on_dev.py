@@ -121,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from backdoor_lens.cli import parse_sets
     from defenses import run_defense
-    from suspects.device import machine_info
     from suspects.identity import fingerprint
 
     seeds = [DEV_SEED_BASE + i for i in range(args.seeds)] if args.seeds else [args.seed]
@@ -161,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                    "measured_on": report["measured_on"], "dev_ba_before": report["ba_before"],
                    "dev_asr_before": asr_b, "dev_ra_before": report["ra_before"], "dev_ba": report["ba"],
                    "dev_asr": report["asr"], "dev_ra": report["ra"], "seconds": round(seconds, 1),
-                   "machine": machine_info()}
+                   "machine": report["machine"]}
             args.log.parent.mkdir(parents=True, exist_ok=True)
             with args.log.open("a") as fh:
                 fh.write(json.dumps(row, default=str) + "\n")

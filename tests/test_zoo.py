@@ -148,14 +148,20 @@ def test_tune_on_dev_refuses_test_suspects(tiny_env, tmp_path, capsys):
     assert tune.check_suspect("zoo:badnets-dev-s10").card["zoo"]["role"] == "dev"
 
 
-def test_tune_on_dev_logs_a_trial_on_a_dev_suspect(tiny_env, tmp_path, capsys):
+def test_tune_on_dev_logs_a_trial_on_a_dev_suspect(tiny_env, tmp_path, capsys, monkeypatch):
+    import torch
+
     tune = _tune_on_dev()
     log = tmp_path / "trials.jsonl"
+    monkeypatch.setenv("BACKDOOR_LENS_DETERMINISTIC", "1")
     assert tune.main(["finetune", "badnets", "--set", "steps=1", "--log", str(log), "--note", "test"]) == 0
     (row,) = [json.loads(line) for line in log.read_text().splitlines()]
     assert row["suspect"] == "zoo:badnets-dev-s10" and row["seed"] == 1000 and row["role"] == "dev"
     assert row["params"]["steps"] == 1 and row["measured_on"] == "the whole test split"
-    assert row["machine"]["threads"] == 1 and row["machine"]["torch"]
+    # the run's report records the machine, with deterministic kernels on for the repair and off again after it
+    assert row["machine"]["threads"] == 1 and row["machine"]["deterministic"] is True
+    assert row["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert not torch.are_deterministic_algorithms_enabled()
     assert 0 <= row["dev_ba"] <= 1 and row["fingerprint"]
 
 
