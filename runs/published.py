@@ -21,6 +21,8 @@ __all__ = ["Published", "PUBLISHED", "MISSING", "published_for", "published_reco
            "RETUNE_NOT_FOUND", "retune_published_for"]
 
 BACKDOORBENCH = "BackdoorBench leaderboard, CIFAR-10, PreAct-ResNet-18, 10% poisoning"
+BACKDOORBENCH_5 = BACKDOORBENCH.replace("10%", "5%") + " (its no-defense numbers are not listed)"
+BACKDOORBENCH_1 = BACKDOORBENCH.replace("10%", "1%") + " (its no-defense numbers are not listed)"
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,18 @@ PUBLISHED: tuple[Published, ...] = (
     Published("rnp", "badnets", 0.9280, 0.0661, "bboylyg/RNP README log (ResNet-18, BadNets 10%, 500 clean images, "
               "threshold 0.2, 24 neurons pruned)", "README", 0.9340, 1.0,
               "threshold read off the test split; at 0.3 (32 pruned): 92.77 / 1.72"),
+    # NAD (../shared/reference/methods-2.md section 4; BackdoorBench hooks layer3, layer4 and the pooled 512x1x1 map)
+    _bb("nad", "badnets", 89.87, 2.14), _bb("nad", "blended", 92.17, 97.69),
+    Published("nad", "badnets", 0.9103, 0.0473, BACKDOORBENCH_5, "README"),
+    Published("nad", "blended", 0.9310, 0.9906, BACKDOORBENCH_5, "README"),
+    Published("nad", "badnets", 0.8212, 0.0357, "bboylyg/NAD README, CIFAR-10, WRN-16-1, 5% clean data (its BadNets "
+              "model was trained without augmentation: plain fine-tuning gives 82.32 / 18.13 there)", "README",
+              0.8565, 1.0),
+    # CLP, u = 3 (methods-2.md section 5; BackdoorBench pairs BN and conv by registration order on PreAct blocks)
+    _bb("clp", "badnets", 90.07, 77.56), _bb("clp", "blended", 91.32, 99.74),
+    Published("clp", "badnets", 0.9132, 0.2449, BACKDOORBENCH_5, "README"),
+    Published("clp", "blended", 0.9019, 0.7958, BACKDOORBENCH_5, "README"),
+    Published("clp", "badnets", 0.8946, 0.0351, BACKDOORBENCH_1, "README"),
 )
 
 MISSING = {
@@ -80,6 +94,7 @@ MISSING = {
     "cbd": "not on BackdoorBench's leaderboard; the paper's Table 1 was not checked here",
     "shortcut": "the abstract is qualitative; no table was checked here",
     "linf_prune": "the abstract gives no numbers",
+    "ftsam": "not on BackdoorBench's leaderboard; the paper's tables were not retrievable here (methods-2.md)",
     "npd": "not on BackdoorBench's leaderboard (which holds the official code); the paper's tables were not checked "
            "here",
 }

@@ -196,6 +196,16 @@ def budget_passes(defense: str, params: Any, n_train: int, n_val: int, n_channel
             return tuning
         prunes = max(1, int(p["max_ratio"] / max(p["once_prune_ratio"], 1e-6)))
         return tuning + FORWARD_SHARE * (n_train + prunes * n_val)
+    if defense in ("ftsam", "nad"):  # counted in steps: FT-SAM two passes a step, NAD's student also runs the teacher
+        def stage(steps: int, per_image: float) -> float:
+            passes_over_pool = -(-steps // max(1, -(-n_train // p["batch_size"])))
+            return (steps * min(p["batch_size"], max(1, n_train)) * per_image
+                    + FORWARD_SHARE * 2 * n_val * passes_over_pool)
+        if defense == "ftsam":
+            return stage(p["steps"], 2.0)
+        return stage(p["teacher_steps"], 1.0) + stage(p["steps"], 1.0 + FORWARD_SHARE)
+    if defense == "clp":  # data-free: one forward pass of two zero images to pair BatchNorms with convolutions
+        return FORWARD_SHARE * 2
     if defense == "linf_prune":
         return FORWARD_SHARE * (2 * n_train + 2 * n_val * max(1, int(p["max_ratio"] * n_channels)))
     if defense == "awm":
