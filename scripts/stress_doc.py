@@ -30,8 +30,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 STORE = ROOT / "docs" / "stress-grid.json"
 DOC = ROOT / "docs" / "stress.md"
 REFERENCE = "demo:clean"
-IN_PAPER = ("finetune", "anp", "sau", "fst")
-"""Registered defenses the retuning-attack paper evaluates (with BTI-DBF, not registered here)."""
+IN_PAPER = ("finetune", "anp", "sau", "fst", "btidbf")
+"""Registered defenses the retuning-attack paper evaluates (FT, ANP, SAU, FST, BTI-DBF)."""
 
 
 # --- the grid ----------------------------------------------------------------------------------------------------
@@ -270,6 +270,13 @@ def render(store: dict[str, Any]) -> str:
                          f"{_spread(s, 'ba_after_retune')} | {_spread(s, 'reference_asr_after_retune')} | "
                          f"**{s['verdict']}** | {c['defense_seconds']:.0f} + {s['seconds']:.0f} | {pub_text} |")
         lines.append("")
+        refs = [store["cells"][f"{d}|{attack}"]["stress"]["reference_asr_after_retune"] for d in defenses
+                if states[(d, attack)] == "measured"]
+        if refs and max(refs) > 0.3:
+            lines.append(f"On {attack} the clean reference itself learns the trigger from the 5 poisoned images (its "
+                         f"ASR after re-tuning: {max(refs):.3f}), so the test tells a superficial repair from a robust "
+                         "one only above that level.")
+            lines.append("")
     measured = [c for c in store["cells"].values() if states.get((c["defense"], c["attack"])) == "measured"]
     if measured:
         dates = sorted({c["measured"] for c in measured})
