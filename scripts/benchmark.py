@@ -5,13 +5,23 @@
     python scripts/benchmark.py write [--runs bench-runs] [--out docs/defense-benchmarks.md]
     python scripts/benchmark.py all   (run, then write)
 
-``run`` executes every (defense, demo suspect, preset, seed) cell that the store does not hold yet, one at a time
+``run`` executes every (defense, test suspect, preset, seed) cell that the store does not hold yet, one at a time
 (timings are only meaningful alone on the machine), each measured on the whole demo test split, with the run's
-config, seconds and device stored beside it. ``write`` reads the store only: per attack a table of mean +- sd over
-the seeds of BA, BA drop, ASR, RA, DER and seconds, the Pareto front, the published numbers for the same method
-(tagged, another setting), and the goal checks; the per-run rows go to a CSV next to the document. Only runs on the
-demo suspects' *current* weights count (their before-metrics equal the suspect card's): runs made on an earlier
-bundle stay in the store but are left out, and the document says how many.
+config, seconds and device stored beside it. An attack's test suspects are the zoo's (``suspects.zoo.test_suspects``;
+seed 0 is the demo bundle's suspect), else ``demo:ATTACK``; a *cell* groups its (test suspect x seed) runs by the
+``attack`` its suspects' cards name (``trigger.name``).
+
+``write`` reads the store only and writes the per-run CSV beside the document (with each run's suspect and preset
+version) and a ``-meta.json`` with what the CSV cannot hold (runs left out, cells redone, the clean reference rows,
+the capacity section); the document is then rendered from the CSV, so where the store is not at hand (it is not in
+the repository) ``write`` regenerates the same document from the CSV (``--from-csv``, the default without a store).
+Per attack a table of BA, BA drop, ASR, RA, DER and seconds as mean +- sd over the cell's runs, beside the median and
+range (and the bootstrap 95% interval of the mean from 5 runs), k/n successes and the split flag (:mod:`runs.stats`);
+the first row is the clean suspect measured under the attack's trigger; the Pareto front on the means (bold) and the
+rows within noise of it (italic); the published numbers for the same method (tagged, another setting), and the goal
+checks. Only runs on the suspects' *current* weights count (their before-metrics equal the suspect card's) made with
+today's presets (their preset version is today's: a preset re-chosen after its cells ran makes them stale, and the
+document lists the cells redone and those still stale).
 Defenses never see the test split (the runner seals it); their presets were chosen on the development split
 (``scripts/tune_on_dev.py``).
 """
@@ -65,24 +75,24 @@ def run_grid(args: argparse.Namespace) -> int:
     label = ", ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
     failures = 0
     for attack in [s for s in args.suspects.split(",") if s]:
-        ref = f"demo:{attack}"
-        suspect = suspects.load(ref)
-        pool_size = resolve_pool_size(args.pool_size, len(suspect.defense_pool))
-        done = _cells_done(store, ref)
-        for defense in names:
-            for preset in [p for p in args.presets.split(",") if p]:
-                for seed in range(args.seeds):
-                    if (defense, preset, label, seed, pool_size) in done:
-                        continue
-                    t = time.time()
-                    rid = create_run(store, defense, ref, preset, overrides, pool_size, seed, None, pid=os.getpid(),
-                                     measure="full", suspect=suspect)
-                    status = execute(store, rid, None, suspect=suspect)
-                    rec = store.get(rid)
-                    print(f"{defense:11s} {preset:6s} {attack:8s} seed {seed}: {status}"
-                          + (f" ({rec.error})" if status != "finished" else "") + f", {time.time() - t:.0f} s",
-                          flush=True)
-                    failures += status != "finished"
+        for ref in test_suspects(attack):  # a cell is (test suspect x seed) runs
+            suspect = suspects.load(ref)
+            pool_size = resolve_pool_size(args.pool_size, len(suspect.defense_pool))
+            done = _cells_done(store, ref)
+            for defense in names:
+                for preset in [p for p in args.presets.split(",") if p]:
+                    for seed in range(args.seeds):
+                        if (defense, preset, label, seed, pool_size) in done:
+                            continue
+                        t = time.time()
+                        rid = create_run(store, defense, ref, preset, overrides, pool_size, seed, None,
+                                         pid=os.getpid(), measure="full", suspect=suspect)
+                        status = execute(store, rid, None, suspect=suspect)
+                        rec = store.get(rid)
+                        print(f"{defense:11s} {preset:6s} {ref:14s} seed {seed}: {status}"
+                              + (f" ({rec.error})" if status != "finished" else "") + f", {time.time() - t:.0f} s",
+                              flush=True)
+                        failures += status != "finished"
     return 1 if failures else 0
 
 
@@ -104,68 +114,278 @@ def on_current_weights(table, card: dict):
     return keep
 
 
-def on_current_presets(store, table):
-    """Rows whose run used today's preset: every parameter the preset sets (and that the row's overrides leave
-    alone) has the value the preset gives now. A run made before a preset was re-chosen (or before a parameter
-    existed) is left out: its numbers belong to another setting."""
-    from dataclasses import asdict
+NOT_RECORDED = "<missing>"  # a parameter the run did not record (it did not exist yet when the run was made)
 
-    import pandas as pd
+
+def _overridden(overrides: str) -> set[str]:
+    return {part.split("=", 1)[0] for part in overrides.split(", ") if part}
+
+
+def _version_of(values: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _preset_now(defense: str, preset: str) -> dict:
+    """Every parameter of today's preset (the dataclass with the preset applied); {} for a defense or preset that no
+    longer exists."""
+    from dataclasses import asdict
 
     from defenses.registry import get_defense
 
-    presets: dict[tuple[str, str], dict] = {}
-    keep = []
-    for run_id, defense, preset, overrides in zip(table["run_id"], table["defense"], table["preset"],
-                                                  table["overrides"], strict=True):
-        if (defense, preset) not in presets:
-            try:
-                presets[defense, preset] = asdict(get_defense(defense).make_params(preset, {}))
-            except ValueError:  # a defense or preset that no longer exists: not today's preset
-                presets[defense, preset] = {}
-        now = presets[defense, preset]
-        used = (store.report(run_id) or {}).get("params") or {}
-        overridden = {part.split("=", 1)[0] for part in overrides.split(", ") if part}
-        keep.append(bool(now) and all(k in used and json.dumps(used[k]) == json.dumps(v)
-                                      for k, v in now.items() if k not in overridden))
+    try:
+        return json.loads(json.dumps(asdict(get_defense(defense).make_params(preset, {})), default=str))
+    except (ValueError, KeyError):
+        return {}
+
+
+def preset_version(defense: str, preset: str, overrides: str = "", used: dict | None = None) -> str:
+    """A preset's version: a hash of the value of every parameter today's preset sets (those ``overrides`` sets
+    are left out), taken from ``used`` (the parameters a run recorded; one it lacks counts as ``<missing>``) or,
+    without ``used``, from today's preset. A run is on today's preset exactly when its version equals today's, so
+    a preset re-chosen (or a parameter added) after its cells ran makes them stale; the runs CSV keeps each run's
+    version, so the document regenerated from the CSV still knows."""
+    now = _preset_now(defense, preset)
+    if not now:
+        return ""
+    skip = _overridden(overrides)
+    source = now if used is None else used
+    return _version_of({k: source.get(k, NOT_RECORDED) for k in now if k not in skip})
+
+
+def preset_versions(store, table):
+    """Each row's preset version (:func:`preset_version` of the parameters its run recorded)."""
+    import pandas as pd
+
+    return pd.Series([preset_version(d, p, o, (store.report(r) or {}).get("params") or {})
+                      for r, d, p, o in zip(table["run_id"], table["defense"], table["preset"], table["overrides"],
+                                            strict=True)], index=table.index, dtype=object)
+
+
+def on_current_presets(store, table, versions=None):
+    """Rows whose run used today's preset: every parameter the preset sets (and that the row's overrides leave
+    alone) has the value the preset gives now (the same :func:`preset_version`). A run made before a preset was
+    re-chosen (or before a parameter existed) is left out: its numbers belong to another setting."""
+    import pandas as pd
+
+    if versions is None:
+        versions = preset_versions(store, table)
+    keep = [bool(v) and v == preset_version(d, p, o) for v, d, p, o in
+            zip(versions, table["defense"], table["preset"], table["overrides"], strict=True)]
     return pd.Series(keep, index=table.index, dtype=bool)
 
 
-def collect(store, attacks=ATTACKS):
-    """Per attack: (the suspect's before-metrics, grouped runs with drop columns), from the store only, and the
-    runs: those on the demo suspects' current weights (``stale``: how many runs on earlier weights were left out)
-    made with today's presets (``old_presets``: how many runs with an earlier version of a preset were left out)."""
+def test_suspects(attack: str) -> list[str]:
+    """The attack's test suspects (references ``suspects.load`` takes): the zoo's, from
+    ``suspects.zoo.test_suspects(attack)`` when the zoo provides it (seed 0 there is the demo bundle's suspect), else
+    the demo bundle's one, ``demo:ATTACK``. A benchmark cell groups the runs on all of them (suspects x seeds)."""
+    try:
+        from suspects import zoo
+    except ImportError:
+        return [f"demo:{attack}"]
+    listed = getattr(zoo, "test_suspects", None)
+    refs = [r if isinstance(r, str) else str(getattr(r, "ref", "") or f"zoo:{getattr(r, 'name', '')}")
+            for r in (listed(attack) if callable(listed) else [])]
+    return [r for r in refs if r] or [f"demo:{attack}"]
+
+
+def card_of(ref: str) -> dict:
+    """A suspect's card: ``demo:NAME`` (and a ``zoo:NAME`` whose folder is the bundle's) as committed now
+    (:func:`current_card`), another ``zoo:NAME`` from its folder (the model not loaded), any other reference through
+    ``suspects.load``."""
+    if ref.startswith("demo:"):
+        return current_card(ref.split(":", 1)[1])
+    if ref.startswith("zoo:"):  # read from disk; a zoo suspect that is the bundle's (seed 0) is the demo card
+        from suspects.store import DEMO_SUSPECTS
+        from suspects.zoo import zoo_path
+
+        path = zoo_path(ref)
+        if path.resolve().parent == DEMO_SUSPECTS.resolve():
+            return current_card(path.name)
+        return json.loads((path / "suspect.json").read_text())
+    import suspects
+
+    return suspects.load(ref).card
+
+
+def attack_of(card: dict, default: str) -> str:
+    """The attack a suspect carries: its card's ``trigger.name`` (so ``demo:badnets`` and ``zoo:badnets-s1`` land
+    in one cell), else ``default``."""
+    trig = card.get("trigger") if isinstance(card, dict) else None
+    return str(trig.get("name") or default) if isinstance(trig, dict) else default
+
+
+CELL_KEYS = ["attack", "defense", "preset", "overrides"]
+
+
+def store_rows(store, attacks=ATTACKS):
+    """Every finished run on the attacks' test suspects, with ``attack``, ``suspect``, ``ba_drop``,
+    ``preset_version`` and two flags: ``current_weights`` (its before-metrics are the suspect card's) and
+    ``current_preset`` (its preset version is today's)."""
     import pandas as pd
 
-    from runs.compare import group_runs, runs_table
+    from runs.compare import runs_table
 
-    out = {}
     frames = []
-    stale = old_presets = 0
     for attack in attacks:
-        table = runs_table(store, f"demo:{attack}")
-        if table.empty:
-            continue
-        keep = on_current_weights(table, current_card(attack))
-        stale += int((~keep).sum())
-        table = table[keep]
-        current = on_current_presets(store, table)
-        old_presets += int((~current).sum())
-        table = table[current]
-        if table.empty:
-            continue
-        table = table.assign(attack=attack, ba_drop=table["ba_before"] - table["ba"])
-        frames.append(table)
-        groups = group_runs(table)
-        drops = table.groupby(["defense", "preset", "overrides"])["ba_drop"].agg(["mean", "std"]).reset_index()
-        groups = groups.merge(drops.rename(columns={"mean": "drop_mean", "std": "drop_sd"}),
-                              on=["defense", "preset", "overrides"])
-        before = {k: float(table[f"{k}_before"].iloc[0]) for k in ("ba", "asr", "ra")}
-        out[attack] = (before, groups)
-    runs = pd.concat(frames) if frames else pd.DataFrame()
+        seen: set[str] = set()
+        for ref in test_suspects(attack):
+            try:
+                card = card_of(ref)
+                table = runs_table(store, ref)
+            except Exception as err:  # a listed suspect whose weights are not on disk: nothing to read
+                print(f"skipping {ref}: {err}", file=sys.stderr)
+                continue
+            table = table[~table["run_id"].isin(seen)]  # one model under two names: count its runs once
+            seen |= set(table["run_id"])
+            if table.empty:
+                continue
+            versions = preset_versions(store, table)
+            frames.append(table.assign(
+                attack=attack_of(card, attack), suspect=ref, ba_drop=table["ba_before"] - table["ba"],
+                preset_version=versions, current_weights=on_current_weights(table, card),
+                current_preset=on_current_presets(store, table, versions)))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def preset_changes(rows) -> list[dict]:
+    """The cells (on current weights) with runs made on an earlier version of their preset: ``runs_left_out`` of
+    them, and ``redone`` when the cell also has runs on today's preset."""
+    if rows.empty:
+        return []
+    rows = rows[rows["current_weights"]]
+    out = []
+    for key, g in rows.groupby(CELL_KEYS, sort=True):
+        old = int((~g["current_preset"]).sum())
+        if old:
+            out.append({**dict(zip(CELL_KEYS, key, strict=True)), "runs_left_out": old,
+                        "redone": bool(g["current_preset"].any())})
+    return out
+
+
+def summarise(rows, meta: dict | None = None):
+    """Per attack: (the suspects' before-metrics, the cells: :func:`runs.compare.group_runs` over the attack's
+    (test suspect x seed) runs on current weights and today's presets), and those runs. ``runs.attrs``: ``stale``
+    and ``old_presets`` (runs left out), ``preset_changes`` (:func:`preset_changes`), adding what ``meta`` carries
+    from the store the CSV was written from."""
+    import numpy as np
+    import pandas as pd
+
+    from runs.compare import group_runs
+
+    meta = meta or {}
+    left = meta.get("left_out") or {}
+    stale = int(left.get("earlier_weights", 0))
+    old_presets = int(left.get("earlier_presets", 0))
+    changes = {tuple(c[k] for k in CELL_KEYS): dict(c) for c in meta.get("preset_changes") or []}
+    out = {}
+    kept = []
+    if not rows.empty:
+        stale += int((~rows["current_weights"]).sum())
+        old_presets += int((rows["current_weights"] & ~rows["current_preset"]).sum())
+        for c in preset_changes(rows):
+            key = tuple(c[k] for k in CELL_KEYS)
+            prev = changes.get(key)
+            if prev is not None:
+                c = {**c, "runs_left_out": c["runs_left_out"] + int(prev["runs_left_out"]),
+                     "redone": c["redone"] or bool(prev["redone"])}
+            changes[key] = c
+        current = rows[rows["current_weights"] & rows["current_preset"]]
+        for key, c in changes.items():  # a cell redone since the store was written
+            if not c["redone"] and ((current[CELL_KEYS] == pd.Series(key, index=CELL_KEYS)).all(axis=1)).any():
+                changes[key] = {**c, "redone": True}
+        for attack in [a for a in ATTACKS if a in set(current["attack"])] + sorted(
+                set(current["attack"]) - set(ATTACKS)):
+            table = current[current["attack"] == attack]
+            kept.append(table)
+            groups = group_runs(table)
+            groups["n_suspects"] = [int(table[(table["defense"] == d) & (table["preset"] == p)
+                                              & (table["overrides"] == o)]["suspect"].nunique())
+                                    for d, p, o in zip(groups["defense"], groups["preset"], groups["overrides"],
+                                                       strict=True)]
+            groups["drop_mean"], groups["drop_sd"] = groups["ba_drop_mean"], groups["ba_drop_sd"]
+            cards = [(card_of(ref).get("metrics") or {}) for ref in sorted(set(table["suspect"]))]
+            # the suspects' metrics before any defense (the cards', which the runs' before-metrics equal); the mean
+            # over the attack's test suspects where there are several
+            before = {k: float(np.mean([float("nan") if m.get(k) is None else float(m[k]) for m in cards]))
+                      for k in ("ba", "asr", "ra")}
+            out[attack] = (before, groups)
+    runs = pd.concat(kept) if kept else pd.DataFrame()
     runs.attrs["stale"] = stale
     runs.attrs["old_presets"] = old_presets
+    runs.attrs["preset_changes"] = sorted(changes.values(), key=lambda c: tuple(c[k] for k in CELL_KEYS))
     return out, runs
+
+
+def collect(store, attacks=ATTACKS):
+    """Per attack: (the suspects' before-metrics, grouped runs with drop columns), from the store only, and the
+    runs: those on the test suspects' current weights (``stale``: how many runs on earlier weights were left out)
+    made with today's presets (``old_presets``: how many runs with an earlier version of a preset were left out;
+    ``preset_changes``: which cells, and whether they were redone)."""
+    return summarise(store_rows(store, attacks))
+
+
+# the per-run CSV beside the document: what ``write`` regenerates the document from when no store is at hand
+CSV_COLUMNS = ["attack", "defense", "preset", "overrides", "seed", "ba_before", "ba", "ba_drop", "asr_before", "asr",
+               "ra", "der", "seconds", "failed", "device", "clean_images", "held_out", "date", "run_id", "suspect",
+               "preset_version"]
+CSV_TOLERANCE = 6e-5  # the CSV keeps 4 decimals: a before-metric within this of the card's is the card's
+
+
+def csv_rows(csv_path: Path):
+    """The rows of a runs CSV written by ``write``, flagged as :func:`store_rows` flags a store's rows: against
+    today's suspect cards (to the CSV's 4 decimals) and today's preset versions."""
+    import pandas as pd
+
+    rows = pd.read_csv(csv_path, dtype={"overrides": str, "suspect": str, "preset_version": str})
+    rows["overrides"] = rows["overrides"].fillna("")
+    if "suspect" not in rows:
+        rows["suspect"] = "demo:" + rows["attack"].astype(str)
+    rows["failed"] = rows["failed"].astype(str).str.lower() == "true"
+    cards = {ref: card_of(ref) for ref in sorted(set(rows["suspect"]))}
+    keep = pd.Series(True, index=rows.index)
+    for ref, card in cards.items():
+        m = card["metrics"]
+        sel = rows["suspect"] == ref
+        ok = (rows.loc[sel, "ba_before"] - m["ba"]).abs() <= CSV_TOLERANCE
+        for key in ("asr", "ra"):
+            if m.get(key) is not None and f"{key}_before" in rows:
+                ok &= (rows.loc[sel, f"{key}_before"] - m[key]).abs() <= CSV_TOLERANCE
+        keep[sel] = ok
+    rows["current_weights"] = keep
+    rows["preset_version"] = rows["preset_version"].fillna("").astype(str) if "preset_version" in rows else ""
+    rows["current_preset"] = [bool(v) and v == preset_version(d, p, o) for v, d, p, o in
+                              zip(rows["preset_version"], rows["defense"], rows["preset"], rows["overrides"],
+                                  strict=True)]
+    return rows
+
+
+def reference_rows(attacks, known: dict | None = None) -> dict[str, dict]:
+    """Per attack, the clean test suspects (``test_suspects("clean")``) measured under the attack's trigger (the
+    trigger of the attack's first test suspect): BA, ASR and RA on the whole test split (``suspects.evaluate``),
+    the baseline a defended model's numbers are read against (an RA near the clean model's is as good as it gets).
+    ``known``: earlier measurements, reused where the clean suspects' fingerprints and the trigger are the same."""
+    import suspects
+    from suspects.identity import fingerprint
+
+    known = known or {}
+    out = {}
+    clean = [suspects.load(ref) for ref in test_suspects("clean")]
+    prints = [fingerprint(c) for c in clean]
+    for attack in attacks:
+        source = test_suspects(attack)[0]
+        spec = card_of(source).get("trigger")
+        prev = known.get(attack) or {}
+        if prev.get("clean_fingerprints") == prints and prev.get("trigger") == spec:
+            out[attack] = prev
+            continue
+        trigger = suspects.load(source).trigger
+        measured = [suspects.evaluate(c.model, c.test, trigger) for c in clean]
+        out[attack] = {"clean": test_suspects("clean"), "clean_fingerprints": prints, "trigger_of": source,
+                       "trigger": spec, **{k: [round(float(getattr(m, k)), 6) for m in measured]
+                                           for k in ("ba", "asr", "ra")}}
+    return out
 
 
 def _front(groups) -> set[tuple[str, str]]:
@@ -175,6 +395,14 @@ def _front(groups) -> set[tuple[str, str]]:
     mask = pareto_front(groups["ba_mean"], groups["asr_mean"], eligible=None if gave_up is None else ~gave_up)
     return {(d, _label(p, o)) for d, p, o, m in
             zip(groups["defense"], groups["preset"], groups["overrides"], mask, strict=True) if m}
+
+
+def _near(groups) -> set[tuple[str, str]]:
+    """The rows near the front (:func:`runs.stats.front_marks`: the interval reaches the front of the means)."""
+    if "near_front" not in groups:
+        return set()
+    return {(d, _label(p, o)) for d, p, o, m in
+            zip(groups["defense"], groups["preset"], groups["overrides"], groups["near_front"], strict=True) if m}
 
 
 def _label(preset: str, overrides: str) -> str:
@@ -312,7 +540,88 @@ def setting_text(runs) -> str:
             "test split (2,500 images; ASR and RA on the 2,250 non-target ones), 2 CPU cores.")
 
 
-def render(results, csv_name: str, runs=None) -> str:
+def _changes_text(changes: list[dict], redone: bool) -> str:
+    """``sau `quick` (badnets, blended)``, per (defense, preset, overrides), for the cells redone or not."""
+    cells: dict[tuple[str, str], list[str]] = {}
+    for c in changes:
+        if bool(c["redone"]) == redone:
+            cells.setdefault((c["defense"], _label(c["preset"], c["overrides"])), []).append(c["attack"])
+    return "; ".join(f"{d} `{p}` ({', '.join(a)})" for (d, p), a in sorted(cells.items()))
+
+
+def preset_change_text(runs) -> str:
+    """Which cells had runs on an earlier version of their preset: those redone with today's, and those still
+    stale (left out of the tables until ``run`` redoes them)."""
+    changes = list(runs.attrs.get("preset_changes") or []) if runs is not None else []
+    redone, stale = _changes_text(changes, True), _changes_text(changes, False)
+    return ((f" Redone with today's preset: {redone}." if redone else "")
+            + (f" **Stale, not yet redone** (the preset changed after these cells ran; their runs are left out until "
+               f"`python scripts/benchmark.py run` redoes them): {stale}." if stale else ""))
+
+
+def spread_cell(median: float, lo: float, hi: float, ci_low: float, ci_high: float, n: int) -> str:
+    """``0.020 [0.010, 0.900]`` (median [range]), with ``, CI [a, b]`` (the bootstrap 95% interval of the mean)
+    where n >= 5."""
+    from runs.stats import BOOTSTRAP_MIN_N, interval_text, range_text
+
+    text = range_text(median, lo, hi)
+    ci = interval_text(ci_low, ci_high) if n >= BOOTSTRAP_MIN_N else ""
+    return text + (f", CI {ci}" if ci else "")
+
+
+def successes_cell(row) -> str:
+    """``2/3``, and ``, split: 1 of 3 removed`` when the cell's runs split (:mod:`runs.stats`)."""
+    from runs.compare import split_flag_text
+    from runs.stats import successes_text
+
+    text = successes_text(int(row.successes), int(row.n_judged))
+    flag = split_flag_text({"split": row.split, "removed": row.removed, "n_seeds": row.n_seeds})
+    return text + (f", {flag}" if flag else "")
+
+
+def stats_legend() -> str:
+    from runs.stats import (
+        BOOTSTRAP_MIN_N,
+        BOOTSTRAP_RESAMPLES,
+        NOT_REMOVED_MIN_ASR,
+        REMOVED_MAX_ASR,
+        SUCCESS_MAX_ASR,
+        SUCCESS_MAX_BA_DROP,
+    )
+
+    return (f"runs = the cell's runs (test suspects x seeds). *median [range]* = the median and [min, max] over the "
+            f"runs, with *CI* = the percentile-bootstrap 95% interval of the mean ({BOOTSTRAP_RESAMPLES:,} resamples, "
+            f"seed 0) where a cell has {BOOTSTRAP_MIN_N} or more runs. *k/n* = runs that succeeded (ASR <= "
+            f"{SUCCESS_MAX_ASR} at a BA drop <= {SUCCESS_MAX_BA_DROP}) of the runs; *split: k of n removed* = the "
+            f"runs split into removed (ASR <= {REMOVED_MAX_ASR}) and not removed (ASR >= {NOT_REMOVED_MIN_ASR}), "
+            "so the mean describes none of them. *italic* = near the Pareto front: not on it, but the best corner of "
+            f"its interval (highest BA, lowest ASR; the range below {BOOTSTRAP_MIN_N} runs, the bootstrap interval "
+            "from there) is dominated by no front row's means, so its distance from the front is within the runs' "
+            "spread. The first row of each table is the clean suspect (no backdoor) measured under the attack's "
+            "trigger on the same test split: the BA and RA a repaired model can hope for, and the ASR that the "
+            "trigger's target class gets from a model that never learnt it.")
+
+
+def _reference_line(attack: str, ref: dict | None) -> str | None:
+    """The table's first row: the clean suspect(s) under ``attack``'s trigger (:func:`reference_rows`)."""
+    import numpy as np
+
+    if not ref:
+        return None
+    n = len(ref.get("ba") or [])
+
+    def cell(key: str) -> str:
+        v = [float(x) for x in ref.get(key) or []]
+        if not v:
+            return "n/a"
+        return mean_sd_text(float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else None)
+
+    names = ", ".join(f"`{c}`" for c in ref.get("clean") or [])
+    return (f"| clean suspect (reference) | none | {n} | {cell('ba')} |  |  | {cell('asr')} |  |  | "
+            f"{cell('ra')} |  |  | measured: {names} under the trigger of `{ref.get('trigger_of')}` |")
+
+
+def render(results, csv_name: str, runs=None, references: dict | None = None) -> str:
     from defenses import get_defense
     from runs.published import MISSING, published_for
 
@@ -328,21 +637,27 @@ def render(results, csv_name: str, runs=None) -> str:
            "'after' measurement, on an otherwise idle machine."
            + (f" {stale} runs of the store, made on earlier weights of the demo suspects, are left out." if stale else "")
            + (f" {old_presets} runs made with an earlier version of a preset (before it was re-chosen) are left out."
-              if old_presets else ""),
+              if old_presets else "") + preset_change_text(runs),
            "",
            "BA = clean test accuracy; drop = BA before - BA after; ASR = share of triggered non-target test images "
            "classified as the target; RA = their accuracy w.r.t. the true label; DER = [max(0, ASR0 - ASR1) - "
            "max(0, BA0 - BA1) + 1] / 2. **bold** = on the attack's Pareto front (no other row has a higher mean BA "
            "and a lower mean ASR; a row whose defense gave up at every seed, returning the suspect unchanged, is "
            "left out). *Published* numbers are on another setting (CIFAR-10, full-width ResNets): read "
-           "them as what the method achieves where it was designed, not as a target for these models.", ""]
+           "them as what the method achieves where it was designed, not as a target for these models.", "",
+           stats_legend(), ""]
     out += ["## Goals (checked on the numbers below)", "", *goal_lines(results), ""]
     for attack, (before, g) in results.items():
         front = _front(g)
+        near = _near(g)
         out += [f"## {attack}", "",
                 f"Suspect before any defense: BA {before['ba']:.3f}, ASR {before['asr']:.3f}, RA {before['ra']:.3f}.", "",
-                "| defense | preset | seeds | BA | BA drop | ASR | RA | DER | seconds | published (BA / ASR, tag, setting) |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+                "| defense | preset | runs | BA | BA median [range] | BA drop | ASR | ASR median [range] | k/n | RA | DER | "
+                "seconds | published (BA / ASR, tag, setting) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        reference = _reference_line(attack, (references or {}).get(attack))
+        if reference:
+            out.append(reference)
         for row in g.sort_values(["defense", "preset", "overrides"]).itertuples():
             title = get_defense(row.defense).title
             pub = published_for(row.defense, attack)
@@ -350,13 +665,17 @@ def render(results, csv_name: str, runs=None) -> str:
                                  for p in pub) or (f"none recorded: {MISSING[row.defense]}" if row.defense in MISSING
                                                    else "none recorded")
             preset = _label(row.preset, row.overrides)
-            name = f"**{title}**" if (row.defense, preset) in front else title
+            name = (f"**{title}**" if (row.defense, preset) in front else
+                    f"*{title}*" if (row.defense, preset) in near else title)
             if row.preset == "quick" and row.defense not in DEV_CHOSEN:
                 name += " †"
             if getattr(row, "n_failed", 0):
                 name += f" (gave up at {row.n_failed} of {row.n_seeds} seeds: model unchanged)"
             out.append(f"| {name} | {preset} | {row.n_seeds} | {mean_sd_text(row.ba_mean, row.ba_sd)} | "
-                       f"{mean_sd_text(row.drop_mean, row.drop_sd)} | {mean_sd_text(row.asr_mean, row.asr_sd)} | "
+                       f"{spread_cell(row.ba_median, row.ba_min, row.ba_max, row.ba_ci_low, row.ba_ci_high, row.n_seeds)}"
+                       f" | {mean_sd_text(row.drop_mean, row.drop_sd)} | {mean_sd_text(row.asr_mean, row.asr_sd)} | "
+                       f"{spread_cell(row.asr_median, row.asr_min, row.asr_max, row.asr_ci_low, row.asr_ci_high, row.n_seeds)}"
+                       f" | {successes_cell(row)} | "
                        f"{mean_sd_text(row.ra_mean, row.ra_sd)} | {mean_sd_text(row.der_mean, row.der_sd)} | "
                        f"{mean_sd_text(row.seconds_mean, row.seconds_sd, 0)} | {pub_text} |")
         out.append("")
@@ -408,13 +727,44 @@ def capacity_section(root: Path) -> list[str]:
     return [*out, ""]
 
 
+META_NOTE = ("What the benchmark run store said beyond the per-run rows of the CSV beside this file, kept so that "
+             "`python scripts/benchmark.py write` regenerates the document from the CSV where the store is not at "
+             "hand: the runs it left out (earlier weights, earlier preset versions) and which cells had runs on an "
+             "earlier preset version; the clean reference rows (measured, reused while the clean suspects' "
+             "fingerprints and the trigger stay the same); the capacity study's section as last written from the "
+             "store (bench-runs/capacity).")
+
+
+def _meta_path(out: Path) -> Path:
+    return out.with_name(out.stem + "-meta.json")
+
+
 def write_doc(args: argparse.Namespace) -> int:
     from runs.store import RunStore
+    from suspects.atomic import write_text
 
-    store = RunStore(args.runs)
-    results, runs = collect(store)
-    capacity = capacity_section(Path(args.runs) / "capacity")
     out = Path(args.out)
+    csv = out.with_name(out.stem + "-runs.csv")
+    meta_file = _meta_path(out)
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    store = RunStore(args.runs) if Path(args.runs).is_dir() else None
+    rows = store_rows(store) if store is not None else None
+    from_csv = args.from_csv or ((rows is None or rows.empty) and csv.is_file())
+    if from_csv:
+        if not csv.is_file():
+            print(f"no runs CSV at {csv}: write from a run store first", file=sys.stderr)
+            return 2
+        results, runs = summarise(csv_rows(csv), meta)
+        capacity = list(meta.get("capacity") or [])
+        print(f"regenerating {out} from {csv}"
+              + ("" if args.from_csv else f" (the run store {args.runs} has no benchmark runs)"))
+    else:
+        if rows is None:
+            import pandas as pd
+
+            rows = pd.DataFrame()
+        results, runs = summarise(rows)
+        capacity = capacity_section(Path(args.runs) / "capacity")
     if not results:
         stale = int(runs.attrs.get("stale", 0))
         old = int(runs.attrs.get("old_presets", 0))
@@ -435,15 +785,25 @@ def write_doc(args: argparse.Namespace) -> int:
                if stale else "") + ".", "", *capacity]))
         print(f"wrote {out} (the capacity study only)")
         return 0
-    csv = out.with_name(out.stem + "-runs.csv")
-    keep = ["attack", "defense", "preset", "overrides", "seed", "ba_before", "ba", "ba_drop", "asr_before", "asr", "ra", "der",
-            "seconds", "failed", "device", "clean_images", "held_out", "date", "run_id"]
-    runs[keep].sort_values(["attack", "defense", "preset", "seed"]).to_csv(csv, index=False, float_format="%.4f")
-    text = render(results, csv.name, runs)
+    if not from_csv:  # the store is the source: it writes the CSV and what the CSV cannot hold
+        runs[CSV_COLUMNS].sort_values(["attack", "defense", "preset", "seed", "suspect"]).to_csv(
+            csv, index=False, float_format="%.4f")
+        meta = {"left_out": {"earlier_weights": int(runs.attrs.get("stale", 0)),
+                             "earlier_presets": int(runs.attrs.get("old_presets", 0))},
+                "preset_changes": runs.attrs.get("preset_changes") or [],
+                "references": meta.get("references") or {}, "capacity": capacity}
+        # the document always comes from the CSV, so regenerating it from the CSV gives the same bytes
+        results, runs = summarise(csv_rows(csv), meta)
+    known = meta.get("references") or {}
+    references = known if args.no_measure else reference_rows(list(results), known)
+    meta = {"note": META_NOTE, **{k: v for k, v in meta.items() if k != "note"}, "references": references}
+    text = render(results, csv.name, runs, references)
     if capacity:
         text += "\n" + "\n".join(capacity)
+    write_text(meta_file, json.dumps(meta, indent=1) + "\n")
     out.write_text(text)
-    print(f"wrote {out} ({sum(len(g) for _, g in results.values())} groups, {len(runs)} runs) and {csv}")
+    print(f"wrote {out} ({sum(len(g) for _, g in results.values())} groups, {len(runs)} runs)"
+          + ("" if from_csv else f" and {csv}"))
     return 0
 
 
@@ -452,6 +812,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("action", choices=("run", "write", "all"))
     ap.add_argument("--runs", default="bench-runs", help="the benchmark's run store (default ./bench-runs)")
     ap.add_argument("--out", default=str(DOC))
+    ap.add_argument("--from-csv", action="store_true",
+                    help="regenerate the document from the runs CSV beside --out (and its -meta.json), not the store; "
+                         "the default when the store holds no benchmark runs")
+    ap.add_argument("--no-measure", action="store_true",
+                    help="do not measure the clean reference rows; use those the -meta.json holds")
     ap.add_argument("--defenses", default="", help="comma-separated (default: every registered defense)")
     ap.add_argument("--suspects", default=",".join(ATTACKS))
     ap.add_argument("--presets", default="quick,paper")

@@ -40,14 +40,28 @@ def test_grid_runs_once_and_the_document_comes_from_the_store(tmp_path):
     text = doc.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| ") and "quick (steps=1)" in line)
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[2] == "2"  # seeds
+    assert cells[2] == "2"  # runs (test suspects x seeds)
     mean, sd = table["ba"].mean(), table["ba"].std()
     assert cells[3] == f"{mean:.3f} ± {sd:.3f}"  # BA as mean ± sample sd over the two stored runs
+    lo, hi = table["ba"].min(), table["ba"].max()
+    assert cells[4] == (f"{table['ba'].median():.3f} [{lo:.3f}, {hi:.3f}]" if lo != hi else f"{lo:.3f}")
     drop = (table["ba_before"] - table["ba"]).mean()
-    assert cells[4].startswith(f"{drop:.3f}")
+    assert cells[5].startswith(f"{drop:.3f}")
+    k = int(((table["asr"] <= 0.05) & (table["ba_before"] - table["ba"] <= 0.03)).sum())
+    assert cells[8].startswith(f"{k}/2")  # successes: ASR <= 0.05 at a BA drop <= 0.03
     ft = published_for("finetune", "badnets")[0]
-    assert f"{ft.ba:.3f} / {ft.asr:.3f} [README]" in cells[9]  # the published number, tagged, beside ours
+    assert f"{ft.ba:.3f} / {ft.asr:.3f} [README]" in cells[12]  # the published number, tagged, beside ours
     assert "## Goals" in text and "badnets" in text
+    # the table starts with the clean suspect measured under the attack's trigger: its BA is the clean card's
+    header = text.splitlines().index(next(x for x in text.splitlines() if x.startswith("| defense |")))
+    reference = [c.strip() for c in text.splitlines()[header + 2].strip("|").split("|")]
+    clean_card = bench.card_of(bench.test_suspects("clean")[0])
+    assert reference[0] == "clean suspect (reference)" and reference[3] == f"{clean_card['metrics']['ba']:.3f}"
+    assert 0.0 <= float(reference[6]) <= 0.2 and float(reference[9]) > 0.5  # a clean model ignores BadNets' patch
+    # the document regenerates from the CSV (and its -meta.json) alone, byte for byte
+    store_dir.rename(tmp_path / "moved")
+    assert bench.main(["write", "--runs", str(store_dir), "--out", str(doc), "--no-measure"]) == 0
+    assert doc.read_text() == text
 
     runs = pd.read_csv(doc.with_name("bench-runs.csv"))
     assert len(runs) == 2 and set(runs["seed"]) == {0, 1}
@@ -96,11 +110,53 @@ def test_runs_with_an_earlier_preset_are_left_out_and_redone(tmp_path, monkeypat
     assert bench.main(["run", *argv]) == 0  # the cell is run again with today's preset
     table = runs_table(RunStore(store_dir), "demo:badnets")
     assert len(table) == 2
-    assert bench.main(["write", "--runs", str(store_dir), "--out", str(tmp_path / "x.md")]) == 0
+    assert bench.main(["write", "--runs", str(store_dir), "--out", str(tmp_path / "x.md"), "--no-measure"]) == 0
     text = (tmp_path / "x.md").read_text()
     assert "1 runs made with an earlier version of a preset" in text
+    assert "Redone with today's preset: finetune `quick (steps=1)` (badnets)." in text  # which cells were redone
+    assert "Stale, not yet redone" not in text
     row = next(line for line in text.splitlines() if line.startswith("| ") and "quick (steps=1)" in line)
     assert [c.strip() for c in row.strip("|").split("|")][2] == "1"  # only the new run counts
+    assert pd.read_csv(tmp_path / "x-runs.csv")["preset_version"].tolist() == [
+        bench.preset_version("finetune", "quick", "steps=1")]
+
+
+def test_the_document_regenerates_from_the_committed_csv(tmp_path):
+    """docs/defense-benchmarks.md is what `write` makes from docs/defense-benchmarks-runs.csv and its -meta.json
+    (the run store is not in the repository): a document edited by hand, or one left behind by a change of the
+    code that renders it, fails here; `python scripts/benchmark.py write` regenerates it."""
+    import shutil
+
+    bench = _script()
+    docs = ROOT / "docs"
+    for name in ("defense-benchmarks-runs.csv", "defense-benchmarks-meta.json"):
+        shutil.copy(docs / name, tmp_path / name)
+    out = tmp_path / "defense-benchmarks.md"
+    assert bench.main(["write", "--runs", str(tmp_path / "no-store"), "--out", str(out), "--no-measure"]) == 0
+    assert out.read_text() == (docs / "defense-benchmarks.md").read_text(), (
+        "docs/defense-benchmarks.md is not what its CSV gives today: run `python scripts/benchmark.py write`")
+
+
+def test_a_preset_changed_after_its_cells_ran_makes_them_stale(tmp_path, monkeypatch):
+    """The runs CSV keeps each run's preset version: re-choosing a preset makes its cells stale in the document
+    regenerated from the CSV (left out of the tables, listed as not yet redone) without the run store."""
+    import shutil
+
+    from defenses.registry import get_defense
+
+    bench = _script()
+    for name in ("defense-benchmarks-runs.csv", "defense-benchmarks-meta.json"):
+        shutil.copy(ROOT / "docs" / name, tmp_path / name)
+    quick = get_defense("fst").presets["quick"]
+    before = bench.preset_version("fst", "quick")
+    monkeypatch.setitem(get_defense("fst").presets, "quick", {**quick, "steps": int(quick.get("steps", 70)) + 1})
+    assert bench.preset_version("fst", "quick") != before
+    out = tmp_path / "defense-benchmarks.md"
+    assert bench.main(["write", "--from-csv", "--out", str(out), "--no-measure"]) == 0
+    text = out.read_text()
+    stale = text.split("**Stale, not yet redone**", 1)[1].split("\n", 1)[0]
+    assert "fst `quick` (badnets, blended, sig, wanet)" in stale
+    assert not any(line.startswith("| ") and "Feature Shift Tuning (FST)" in line for line in text.splitlines())
 
 
 def test_write_refuses_an_empty_store(tmp_path, capsys):
@@ -132,7 +188,7 @@ def test_capacity_table_goes_into_the_document(tmp_path):
     (store_dir / "capacity").mkdir()
     (store_dir / "capacity" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     doc = tmp_path / "b.md"
-    assert bench.main(["write", "--runs", str(store_dir), "--out", str(doc)]) == 0
+    assert bench.main(["write", "--runs", str(store_dir), "--out", str(doc), "--no-measure"]) == 0
     line = next(x for x in doc.read_text().splitlines() if x.startswith("| badnets | anp | quick |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[3] == "0.030 ± 0.014 / 0.200 ± 0.141, 10 s (n=2)"  # width 8: drop / ASR over seeds 0 and 1
