@@ -70,6 +70,15 @@ PUBLISHED: tuple[Published, ...] = (
     # AWM
     Published("awm", "badnets", 0.8898, 0.3308, "jinghuichen/AWM issue #2 (ResNet-18, 10%, 500 images, defaults)",
               "3rd", 0.9210, 0.9971),
+    # ABL (training-time; BackdoorBench at 10% poisoning, values from ../shared/reference/methods-2.md section 8)
+    _bb("abl", "badnets", 83.32, 0.00), _bb("abl", "blended", 77.30, 0.73),
+    Published("abl", "badnets", 0.7281, 0.5320, "BackdoorBench leaderboard, CIFAR-10, PreAct-ResNet-18, 1% poisoning",
+              "README", note="1% poisoning rate; BA / ASR before not recorded here"),
+    Published("abl", "badnets", 0.8611, 0.0304, "bboylyg/ABL README leaderboard (WRN-16-1, BadNets grid trigger, "
+              "CIFAR-10)", "README"),
+    Published("abl", "badnets", 0.8187, 0.0048, "bboylyg/ABL README quick_unlearning_demo log (WRN-16-1, grid "
+              "trigger, 500 isolated images, 5 unlearning epochs; unlearning only, from a backdoored model)", "README",
+              0.8278, 0.9999),
     # RNP (not on BackdoorBench's leaderboard): the official README's log, every threshold printed on the test split
     Published("rnp", "badnets", 0.9280, 0.0661, "bboylyg/RNP README log (ResNet-18, BadNets 10%, 500 clean images, "
               "threshold 0.2, 24 neurons pruned)", "README", 0.9340, 1.0,
@@ -94,6 +103,8 @@ MISSING = {
     "cbd": "not on BackdoorBench's leaderboard; the paper's Table 1 was not checked here",
     "shortcut": "the abstract is qualitative; no table was checked here",
     "linf_prune": "the abstract gives no numbers",
+    "btidbf": "the official README gives no numbers and BackdoorBench's leaderboard does not list it; the paper's "
+              "tables were not retrievable here",
     "ftsam": "not on BackdoorBench's leaderboard; the paper's tables were not retrievable here (methods-2.md)",
     "npd": "not on BackdoorBench's leaderboard (which holds the official code); the paper's tables were not checked "
            "here",

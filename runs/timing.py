@@ -229,7 +229,10 @@ def budget_passes(defense: str, params: Any, n_train: int, n_val: int, n_channel
     if defense == "ibau":  # per round: the inner pass for delta, then K Hessian-vector products per outer step
         per_round = n_train * (2 + 2 * p["K"] + 1 + FORWARD_SHARE) + FORWARD_SHARE * 2 * n_val
         return p["n_rounds"] * per_round
-    return None
+    if defense == "abl":  # isolation on the whole set, the scoring pass, fine-tuning on D_c, unlearning D_b
+        n = min(p["subset"], n_trainset) if p.get("subset") else n_trainset
+        if n <= 0:
+            return None
 
 
 def estimate_seconds(defense: str, params: Any, suspect: Suspect, pool_size: int, device: torch.device,
