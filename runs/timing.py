@@ -233,6 +233,16 @@ def budget_passes(defense: str, params: Any, n_train: int, n_val: int, n_channel
         n = min(p["subset"], n_trainset) if p.get("subset") else n_trainset
         if n <= 0:
             return None
+        n_b = max(1, int(n * p["isolation_ratio"]))
+        evals = FORWARD_SHARE * 2 * n_val * (p["isolation_epochs"] + p["finetune_epochs"] + p["unlearning_epochs"])
+        return (p["isolation_epochs"] * n + FORWARD_SHARE * n + p["finetune_epochs"] * (n - n_b)
+                + p["unlearning_epochs"] * n_b + evals)
+    if defense == "btidbf":  # per image: G pre-training, then per round the mask (a forward), the inversion (G and
+        # two model passes), the unlearning (two model passes); the generator's own cost is left out
+        per_round = n_train * (p["mround"] * (FORWARD_SHARE + 0.2) + 2 * p["uround"] + 2 * p["ul_round"])
+        evals = FORWARD_SHARE * 3 * n_val + FORWARD_SHARE * n_train
+        return 2 * p["preround"] * n_train + p["nround"] * (per_round + evals)
+    return None
 
 
 def estimate_seconds(defense: str, params: Any, suspect: Suspect, pool_size: int, device: torch.device,
