@@ -226,10 +226,10 @@ def deterministic(enabled: bool = True):
     without a deterministic implementation warns instead of failing; cuDNN deterministic, not benchmarking), the
     previous settings restored after it.
 
-    Measured on the CPU (2-core AMD EPYC, AVX512, torch 2.14.1, MKL): it changes nothing there. FST ``quick`` on
-    ``demo:blended`` at seed 0 gave bit-identical weights in four runs at one thread, two with it and two without,
-    while the thread count itself changed them (ASR 0.985 / BA 0.886 at one thread, 0.983 / 0.880 at two; 500 test
-    images). What makes a CPU run repeat on one
+    Measured on the CPU (2-core AMD EPYC, AVX512, torch 2.14.1, MKL): it changes nothing there. FST ``quick`` and
+    fine-tuning ``quick`` on ``demo:blended`` at seed 0 gave bit-identical weights in four runs each at one thread, two
+    with it and two without (fine-tuning's CPU time 21.1-21.2 s without, 20.9-22.8 s with it), while the thread count
+    itself changed them (FST: ASR 0.985 / BA 0.886 at one thread, 0.983 / 0.880 at two; 500 test images). What makes a CPU run repeat on one
     machine is the same thread count (``BACKDOOR_LENS_THREADS``), which :func:`machine_info` records; no switch makes
     two machines agree. On CUDA (not measured here) it removes the non-deterministic atomics of some kernels; cuBLAS
     also wants ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` set before it starts, or it warns."""

@@ -22,11 +22,12 @@ checked against them. A suspect is referred to as ``zoo:NAME`` (``zoo:badnets-s1
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from typing import Any
 from .atomic import atomic_folder, write_json
 from .store import CARD_FILE, DEMO_SUSPECTS, MODEL_FILE, SuspectLoadError
 
-__all__ = ["ZooEntry", "Zoo", "BuildResult", "ROLES", "PREFIX", "MANIFEST", "ZOO_ROOT", "default_zoo", "zoo_path",
+__all__ = ["ZooEntry", "Zoo", "BuildResult", "ZooBusyError", "SECONDS_PER_SUSPECT", "ROLES", "PREFIX", "MANIFEST", "ZOO_ROOT", "default_zoo", "zoo_path",
            "entries", "test_suspects", "dev_suspects", "test_fingerprints", "test_suspect_reason", "build"]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -42,10 +43,15 @@ MANIFEST = ASSETS / "zoo.json"
 ZOO_ROOT = ASSETS / "zoo"
 PREFIX = "zoo:"
 ROLES = ("test", "dev")
+SECONDS_PER_SUSPECT = (430, 550)  # the bundle's recipe on 2 idle CPU cores (assets/demo/README.md: 427-552 s)
 
 # TrainConfig fields a recipe or an attack entry may set (``keep_pool_out`` is the CLI's name for train_on_pool=False)
 _TRAIN_KEYS = {"model", "width", "epochs", "batch_size", "lr", "weight_decay", "schedule", "augment", "pool_fraction",
                "keep_pool_out", "max_steps", "device", "attack", "attack_params", "target", "mapping", "poison_rate"}
+
+
+class ZooBusyError(ValueError):
+    """Another build holds the zoo folder."""
 
 
 @dataclass(frozen=True)
@@ -235,9 +241,6 @@ class Zoo:
         fingerprint of a newly built suspect into the manifest when it has none (the manifest's own, committed,
         fingerprints are never overwritten: a different one is reported as ``differs``).
         """
-        from .identity import fingerprint
-        from .training import train_suspect
-
         selected = self.entries(role, attack)
         if only:
             wanted = [self.entry(n).name for n in only]
@@ -245,6 +248,35 @@ class Zoo:
         todo = [e for e in selected if not self.present(e)]
         results = [BuildResult(e.name, "skipped", fingerprint=e.fingerprint) for e in selected if self.present(e)]
         tick = progress or (lambda f, m, d: None)
+        with contextlib.nullcontext() if dry_run or not todo else self._lock():
+            results += self._build(todo, dry_run, overrides, record, tick)
+        tick(1.0, "zoo complete" if not dry_run else "dry run", {})
+        order = {e.name: k for k, e in enumerate(selected)}
+        return sorted(results, key=lambda r: order[r.name])
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """One build at a time per folder (an advisory lock the OS drops when the process ends)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:  # Windows: no lock
+            yield
+            return
+        with open(self.root / ".build.lock", "w") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise ZooBusyError(f"another zoo build is running in {self.root}; wait for it to finish") from None
+            yield
+
+    def _build(self, todo: list[ZooEntry], dry_run: bool, overrides: dict[str, Any] | None, record: bool,
+               tick: Callable[[float, str, dict], None]) -> list[BuildResult]:
+        from .identity import fingerprint
+        from .store import write_suspect_files
+        from .training import train_suspect
+
+        results: list[BuildResult] = []
         for i, entry in enumerate(todo):
             if entry.bundle:  # a seed-0 test suspect is the bundle's: never trained here
                 raise SuspectLoadError(f"zoo suspect {entry.name} is the demo bundle's {entry.bundle}, whose folder "
@@ -265,8 +297,6 @@ class Zoo:
             suspect.card["name"] = entry.name
             suspect.card["provenance"] = {"source": "backdoor-lens zoo build", "zoo": entry.ref}
             suspect.card["zoo"] = self._card_block(entry, fp, out, overrides)
-            from .store import write_suspect_files
-
             with atomic_folder(out, partial=out.with_name(f".{out.name}.partial")) as tmp:
                 write_suspect_files(suspect, tmp)
             if overrides:
@@ -280,9 +310,7 @@ class Zoo:
             m = suspect.card.get("metrics") or {}
             results.append(BuildResult(entry.name, "built", round(time.time() - t0, 1), fp, check,
                                        {k: m.get(k) for k in ("ba", "asr", "ra")}))
-        tick(1.0, "zoo complete" if not dry_run else "dry run", {})
-        order = {e.name: k for k, e in enumerate(selected)}
-        return sorted(results, key=lambda r: order[r.name])
+        return results
 
     def _card_block(self, entry: ZooEntry, fp: str, out: Path, overrides: dict[str, Any] | None) -> dict[str, Any]:
         from .device import machine_info

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from backdoor_lens.cli import main
-from suspects.zoo import MANIFEST, Zoo
+from suspects.zoo import MANIFEST, Zoo, ZooBusyError
 
 ROOT = Path(__file__).resolve().parent.parent
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -99,8 +99,13 @@ def test_a_stopped_build_leaves_nothing_complete(tiny_zoo, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         zoo.build(only=["badnets-s1"], progress=stop, record=False)
-    assert not zoo.present(entry) and list(tmp_path.iterdir()) == []
+    assert not zoo.present(entry) and [p.name for p in tmp_path.iterdir()] == [".build.lock"]  # no partial folder
     assert [r.action for r in zoo.build(only=["badnets-s1"], dry_run=True)] == ["would build"]
+    fcntl = pytest.importorskip("fcntl")
+    with open(tmp_path / ".build.lock", "w") as fh:  # another build holds the folder
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ZooBusyError, match="another zoo build"):
+            zoo.build(only=["badnets-s1"])
 
 
 def test_zoo_references_load_and_the_picker_lists_them(tiny_env):

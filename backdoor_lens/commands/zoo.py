@@ -90,6 +90,13 @@ def run_build(args: argparse.Namespace) -> int:
         elif r.action == "would build":
             line += ": " + zoo.entry(r.name).command(zoo.path(zoo.entry(r.name)))
         print(line)
+    todo = sum(r.action == "would build" for r in results)
+    if todo and not overrides:
+        from suspects.zoo import SECONDS_PER_SUSPECT
+
+        low, high = (todo * s / 3600 for s in SECONDS_PER_SUSPECT)
+        print(f"{todo} to build: about {low:.1f}-{high:.1f} h on 2 idle CPU cores (430-550 s a suspect, the bundle's "
+              "times)")
     differs = [r.name for r in results if r.check == "differs"]
     if differs:
         print(f"note: {', '.join(differs)}: the weights built here differ from the manifest's fingerprint (another "
