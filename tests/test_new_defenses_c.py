@@ -174,7 +174,9 @@ def test_pretraining_pulls_the_generator_to_the_identity(badnets, pool):
     opt = torch.optim.Adam(g.parameters(), lr=p.gen_lr)
     losses = pretrain_generator(g, copy.deepcopy(badnets.model), x, y, "cpu", p, opt, _gen())
     assert losses[-1] < losses[0] and mse(g) < start, (losses, start, mse(g))
-    assert mse(UNetGenerator(1, 4, 2, residual=True)) == 0.0  # the residual generator starts as the identity
+    torch.manual_seed(0)
+    near = mse(UNetGenerator(1, 4, 2, residual=True))  # the residual generator starts near, not at, the identity
+    assert 0.0 < near < 0.1 * start, (near, start)
 
 
 def test_target_detection_and_unlearning_with_the_true_trigger(badnets, pool):
