@@ -33,6 +33,12 @@ at 269-283 s, over the two-minute goal. On bundle v1 (width 8) the number of out
 length (18 x 9 left the Blended ASR at 0.995), so the 20 outer epochs are kept. Blended is removed by AWM at some
 seeds only, at every budget tried.
 
+Issue 29 (the mask schedule made official; development split, bundle v2, seeds 0-2, BA drop / ASR): ``quick`` with
+the decaying eta_2 (now) gave BadNets 0.009 +- 0.002 / 0.034 +- 0.011 and Blended 0.021 +- 0.002 / 0.756 +- 0.332
+(ASR 0.377, 0.896, 0.996), against 0.025 +- 0.007 / 0.031 +- 0.018 and 0.034 +- 0.026 / 0.653 +- 0.527 with the
+constant eta_2 (the rows above): a third of the BA cost for the same BadNets ASR; Blended is still not reliably
+removed (partly at one seed of three). The preset was kept.
+
 ``one_shot`` keeps one pool image per class and adds ``augmentations`` random crops/flips of each, as the
 paper's one-shot setting does.
 
