@@ -212,7 +212,7 @@ def test_fst_rescales_the_head_only_after_steps(badnets, monkeypatch):
         return real(model, ctx, **kw)
 
     monkeypatch.setattr(defenses.fst, "fine_tune", spy)
-    norm_ori = float(head(badnets.model).weight.norm())
+    norm_ori = float(head(badnets.model).weight.detach().norm())
     report = run_defense("fst", badnets, "quick", {"steps": 2, "batch_size": 16}, pool_size=40)
     # U(-1/sqrt(d), 1/sqrt(d)) on K x d weights: norm about sqrt(K / 3), not the original head's norm
     assert seen["start_norm"] == pytest.approx((badnets.num_classes / 3) ** 0.5, rel=0.2)
