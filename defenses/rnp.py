@@ -105,7 +105,7 @@ class RNP(Defense):
     name = "rnp"
     title = "Reconstructive Neuron Pruning (RNP)"
     paper = "Li et al., ICML 2023 (arXiv 2305.14876)"
-    order = 44
+    order = 68
     needs = ("batchnorm", "rebuildable", "trainable")
     summary = ("Unlearns the clean pool until the copy fails at the task, then lets a mask on every BN channel "
                "recover it: the channels the recovery leaves off carry the backdoor and are pruned from the "

@@ -99,7 +99,8 @@ def test_registry_discovers_defense_modules_and_keeps_the_order():
     assert not {"defenses.runner", "defenses.common", "defenses.pruning", "defenses.retrain",
                 "defenses.context", "defenses.base"} & set(mods)
     names = list_defenses()
-    assert names == ["shortcut", "linf_prune", "awm", "anp", "fineprune", "finetune", "dbd", "cbd", "sau", "fst", "ibau"]
+    assert names == ["shortcut", "linf_prune", "awm", "anp", "fineprune", "finetune", "ftsam", "nad", "clp", "rnp",
+                     "dbd", "cbd", "abl", "sau", "fst", "ibau", "npd", "btidbf"]
     orders = [type(get_defense(n)).order for n in names]
     assert orders == sorted(orders)
     assert isinstance(get_defense("fineprune"), RankedPruning) and isinstance(get_defense("linf_prune"), RankedPruning)

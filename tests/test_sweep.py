@@ -197,7 +197,7 @@ def test_compare_page_shows_sweeps_and_queues_one_the_worker_runs(ray_local, sto
     at.switch_page("views/compare.py").run()
     assert not at.exception, at.exception
     assert any(s.value.startswith("Sweeps (") for s in at.subheader)
-    assert any("mean ± sample sd" in c.value for c in at.code)
+    assert any("mean ± sample sd" in m.value for m in at.markdown)  # the groups' statistics, defined
     at.multiselect(key="cmp_sw_defenses").set_value(["finetune", "linf_prune"])
     at.number_input(key="cmp_sw_seeds").set_value(2)
     at.number_input(key="cmp_sw_pool").set_value(50)

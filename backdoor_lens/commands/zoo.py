@@ -7,7 +7,7 @@ import json
 
 from backdoor_lens.cli import TqdmProgress, parse_sets, print_json
 
-ORDER = 25
+ORDER = 115
 
 
 def _common(p: argparse.ArgumentParser) -> None:
