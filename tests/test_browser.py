@@ -254,8 +254,9 @@ def test_compare_page_shows_the_runs_table_and_charts(server, browser, shots, ru
     settle(page)
     body = page.inner_text("body")
     assert "Traceback" not in body and "Before / after, side by side" in body
-    # the runs, the groups' statistics, and the published numbers (expander)
-    assert page.locator("[data-testid=stDataFrame]").count() == 3
+    # the runs and the published numbers (expander); the groups' statistics too once a setting has several runs
+    # (earlier tests of the session may have stored some)
+    assert page.locator("[data-testid=stDataFrame]").count() in (2, 3)
     assert page.locator(".js-plotly-plot").count() >= 2  # BA vs. ASR with its Pareto front, bars per metric
     assert "Pareto front" in page.locator(".js-plotly-plot").first.inner_text()
     assert page.get_by_role("button", name="HTML report").count() == 1
