@@ -70,7 +70,7 @@ from suspects.training import FitStep, augment_batch, fit
 
 from .base import Defense, DefenseOutput, ParamError, ThreatModel, param
 from .cbd import training_augment
-from .common import pool_monitor
+from .common import batches_per_epoch, pool_monitor, shuffled_batches
 from .context import RepairContext
 from .registry import register_defense
 from .retrain import (
@@ -136,24 +136,17 @@ def _sgd(model: nn.Module, lr: float, p: ABLParams) -> torch.optim.SGD:
                            nesterov=p.momentum > 0)
 
 
-def _batches(n: int, bs: int, gen: torch.Generator) -> list[torch.Tensor]:
-    perm = torch.randperm(n, generator=gen)
-    return [perm[s:s + bs] for s in range(0, n, bs) if len(perm[s:s + bs]) >= 2]
-
-
-def _n_batches(n: int, bs: int) -> int:
-    return max(1, n // bs + (1 if n % bs >= 2 else 0))
 
 
 def train_isolation(model: nn.Module, data: TrainingSet, device, p: ABLParams, gen: torch.Generator,
                     tick=None, end_epoch=None) -> list[float]:
     """Stage 1: ``p.isolation_epochs`` epochs of the LGA / Flooding loss on the poisoned set (constant lr, no
     augmentation). Returns the per-epoch mean isolation loss."""
-    per_epoch = _n_batches(len(data), p.batch_size)
+    per_epoch = batches_per_epoch(len(data), p.batch_size)
     total = p.isolation_epochs * per_epoch
 
     def batches(epoch: int):
-        for idx in _batches(len(data), p.batch_size, gen):
+        for idx in shuffled_batches(len(data), p.batch_size, gen):
             yield to_device(data.x[idx], device), data.y[idx].to(device)
 
     def loss_fn(batch):
@@ -199,13 +192,13 @@ def fine_tune_clean(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device, 
     ``p.finetune_drop`` of the ``p.finetune_epochs`` epochs."""
     opt = _sgd(model, p.lr, p)
     drop = round(p.finetune_drop * p.finetune_epochs)
-    per_epoch = _n_batches(len(y), p.batch_size)
+    per_epoch = batches_per_epoch(len(y), p.batch_size)
     total = p.finetune_epochs * per_epoch
 
     def batches(epoch: int):
         for g in opt.param_groups:
             g["lr"] = p.lr if epoch < drop else p.lr * 0.1
-        for idx in _batches(len(y), p.batch_size, gen):
+        for idx in shuffled_batches(len(y), p.batch_size, gen):
             yield to_device(augment_batch(x[idx], p.augment, gen), device), y[idx].to(device)
 
     def loss_fn(batch):
@@ -225,13 +218,13 @@ def unlearn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device, p: ABLPa
     """Stage 3: gradient ascent on the isolated samples (minimise -CE; train mode, no augmentation, SGD at
     ``p.unlearning_lr``). Returns the per-epoch mean cross-entropy (which rises)."""
     opt = _sgd(model, p.unlearning_lr, p)
-    per_epoch = _n_batches(len(y), p.batch_size)
+    per_epoch = batches_per_epoch(len(y), p.batch_size)
     total = p.unlearning_epochs * per_epoch
     ce_sums: list[list[float]] = []
 
     def batches(epoch: int):
         ce_sums.append([0.0, 0.0])
-        for idx in _batches(len(y), p.batch_size, gen):
+        for idx in shuffled_batches(len(y), p.batch_size, gen):
             yield to_device(x[idx], device), y[idx].to(device)
 
     def loss_fn(batch):

@@ -69,7 +69,7 @@ from suspects.models import penultimate_features
 from suspects.training import FitStep, augment_batch, fit
 
 from .base import Defense, DefenseOutput, ParamError, ThreatModel, param
-from .common import head, pool_monitor
+from .common import batches_per_epoch, head, pool_monitor, shuffled_batches
 from .context import RepairContext
 from .registry import register_defense
 from .retrain import StageClock, TrainingSet, auroc, histogram, poisoned_training_set, reinitialize
@@ -170,16 +170,6 @@ def _sgd(model: nn.Module, p: CBDParams) -> torch.optim.SGD:
                            nesterov=p.momentum > 0)
 
 
-def _batches(n: int, bs: int, gen: torch.Generator) -> list[torch.Tensor]:
-    perm = torch.randperm(n, generator=gen)
-    return [perm[s:s + bs] for s in range(0, n, bs) if len(perm[s:s + bs]) >= 2]
-
-
-def batches_per_epoch(n: int, batch_size: int) -> int:
-    """Batches of one epoch over ``n`` images (a last batch of a single image is dropped, as BN needs two)."""
-    return max(1, n // batch_size + (1 if n % batch_size >= 2 else 0))
-
-
 def fb_schedule(p: CBDParams, batches_per_epoch: int) -> tuple[int, int]:
     """(epochs, steps) of f_B: ``steps_b`` steps over as many epochs as they need, or ``epochs_b`` whole epochs."""
     if p.steps_b:
@@ -196,7 +186,7 @@ def train_backdoored(model: nn.Module, data: TrainingSet, device, p: CBDParams, 
         total = min(total, max_steps)
 
     def batches(epoch: int):
-        for idx in _batches(len(data), p.batch_size, gen):
+        for idx in shuffled_batches(len(data), p.batch_size, gen):
             yield to_device(augment_batch(data.x[idx], p.augment, gen), device), data.y[idx].to(device)
 
     def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -244,7 +234,7 @@ def train_deconfounded_epoch(fc: nn.Module, fb: nn.Module, disc: MIDiscriminator
         fc.train()
 
         def disc_batches():
-            for idx in _batches(len(data), p.batch_size, gen):
+            for idx in shuffled_batches(len(data), p.batch_size, gen):
                 yield to_device(augment_batch(data.x[idx], p.augment, gen), device)
 
         def disc_loss(xb: torch.Tensor) -> torch.Tensor:
@@ -261,7 +251,7 @@ def train_deconfounded_epoch(fc: nn.Module, fb: nn.Module, disc: MIDiscriminator
         fit(disc, disc_batches(), disc_loss, disc_opt, device=device, max_steps=max_steps,
             after_step=disc.spectral_normalise, tick=disc_tick)
     weights = torch.full((len(data),), float("nan"))
-    batches = _batches(len(data), p.batch_size, gen)
+    batches = shuffled_batches(len(data), p.batch_size, gen)
     start = 0.3 if disc is not None and not shared else 0.0
 
     def fc_batches():

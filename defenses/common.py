@@ -16,7 +16,7 @@ from suspects.triggers import Trigger
 
 from .context import DefensePool, RepairContext
 
-__all__ = ["fine_tune", "pool_accuracy", "pool_asr", "pool_monitor", "last_feature_layer", "mask_linear_inputs",
+__all__ = ["fine_tune", "shuffled_batches", "batches_per_epoch", "pool_accuracy", "pool_asr", "pool_monitor", "last_feature_layer", "mask_linear_inputs",
            "head"]
 
 
@@ -157,3 +157,15 @@ def mask_linear_inputs(model: nn.Module, channels: list[int]) -> Callable[[], No
 
     apply()
     return apply
+
+
+def shuffled_batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """One epoch's shuffled index batches over ``n`` samples; a last batch of a single sample is dropped (BatchNorm
+    in train mode needs two)."""
+    perm = torch.randperm(n, generator=gen)
+    return [perm[s:s + batch_size] for s in range(0, n, batch_size) if len(perm[s:s + batch_size]) >= 2]
+
+
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    """Batches of one epoch of :func:`shuffled_batches` over ``n`` samples."""
+    return max(1, n // batch_size + (1 if n % batch_size >= 2 else 0))
