@@ -149,7 +149,7 @@ _REGISTRY: dict[str, type[Screener]] = {}
 def register_screener(cls: type[Screener]) -> type[Screener]:
     """Class decorator: check ``cls`` (a :class:`Screener` with ``forward_passes`` and ``_scores``, a ``Params``
     dataclass, presets that build) and add it to the registry under ``cls.name``; a taken name is refused."""
-    from suspects.plugins import PluginError, claim_name
+    from suspects.plugins import PluginError, check_params_and_presets, claim_name
 
     if not (isinstance(cls, type) and issubclass(cls, Screener)):
         raise PluginError(f"{cls!r} is not a subclass of analysis.screening.Screener")
@@ -157,15 +157,7 @@ def register_screener(cls: type[Screener]) -> type[Screener]:
     for method in ("forward_passes", "_scores"):
         if getattr(cls, method) is getattr(Screener, method):
             raise PluginError(f"{where} does not implement {method}()")
-    if not (isinstance(cls.Params, type) and dataclasses.is_dataclass(cls.Params)):
-        raise PluginError(f"{where}: Params must be a dataclass, got {cls.Params!r}")
-    if not isinstance(cls.presets, dict) or "quick" not in cls.presets:
-        raise PluginError(f"{where} needs a 'quick' preset")
-    for preset, values in cls.presets.items():
-        try:
-            params_from(cls.Params, dict(values))
-        except (TypeError, ValueError) as err:
-            raise PluginError(f"{where}: preset {preset!r} does not build: {err}") from None
+    check_params_and_presets(where, cls, ("quick",))
     if isinstance(cls.name, str) and cls.name != cls.name.lower().replace("_", "-"):
         raise PluginError(f"{where}: a screener's name is lower case with '-' between words, got {cls.name!r}")
     _REGISTRY[claim_name("screeners", _REGISTRY, cls.name, cls)] = cls

@@ -12,15 +12,14 @@ The listing is sorted by each class's ``order``, then by name.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import pkgutil
 import re
 from pathlib import Path
 
-from suspects.plugins import PluginError, claim_name, load_plugins
+from suspects.plugins import PluginError, check_params_and_presets, claim_name, load_plugins
 
-from .base import Defense, ThreatModel, params_from
+from .base import Defense, ThreatModel
 
 __all__ = ["register_defense", "check_defense", "get_defense", "list_defenses", "all_defenses", "defense_modules",
            "reload_plugins"]
@@ -39,17 +38,9 @@ def check_defense(cls: object) -> None:
         raise PluginError(f"{where} has no title")
     if cls.repair is Defense.repair:
         raise PluginError(f"{where} does not implement repair(model, params, ctx)")
-    if not (isinstance(cls.Params, type) and dataclasses.is_dataclass(cls.Params)):
-        raise PluginError(f"{where}: Params must be a dataclass, got {cls.Params!r}")
     if not isinstance(cls.threat, ThreatModel):
         raise PluginError(f"{where}: threat must be a defenses.base.ThreatModel")
-    if not isinstance(cls.presets, dict) or not {"quick", "paper"} <= set(cls.presets):
-        raise PluginError(f"{where} needs the presets 'quick' and 'paper'")
-    for preset, values in cls.presets.items():
-        try:
-            params_from(cls.Params, dict(values))
-        except (TypeError, ValueError) as err:
-            raise PluginError(f"{where}: preset {preset!r} does not build: {err}") from None
+    check_params_and_presets(where, cls, ("quick", "paper"))
 
 
 def register_defense(cls: type[Defense]) -> type[Defense]:

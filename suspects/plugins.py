@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from types import ModuleType
 from typing import Any
 
-__all__ = ["GROUPS", "BUILTIN_DIST", "PluginError", "PluginRecord", "load_plugins", "plugin_records", "refused",
+__all__ = ["GROUPS", "BUILTIN_DIST", "PluginError", "check_params_and_presets", "PluginRecord", "load_plugins", "plugin_records", "refused",
            "claim_name", "reset_plugins"]
 
 GROUPS = {
@@ -84,6 +84,25 @@ def _definition(value: Any) -> Any:
 def _describe(value: Any) -> str:
     target = _definition(value)
     return f"{target.__module__}.{target.__qualname__}"
+
+
+def check_params_and_presets(where: str, cls: Any, required: Iterable[str]) -> None:
+    """Raise :class:`PluginError` unless ``cls.Params`` is a dataclass and ``cls.presets`` holds every ``required``
+    preset, each of which builds (the shared check of defenses and screeners)."""
+    import dataclasses
+
+    from .params import params_from
+
+    if not (isinstance(cls.Params, type) and dataclasses.is_dataclass(cls.Params)):
+        raise PluginError(f"{where}: Params must be a dataclass, got {cls.Params!r}")
+    required = list(required)
+    if not isinstance(cls.presets, dict) or not set(required) <= set(cls.presets):
+        raise PluginError(f"{where} needs the preset(s) {', '.join(repr(r) for r in required)}")
+    for preset, values in cls.presets.items():
+        try:
+            params_from(cls.Params, dict(values))
+        except (TypeError, ValueError) as err:
+            raise PluginError(f"{where}: preset {preset!r} does not build: {err}") from None
 
 
 def claim_name(kind: str, registry: MutableMapping[str, Any], name: Any, value: Any) -> str:
