@@ -10,7 +10,8 @@ PreAct-ResNet-18 or ResNet-18, not our demo), with where it comes from and how s
 - ``figure``: read off a figure in the official repository (approximate).
 
 Values recalled from a paper but never checked against it are not listed. A defense with no entry has no verified
-published number here (SAU, FST, CBD, shortcut suppression, l_inf pruning and NPD: see :data:`MISSING`).
+published number here (SAU, FST, CBD, shortcut suppression, l_inf pruning and NPD: see :data:`MISSING`;
+what was searched for SAU, FST and CBD is listed in the comment above it).
 """
 
 from __future__ import annotations
@@ -97,10 +98,33 @@ PUBLISHED: tuple[Published, ...] = (
     Published("clp", "badnets", 0.8946, 0.0351, BACKDOORBENCH_1, "README"),
 )
 
+# SAU, FST and CBD were searched for again on 2026-12-06 (issue 28), in the stored copies of public material only:
+# - BackdoorBench's leaderboard data (backdoorbench/backdoorbench.github.io static/data/results.csv and
+#   leaderboard-cifar10.html): no SAU, FST or CBD column;
+# - official repositories: the READMEs of shawkui/Shared_Adversarial_Unlearning, shawkui/MindTrojan (SAU's MindSpore
+#   port), shawkui/Proactive_Defensive_Backdoor, shawkui/BackdoorBenchER, AISafety-HKUST/stable_backdoor_purification
+#   and zaixizhang/CBD hold no result numbers (no notebook output or training log either);
+# - the papers: the stored copies (arxiv.org/html/2310.01875v1, ar5iv 2307.10562, arxiv.org/abs/2303.06818, SPIQA's
+#   extracted text of 2307.10562 and 2310.01875, papers.nips.cc, ri.k117.org, liner.com, emergentmind, tomesphere)
+#   give only each page's beginning: abstract, introduction and setup sentences, never a results table; CBD's CVPR
+#   paper has no stored full text;
+# - GitHub issues and third-party code (BackdoorBench, BackdoorBox, backdoor-toolbox and reimplementations) hold no
+#   SAU / FST / CBD result table; the paper-note files that name SAU's numbers are machine-written summaries that
+#   misstate its method and arXiv id, so they were not used.
+# The setup sentences that were readable (SAU: 5% clean data, 100 epochs, PGD 5 steps L_inf 0.2; FST: 2% clean data,
+# SGD lr 0.01, 10 epochs, alpha 0.2 on CIFAR-10; both via ri.k117.org) agree with ../shared/reference/methods-2.md.
 MISSING = {
-    "sau": "not on BackdoorBench's leaderboard; the paper's tables were not checked here",
-    "fst": "the official repository's README gives no numbers; the paper's tables were not checked here",
-    "cbd": "not on BackdoorBench's leaderboard; the paper's Table 1 was not checked here",
+    "sau": "not on BackdoorBench's leaderboard (results.csv has no SAU column); the paper's tables (arXiv 2307.10562) "
+           "were not readable in any stored copy (ar5iv, SPIQA, ri.k117.org: abstract and setup only), the READMEs of "
+           "shawkui/Shared_Adversarial_Unlearning and shawkui/MindTrojan give no numbers, and no issue or "
+           "third-party table lists SAU (searched 2026-12-06)",
+    "fst": "the official README (AISafety-HKUST/stable_backdoor_purification) gives no numbers and BackdoorBench's "
+           "leaderboard does not list FST; the paper's tables (arXiv 2310.01875) were not readable in any stored copy "
+           "(arxiv.org/html, SPIQA, ri.k117.org: abstract and setup only), and no issue or third-party table lists "
+           "FST (searched 2026-12-06)",
+    "cbd": "not on BackdoorBench's leaderboard and zaixizhang/CBD's README gives no numbers; the paper's Table 1 "
+           "(CVPR 2023, arXiv 2303.06818) was not readable in any stored copy (abstract pages only), and no issue or "
+           "third-party table lists CBD (searched 2026-12-06)",
     "shortcut": "the abstract is qualitative; no table was checked here",
     "linf_prune": "the abstract gives no numbers",
     "btidbf": "the official README gives no numbers and BackdoorBench's leaderboard does not list it; the paper's "
@@ -139,6 +163,11 @@ RETUNE_PUBLISHED: tuple[Published, ...] = ()
 """Published ASR *after the retuning attack* (Min et al., NeurIPS 2024: ``asr`` is P-ASR, ``asr_before`` O-ASR) for
 FT, ANP, SAU, FST and BTI-DBF, tagged as above. None is verified yet: see :data:`RETUNE_NOT_FOUND`."""
 
+# Searched again on 2026-12-06: the stored NeurIPS 2024 summary of the paper (deep-diver/neurips2024
+# content/posters/qZFshkbWDo/index.md) shows Fig. 1 and every table (tables_8_1, tables_15_1 ... tables_21_3) as
+# images only, and ri.k117.org, liner.com and arxiv.org/html/2410.09838v2 give the abstract and setup only; no number
+# could be read. That summary's machine-written captions name EP, ANP, BAU, SAM, FST, BTI and PAM as the compared
+# methods (not SAU); this was not checked against the paper.
 RETUNE_NOT_FOUND = ("not found for FT, ANP, SAU, FST or BTI-DBF: the official repository's README gives none, and the "
                     "paper's Fig. 1 (O-ASR vs. P-ASR, averaged over attacks) and Appendix C.1 tables were not "
                     "retrievable here (../shared/reference/methods-2.md, 'Stress test protocol'); no number is filled "
