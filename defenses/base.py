@@ -117,6 +117,15 @@ class Defense:
                                  f"{suspect.name!r}")
         if self.threat.trigger and suspect.trigger is None:
             raise ValueError(f"{self.title} needs a trigger (known or recovered) and {suspect.name!r} has none")
+        if self.threat.trigger:
+            from analysis.applicability import trigger_function_gaps
+
+            gap = trigger_function_gaps(suspect.trigger, [(self.name, True)]).get(self.name)
+            if gap:  # a stored trigger (BackdoorBench import) of a sample-specific attack: its own images only
+                from suspects.models import NotApplicableError
+
+                raise NotApplicableError(f"{self.title}: {gap.removeprefix('no: ')} ({suspect.name!r} has only the "
+                                         f"attack's stored poisoned images)")
 
     def repair(self, model: nn.Module, params: Any, ctx: RepairContext) -> DefenseOutput:
         """Return the repaired model. ``model`` is a copy of the suspect's model on ``ctx.device``; everything else

@@ -42,14 +42,21 @@ def pool_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device) ->
     return float((predict(model, x, device=device) == y).float().mean())
 
 
+def triggerable(trigger: Trigger, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Bool per image: counts for ASR (:meth:`~suspects.triggers.Trigger.test_mask`) and can be triggered; a stored
+    trigger (a BackdoorBench import) without a trigger function poisons only the images it holds copies of."""
+    mask = trigger.test_mask(y)
+    covers = getattr(trigger, "covers", None)
+    if callable(covers):
+        mask = mask & covers(x)
+    return mask
+
+
 def pool_asr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, trigger: Trigger | None, device) -> float | None:
     """ASR on triggered copies of held-out pool images (never the test split)."""
     if trigger is None:
         return None
-    mask = trigger.test_mask(y)
-    covers = getattr(trigger, "covers", None)  # a stored trigger (BackdoorBench import) may not poison every image
-    if callable(covers):
-        mask = mask & covers(x)
+    mask = triggerable(trigger, x, y)
     if not mask.any():
         return None
     preds = predict(model, x[mask], device=device, transform=trigger)

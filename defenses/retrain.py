@@ -22,6 +22,7 @@ from suspects.models import penultimate_features, reset_skip_gammas
 from suspects.store import Suspect
 from suspects.triggers import Trigger
 
+from .common import triggerable
 from .context import DefensePool, RepairContext
 
 __all__ = ["TrainingSet", "poisoned_training_set", "reinitialize", "StageClock", "batched_features",
@@ -151,7 +152,7 @@ def knn_monitor(model: nn.Module, pool: DefensePool, trigger: Trigger | None, de
 
         out = {"knn_ba": float((classify(pool.x_val) == pool.y_val).float().mean())}
         if trigger is not None:
-            mask = trigger.test_mask(pool.y_val)
+            mask = triggerable(trigger, pool.x_val, pool.y_val)
             if mask.any():
                 xt = trigger(pool.x_val[mask])
                 out["knn_asr"] = float((classify(xt) == trigger.target_labels(pool.y_val[mask])).float().mean())

@@ -16,7 +16,11 @@ Opening a run (``suspects.load(RUN_DIR, data=DATA_ROOT)`` or :func:`import_run`)
   torchvision's files or as an image-folder copy whose files are named by their index (``train/<class>/<index>.png``);
   either way its order is checked against the run's own poisoned test images;
 - trigger is a :class:`~suspects.stored_trigger.StoredTrigger` holding the run's poisoned test PNGs (and the
-  poisoned training PNGs), so BA / ASR / RA are those of the run's own images;
+  poisoned training PNGs), so BA / ASR / RA are those of the run's own images, whatever the attack: the run's
+  ``info.pickle`` names it (BackdoorBench's ``inputaware``, ``bpp``, ``trojannn``, ``wanet``, ...), mapped onto this
+  project's attacks by :data:`ATTACK_NAMES` (``lens_attack`` on the card); a sample-specific trigger (input-aware,
+  WaNet, BppAttack) cannot be re-created from the run's files (no generator, no optimised patch), so the stored
+  trigger has no *trigger function* for new images;
 - poisoned training indices come from ``bd_train``; WaNet-style noise ("cross") samples, which keep their true
   label, are kept apart and not counted as poisoned.
 
@@ -57,7 +61,8 @@ from .stored_trigger import (
 )
 from .triggers import PoisonPlan
 
-__all__ = ["import_run", "export_backdoorbench", "export_notes", "find_run", "load_hook", "MODEL_NAMES", "DATASETS"]
+__all__ = ["import_run", "export_backdoorbench", "export_notes", "find_run", "load_hook", "lens_attack", "MODEL_NAMES",
+           "DATASETS", "ATTACK_NAMES"]
 
 ATTACK_FILE = "attack_result.pt"
 DEFENSE_FILE = "defense_result.pt"
@@ -78,7 +83,25 @@ DATASETS: dict[str, dict[str, Any]] = {
     "mnist": {"source": "mnist", "shape": (1, 28, 28), "mean": [0.5], "std": [0.5],
               "probe": ("MNIST/raw", "train-images-idx3-ubyte", "train-images-idx3-ubyte.gz")},
 }
-NOISE_ATTACKS = {"wanet", "inputaware", "input_aware"}
+# the attack's name in info.pickle (BackdoorBench's attack/<name>.py; backdoor-toolbox's poison_type for runs saved in
+# this layout) -> the registered attack of this project it is; matched case-insensitively. The suspect's trigger stays
+# the run's stored poisoned images whatever the name (the generator of input-aware, TrojanNN's optimised patch, ...
+# are not in the run's files); the name says which attack they come from (views, Neural Cleanse's scope note).
+ATTACK_NAMES = {
+    "badnet": "badnets", "badnets": "badnets", "badnet_all_to_all": "badnets", "blended": "blended", "blend": "blended",
+    "sig": "sig", "wanet": "wanet", "inputaware": "inputaware", "input_aware": "inputaware", "dynamic": "inputaware",
+    "bpp": "bppattack", "bppattack": "bppattack", "trojannn": "trojannn", "adaptive_blend": "adaptive_blend",
+    "adaptive_patch": "adaptive_patch",
+}
+# attacks whose bd_train also stores label-keeping samples with poison_indicator 1 (format reference, section 7):
+# WaNet's and input-aware's noise / cross samples, BppAttack's negatives, the adaptive attacks' cover samples
+NOISE_ATTACKS = {"wanet", "inputaware", "bppattack", "adaptive_blend", "adaptive_patch"}
+
+
+def lens_attack(name: str | None) -> str | None:
+    """This project's registered attack for a run's attack name (``inputaware``, ``bpp``, ``trojannn``, ...), or None
+    when it has no counterpart here (``lc``, ``ssba``, ``lf``, ...)."""
+    return ATTACK_NAMES.get(str(name or "").strip().lower()) or None
 
 
 # --- reading files safely --------------------------------------------------------------------------
@@ -398,14 +421,15 @@ def _training_poison(state: Any, run_dir: Path, pair: DatasetPair, root: Path, s
     # noise ("cross") samples keep their label; one of a non-target class (or any, all-to-all) can be nothing else
     kept = np.ones(len(tr_idx), dtype=bool) if tr_bd is None else tr_bd == tr_orig
     sure_noise = kept & ((tr_orig != target) | (mapping == "all-to-all"))
-    noise_mode = (attack_name or "").lower() in NOISE_ATTACKS or (run_dir / "cross_test_dataset").is_dir() \
+    noise_mode = lens_attack(attack_name) in NOISE_ATTACKS or (run_dir / "cross_test_dataset").is_dir() \
         or (tr_bd is not None and bool(sure_noise.any()))
     if tr_bd is None or not noise_mode:
         is_noise = np.zeros(len(tr_idx), dtype=bool)
     else:
         is_noise = kept
-        notes.append("noise-mode attack: training samples that keep their true label are noise ('cross') samples, "
-                     "not poisoned; warped samples of the target class cannot be told apart and count as noise")
+        notes.append("noise-mode attack: training samples that keep their true label are noise ('cross', or "
+                     "BppAttack's negative) samples, not poisoned; triggered samples of the target class cannot be "
+                     "told apart and count as noise")
     want = np.full_like(tr_orig, target) if mapping == "all-to-one" else (tr_orig + 1) % k
     if tr_bd is not None and (tr_bd[~is_noise] != want[~is_noise]).any():
         raise SuspectLoadError(f"{ATTACK_FILE}: bd_train labels do not follow the {mapping} rule of bd_test")
@@ -432,10 +456,10 @@ def _lacks(tr_idx: np.ndarray, tr_px: np.ndarray | None, affine: bool, fit_err: 
                    f"the poisoned training points of the feature view are unavailable")
     if not affine:
         why = "sample-specific" if fit_err is not None else "too few to fit"
-        out.append(f"no trigger for new images (the run's poisoned images are {why}: no fixed patch or blend "
-                   f"reproduces them): only the run's own stored poisoned copies are triggered, so held-out pool ASR "
-                   f"and what triggers clean pool images (trigger-based pruning, block='auto' of shortcut "
-                   f"suppression) are unavailable")
+        out.append(f"no trigger function (the run's poisoned images are {why}: no fixed patch or blend reproduces "
+                   f"them, and the run's files hold no generator or optimised trigger): only the run's own stored "
+                   f"poisoned copies are triggered, so what stamps the trigger on other images is unavailable or "
+                   f"limited (the import summary lists it)")
     if not has_info:
         out.append("no info.pickle: the attack's name and settings are unknown")
     if not has_reported:
@@ -562,7 +586,8 @@ def import_run(path: str | os.PathLike, data_root: str | os.PathLike | None = No
         fit_a=fit_a if fit_a is not None else np.zeros(0, np.float32),
         fit_b=fit_b if fit_b is not None else np.zeros(0, np.float32),
         train_poison_index=poison_idx.astype(np.int64), train_noise_index=noise_idx.astype(np.int64))
-    trig_info = {"source": "BackdoorBench", "attack": attack_name,
+    known_as = lens_attack(attack_name)
+    trig_info = {"source": "BackdoorBench", "attack": attack_name, "lens_attack": known_as,
                  "fit_error": None if fit_err is None else round(fit_err, 4)}
     trigger = StoredTrigger(shape, k, images, target=target, mapping=mapping, info=trig_info)
 
@@ -578,9 +603,10 @@ def import_run(path: str | os.PathLike, data_root: str | os.PathLike | None = No
         "trigger": trigger.spec(),
         "provenance": {"source": "BackdoorBench defense result" if method else "BackdoorBench attack run",
                        "run": str(run_dir.resolve()), "file": str(weights_file.resolve()), "defense": method,
-                       "attack": attack_name},
+                       "attack": attack_name, "lens_attack": known_as},
         "backdoorbench": {
-            "model_name": str(model_name), "clean_data": clean_data, "attack": attack_name, "target": target,
+            "model_name": str(model_name), "clean_data": clean_data, "attack": attack_name, "lens_attack": known_as,
+            "target": target,
             "mapping": mapping, "n_bd_test": int(len(test_idx)), "n_train_poisoned": int(len(poison_idx)),
             "n_train_noise": int(len(noise_idx)), "key_changes": key_notes, "notes": notes, "lacks": lacks,
             "reported": reported,

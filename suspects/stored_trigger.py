@@ -10,6 +10,9 @@ Images with no stored copy (a defense's clean pool) are poisoned with a per-pixe
 ``round(clamp(a * x + b))`` of the stored pairs, but only when that fit reproduces held-out stored pairs to
 within :data:`FIT_TOLERANCE` grey levels (patch, blend and additive triggers such as BadNets, Blended, SIG);
 otherwise they raise :class:`UncoveredImageError`, and :meth:`StoredTrigger.covers` tells callers beforehand.
+Such a trigger has no *trigger function* (:data:`TRIGGER_FUNCTION`, :func:`has_trigger_function`): what stamps the
+trigger on other images (a defense's clean pool, the stress test's pool) cannot use it;
+``analysis.applicability.trigger_function_gaps`` lists what is unavailable or limited then.
 """
 
 from __future__ import annotations
@@ -28,13 +31,18 @@ import torch
 from .triggers import Trigger
 
 __all__ = ["StoredImages", "StoredTrigger", "UncoveredImageError", "image_keys", "fit_affine", "FIT_TOLERANCE",
-           "STORED_FILE", "KIND_TEST", "KIND_TRAIN_POISON", "KIND_TRAIN_NOISE"]
+           "STORED_FILE", "KIND_TEST", "KIND_TRAIN_POISON", "KIND_TRAIN_NOISE", "TRIGGER_FUNCTION",
+           "has_trigger_function", "attack_name"]
 
 STORED_FILE = "stored_trigger.npz"
 KIND_TEST, KIND_TRAIN_POISON, KIND_TRAIN_NOISE = 0, 1, 2
 FIT_TOLERANCE = 1.0  # mean absolute error, in 8-bit grey levels, on held-out stored pairs
 FIT_MIN_PAIRS = 8
 FIT_MAX_PAIRS = 2048
+#: what a view or defense that stamps the trigger on images other than the attack's own needs from the trigger (the
+#: vocabulary of ``suspects.models.CAPABILITIES``, for the trigger instead of the model)
+TRIGGER_FUNCTION = {"trigger_function": "a trigger function (one that stamps the trigger on any image, not only the "
+                                        "attack's stored poisoned copies of its own test and training images)"}
 
 
 class UncoveredImageError(ValueError):
@@ -158,6 +166,29 @@ class StoredImages:
             raise ValueError(f"{path} is not a stored-trigger file: {err}") from err
 
 
+def has_trigger_function(trigger: Trigger | None) -> bool:
+    """Whether ``trigger`` stamps the trigger on any image: every registered trigger does; a :class:`StoredTrigger`
+    only with its affine fallback (patch, blend and additive triggers), never for a sample-specific one."""
+    return trigger is not None and bool(getattr(trigger, "applies_to_new_images", True))
+
+
+def attack_name(trigger: Trigger | None) -> str | None:
+    """The registered attack (``suspects.triggers.list_triggers``) behind ``trigger``: its own name, or for a stored
+    trigger the attack of the run it came from under this project's name (``lens_attack``, e.g. BackdoorBench's
+    ``bpp`` -> ``bppattack``); None for none, a recovered trigger or an attack with no counterpart here."""
+    if trigger is None or getattr(trigger, "recovered", False):
+        return None
+    if not isinstance(trigger, StoredTrigger):
+        return trigger.name or None
+    if trigger.params.get("lens_attack"):
+        return str(trigger.params["lens_attack"])
+    if trigger.params.get("attack"):  # imported before the name was recorded
+        from .backdoorbench import lens_attack
+
+        return lens_attack(str(trigger.params["attack"]))
+    return None
+
+
 class StoredTrigger(Trigger):
     """The attack as a table of stored poisoned images (see the module docstring); not a registered attack."""
 
@@ -186,6 +217,11 @@ class StoredTrigger(Trigger):
         }
         self._a = torch.from_numpy(images.fit_a) if images.has_fit else None
         self._b = torch.from_numpy(images.fit_b) if images.has_fit else None
+
+    @property
+    def applies_to_new_images(self) -> bool:
+        """Whether images without a stored copy can be poisoned (the affine fallback): a trigger function."""
+        return self._a is not None
 
     def _rows(self, x: torch.Tensor, table: dict[bytes, int]) -> list[int | None]:
         return [table.get(k.tobytes()) for k in image_keys(to_uint8(x))]

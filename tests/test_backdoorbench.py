@@ -43,9 +43,19 @@ def badnets(img: np.ndarray) -> np.ndarray:
 
 
 def warp_like(img: np.ndarray, seed: int) -> np.ndarray:
-    """A sample-specific change (no affine fit reproduces it), standing in for WaNet's warp."""
+    """A sample-specific change (no affine fit reproduces it), standing in for WaNet's warp or input-aware's
+    generated pattern."""
     noise = np.random.default_rng(seed).integers(-40, 41, img.shape)
     return np.clip(img.astype(int) + noise, 0, 255).astype(np.uint8)
+
+
+def quantise(img: np.ndarray, seed: int = 0) -> np.ndarray:
+    """BppAttack's trigger: colour-depth squeezing to 8 levels (a different change per image; no affine fit)."""
+    return (np.round(img / 255.0 * 7) / 7 * 255).round().astype(np.uint8)
+
+
+# attacks whose bd_train also holds label-keeping samples (WaNet / input-aware cross samples, BppAttack negatives)
+SAMPLE_SPECIFIC = {"wanet": warp_like, "inputaware": warp_like, "bpp": quantise}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,7 +99,7 @@ def make_run(base: Path, data: dict, model_sd: dict, *, name: str = "badnet_run"
         write_idx(raw / "t10k-images-idx3-ubyte", data["test_x"])
         write_idx(raw / "t10k-labels-idx1-ubyte", data["test_y"])
     run = base / "record" / name
-    noise = attack == "wanet"
+    noise = attack in SAMPLE_SPECIFIC
 
     def state(split: str, images: np.ndarray, labels: np.ndarray, poisoned: list[int], crossed: list[int]) -> dict:
         indicator = np.zeros(len(labels))  # float64, as BackdoorBench builds it
@@ -97,7 +107,7 @@ def make_run(base: Path, data: dict, model_sd: dict, *, name: str = "badnet_run"
         for i in poisoned + crossed:
             indicator[i] = 1
             bd = int(labels[i]) if i in crossed else TARGET
-            img = warp_like(images[i], i) if noise else badnets(images[i])
+            img = SAMPLE_SPECIFIC[attack](images[i], i) if noise else badnets(images[i])
             rel = f"{split}/{labels[i]}/{i}.png"
             (run / rel).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img, mode="L").save(run / rel)
@@ -201,6 +211,73 @@ def test_wanet_noise_samples_not_counted_and_uncovered_images_refused(tmp_path, 
     assert pool_asr(s.model, x_pool, pool.labels, s.trigger, "cpu") is None
 
 
+@pytest.mark.parametrize(("attack", "lens"), [("inputaware", "inputaware"), ("bpp", "bppattack")])
+def test_sample_specific_run_imports_and_says_what_needs_a_trigger_function(tmp_path, data, net, runs_dir, capsys,
+                                                                              attack, lens):
+    """Issue 30: input-aware and BppAttack runs open with the run's stored poisoned images as the trigger; the card
+    names the attack (BackdoorBench's name and this project's); the summary lists the views and defenses that stamp
+    the trigger on other images, and those defenses refuse with the reason."""
+    import json
+
+    from analysis.applicability import TRIGGER_FUNCTION_USES
+    from backdoor_lens.cli import main
+    from defenses.context import DefensePool
+    from defenses.registry import all_defenses, get_defense
+    from defenses.retrain import knn_monitor
+    from suspects.models import NotApplicableError
+    from suspects.stored_trigger import attack_name
+
+    run = make_run(tmp_path / "bb", data, net.state_dict(), name=f"{attack}_run", attack=attack)
+    assert main(["import-backdoorbench", str(run), "--device", "cpu", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["attack"], out["lens_attack"]) == (attack, lens)
+    hand = by_hand(net, run, data)
+    assert (out["metrics"]["asr"], out["metrics"]["ra"]) == (round(hand["asr"], 4), round(hand["ra"], 4))
+    stamping = {d.name for d in all_defenses() if d.threat.trigger}
+    assert {"shortcut", "linf_prune"} <= stamping
+    gaps = out["needs_trigger_function"]
+    assert set(gaps) == set(TRIGGER_FUNCTION_USES) | stamping, gaps
+    assert {"held-out pool ASR", "stress test", "Neural Cleanse"} <= set(gaps)
+    assert all(gaps[v].startswith("limited: ") for v in TRIGGER_FUNCTION_USES)
+    assert all(gaps[d].startswith("no: not applicable to this trigger") for d in stamping)
+    assert any(lack.startswith("no trigger function") for lack in out["lacks"])
+    s = suspects.load(out["suspect"])
+    assert s.card["trigger"]["name"] == "stored" and s.card["trigger"]["params"]["lens_attack"] == lens
+    assert s.card["backdoorbench"]["lens_attack"] == lens and attack_name(s.trigger) == lens
+    assert not s.trigger.applies_to_new_images
+    # cross / negative samples keep their label and are not counted as poisoned (format reference, section 7)
+    same = [i for i in TRAIN_POISON if data["train_y"][i] == TARGET]
+    plan = s.poisoned_train().plan
+    assert plan.noise_idx.tolist() == sorted(TRAIN_NOISE + same)
+    assert plan.poison_idx.tolist() == sorted(set(TRAIN_POISON) - set(same))
+    # what stamps the trigger on defense-pool images refuses, or leaves the held-out ASR out; the rest runs
+    for name in sorted(stamping):
+        with pytest.raises(NotApplicableError, match="needs a trigger function"):
+            get_defense(name).check_applicable(s)
+    get_defense("finetune").check_applicable(s)
+    train = s.data.train  # clean training images of other classes than the target: none has a stored copy
+    keep = torch.nonzero(train.labels != TARGET).flatten()[:20]
+    pool = DefensePool(train.images(keep[:10]), train.labels[keep[:10]], train.images(keep[10:]), train.labels[keep[10:]])
+    assert pool_asr(s.model, pool.x_val, pool.y_val, s.trigger, "cpu") is None
+    assert set(knn_monitor(s.model, pool, s.trigger, "cpu", k=3)()) == {"knn_ba"}  # DBD's monitor: no ASR, no error
+    # the printed summary says the same
+    assert main(["import-backdoorbench", str(run), "--no-evaluate", "--out", str(tmp_path / "again")]) == 0
+    text = capsys.readouterr().out
+    assert f"attack: {attack}{'' if attack == lens else f' (Backdoor Lens: {lens})'}, all-to-one" in text
+    assert "needs a trigger function" in text and "    - stress test: limited: " in text
+    assert "    - shortcut: no: not applicable to this trigger" in text
+
+
+def test_attack_names_map_onto_registered_attacks():
+    from suspects.backdoorbench import ATTACK_NAMES, lens_attack
+    from suspects.triggers import list_triggers
+
+    assert lens_attack("bpp") == "bppattack" and lens_attack("WaNet") == "wanet" and lens_attack("dynamic") == "inputaware"
+    assert lens_attack("trojannn") == "trojannn" and lens_attack("badnet") == "badnets"
+    assert lens_attack("ssba") is None and lens_attack(None) is None
+    assert set(ATTACK_NAMES.values()) - set(list_triggers()) <= {"inputaware"}  # input-aware: being added (issue 30)
+
+
 def test_defense_result_opens_repaired_and_exports_round_trip(tmp_path, data, net, runs_dir):
     run = make_run(tmp_path / "bb", data, net.state_dict())
     repaired = copy.deepcopy(net)
@@ -257,6 +334,8 @@ def test_cli_import_and_export_and_sidebar_lists_import(tmp_path, data, net, run
     assert (out["metrics"]["ba"], out["metrics"]["asr"], out["metrics"]["ra"]) == tuple(
         round(hand[k], 4) for k in ("ba", "asr", "ra"))
     assert out["n_train_poisoned"] == len(TRAIN_POISON) and out["reported"]["asr"] == 0.9
+    # a patch trigger has a trigger function (the affine fit of the stored pairs): nothing needs one it lacks
+    assert (out["attack"], out["lens_attack"], out["needs_trigger_function"]) == ("badnet", "badnets", {})
     from streamlit.testing.v1 import AppTest
 
     from dashboard.common import stored_suspects

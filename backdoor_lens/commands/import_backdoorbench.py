@@ -35,6 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import suspects
+    from analysis.applicability import trigger_function_gaps
+    from defenses.registry import all_defenses
     from suspects.backdoorbench import import_run
     from suspects.device import pick_device, prepare_model
     from suspects.metrics import stamp_metrics
@@ -49,17 +51,23 @@ def run(args: argparse.Namespace) -> int:
         suspect.card["metrics"] = stamp_metrics(m, suspect.model, suspect.test, suspect.trigger)
     folder = suspects.save(suspect, out, overwrite=args.overwrite)
     bb = suspect.card["backdoorbench"]
+    # what stamps the trigger on other images than the run's own, which a sample-specific stored trigger cannot
+    gaps = trigger_function_gaps(suspect.trigger, [(d.name, d.threat.trigger) for d in all_defenses()])
     result = {"suspect": str(folder), "name": suspect.name, "arch": suspect.card["arch"],
-              "arch_kwargs": suspect.card["arch_kwargs"], "target": bb["target"], "mapping": bb["mapping"],
+              "arch_kwargs": suspect.card["arch_kwargs"], "attack": bb["attack"], "lens_attack": bb.get("lens_attack"),
+              "target": bb["target"], "mapping": bb["mapping"],
               "n_bd_test": bb["n_bd_test"], "n_train_poisoned": bb["n_train_poisoned"],
               "n_train_noise": bb["n_train_noise"], "metrics": suspect.card.get("metrics"),
-              "reported": bb["reported"] or None, "lacks": bb.get("lacks", []),
+              "reported": bb["reported"] or None, "lacks": bb.get("lacks", []), "needs_trigger_function": gaps,
               "notes": bb["key_changes"] + bb["notes"], "data": suspect.card["data"]}
     if args.json:
         print_json(result)
         return 0
     print(f"imported {suspect.name} ({result['arch']} {result['arch_kwargs']}) -> {folder}")
-    print(f"  attack: {bb['attack'] or 'unknown'}, {bb['mapping']}, target {bb['target']}; {bb['n_bd_test']} poisoned "
+    known = result["lens_attack"]
+    named = (f"{bb['attack']} (Backdoor Lens: {known})" if known and known != bb["attack"] else
+             bb["attack"] if known else f"{bb['attack']} (no counterpart in Backdoor Lens)" if bb["attack"] else "unknown")
+    print(f"  attack: {named}, {bb['mapping']}, target {bb['target']}; {bb['n_bd_test']} poisoned "
           f"test images, {bb['n_train_poisoned']} poisoned training samples ({bb['n_train_noise']} noise samples apart)")
     for key, label in (("ba", "BA"), ("asr", "ASR"), ("ra", "RA")):
         measured = (result["metrics"] or {}).get(key)
@@ -71,6 +79,11 @@ def run(args: argparse.Namespace) -> int:
           "there)" if not result["lacks"] else "  lacks:")
     for part in result["lacks"]:
         print(f"    - {part}")
+    if gaps:
+        print("  needs a trigger function (the trigger is the run's stored poisoned images, which cannot be stamped on "
+              "other images):")
+        for what, why in gaps.items():
+            print(f"    - {what}: {why}")
     for note in result["notes"]:
         print(f"  note: {note}")
     return 0
