@@ -34,7 +34,9 @@ its mask L1 is reported as NaN (never as a small or large norm) and it is left o
 
 **Scope.** Neural Cleanse looks for the smallest *patch* that flips images to a class. A trigger that changes the
 whole image (a blended image, SIG's sinusoidal signal, WaNet's warp) has no small patch to find, so a scan of such a
-model usually says "nothing stands out" (:func:`scope_note` says so wherever that verdict is shown).
+model usually says "nothing stands out" (:func:`scope_note` says so wherever that verdict is shown). A
+sample-specific trigger (:data:`SAMPLE_SPECIFIC_TRIGGERS`: input-aware, WaNet, BppAttack, Adaptive-Blend) breaks
+the method's assumption of one input-agnostic mask and pattern for every image, whatever the verdict.
 
 **Anomaly index** (the official ``mad_outlier_detection.py``): over the converged classes,
 (median - l1_t) / (1.4826 * MAD); a class is flagged when its index exceeds ``threshold`` (2) on the small-norm side.
@@ -77,7 +79,7 @@ from suspects.metrics import model_fingerprint  # the one fingerprint of a model
 __all__ = ["ReverseResult", "ScanConfig", "CostSchedule", "ClassResult", "Verdict", "reverse_engineer_class",
            "neural_cleanse", "anomaly_indices", "verdict", "reference_scan", "reference_indices",
            "scan_suspect", "model_fingerprint", "trigger_overlap", "recovered_trigger_spec",
-           "scan_images", "scan_data", "scope_note", "FULL_IMAGE_SHARE",
+           "scan_images", "scan_data", "scope_note", "FULL_IMAGE_SHARE", "SAMPLE_SPECIFIC_TRIGGERS",
            "SUSPICIOUS_RATIO", "SUSPICIOUS_GAP"]
 
 Progress = Callable[[float, str, dict], None]
@@ -425,10 +427,32 @@ def verdict(l1: np.ndarray, threshold: float = 2.0, classes: list[str] | None = 
 FULL_IMAGE_SHARE = 0.5
 
 
-def scope_note(level: str, footprint_share: float | None = None, trigger_name: str | None = None) -> str:
+#: registered attacks whose trigger is not one input-agnostic mask and pattern (Neural Cleanse's assumption: the
+#: same small patch flips every image to the target) -> what the trigger is instead
+SAMPLE_SPECIFIC_TRIGGERS: dict[str, str] = {
+    "inputaware": "a generator makes its own pattern and mask for every image (input-aware dynamic attack)",
+    "wanet": "a smooth warp of the whole image, which moves every image's own pixels",
+    "bppattack": "colour-depth quantisation of the whole image, a different small change in every image",
+    "adaptive_blend": "a faint pattern blended over the whole image, learnt from randomly half-masked pieces of it",
+}
+
+
+def scope_note(level: str, footprint_share: float | None = None, trigger_name: str | None = None,
+               attack: str | None = None) -> str:
     """What Neural Cleanse cannot find, said beside a verdict that found nothing (``level`` ``clean``, "nothing
     stands out") or beside any verdict on a model whose known trigger changes the whole image (``footprint_share``
-    of the pixels above :data:`FULL_IMAGE_SHARE`); empty otherwise. ``trigger_name``: the known attack's name."""
+    of the pixels above :data:`FULL_IMAGE_SHARE`); empty otherwise. ``trigger_name``: the known attack's name.
+    ``attack``: the known trigger's registered attack (``suspects.stored_trigger.attack_name``); a sample-specific
+    one (:data:`SAMPLE_SPECIFIC_TRIGGERS`) gets its own note beside every verdict."""
+    if attack in SAMPLE_SPECIFIC_TRIGGERS:
+        what = f"The known attack ({attack}) has a sample-specific trigger: {SAMPLE_SPECIFIC_TRIGGERS[attack]}. "
+        if level == "flagged":
+            return (what + "Neural Cleanse recovers one small mask and pattern shared by all images, which this "
+                    "trigger is not: the flagged class may be the target, but its recovered mask is a stand-in the "
+                    "model also reacts to, not the attack's trigger.")
+        return (what + "Neural Cleanse assumes one small, input-agnostic patch that flips every image to the target; "
+                "that does not hold here, so this verdict is no evidence that the model has no backdoor. Screen "
+                "inputs (STRIP, SCALE-UP, IBD-PSC) and the views of the known trigger apply instead.")
     full = footprint_share is not None and footprint_share > FULL_IMAGE_SHARE
     if full and level != "flagged":
         return (f"The known trigger{f' ({trigger_name})' if trigger_name else ''} changes "

@@ -10,7 +10,13 @@ from streamlit.testing.v1 import AppTest
 
 import suspects
 from analysis.figures import FOOTPRINT_BACKGROUND, FOOTPRINT_RGB, footprint_tile
-from analysis.reverse import ScanConfig, recovered_trigger_spec, scope_note, trigger_overlap
+from analysis.reverse import (
+    SAMPLE_SPECIFIC_TRIGGERS,
+    ScanConfig,
+    recovered_trigger_spec,
+    scope_note,
+    trigger_overlap,
+)
 from backdoor_lens.cli import main
 from runs.scans import save_recovered_suspect, scan_suspect, stored_scan
 from suspects.metrics import evaluate
@@ -121,6 +127,32 @@ def test_scope_note_says_what_neural_cleanse_cannot_find():
     assert scope_note("suspicious", 0.01, "badnets") == "" and scope_note("flagged", 1.0, "sig") == ""
 
 
+def test_scope_note_of_sample_specific_attacks():
+    """Issue 30: input-aware, WaNet, BppAttack and Adaptive-Blend break Neural Cleanse's one-patch assumption, whatever
+    their footprint; a patch attack keeps the footprint-based note only."""
+    assert {"inputaware", "wanet", "bppattack", "adaptive_blend"} <= set(SAMPLE_SPECIFIC_TRIGGERS)
+    assert set(SAMPLE_SPECIFIC_TRIGGERS) - set(list_triggers()) <= {"inputaware"}  # input-aware: being added
+    for attack in SAMPLE_SPECIFIC_TRIGGERS:
+        for level in ("clean", "suspicious", "inconclusive"):
+            note = scope_note(level, 0.03, attack, attack=attack)  # a small footprint: no full-image note would come
+            assert note.startswith(f"The known attack ({attack}) has a sample-specific trigger")
+            assert "no evidence that the model has no backdoor" in note
+        assert "not the attack's trigger" in scope_note("flagged", 1.0, attack, attack=attack)
+    for attack in ("badnets", "adaptive_patch", "trojannn", None):
+        assert scope_note("suspicious", 0.02, attack, attack=attack) == ""
+        assert "sample-specific trigger:" not in scope_note("clean", 0.02, attack, attack=attack)
+    assert scope_note("suspicious", 1.0, "sig", attack="sig").startswith("The known trigger (sig) changes 100%")
+
+
+def test_detect_cli_says_what_neural_cleanse_cannot_see_on_wanet(tmp_path, capsys):
+    assert main(["detect", "demo:wanet", "--images", "40", "--steps", "2", "--runs", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["known_attack"] == "wanet"
+    assert out["scope_note"] == scope_note(out["verdict"], None, "wanet", attack="wanet") != ""
+    assert main(["detect", "demo:wanet", "--images", "40", "--steps", "2", "--runs", str(tmp_path)]) == 0
+    assert "note: The known attack (wanet) has a sample-specific trigger" in capsys.readouterr().out
+
+
 def test_footprint_is_drawn_visibly_and_framed():
     """Issue 27.7: the BadNets footprint was white on white and the rounded corners clipped the corner patch."""
     trig = make_trigger("badnets", (1, 28, 28), 10, target=0)
@@ -170,6 +202,22 @@ def test_detection_page_scans_and_adopts(monkeypatch, tmp_path):
     assert not at.exception, at.exception
     assert "recovered" in at.session_state["suspect"]
     assert any("recovered" in w.value and "not known" in w.value for w in at.warning)
+
+
+def test_detection_page_says_what_neural_cleanse_cannot_see(monkeypatch, tmp_path):
+    """Issue 30: on a sample-specific attack (WaNet's warp) the page notes that the verdict is no evidence of a
+    clean model, and its introduction says what the method can see."""
+    monkeypatch.setenv("BACKDOOR_LENS_RUNS", str(tmp_path))
+    at = _app("demo:wanet")
+    at.switch_page("views/detection.py").run()
+    assert not at.exception, at.exception
+    assert any("What it can see: one small, input-agnostic patch" in m.value for m in at.markdown)
+    at.number_input[0].set_value(40)
+    at.number_input[1].set_value(2)
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    notes = [i.value for i in at.info if "sample-specific trigger" in i.value]
+    assert len(notes) == 1 and notes[0].startswith("The known attack (wanet)"), [i.value for i in at.info]
 
 
 @pytest.mark.parametrize("page", ["views/gradcam.py", "views/activations.py", "views/shortcuts.py",

@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from analysis.reverse import ScanConfig, scope_note, trigger_overlap
     from runs.scans import save_recovered_suspect, scan_suspect
     from suspects.device import pick_device, prepare_model
+    from suspects.stored_trigger import attack_name
 
     suspect = load_suspect(args)
     config = ScanConfig(n_images=args.images, steps=args.steps, mini_batches=args.mini_batches,
@@ -73,7 +74,10 @@ def run(args: argparse.Namespace) -> int:
            "most_suspicious": result.most_suspicious, "verdict": verdict.level, "verdict_sentence": str(verdict)}
     known = suspect.trigger
     known_share = float(known.footprint().float().mean()) if known is not None and known.name != "recovered" else None
-    out["scope_note"] = scope_note(verdict.level, known_share, known.name if known_share is not None else None)
+    out["known_attack"] = attack_name(known)
+    out["scope_note"] = scope_note(verdict.level, known_share,
+                                   (out["known_attack"] or known.name) if known_share is not None else None,
+                                   attack=out["known_attack"])
     if known is not None and known.name != "recovered" and known.mapping == "all-to-one":
         out["known_target"] = known.target
         out["known_target_flagged"] = known.target in result.flagged

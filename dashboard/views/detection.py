@@ -24,6 +24,7 @@ from dashboard.common import (
     trigger_notice,
 )
 from runs.scans import save_recovered_suspect, scan_suspect, stored_scan
+from suspects.stored_trigger import attack_name
 
 ref = sidebar()
 suspect, lock = load_suspect(ref)
@@ -38,7 +39,9 @@ st.markdown(
     "mask than the other classes. The **anomaly index** of a class is (median − L1) / (1.4826 · MAD) of the mask "
     "norms of the classes that **converged** (some epoch's stamped images were classified as t at ≥ 99%: the "
     "*epoch success* in the table below); a class above the threshold is flagged. "
-    "Only clean **defense-pool** images of the other classes are used, never the test split."
+    "Only clean **defense-pool** images of the other classes are used, never the test split. What it can see: one "
+    "small, input-agnostic patch that flips every image; a trigger spread over the whole image (blended, SIG) or made "
+    "anew for every image (input-aware, WaNet's warp, BppAttack's quantisation, Adaptive-Blend) is beyond it."
 )
 trigger_notice(suspect)
 
@@ -82,7 +85,9 @@ verdict = result.verdict(classes)
 getattr(st, verdict.kind)(f"**Verdict: {verdict.title}.** {verdict.sentence}")
 known_share = (float(suspect.trigger.footprint().float().mean())
                if suspect.trigger is not None and suspect.trigger.name != "recovered" else None)
-scope = scope_note(verdict.level, known_share, suspect.trigger.name if known_share is not None else None)
+known_attack = attack_name(known)
+scope = scope_note(verdict.level, known_share, (known_attack or known.name) if known is not None else None,
+                   attack=known_attack)
 if scope:
     st.info(scope, icon=":material/center_focus_weak:")
 if known is not None and known.mapping == "all-to-one":
