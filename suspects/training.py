@@ -24,7 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import defense_pool_split, load_dataset
-from .device import amp_dtype, autocast, describe_device, grad_scaler, pick_device, prepare_model, to_device
+from .device import (
+    amp_dtype,
+    autocast,
+    describe_device,
+    grad_scaler,
+    needs_grad_scaler,
+    pick_device,
+    prepare_model,
+    to_device,
+)
 from .metrics import DEFINITIONS, evaluate, stamp_metrics
 from .models import create_model
 from .poison import PoisonedDataset
@@ -203,9 +212,16 @@ def train_suspect(cfg: TrainConfig, out_dir: str | Path | None = None, progress:
     if cfg.attack:
         trigger = make_trigger(cfg.attack, shape, len(classes), cfg.target, cfg.mapping, **cfg.attack_params)
     dataset = PoisonedDataset(train, trigger, cfg.poison_rate, cfg.seed, exclude=pool)
-    x_all, y_all, _ = dataset.materialize()
+    joint = trigger is not None and trigger.joint_training
+    if joint:  # the trigger is trained with the classifier (IAD): clean images, each sample's role, poisoned per batch
+        x_all, y_all = train.images(), dataset.labels.clone()
+        roles = dataset.poisoned_mask.long() + 2 * dataset.noise_mask.long()
+    else:
+        x_all, y_all, _ = dataset.materialize()
+        roles = None
     if not cfg.train_on_pool:  # the pool stays unseen: its accuracy is a held-out accuracy, not a training one
         x_all, y_all = x_all[poisonable], y_all[poisonable]
+        roles = roles[poisonable] if roles is not None else None
     mean, std = train.channel_stats()
     model = create_model(cfg.model, num_classes=len(classes), in_channels=shape[0], width=cfg.width,
                          mean=[round(m, 4) for m in mean], std=[round(s, 4) for s in std])
@@ -219,6 +235,11 @@ def train_suspect(cfg: TrainConfig, out_dir: str | Path | None = None, progress:
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps) if cfg.schedule == "cosine"
              else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
     gen = torch.Generator().manual_seed(cfg.seed)
+    trainer = None
+    if joint:  # e.g. IAD's mask generator is trained here, before the classifier
+        trainer = trigger.joint_trainer(x_all, device=device, batch_size=cfg.batch_size, seed=cfg.seed,
+                                        max_steps=cfg.max_steps, total_steps=total_steps,
+                                        augment=lambda x: augment_batch(x, cfg.augment, gen), progress=progress)
     history: list[dict] = []
     done = [0]
     t0 = time.time()
@@ -227,9 +248,12 @@ def train_suspect(cfg: TrainConfig, out_dir: str | Path | None = None, progress:
         perm = torch.randperm(len(x_all), generator=gen)
         for start in range(0, len(perm), cfg.batch_size):
             idx = perm[start:start + cfg.batch_size]
-            yield to_device(augment_batch(x_all[idx], cfg.augment, gen), device), y_all[idx].to(device)
+            xb, yb = to_device(augment_batch(x_all[idx], cfg.augment, gen), device), y_all[idx].to(device)
+            yield (xb, yb) if roles is None else (xb, yb, roles[idx].to(device))
 
-    def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def loss_fn(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, int]:
+        if trainer is not None:  # the trigger makes the batch's poisoned copies and adds its own loss terms
+            return trainer.loss(model, *batch), len(batch[1])
         xb, yb = batch
         return F.cross_entropy(model(xb), yb), len(yb)
 
@@ -246,8 +270,12 @@ def train_suspect(cfg: TrainConfig, out_dir: str | Path | None = None, progress:
         progress(done[0] / total_steps, f"epoch {epoch + 1}/{cfg.epochs}",
                  {k: v for k, v in row.items() if v is not None})
 
-    fit(model, epoch_batches, loss_fn, opt, device=device, epochs=cfg.epochs, scheduler=sched,
-        max_steps=total_steps, tick=tick, end_epoch=end_epoch)
+    # a jointly trained trigger has its own optimiser, stepped in after_step: no float16 loss scaling (bfloat16 is fine)
+    amp = not (trainer is not None and needs_grad_scaler(amp_dtype(device)))
+    fit(model, epoch_batches, loss_fn, opt, device=device, epochs=cfg.epochs, scheduler=sched, amp=amp,
+        max_steps=total_steps, tick=tick, end_epoch=end_epoch, after_step=trainer.after_step if trainer else None)
+    if trainer is not None:
+        trainer.finish()
     model = model.cpu().to(memory_format=torch.contiguous_format).eval()
     final = evaluate(model, test, trigger, device="cpu")
     name = cfg.name or (Path(out_dir).name if out_dir else (cfg.attack or "clean"))

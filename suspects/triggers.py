@@ -56,7 +56,8 @@ def _plugins() -> None:
     """Load the ``backdoor_lens.attacks`` entry points once (built-ins: this module; then installed plugins)."""
     from .plugins import load_plugins
 
-    load_plugins("attacks", _REGISTRY, register_trigger, builtin_modules=(__name__, "suspects.attacks"))
+    load_plugins("attacks", _REGISTRY, register_trigger, builtin_modules=(__name__, "suspects.attacks",
+                                                                         "suspects.inputaware"))
 
 
 def list_triggers(include_recovered: bool = False) -> list[str]:
@@ -194,6 +195,18 @@ class Trigger:
         """Triggered copy of poisoned *training* samples; the test-time trigger :meth:`apply` by default. Attacks whose
         training trigger differs per sample (Adaptive-Blend's masked pieces) override it; ``seeds`` as above."""
         return self(x)
+
+    joint_training: ClassVar[bool] = False
+    """True: parts of the trigger are trained together with the classifier (IAD's generators). Then
+    :func:`suspects.training.train_suspect` gives the classifier clean images and calls :meth:`joint_trainer`, whose
+    result supplies ``loss(model, x, y, roles)`` per batch (roles: 0 clean, 1 poisoned, 2 noise/cross),
+    ``after_step()`` (run by :func:`~suspects.training.fit` after each step) and ``finish()``."""
+
+    def joint_trainer(self, images: torch.Tensor, *, device: torch.device | str, batch_size: int, seed: int,
+                      max_steps: int | None = None, total_steps: int | None = None,
+                      augment: Any = None, progress: Any = None) -> Any:
+        """Prepare joint training on the clean training ``images`` (see :attr:`joint_training`)."""
+        raise NotImplementedError(f"{self.name} is not trained jointly with the classifier")
 
     def footprint(self, x: torch.Tensor | None = None, tol: float = 1.0 / 255) -> torch.Tensor:
         """(H, W) bool map of pixels the trigger changes (on ``x``, or on mid-grey and random images)."""

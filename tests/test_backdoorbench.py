@@ -275,7 +275,7 @@ def test_attack_names_map_onto_registered_attacks():
     assert lens_attack("bpp") == "bppattack" and lens_attack("WaNet") == "wanet" and lens_attack("dynamic") == "inputaware"
     assert lens_attack("trojannn") == "trojannn" and lens_attack("badnet") == "badnets"
     assert lens_attack("ssba") is None and lens_attack(None) is None
-    assert set(ATTACK_NAMES.values()) - set(list_triggers()) <= {"inputaware"}  # input-aware: being added (issue 30)
+    assert set(ATTACK_NAMES.values()) <= set(list_triggers())
 
 
 def test_defense_result_opens_repaired_and_exports_round_trip(tmp_path, data, net, runs_dir):
