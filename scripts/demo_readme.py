@@ -25,7 +25,9 @@ def main() -> None:
     for name, card in cards.items():
         m, t, trig = card["metrics"], card["training"], card.get("trigger")
         size = (DEMO_SUSPECTS / name / "model.safetensors").stat().st_size / 1e6
-        attack = "none" if not trig else f"{trig['name']} {trig['params']}"
+        # long values (IAD's generator weights, TrojanNN's patch) are left out of the table
+        shown = {k: (v if len(repr(v)) <= 80 else "…") for k, v in (trig or {}).get("params", {}).items()}
+        attack = "none" if not trig else f"{trig['name']} {shown}"
         asr = "n/a" if m["asr"] is None else f"{m['asr']:.4f}"
         ra = "n/a" if m["ra"] is None else f"{m['ra']:.4f}"
         rows.append(f"| `{name}` | {attack} | {card['poison']['n_poisoned'] if card.get('poison') else 0} | "
