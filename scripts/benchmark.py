@@ -39,13 +39,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 from runs.compare import mean_sd_text  # noqa: E402 - after the path set-up above
+from suspects.identity import ref_fingerprint  # noqa: E402
 
 ATTACKS = ("badnets", "blended", "sig", "wanet")
 DOC = Path("docs/defense-benchmarks.md")
 # defenses whose ``quick`` preset was chosen on the development split over seeds 0-2 (their docstrings give the
 # numbers); the others' rows are marked until they are re-derived (issue 13)
 DEV_CHOSEN = {"finetune", "sau", "fst", "ibau", "awm", "linf_prune", "fineprune", "dbd", "cbd"}
-POST_TRAINING = ("shortcut", "linf_prune", "awm", "anp", "fineprune", "finetune", "sau", "fst", "ibau")
+
+
+def post_training() -> tuple[str, ...]:
+    """The registered defenses that repair a given model (those that need no poisoned training set)."""
+    from defenses import get_defense
+    from defenses.registry import list_defenses
+
+    return tuple(d for d in list_defenses() if not get_defense(d).threat.poisoned_training_set)
+
 
 
 def _cells_done(store, suspect_ref: str) -> set[tuple[str, str, str, int, int]]:
@@ -242,9 +251,11 @@ def store_rows(store, attacks=ATTACKS):
             if table.empty:
                 continue
             versions = preset_versions(store, table)
+            current = on_current_weights(table, card)
             frames.append(table.assign(
                 attack=attack_of(card, attack), suspect=ref, ba_drop=table["ba_before"] - table["ba"],
-                preset_version=versions, current_weights=on_current_weights(table, card),
+                preset_version=versions, current_weights=current,
+                fingerprint=current.map({True: ref_fingerprint(ref) or "", False: ""}),
                 current_preset=on_current_presets(store, table, versions)))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -329,7 +340,9 @@ def collect(store, attacks=ATTACKS):
 # the per-run CSV beside the document: what ``write`` regenerates the document from when no store is at hand
 CSV_COLUMNS = ["attack", "defense", "preset", "overrides", "seed", "ba_before", "ba", "ba_drop", "asr_before", "asr",
                "ra", "der", "seconds", "failed", "device", "clean_images", "held_out", "date", "run_id", "suspect",
-               "preset_version"]
+               "preset_version", "fingerprint"]
+"""``fingerprint``: the weights the run repaired (:func:`suspects.identity.fingerprint`), for runs on the suspect's
+current weights (the rows the document counts); tests/test_pages.py checks each is a current test suspect's."""
 CSV_TOLERANCE = 6e-5  # the CSV keeps 4 decimals: a before-metric within this of the card's is the card's
 
 
@@ -338,7 +351,7 @@ def csv_rows(csv_path: Path):
     today's suspect cards (to the CSV's 4 decimals) and today's preset versions."""
     import pandas as pd
 
-    rows = pd.read_csv(csv_path, dtype={"overrides": str, "suspect": str, "preset_version": str})
+    rows = pd.read_csv(csv_path, dtype={"overrides": str, "suspect": str, "preset_version": str, "fingerprint": str})
     rows["overrides"] = rows["overrides"].fillna("")
     if "suspect" not in rows:
         rows["suspect"] = "demo:" + rows["attack"].astype(str)
@@ -352,8 +365,12 @@ def csv_rows(csv_path: Path):
         for key in ("asr", "ra"):
             if m.get(key) is not None and f"{key}_before" in rows:
                 ok &= (rows.loc[sel, f"{key}_before"] - m[key]).abs() <= CSV_TOLERANCE
+        if "fingerprint" in rows:  # the weights the row names must be the suspect's weights today
+            ok &= rows.loc[sel, "fingerprint"].fillna("") == (ref_fingerprint(ref) or "")
         keep[sel] = ok
     rows["current_weights"] = keep
+    if "fingerprint" not in rows:
+        rows["fingerprint"] = ""
     rows["preset_version"] = rows["preset_version"].fillna("").astype(str) if "preset_version" in rows else ""
     rows["current_preset"] = [bool(v) and v == preset_version(d, p, o) for v, d, p, o in
                               zip(rows["preset_version"], rows["defense"], rows["preset"], rows["overrides"],
@@ -413,7 +430,7 @@ def goal_lines(results) -> list[str]:
     """The issues' goals, checked on the stored numbers (means over the seeds)."""
     lines = []
     for attack, (_, g) in results.items():
-        quick = g[(g["preset"] == "quick") & (g["overrides"] == "") & g["defense"].isin(POST_TRAINING)]
+        quick = g[(g["preset"] == "quick") & (g["overrides"] == "") & g["defense"].isin(post_training())]
         front = _front(g)
         hits = [f"{d} ({mean_sd_text(a, s)} ASR, drop {dr:.3f})" for d, a, s, dr in
                 zip(quick["defense"], quick["asr_mean"], quick["asr_sd"], quick["drop_mean"], strict=True)
@@ -423,7 +440,7 @@ def goal_lines(results) -> list[str]:
     slow = []
     for attack, (_, g) in results.items():
         for d, p, o, sec in zip(g["defense"], g["preset"], g["overrides"], g["seconds_mean"], strict=True):
-            if p == "quick" and not o and d in POST_TRAINING and sec > 120:
+            if p == "quick" and not o and d in post_training() and sec > 120:
                 slow.append(f"{d} on {attack} ({sec:.0f} s)")
     lines.append(f"- post-training `quick` presets <= 120 s: **{'met' if not slow else 'not met'}**"
                  + (f": over on {', '.join(slow)}" if slow else ""))

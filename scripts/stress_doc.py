@@ -9,8 +9,9 @@ The grid is every post-training defense of the registry (those that need no pois
 (seed 0, the defense's default pool) and then the stress test (:mod:`defenses.stress`, the official protocol:
 3 seeds) on the repaired model against ``demo:clean``; the clean reference's re-tuning is cached per attack and
 seed in the store, so each is computed once. ``run`` fills the missing cells in grid order (``--defenses`` /
-``--attacks`` first), saving the store after each, until ``--minutes`` have passed; a cell whose defense preset or
-stress protocol changed since it was measured is stale and redone. The document says which cells are not measured.
+``--attacks`` first), saving the store after each, until ``--minutes`` have passed; a cell whose defense preset,
+stress protocol or weights (the suspect's and the reference's fingerprints, :mod:`runs.pages`) changed since it was
+measured is stale and redone. The document says which cells are not measured.
 """
 
 from __future__ import annotations
@@ -83,6 +84,12 @@ def cell_state(store: dict[str, Any], defense: str, attack: str) -> str:
         return "missing"
     if cell.get("defense_params") != quick_params(defense) or cell["stress"].get("params") != protocol_params():
         return "stale"
+    from suspects.identity import demo_fingerprints
+
+    prints = demo_fingerprints()
+    if (cell.get("fingerprint") != prints.get(f"demo:{attack}")
+            or cell.get("reference_fingerprint") != prints.get(REFERENCE)):
+        return "stale"  # measured on other weights than today's bundle (or before cells recorded their weights)
     return "measured"
 
 
@@ -94,18 +101,21 @@ def run_cell(store: dict[str, Any], defense: str, attack: str) -> dict[str, Any]
     import suspects
     from defenses import run_defense
     from defenses.stress import stress_params, stress_test
+    from suspects.identity import fingerprint
 
     suspect = suspects.load(f"demo:{attack}")
+    reference = suspects.load(REFERENCE)
     t0 = time.time()
     report = run_defense(defense, suspect, "quick", seed=0, suspect_ref=f"demo:{attack}")
     defense_seconds = time.time() - t0
-    result = stress_test(report.suspect, suspects.load(REFERENCE), stress_params("official"),
+    result = stress_test(report.suspect, reference, stress_params("official"),
                          suspect_ref=f"{defense} (quick) on demo:{attack}", reference_ref=REFERENCE,
                          reference_cache=store.setdefault("reference_cache", {}))
     keep = ("suspect", "reference", "protocol", "ba", "asr", "ba_after_retune", "asr_after_retune", "reference_ba",
             "reference_asr", "reference_ba_after_retune", "reference_asr_after_retune", "spread", "verdict",
             "verdict_reason", "params", "seeds", "retune_set", "n_clean", "n_poisoned", "device", "seconds")
     cell = {"defense": defense, "attack": attack, "preset": "quick", "defense_seed": 0,
+            "fingerprint": fingerprint(suspect), "reference_fingerprint": fingerprint(reference),
             "defense_params": json.loads(json.dumps(report["params"], default=str)),
             "defense_seconds": round(defense_seconds, 1), "defense_failed": bool(report.get("failed")),
             "stress": {k: result[k] for k in keep},
