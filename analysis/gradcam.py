@@ -9,6 +9,11 @@ at, so it means nothing. For them (:attr:`GradCamComparison.whole_image`) two ot
 *map shift* (total-variation distance between the normalised maps of each clean image and its triggered copy:
 0 = the model looks at the same place, 1 = somewhere else entirely) and the *share on the trigger's strongest
 pixels* (the fraction of the image where the trigger changes the pixels most; chance = that fraction).
+
+A sample-specific trigger (``Trigger.sample_specific``: the input-aware attack, Nguyen & Tran NeurIPS 2020, puts
+a generated mask somewhere else on every image) is measured per image: each map's share is taken on *its own
+image's* trigger pixels (``Trigger.footprints``), and chance is the mean of the per-image footprint shares; the
+union over the sample would count pixels that another image's trigger covers.
 """
 
 from __future__ import annotations
@@ -154,12 +159,18 @@ def compute_cams(model: nn.Module, images: torch.Tensor, layer: str, method: str
 
 
 def attention_share(cams: np.ndarray, footprint: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Per map: sum(map * footprint) / sum(map). NaN-free (an all-zero map counts as 0)."""
+    """Per map: sum(map * footprint) / sum(map). NaN-free (an all-zero map counts as 0). ``footprint`` is one
+    (H, W) map shared by all maps, or (B, H, W): each map's own (a sample-specific trigger's per-image pixels)."""
     fp = np.asarray(footprint, dtype=np.float32)
-    if fp.shape != cams.shape[1:]:
+    if fp.ndim == 3:
+        if len(fp) != len(cams):
+            raise ValueError(f"{len(fp)} per-image footprints for {len(cams)} maps")
+        if fp.shape[1:] != cams.shape[1:]:
+            fp = F.interpolate(torch.from_numpy(fp)[:, None], size=cams.shape[1:], mode="nearest")[:, 0].numpy()
+    elif fp.shape != cams.shape[1:]:
         fp = F.interpolate(torch.from_numpy(fp)[None, None], size=cams.shape[1:], mode="nearest")[0, 0].numpy()
     mass = cams.reshape(len(cams), -1).sum(1)
-    on = (cams * fp[None]).reshape(len(cams), -1).sum(1)
+    on = (cams * (fp if fp.ndim == 3 else fp[None])).reshape(len(cams), -1).sum(1)
     return np.where(mass > 0, on / np.maximum(mass, 1e-12), 0.0)
 
 
@@ -174,11 +185,21 @@ def map_shift(clean_cams: np.ndarray, triggered_cams: np.ndarray) -> np.ndarray:
     return 0.5 * np.abs(norm(clean_cams) - norm(triggered_cams)).sum(1)
 
 
-def strongest_pixels(trigger: Trigger, x: torch.Tensor, fraction: float = STRONGEST_FRACTION) -> np.ndarray:
+def strongest_pixels(trigger: Trigger, x: torch.Tensor, fraction: float = STRONGEST_FRACTION,
+                     per_image: bool = False) -> np.ndarray:
     """(H, W) bool: the ``fraction`` of pixels where the trigger changes ``x`` most (mean |trigger(x) - x| over
-    images and channels)."""
+    images and channels); ``per_image``: (B, H, W), each image's own strongest pixels (a sample-specific trigger)."""
+    if per_image:
+        with torch.no_grad():
+            strengths = (trigger(x) - x).abs().mean(dim=1).cpu().numpy()
+        return np.stack([_top_fraction(s, fraction) for s in strengths])
     with torch.no_grad():
         strength = (trigger(x) - x).abs().mean(dim=(0, 1)).cpu().numpy()
+    return _top_fraction(strength, fraction)
+
+
+def _top_fraction(strength: np.ndarray, fraction: float) -> np.ndarray:
+    """(H, W) bool: the ``fraction`` of pixels with the largest ``strength`` (ties: the first in raster order)."""
     k = max(1, int(round(fraction * strength.size)))
     cut = np.partition(strength.ravel(), -k)[-k]
     top = strength >= cut
@@ -202,12 +223,18 @@ class GradCamComparison:
     triggered_pred: np.ndarray
     clean_share: np.ndarray
     triggered_share: np.ndarray
-    footprint: np.ndarray
-    footprint_fraction: float
+    footprint: np.ndarray  # (H, W) bool: the pixels the trigger changes (sample-specific: on any image of the sample)
+    footprint_fraction: float  # chance level: the footprint's share of the image (sample-specific: mean per image)
     shift: np.ndarray | None = None  # per image: map_shift(clean, triggered)
-    strongest: np.ndarray | None = None  # (H, W) bool: the trigger's strongest pixels
+    strongest: np.ndarray | None = None  # (H, W) bool: the trigger's strongest pixels ((B, H, W): per image)
     clean_strong_share: np.ndarray | None = None
     triggered_strong_share: np.ndarray | None = None
+    footprints: np.ndarray | None = None  # (B, H, W) bool: each image's own trigger pixels (sample-specific triggers)
+
+    @property
+    def sample_specific(self) -> bool:
+        """The shares were measured on each image's own trigger pixels (:attr:`footprints`)."""
+        return self.footprints is not None
 
     @property
     def whole_image(self) -> bool:
@@ -261,13 +288,20 @@ def compare_gradcam(model: nn.Module, sample: PairedSample, trigger: Trigger, la
     trig_pred = predict(model, sample.triggered)
     clean_cams = compute_cams(model, sample.clean, layer, method, _targets(target_kind, clean_pred, sample, trigger))
     trig_cams = compute_cams(model, sample.triggered, layer, method, _targets(target_kind, trig_pred, sample, trigger))
-    fp = trigger.footprint(sample.clean[: min(16, len(sample))]).numpy()
-    strong = strongest_pixels(trigger, sample.clean[: min(64, len(sample))])
+    fps = None
+    if trigger.sample_specific:  # each image's share on its own trigger, chance = the mean per-image footprint
+        fps = trigger.footprints(sample.clean).cpu().numpy().astype(bool)
+        fp, on, fraction = fps.any(0), fps, float(fps.mean())
+        strong = strongest_pixels(trigger, sample.clean, per_image=True)
+    else:
+        fp = trigger.footprint(sample.clean[: min(16, len(sample))]).numpy()
+        on, fraction = fp, float(fp.mean())
+        strong = strongest_pixels(trigger, sample.clean[: min(64, len(sample))])
     return GradCamComparison(
         layer, method, target_kind, clean_cams, trig_cams, clean_pred.numpy(), trig_pred.numpy(),
-        attention_share(clean_cams, fp), attention_share(trig_cams, fp), fp, float(fp.mean()),
+        attention_share(clean_cams, on), attention_share(trig_cams, on), fp, fraction,
         map_shift(clean_cams, trig_cams), strong, attention_share(clean_cams, strong),
-        attention_share(trig_cams, strong),
+        attention_share(trig_cams, strong), fps,
     )
 
 

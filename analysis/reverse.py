@@ -78,7 +78,8 @@ from suspects.metrics import model_fingerprint  # the one fingerprint of a model
 
 __all__ = ["ReverseResult", "ScanConfig", "CostSchedule", "ClassResult", "Verdict", "reverse_engineer_class",
            "neural_cleanse", "anomaly_indices", "verdict", "reference_scan", "reference_indices",
-           "scan_suspect", "model_fingerprint", "trigger_overlap", "recovered_trigger_spec",
+           "scan_suspect", "model_fingerprint", "trigger_overlap", "known_trigger_overlap", "known_footprint_share",
+           "OVERLAP_IMAGES", "recovered_trigger_spec",
            "scan_images", "scan_data", "scope_note", "FULL_IMAGE_SHARE", "SAMPLE_SPECIFIC_TRIGGERS",
            "SUSPICIOUS_RATIO", "SUSPICIOUS_GAP"]
 
@@ -652,6 +653,37 @@ def trigger_overlap(mask: np.ndarray, footprint: np.ndarray) -> dict[str, Any]:
     return {"mass_on_trigger": mass, "footprint_share": float(fp.mean()), "iou": iou,
             "mass_on_mirror": mass_m, "iou_mirror": iou_m, "closer": closer,
             "mass_best": best[0], "iou_best": best[1]}
+
+
+#: at most this many images give a sample-specific trigger's per-image footprints (:func:`known_trigger_overlap`)
+OVERLAP_IMAGES = 64
+
+
+def known_trigger_overlap(mask: np.ndarray, trigger, x: torch.Tensor | None = None) -> dict[str, Any]:
+    """:func:`trigger_overlap` of a recovered mask with a known trigger. A trigger whose pixels differ per image
+    (``trigger.sample_specific``, e.g. the input-aware attack) is compared with each of (up to
+    :data:`OVERLAP_IMAGES` of) the clean images ``x``'s own footprints (``trigger.footprints``) and the measures are
+    averaged over them (``per_image``: how many); any other trigger (or no ``x``) with its one shared footprint, as
+    :func:`trigger_overlap`."""
+    if x is None or not trigger.sample_specific:
+        return trigger_overlap(mask, trigger.footprint().numpy())
+    fps = trigger.footprints(x[:OVERLAP_IMAGES]).cpu().numpy().astype(bool)
+    per = [trigger_overlap(mask, f) for f in fps]
+    out: dict[str, Any] = {k: float(np.mean([p[k] for p in per]))
+                           for k in ("mass_on_trigger", "footprint_share", "iou", "mass_on_mirror", "iou_mirror")}
+    trig, mirr = (out["mass_on_trigger"], out["iou"]), (out["mass_on_mirror"], out["iou_mirror"])
+    out["closer"] = "same" if trig == mirr else ("mirror" if mirr > trig else "trigger")
+    out["mass_best"], out["iou_best"] = mirr if out["closer"] == "mirror" else trig
+    out["per_image"] = len(fps)
+    return out
+
+
+def known_footprint_share(trigger, x: torch.Tensor | None = None) -> float:
+    """The share of the image a known trigger changes: of its shared footprint, or for a sample-specific trigger
+    with clean images ``x``, the mean of each image's own footprint share (see :func:`known_trigger_overlap`)."""
+    if x is None or not trigger.sample_specific:
+        return float(trigger.footprint().float().mean())
+    return float(trigger.footprints(x[:OVERLAP_IMAGES]).float().mean())
 
 
 def recovered_trigger_spec(result: ReverseResult, target: int) -> dict[str, Any]:

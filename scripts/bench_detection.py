@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import suspects  # noqa: E402
 from analysis.activations import activation_stats  # noqa: E402
 from analysis.gradcam import compare_gradcam  # noqa: E402
-from analysis.reverse import ScanConfig, recovered_trigger_spec, trigger_overlap  # noqa: E402
+from analysis.reverse import ScanConfig, known_trigger_overlap, recovered_trigger_spec, scan_images  # noqa: E402
 from analysis.samples import paired_sample  # noqa: E402
 from runs.scans import scan_suspect  # noqa: E402
 from suspects.store import adopt_trigger  # noqa: E402
@@ -58,7 +58,8 @@ def main() -> int:
         trig = s.trigger
         tgt = trig.target if trig is not None else None
         others = [a for k, a in enumerate(r.anomaly) if k != tgt]
-        ov = trigger_overlap(r.masks[tgt], trig.footprint().numpy()) if trig is not None else None
+        own = scan_images(s, config) if trig is not None and trig.sample_specific else None
+        ov = known_trigger_overlap(r.masks[tgt], trig, own) if trig is not None else None
         target_ai = f"{r.anomaly[tgt]:.2f}" if tgt is not None else "-"
         mass = f"{100 * ov['mass_on_trigger']:.0f}%" if ov else "-"
         iou = f"{ov['iou']:.2f}" if ov else "-"

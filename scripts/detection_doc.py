@@ -81,7 +81,7 @@ def run_cell(store: dict[str, Any], attack: str, ref: str) -> dict[str, Any]:
     import numpy as np
 
     import suspects
-    from analysis.reverse import ScanConfig, trigger_overlap
+    from analysis.reverse import ScanConfig, known_trigger_overlap, scan_images
     from runs.pages import machine_line, today
     from runs.scans import scan_suspect
     from suspects.identity import fingerprint
@@ -105,7 +105,8 @@ def run_cell(store: dict[str, Any], attack: str, ref: str) -> dict[str, Any]:
         "seconds": round(seconds, 1), "machine": machine_line(), "measured": today(),
     }
     if target is not None:
-        ov = trigger_overlap(r.masks[target], trig.footprint().numpy())
+        own = scan_images(suspect, ScanConfig()) if trig.sample_specific else None  # each image's own trigger
+        ov = known_trigger_overlap(r.masks[target], trig, own)
         cell["mass_on_trigger"] = round(float(ov["mass_on_trigger"]), 3)
     store["cells"][ref] = cell
     return cell

@@ -277,6 +277,12 @@ class InputAware(Trigger):
             x = torch.cat([torch.full((1, *self.input_shape), 0.5), torch.rand((4, *self.input_shape), generator=g)])
         return (self.masks(x) > FOOTPRINT_THRESHOLD).any(dim=0)
 
+    sample_specific = True
+
+    def footprints(self, x: torch.Tensor, tol: float = 1.0 / 255) -> torch.Tensor:
+        """(B, H, W): each image's own trigger pixels (its mask above 0.5), not the batch's union."""
+        return self.masks(x) > FOOTPRINT_THRESHOLD
+
     # -- training (stage 1 here; stage 2 per batch in IADTrainer) ---------------------------------------------------
     def joint_trainer(self, images: torch.Tensor, *, device: torch.device | str, batch_size: int, seed: int,
                       max_steps: int | None = None, total_steps: int | None = None,

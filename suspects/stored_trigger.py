@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .triggers import Trigger
+from .triggers import Trigger, get_trigger_class
 
 __all__ = ["StoredImages", "StoredTrigger", "UncoveredImageError", "image_keys", "fit_affine", "FIT_TOLERANCE",
            "STORED_FILE", "KIND_TEST", "KIND_TRAIN_POISON", "KIND_TRAIN_NOISE", "TRIGGER_FUNCTION",
@@ -265,6 +265,28 @@ class StoredTrigger(Trigger):
             if len(x):
                 return ((self(x) - x).abs().amax(dim=1) > tol).any(dim=0)
         return torch.from_numpy(self.images.footprint.astype(bool))
+
+    @property
+    def sample_specific(self) -> bool:  # type: ignore[override]
+        """Whether the run's attack (:func:`attack_name`) is one whose trigger differs per image (e.g. input-aware)."""
+        name = attack_name(self)
+        try:
+            return bool(name) and get_trigger_class(str(name)).sample_specific
+        except ValueError:
+            return False
+
+    def footprints(self, x: torch.Tensor, tol: float = 1.0 / 255) -> torch.Tensor:
+        """(B, H, W): for a sample-specific attack, the pixels each image's stored poisoned copy changes (an image
+        without one gets the stored pairs' footprint); otherwise the shared footprint repeated, as the base class."""
+        x = x if x.dim() == 4 else x.unsqueeze(0)
+        if not self.sample_specific:
+            return super().footprints(x, tol)
+        out = self.footprint().unsqueeze(0).repeat(len(x), 1, 1)
+        ok = self.covers(x)
+        if ok.any():
+            xs = x[ok]
+            out[ok] = (self(xs) - xs).abs().amax(dim=1) > tol
+        return out
 
     def spec(self) -> dict[str, Any]:
         return {"name": self.name, "target": self.target, "mapping": self.mapping, "params": dict(self.params)}

@@ -217,6 +217,19 @@ class Trigger:
         diff = (self(x) - x).abs().amax(dim=1)
         return (diff > tol).any(dim=0)
 
+    sample_specific: ClassVar[bool] = False
+    """True: the test-time trigger puts its pixels somewhere else on every image (IAD's generated masks, Nguyen &
+    Tran NeurIPS 2020), so a view that measures what falls on the trigger must use each image's own
+    :meth:`footprints` rather than one shared :meth:`footprint`."""
+
+    def footprints(self, x: torch.Tensor, tol: float = 1.0 / 255) -> torch.Tensor:
+        """(B, H, W) bool: the pixels the trigger changes on each image of ``x`` (B, C, H, W). By default the one
+        shared footprint of the batch (:meth:`footprint` of ``x``) repeated; sample-specific triggers
+        (:attr:`sample_specific`) give each image its own."""
+        x = x if x.dim() == 4 else x.unsqueeze(0)
+        fp = self.footprint(x, tol)
+        return fp.unsqueeze(0).expand(len(x), *fp.shape).clone()
+
     def spec(self) -> dict[str, Any]:
         params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.params.items()}
         return {"name": self.name, "target": self.target, "mapping": self.mapping, "params": params}

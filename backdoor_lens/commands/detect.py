@@ -45,7 +45,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from analysis.reverse import ScanConfig, scope_note, trigger_overlap
+    from analysis.reverse import (
+        ScanConfig,
+        known_footprint_share,
+        known_trigger_overlap,
+        scan_images,
+        scope_note,
+    )
     from runs.scans import save_recovered_suspect, scan_suspect
     from suspects.device import pick_device, prepare_model
     from suspects.stored_trigger import attack_name
@@ -73,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     out = {"suspect": suspect.name, "classes": suspect.classes, **result.to_dict(),
            "most_suspicious": result.most_suspicious, "verdict": verdict.level, "verdict_sentence": str(verdict)}
     known = suspect.trigger
-    known_share = float(known.footprint().float().mean()) if known is not None and known.name != "recovered" else None
+    own_x = scan_images(suspect, config) if known is not None and known.sample_specific else None  # per-image trigger
+    known_share = known_footprint_share(known, own_x) if known is not None and known.name != "recovered" else None
     out["known_attack"] = attack_name(known)
     out["scope_note"] = scope_note(verdict.level, known_share,
                                    (out["known_attack"] or known.name) if known_share is not None else None,
@@ -81,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if known is not None and known.name != "recovered" and known.mapping == "all-to-one":
         out["known_target"] = known.target
         out["known_target_flagged"] = known.target in result.flagged
-        out["overlap_with_known_trigger"] = trigger_overlap(result.masks[known.target], known.footprint().numpy())
+        out["overlap_with_known_trigger"] = known_trigger_overlap(result.masks[known.target], known, own_x)
     if args.adopt is not None:
         target = result.most_suspicious if args.adopt == "auto" else int(args.adopt)
         if not 0 <= target < suspect.num_classes:
@@ -114,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         ov = out["overlap_with_known_trigger"]
         print(f"known target {known.target}: {'flagged' if out['known_target_flagged'] else 'not flagged'}; "
               f"its mask puts {100 * ov['mass_on_trigger']:.0f}% of its mass on the known trigger "
+              + (f"(each of {ov['per_image']} scan images' own, averaged) " if "per_image" in ov else "") +
               f"({100 * ov['footprint_share']:.1f}% of the pixels), IoU {ov['iou']:.2f}; on its mirror image "
               f"{100 * ov['mass_on_mirror']:.0f}%, IoU {ov['iou_mirror']:.2f} (closer: {ov['closer']})")
     if "adopted" in out:

@@ -289,7 +289,9 @@ elif view == "gradcam":
         col.metric("Trigger-attention share, triggered inputs", f"{100 * res.mean_triggered_share:.1f}%",
                    delta=delta_points(res.mean_clean_share, res.mean_triggered_share, "vs. clean"),
                    delta_color=delta_color("trigger_share"), help="mean over the 16 images of sum(map on the trigger's pixels) / "
-                   f"sum(map); chance (the trigger's share of the image) {100 * res.footprint_fraction:.1f}%")
+                   f"sum(map); chance (the trigger's share of the image) {100 * res.footprint_fraction:.1f}%"
+                   + ("; each image's own trigger pixels (the trigger differs per image)" if res.sample_specific
+                      else ""))
 elif view == "activations":
     side_fig = activations_figure({labels[r]: cached_activations(r, ref, n) for r in chosen})
     st.plotly_chart(side_fig, key="cmp_activations")

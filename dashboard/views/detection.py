@@ -13,7 +13,7 @@ from analysis.figures import (
     mask_norm_figure,
     mask_pattern_tile,
 )
-from analysis.reverse import ScanConfig, scope_note, trigger_overlap
+from analysis.reverse import ScanConfig, known_footprint_share, known_trigger_overlap, scan_images, scope_note
 from dashboard.common import (
     StreamlitProgress,
     load_suspect,
@@ -83,19 +83,22 @@ st.caption(f"Scan of {result.config.get('images', '?')} defense-pool images, at 
 top = result.most_suspicious
 verdict = result.verdict(classes)
 getattr(st, verdict.kind)(f"**Verdict: {verdict.title}.** {verdict.sentence}")
-known_share = (float(suspect.trigger.footprint().float().mean())
-               if suspect.trigger is not None and suspect.trigger.name != "recovered" else None)
+# a sample-specific trigger (input-aware) is compared with each scan image's own footprint
+own_x = scan_images(suspect, config) if known is not None and known.sample_specific else None
+known_share = known_footprint_share(known, own_x) if known is not None else None
 known_attack = attack_name(known)
 scope = scope_note(verdict.level, known_share, (known_attack or known.name) if known is not None else None,
                    attack=known_attack)
 if scope:
     st.info(scope, icon=":material/center_focus_weak:")
 if known is not None and known.mapping == "all-to-one":
-    ov = trigger_overlap(result.masks[known.target], known.footprint().numpy())
+    ov = known_trigger_overlap(result.masks[known.target], known, own_x)
     hit = "flagged" if known.target in result.flagged else "**not** flagged"
+    own = (f"each of {ov['per_image']} scan images' own trigger pixels (this trigger differs per image; means over "
+           "them), which are" if "per_image" in ov else "the known trigger's pixels, which are")
     st.markdown(f"Known attack: **{known.name}**, target class {known.target} ({classes[known.target]}), {hit}. "
-                f"Its recovered mask puts **{100 * ov['mass_on_trigger']:.0f}%** of its mass on the known trigger's "
-                f"pixels, which are {100 * ov['footprint_share']:.1f}% of the image (IoU of the mask's peak with "
+                f"Its recovered mask puts **{100 * ov['mass_on_trigger']:.0f}%** of its mass on {own} "
+                f"{100 * ov['footprint_share']:.1f}% of the image (IoU of the mask's peak with "
                 f"them: {ov['iou']:.2f}); on their left-right mirror image (learnt through flip augmentation) "
                 f"**{100 * ov['mass_on_mirror']:.0f}%** (IoU {ov['iou_mirror']:.2f}); closer: {ov['closer']}.")
 
@@ -161,8 +164,12 @@ if known is not None:
     st.subheader("The known trigger, for comparison")
     x0 = suspect.defense_pool.images(np.arange(1))
     c1, c2, c3 = st.columns([1, 1, 3])
-    c1.image(footprint_tile(known.footprint().numpy(), scale=3), caption="known trigger's footprint: the pixels it "
-             "changes in red")
+    if known.sample_specific:  # the pool image's own trigger pixels, drawn on it
+        c1.image(footprint_tile(known.footprints(x0)[0].numpy(), image=x0[0].numpy(), scale=3),
+                 caption="this pool image's own trigger pixels in red (the trigger differs per image)")
+    else:
+        c1.image(footprint_tile(known.footprint().numpy(), scale=3), caption="known trigger's footprint: the pixels "
+                 "it changes in red")
     c2.image(framed(to_display(known(x0)[0], 3) if x0.shape[1] == 3 else
                     np.repeat(to_display(known(x0)[0], 3)[..., None], 3, axis=2), 12),
              caption=f"a pool image with the known {known.name} trigger")

@@ -78,6 +78,11 @@ if method == "ScoreCAM" and n > 16:
 
 res, smp = cached_gradcam(ref, trigger_ref, n, layer, method, target_kind)
 classes = suspect.classes
+OWN = " (each image's own trigger pixels)" if res.sample_specific else ""
+if res.sample_specific:
+    st.caption(f"This trigger ({trigger.name}) puts its pixels somewhere else on every image, so every share below is "
+               "measured on **that image's own trigger pixels** and chance is the mean of their shares of the image; "
+               "the outlines are under *Trigger footprint*.")
 
 m1, m2, m3 = st.columns(3)
 if res.whole_image:
@@ -97,12 +102,13 @@ if res.whole_image:
               help="the share a map spread evenly over the image would put on them (chance level)")
 else:
     m1.metric("Trigger-attention share, clean inputs", f"{100 * res.mean_clean_share:.1f}%",
-              help="mean over images of sum(map on trigger footprint) / sum(map)")
+              help=f"mean over images of sum(map on trigger footprint{OWN}) / sum(map)")
     m2.metric("Trigger-attention share, triggered inputs", f"{100 * res.mean_triggered_share:.1f}%",
               delta=delta_points(res.mean_clean_share, res.mean_triggered_share, "vs. clean"),
               delta_color=delta_color("trigger_share"), help=SHARE_COLOUR)
     m3.metric("Footprint share of the image", f"{100 * res.footprint_fraction:.1f}%",
-              help="the share a map spread evenly over the image would put on the trigger (chance level)")
+              help="the share a map spread evenly over the image would put on the trigger (chance level)"
+                   + ("; the mean over images of each image's own trigger's share" if res.sample_specific else ""))
 
 st.subheader("Clean | triggered, side by side")
 per_row = 4
@@ -155,5 +161,15 @@ if rows is not None:
                      caption=f"share {100 * (r.mean_triggered_strong_share if res.whole_image else r.mean_triggered_share):.1f}%")
 
 with st.expander("Trigger footprint"):
+    if res.sample_specific:  # each image's own outline, drawn on it
+        k = min(per_row * 2, len(smp))
+        cols = st.columns(k)
+        for j in range(k):
+            cols[j].image(footprint_tile(res.footprints[j], image=smp.clean[j].numpy(), scale=4), width="stretch",
+                          caption=f"image {j + 1}: {100 * res.footprints[j].mean():.1f}%")
+        st.caption("Each image's own trigger pixels (red) on the image: the trigger differs per image, and each "
+                   "map's share is measured on its own image's pixels. Below: where any of the "
+                   f"{len(smp)} images' triggers lie ({100 * np.mean(res.footprint):.1f}% of the image).")
     st.image(footprint_tile(np.asarray(res.footprint, dtype=bool), scale=6),
-             caption="pixels the trigger changes (red)")
+             caption="pixels the trigger changes (red)" + (" on any image of the sample" if res.sample_specific
+                                                           else ""))
