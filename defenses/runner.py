@@ -185,6 +185,8 @@ def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: d
         f"{after.n_clean} random images of the test split"
     seconds = time.time() - t0
     repaired = repaired.cpu().to(memory_format=torch.contiguous_format)
+    for q in repaired.parameters():  # a defense may have frozen weights (NPD, ANP): the result is a plain model
+        q.requires_grad_(True)
     report = DefenseRun({
         "defense": name,
         "title": defense.title,

@@ -245,7 +245,9 @@ def retune(model: nn.Module, data: RetuneSet, params: StressParams, device: torc
     mode = augment or params.augment
     if mode == "auto":
         raise ValueError("retune: resolve augment='auto' against the suspect first (resolve_augment)")
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    for q in model.parameters():  # all weights are re-tuned, whatever a defense left frozen
+        q.requires_grad_(True)
+    trainable = list(model.parameters())
     opt = torch.optim.SGD(trainable, lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay)
     gen = torch.Generator().manual_seed(int(seed))
     clean = ~data.poisoned

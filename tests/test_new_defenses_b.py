@@ -100,6 +100,7 @@ def test_npd_trains_the_polarizer_folds_it_and_the_repaired_model_saves_and_load
     assert a["polarizer_distance_from_identity"] > 0  # it trained (the warm-up BN statistics alone move it)
     repaired = report.suspect.model
     assert repaired.state_dict().keys() == badnets.model.state_dict().keys()  # the architecture is unchanged
+    assert all(q.requires_grad for q in repaired.parameters())  # NPD freezes them; the result is a plain model
     folder = suspects.save(report.suspect, tmp_path / "npd")
     loaded = suspects.load(folder)
     x = badnets.defense_pool.images(torch.arange(16))

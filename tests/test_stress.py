@@ -116,6 +116,26 @@ def test_retune_set_replaces_clean_images_with_poisoned_ones(badnets):
         retune_set(pool, badnets.trigger, 1000)
 
 
+def test_retune_trains_every_weight_even_of_a_model_left_frozen(badnets):
+    """A defense may leave its weights frozen (NPD froze them all: the stress test then had nothing to optimise);
+    the protocol re-tunes all weights, and a run's repaired model is a plain trainable model."""
+    import copy
+
+    from defenses.runner import defense_pool
+    from defenses.stress import retune, stress_params
+
+    pool = defense_pool(badnets, 64, val_fraction=0.0)
+    data = retune_set(pool, badnets.trigger, 2, seed=0)
+    model = copy.deepcopy(badnets.model)
+    for q in model.parameters():
+        q.requires_grad_(False)
+    before = [q.detach().clone() for q in model.parameters()]
+    params = stress_params("official", {"epochs": 1, "batch_size": 32, "augment": "none"})
+    retune(model, data, params, torch.device("cpu"), seed=0)
+    changed = [not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)]
+    assert sum(changed) > len(changed) // 2
+
+
 def test_unrepaired_badnets_is_not_repaired_with_spread_over_seeds(badnets):
     """The backdoored suspect was never repaired (ASR before re-tuning ~1.0); the clean model re-tuned on the same
     sets does not acquire the backdoor from 5 poisoned samples; three seeds give a spread."""
