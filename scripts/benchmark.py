@@ -252,8 +252,10 @@ def store_rows(store, attacks=ATTACKS):
                 continue
             versions = preset_versions(store, table)
             current = on_current_weights(table, card)
+            machines = [machine_text((store.report(r) or {}).get("machine")) for r in table["run_id"]]
             frames.append(table.assign(
                 attack=attack_of(card, attack), suspect=ref, ba_drop=table["ba_before"] - table["ba"],
+                machine=machines,
                 preset_version=versions, current_weights=current,
                 fingerprint=current.map({True: ref_fingerprint(ref) or "", False: ""}),
                 current_preset=on_current_presets(store, table, versions)))
@@ -340,7 +342,7 @@ def collect(store, attacks=ATTACKS):
 # the per-run CSV beside the document: what ``write`` regenerates the document from when no store is at hand
 CSV_COLUMNS = ["attack", "defense", "preset", "overrides", "seed", "ba_before", "ba", "ba_drop", "asr_before", "asr",
                "ra", "der", "seconds", "failed", "device", "clean_images", "held_out", "date", "run_id", "suspect",
-               "preset_version", "fingerprint"]
+               "preset_version", "fingerprint", "machine"]
 """``fingerprint``: the weights the run repaired (:func:`suspects.identity.fingerprint`), for runs on the suspect's
 current weights (the rows the document counts); tests/test_pages.py checks each is a current test suspect's."""
 CSV_TOLERANCE = 6e-5  # the CSV keeps 4 decimals: a before-metric within this of the card's is the card's
@@ -369,8 +371,8 @@ def csv_rows(csv_path: Path):
             ok &= rows.loc[sel, "fingerprint"].fillna("") == (ref_fingerprint(ref) or "")
         keep[sel] = ok
     rows["current_weights"] = keep
-    if "fingerprint" not in rows:
-        rows["fingerprint"] = ""
+    for column in ("fingerprint", "machine"):
+        rows[column] = rows[column].fillna("").astype(str) if column in rows else ""
     rows["preset_version"] = rows["preset_version"].fillna("").astype(str) if "preset_version" in rows else ""
     rows["current_preset"] = [bool(v) and v == preset_version(d, p, o) for v, d, p, o in
                               zip(rows["preset_version"], rows["defense"], rows["preset"], rows["overrides"],
@@ -543,6 +545,46 @@ HEADER = ("# Defense benchmarks on the demo suspects", "",
           "`python scripts/benchmark.py run`); do not edit by hand.")
 
 
+def machine_text(info: dict | None) -> str:
+    """One line for the machine a run ran on (:func:`suspects.device.machine_info` as the run recorded it); empty
+    for a run made before runs recorded it."""
+    if not isinstance(info, dict) or not info:
+        return ""
+    parts = [str(info.get("cpu") or "unknown CPU")]
+    if info.get("cpu_capability"):
+        parts.append(str(info["cpu_capability"]))
+    if info.get("gpu"):
+        parts.append(f"GPU {info['gpu']} (CUDA {info.get('cuda')})")
+    parts.append(f"torch {info.get('torch', '?')} ({info.get('blas', '?')})")
+    parts.append(f"{info.get('threads', '?')} threads")
+    if info.get("deterministic"):
+        parts.append("deterministic kernels")
+    return ", ".join(parts)
+
+
+# what the same command and seed gave on a second machine, where one was measured (issue 28.5, the reporter's runs)
+SECOND_MACHINE = ("The same cell on a second machine: `backdoor-lens defend sau assets/demo/suspects/blended --preset "
+                  "quick` (seed 0) gave ASR 0.141 on another 2-core machine (69 s) where this store has 0.005 (110 s); "
+                  "BadNets reproduced (0.039 vs. 0.043), as reported in issue 28 (the reporter's runs, not ours). No "
+                  "other cell has been measured on a second machine. On one machine a run repeats exactly at the same "
+                  "thread count (`BACKDOOR_LENS_THREADS`); deterministic kernels change nothing on the CPU "
+                  "(`suspects.device.deterministic`), so no switch makes two machines agree.")
+
+
+def machines_text(runs) -> str:
+    """Which machines the counted runs ran on (from the runs' records), and what is known across machines."""
+    if runs is None or "machine" not in runs:
+        return SECOND_MACHINE
+    counts = runs["machine"].fillna("").astype(str).value_counts()
+    named = [f"{m} ({n} runs)" for m, n in counts.items() if m]
+    unknown = int(counts.get("", 0))
+    text = "Machines: " + "; ".join(named) if named else "Machines"
+    if unknown:
+        text += (("; " if named else ": ") + f"{unknown} runs made before runs recorded their machine (the "
+                 "project's 2-core CPU, `device` column)")
+    return text + ". " + SECOND_MACHINE
+
+
 def setting_text(runs) -> str:
     """The setting line, from the current demo cards and the runs' pools (never typed by hand)."""
     cards = [current_card(a) for a in ATTACKS]
@@ -662,7 +704,7 @@ def render(results, csv_name: str, runs=None, references: dict | None = None) ->
            "and a lower mean ASR; a row whose defense gave up at every seed, returning the suspect unchanged, is "
            "left out). *Published* numbers are on another setting (CIFAR-10, full-width ResNets): read "
            "them as what the method achieves where it was designed, not as a target for these models.", "",
-           stats_legend(), ""]
+           stats_legend(), "", machines_text(runs), ""]
     out += ["## Goals (checked on the numbers below)", "", *goal_lines(results), ""]
     for attack, (before, g) in results.items():
         front = _front(g)

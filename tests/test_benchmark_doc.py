@@ -52,6 +52,14 @@ def test_grid_runs_once_and_the_document_comes_from_the_store(tmp_path):
     ft = published_for("finetune", "badnets")[0]
     assert f"{ft.ba:.3f} / {ft.asr:.3f} [README]" in cells[12]  # the published number, tagged, beside ours
     assert "## Goals" in text and "badnets" in text
+    # every run names the machine it ran on and the weights it repaired; the document says which machines
+    from suspects.device import machine_info
+    from suspects.identity import ref_fingerprint
+
+    csv = pd.read_csv(doc.with_name("bench-runs.csv"), dtype=str, keep_default_na=False)
+    assert set(csv["fingerprint"]) == {ref_fingerprint("demo:badnets")}
+    assert set(csv["machine"]) == {bench.machine_text(machine_info("cpu"))}
+    assert f"Machines: {bench.machine_text(machine_info('cpu'))} (2 runs)" in text and "second machine" in text
     # the table starts with the clean suspect measured under the attack's trigger: its BA is the clean card's
     header = text.splitlines().index(next(x for x in text.splitlines() if x.startswith("| defense |")))
     reference = [c.strip() for c in text.splitlines()[header + 2].strip("|").split("|")]
