@@ -439,12 +439,21 @@ SAMPLE_SPECIFIC_TRIGGERS: dict[str, str] = {
 
 
 def scope_note(level: str, footprint_share: float | None = None, trigger_name: str | None = None,
-               attack: str | None = None) -> str:
+               attack: str | None = None, mapping: str = "all-to-one") -> str:
     """What Neural Cleanse cannot find, said beside a verdict that found nothing (``level`` ``clean``, "nothing
     stands out") or beside any verdict on a model whose known trigger changes the whole image (``footprint_share``
     of the pixels above :data:`FULL_IMAGE_SHARE`); empty otherwise. ``trigger_name``: the known attack's name.
     ``attack``: the known trigger's registered attack (``suspects.stored_trigger.attack_name``); a sample-specific
-    one (:data:`SAMPLE_SPECIFIC_TRIGGERS`) gets its own note beside every verdict."""
+    one (:data:`SAMPLE_SPECIFIC_TRIGGERS`) gets its own note beside every verdict. ``mapping``: the known trigger's
+    label mapping; an all-to-all backdoor (class y to (y + 1) mod K) has no single target class, which the method
+    assumes, so it gets a note beside every verdict."""
+    if mapping == "all-to-all":
+        name = f" ({trigger_name or attack})" if (trigger_name or attack) else ""
+        return (f"The known attack{name} is all-to-all: its trigger sends each class y to class (y + 1) mod K, so "
+                "no single class is reached from every other class. Neural Cleanse looks for one target class that "
+                "a small patch reaches from all the others, so this verdict says nothing about this backdoor "
+                "(a flagged class is not its target: it has none). Screen inputs (STRIP, SCALE-UP, IBD-PSC) and the "
+                "views of the known trigger apply instead.")
     if attack in SAMPLE_SPECIFIC_TRIGGERS:
         what = f"The known attack ({attack}) has a sample-specific trigger: {SAMPLE_SPECIFIC_TRIGGERS[attack]}. "
         if level == "flagged":

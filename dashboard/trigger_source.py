@@ -32,7 +32,8 @@ def trigger_sources(ref: str, suspect: suspects.Suspect) -> dict[str, str]:
         if (spec and card.get("data") == suspect.card.get("data")
                 and list(card.get("input_shape", [])) == list(suspect.input_shape)
                 and len(card.get("classes", [])) == suspect.num_classes):
-            out[other] = f"{name} (demo): {spec.get('name')}, target class {spec.get('target', 0)}"
+            out[other] = f"{name} (demo): {spec.get('name')}, " + (
+                "all-to-all" if spec.get("mapping") == "all-to-all" else f"target class {spec.get('target', 0)}")
     return out
 
 

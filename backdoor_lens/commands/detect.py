@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     out["known_attack"] = attack_name(known)
     out["scope_note"] = scope_note(verdict.level, known_share,
                                    (out["known_attack"] or known.name) if known_share is not None else None,
-                                   attack=out["known_attack"])
+                                   attack=out["known_attack"],
+                                   mapping=known.mapping if known is not None else "all-to-one")
     if known is not None and known.name != "recovered" and known.mapping == "all-to-one":
         out["known_target"] = known.target
         out["known_target_flagged"] = known.target in result.flagged

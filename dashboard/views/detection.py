@@ -13,7 +13,14 @@ from analysis.figures import (
     mask_norm_figure,
     mask_pattern_tile,
 )
-from analysis.reverse import ScanConfig, known_footprint_share, known_trigger_overlap, scan_images, scope_note
+from analysis.reverse import (
+    FULL_IMAGE_SHARE,
+    ScanConfig,
+    known_footprint_share,
+    known_trigger_overlap,
+    scan_images,
+    scope_note,
+)
 from dashboard.common import (
     StreamlitProgress,
     load_suspect,
@@ -88,7 +95,7 @@ own_x = scan_images(suspect, config) if known is not None and known.sample_speci
 known_share = known_footprint_share(known, own_x) if known is not None else None
 known_attack = attack_name(known)
 scope = scope_note(verdict.level, known_share, (known_attack or known.name) if known is not None else None,
-                   attack=known_attack)
+                   attack=known_attack, mapping=known.mapping if known is not None else "all-to-one")
 if scope:
     st.info(scope, icon=":material/center_focus_weak:")
 if known is not None and known.mapping == "all-to-one":
@@ -100,7 +107,14 @@ if known is not None and known.mapping == "all-to-one":
                 f"Its recovered mask puts **{100 * ov['mass_on_trigger']:.0f}%** of its mass on {own} "
                 f"{100 * ov['footprint_share']:.1f}% of the image (IoU of the mask's peak with "
                 f"them: {ov['iou']:.2f}); on their left-right mirror image (learnt through flip augmentation) "
-                f"**{100 * ov['mass_on_mirror']:.0f}%** (IoU {ov['iou_mirror']:.2f}); closer: {ov['closer']}.")
+                f"**{100 * ov['mass_on_mirror']:.0f}%** (IoU {ov['iou_mirror']:.2f}); closer: {ov['closer']}."
+                + (f" The trigger changes {100 * ov['footprint_share']:.0f}% of the image, so any mask lies mostly "
+                   "on its pixels: these shares say nothing here." if ov["footprint_share"] > FULL_IMAGE_SHARE
+                   else ""))
+elif known is not None:  # all-to-all: no single target class whose recovered mask could be compared
+    st.markdown(f"Known attack: **{known.name}**, all-to-all: each class y goes to class (y + 1) mod "
+                f"{suspect.num_classes}, so there is no single target class whose recovered mask could be compared "
+                "with the known trigger.")
 
 # the reference a user compares against: the same scan of the clean demo model (issue 13.5)
 reference = None

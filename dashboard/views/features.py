@@ -37,6 +37,7 @@ st.markdown(
 
 picked = pick_trigger(ref, suspect, "emb_trigger_from")
 trigger_ref = picked[0] if picked is not None else None
+all_to_all = picked is not None and picked[1] is not None and picked[1].mapping == "all-to-all"
 if picked is None:
     st.info("No trigger is known for this suspect (and no demo suspect's trigger fits its data), so only **clean** "
             "points are shown: triggered copies need a trigger to stamp, and the poisoned training samples a known "
@@ -88,6 +89,9 @@ if sep["n_poisoned"]:
              help="the same score on the penultimate features themselves")
     m.caption(f"Chance level {sep['chance']:.2f} (the poisoned share of all points). Poisoned = triggered test "
               "images and poisoned training samples.")
+    if all_to_all:
+        m.caption(f"All-to-all attack: a triggered image of class y goes to class (y + 1) mod {suspect.num_classes}, "
+                  "so poisoned points may gather beside every class rather than in one cluster at one target.")
     if trigger_ref not in (None, ref):
         m.caption("No poisoned training samples: they belong to a suspect's own attack, and this model was not "
                   "trained on the chosen trigger's.")

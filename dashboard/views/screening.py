@@ -79,8 +79,11 @@ else:
                 f"{result.seconds_calibration:.1f} s")
     g1, g2 = st.columns(2)
     g1.plotly_chart(screening_histogram_figure(result), key="scr_hist")
+    all_to_all = suspect.trigger is not None and suspect.trigger.mapping == "all-to-all"
     g1.caption("Score histograms: grey, the clean pool that set the threshold; blue, clean test images; red, "
-               "triggered copies of test images (all-to-one: target-class images left out, as for the ASR).")
+               "triggered copies of test images (" + ("all-to-all: every class, as for the ASR" if all_to_all else
+                                                      "all-to-one: target-class images left out, as for the ASR")
+               + ").")
     if result.auroc is None:
         g2.info("No trigger known for this suspect: adopt one on the Detection page to measure AUROC and TPR.")
     else:

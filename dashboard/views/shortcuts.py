@@ -74,8 +74,11 @@ if res is None:
     bar.done()
 
 st.plotly_chart(ablation_figure({suspect.name: res}), key="ablation_curves")
-st.caption(f"{res.n_clean} clean and {res.n_triggered} triggered test images (all-to-one: the target class is "
-           "excluded from the triggered set). γ = 1 is the unmodified model; the x axis runs from 1 down to 0.")
+st.caption(f"{res.n_clean} clean and {res.n_triggered} triggered test images ("
+           + ("all-to-one: the target class is excluded from the triggered set" if trigger.mapping == "all-to-one"
+              else f"all-to-all: every class is triggered and counts as a success at class (y + 1) mod "
+                   f"{suspect.num_classes}")
+           + "). γ = 1 is the unmodified model; the x axis runs from 1 down to 0.")
 
 c1, c2 = st.columns([1, 2])
 c1.metric("Critical block", res.critical_block or "none", help="argmax over blocks of max_i (ASR(γ_i) − ASR(γ_{i−1})) "
