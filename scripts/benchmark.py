@@ -40,8 +40,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 from runs.compare import mean_sd_text  # noqa: E402 - after the path set-up above
 from suspects.identity import ref_fingerprint  # noqa: E402
+from suspects.zoo import default_zoo  # noqa: E402
 
-ATTACKS = ("badnets", "blended", "sig", "wanet")
+# the benchmark's attacks: those of the suspect zoo's manifest (assets/zoo.json), whose test suspects make a cell
+ATTACKS = tuple(a for a in default_zoo().manifest["attacks"] if a != "clean")
 DOC = Path("docs/defense-benchmarks.md")
 # defenses whose ``quick`` preset was chosen on the development split over seeds 0-2 (their docstrings give the
 # numbers); the others' rows are marked until they are re-derived (issue 13)

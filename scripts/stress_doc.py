@@ -39,13 +39,16 @@ IN_PAPER = ("finetune", "anp", "sau", "fst", "btidbf")
 
 
 def grid() -> tuple[list[str], list[str]]:
-    """(post-training defenses in registry order, demo attacks)."""
+    """(post-training defenses in registry order, the benchmark's attacks: the zoo manifest's, each with a demo
+    bundle suspect)."""
     from defenses import get_defense
     from defenses.registry import list_defenses
     from suspects.store import list_demo_suspects
+    from suspects.zoo import default_zoo
 
     defenses = [d for d in list_defenses() if not get_defense(d).threat.poisoned_training_set]
-    attacks = [a for a in list_demo_suspects() if a != "clean"]
+    bundle = set(list_demo_suspects())
+    attacks = [a for a in default_zoo().manifest["attacks"] if a != "clean" and a in bundle]
     return defenses, attacks
 
 
