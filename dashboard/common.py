@@ -26,10 +26,11 @@ from suspects.data import DatasetNotFoundError, list_sources
 from suspects.device import apply_cpu_threads, describe_device, pick_device, prepare_model
 from suspects.models import list_models
 from suspects.store import DEMO_SUSPECTS, SuspectLoadError, list_demo_suspects
-from suspects.triggers import list_triggers
+from suspects.triggers import MAPPINGS, list_triggers
 
 DEFAULT_SUSPECT = "demo:badnets"
 UPLOAD_LIMIT_MB = uploads.UPLOAD_LIMIT_MB
+MAPPING_LABELS = {"all-to-one": "all-to-one (one target class)", "all-to-all": "all-to-all (y → y + 1 mod K)"}
 
 # the dashboard computes with one CPU thread; its background worker takes the other cores (issue 12.4)
 apply_cpu_threads("ui")
@@ -202,8 +203,14 @@ def _upload_form() -> None:
                                    "for one")
         trigger = None
         if attack != unknown:
-            target = st.number_input("Target class", 0, 999, 0, key="upload_target")
-            trigger = {"name": attack, "target": int(target), "mapping": "all-to-one", "params": {}}
+            mapping = st.radio("Label mapping", MAPPINGS, key="upload_mapping", horizontal=True,
+                               format_func=MAPPING_LABELS.get,
+                               help="all-to-one: every triggered input goes to one target class; all-to-all: a "
+                                    "triggered input of class y goes to class (y + 1) mod K (clean-label attacks "
+                                    "such as SIG are all-to-one only)")
+            target = (st.number_input("Target class", 0, 999, 0, key="upload_target")
+                      if mapping == "all-to-one" else 0)
+            trigger = {"name": attack, "target": int(target), "mapping": mapping, "params": {}}
         if file is not None and st.button("Load checkpoint", key="upload_go"):
             if upload_checkpoint(file.getvalue(), file.name, arch, data, width, normalize.strip() or None, trigger):
                 st.rerun()

@@ -32,11 +32,11 @@ from suspects.device import (
     prepare_model,
 )
 from suspects.metrics import (
-    DEFINITIONS,
     Metrics,
     der,
     evaluate,
     evaluate_subset,
+    metric_definitions,
     stamp_metrics,
     stored_metrics,
     wilson_interval,
@@ -212,7 +212,7 @@ def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: d
         "curves": out.curves,
         "files": (sorted(p.name for p in artifacts.iterdir() if p.is_file())
                   if artifacts is not None and artifacts.is_dir() else []),
-        "metric_definitions": DEFINITIONS,
+        "metric_definitions": metric_definitions(trigger),  # ASR / RA for its label mapping
         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     })
     card = copy.deepcopy(suspect.card)

@@ -19,8 +19,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -35,9 +36,10 @@ from analysis.figures import ablation_figure, activations_figure, embedding_figu
 from analysis.gradcam import GradCamComparison, compare_gradcam, default_target_layer
 from analysis.samples import PairedSample, paired_sample
 from analysis.shortcuts import AblationResult, NoSkipConnectionsError, ablation_curves
-from suspects.metrics import DEFINITIONS
+from suspects.metrics import DEFINITIONS, metric_definitions
 from suspects.models import list_residual_blocks
 from suspects.store import Suspect
+from suspects.triggers import Trigger
 
 from .identity import runs_of, same_model
 from .stats import (
@@ -54,7 +56,7 @@ from .store import RunRecord, RunStore
 from .stress import load_stress
 
 __all__ = [
-    "COLUMNS", "COLUMN_DEFINITIONS", "METRICS", "METRIC_LABELS", "PARTS", "PART_TITLES", "same_suspect", "runs_table",
+    "COLUMNS", "COLUMN_DEFINITIONS", "column_definitions", "METRICS", "METRIC_LABELS", "PARTS", "PART_TITLES", "same_suspect", "runs_table",
     "pareto_front", "filter_runs", "table_records", "table_csv", "table_json", "format_table", "run_label",
     "best_run", "tradeoff_figure", "metric_bars_figure", "Embedding", "with_model", "embed_features", "activation_summary",
     "ablation_curves", "gradcam_grid", "activations_figure", "embedding_figure", "ablation_figure", "SideBySide",
@@ -97,6 +99,16 @@ COLUMN_DEFINITIONS = {
     "run_dir": "the run's folder (the repaired model, its card and report)",
     "sweep": "the sweep that made the run (`backdoor-lens sweep`), if any",
 }
+
+
+def column_definitions(trigger: Trigger | Mapping[str, Any] | None = None) -> dict[str, str]:
+    """:data:`COLUMN_DEFINITIONS` with ASR / RA stated for the suspect's ``trigger`` (a Trigger, its spec or None:
+    :func:`suspects.metrics.metric_definitions`)."""
+    if trigger is None:
+        return dict(COLUMN_DEFINITIONS)
+    defs = metric_definitions(trigger)
+    return {**COLUMN_DEFINITIONS, "asr": "ASR after the defense; " + defs["asr"],
+            "ra": "RA after the defense; " + defs["ra"]}
 PARTS = ("gradcam", "activations", "features", "ablation")
 PART_TITLES = {"gradcam": "Grad-CAM", "activations": "Activation statistics", "features": "Feature space",
                "ablation": "Skip ablation"}
@@ -210,13 +222,14 @@ def table_csv(table: pd.DataFrame) -> str:
     return table.to_csv(index=False)
 
 
-def table_json(table: pd.DataFrame, suspect: str) -> str:
+def table_json(table: pd.DataFrame, suspect: str, trigger: Trigger | Mapping[str, Any] | None = None) -> str:
     """``{"suspect", "definitions", "runs", "groups", "group_definitions"}``: the rows with every column's definition,
     and the runs grouped by (defense, preset, overrides) with ``ba_mean``, ``ba_sd``, ``asr_median``, ``asr_min``,
     ``asr_max``, ``asr_ci_low``, ``successes``, ``n_judged``, ``split``, ``pareto``, ``near_front``, ``n_seeds``...
-    (:func:`group_runs`), each column defined in ``group_definitions``."""
+    (:func:`group_runs`), each column defined in ``group_definitions``; ASR / RA defined for ``trigger``'s mapping."""
+    col_defs = column_definitions(trigger)
     return json.dumps({"suspect": suspect,
-                       "definitions": {c: COLUMN_DEFINITIONS[c] for c in table.columns if c in COLUMN_DEFINITIONS},
+                       "definitions": {c: col_defs[c] for c in table.columns if c in col_defs},
                        "runs": table_records(table),
                        "groups": groups_records(group_runs(table)),
                        "group_definitions": GROUP_DEFINITIONS}, indent=2)
@@ -225,9 +238,11 @@ def table_json(table: pd.DataFrame, suspect: str) -> str:
 MADE_THIS = "the run that made the model under analysis"
 
 
-def format_table(table: pd.DataFrame, highlight: str | None = None) -> str:
+def format_table(table: pd.DataFrame, highlight: str | None = None,
+                 trigger: Trigger | Mapping[str, Any] | None = None) -> str:
     """A fixed-width text table of the main columns (the Pareto front marked with *), then the definitions.
-    ``highlight``: a run id marked ``->`` (the run that made the repaired model under analysis)."""
+    ``highlight``: a run id marked ``->`` (the run that made the repaired model under analysis); ``trigger``: the
+    suspect's (ASR / RA are defined for its label mapping)."""
     cols = ["run_id", "defense", "preset", "overrides", "ba", "asr", "ra", "der", "asr_after_retune", "seconds", "device",
             "clean_images", "date"]
     show = table[cols].copy()
@@ -249,8 +264,9 @@ def format_table(table: pd.DataFrame, highlight: str | None = None) -> str:
     lines.append("* on the Pareto front: " + COLUMN_DEFINITIONS["pareto"].split(": ", 1)[1])
     if failed.any():
         lines.append("x failed: " + COLUMN_DEFINITIONS["failed"])
+    defs = metric_definitions(trigger)
     for key, label in (("ba", "BA"), ("asr", "ASR"), ("ra", "RA"), ("der", "DER")):
-        lines.append(f"{label}: {DEFINITIONS[key]}")
+        lines.append(f"{label}: {defs[key]}")
     lines.append("clean data: " + COLUMN_DEFINITIONS["clean_images"] + "; " + COLUMN_DEFINITIONS["held_out"])
     lines.append("ASR re-tuned: " + COLUMN_DEFINITIONS["asr_after_retune"].split(": ", 1)[1])
     return "\n".join(lines)

@@ -31,7 +31,7 @@ from plotly.offline import get_plotlyjs
 import suspects
 from analysis.figures import ablation_figure, activations_figure, embedding_figure, gradcam_grid
 from suspects.atomic import write_text
-from suspects.metrics import DEFINITIONS
+from suspects.metrics import metric_definitions
 from suspects.store import Suspect
 
 from .compare import (
@@ -43,6 +43,7 @@ from .compare import (
     PARTS,
     SideBySide,
     best_run,
+    column_definitions,
     group_runs,
     groups_display,
     metric_bars_figure,
@@ -165,10 +166,12 @@ def _fig(fig: go.Figure) -> str:
     return pio.to_html(fig, full_html=False, include_plotlyjs=False, config={"displaylogo": False})
 
 
-def _table_html(table: pd.DataFrame, highlight: str | None = None) -> str:
-    """The run table; ``highlight``: a run id whose row is marked (the run that made the model under analysis)."""
+def _table_html(table: pd.DataFrame, highlight: str | None = None, defs: dict[str, str] | None = None) -> str:
+    """The run table; ``highlight``: a run id whose row is marked (the run that made the model under analysis);
+    ``defs``: the column definitions shown on hover (:func:`runs.compare.column_definitions`)."""
+    defs = COLUMN_DEFINITIONS if defs is None else defs
     cols = [c for c in table.columns if c != "run_dir"]
-    head = "".join(f'<th title="{_e(COLUMN_DEFINITIONS.get(c, ""))}">{_e(c)}</th>' for c in cols)
+    head = "".join(f'<th title="{_e(defs.get(c, ""))}">{_e(c)}</th>' for c in cols)
     rows = []
     for _, r in table.iterrows():
         cells = "".join(
@@ -198,8 +201,9 @@ def _groups_html(table: pd.DataFrame) -> str:
             f"split.</p><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>{defs}")
 
 
-def _definitions_html(keys: Sequence[str]) -> str:
-    return "<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{_e(COLUMN_DEFINITIONS[k])}</dd>" for k in keys) + "</dl>"
+def _definitions_html(keys: Sequence[str], defs: dict[str, str] | None = None) -> str:
+    defs = COLUMN_DEFINITIONS if defs is None else defs
+    return "<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{_e(defs[k])}</dd>" for k in keys) + "</dl>"
 
 
 def _card_html(suspect: Suspect, ref: str) -> str:
@@ -325,6 +329,7 @@ def html_report(suspect_ref: str, store: RunStore | None = None, runs: Sequence[
     title = f"Backdoor Lens report: {here.name}"
     name = short_ref(suspect_ref, store, here)
     made = fam.made_by.id if base is not here and fam.made_by is not None else None
+    defs, col_defs = metric_definitions(here.trigger), column_definitions(here.trigger)  # ASR / RA per its mapping
     body = [f"<h1>{_e(title)}</h1>",
             f'<p class="muted">Generated {_e(now)} by backdoor-lens {_e(suspects.__version__)} from the run store '
             f"{_e(store.root)}.</p>", "<h2>Suspect</h2>", _card_html(here, name)]
@@ -333,7 +338,7 @@ def html_report(suspect_ref: str, store: RunStore | None = None, runs: Sequence[
                     "below are its parent's (its siblings; the highlighted row is the run that made it), and the "
                     "side by side compares the parent with it.</p>")
     body += [
-            "<h2>Metrics</h2><dl>" + "".join(f"<dt>{_e(METRIC_LABELS[k])}</dt><dd>{_e(DEFINITIONS[k])}</dd>"
+            "<h2>Metrics</h2><dl>" + "".join(f"<dt>{_e(METRIC_LABELS[k])}</dt><dd>{_e(defs[k])}</dd>"
                                              for k in ("ba", "asr", "ra", "der")) + "</dl>",
             f"<h2>{'Runs of its parent' if made else 'Stored runs'} ({len(table)})</h2>"]
     if table.empty:
@@ -341,9 +346,9 @@ def html_report(suspect_ref: str, store: RunStore | None = None, runs: Sequence[
                     "(`backdoor-lens defend DEFENSE SUSPECT` or the Defenses page adds one).</p>")
     else:
         body += ['<p class="muted">Every finished defense run of this suspect, newest first; green rows are on the '
-                 "Pareto front. Hover a column name for its definition.</p>", _table_html(table, made),
+                 "Pareto front. Hover a column name for its definition.</p>", _table_html(table, made, col_defs),
                  "<details><summary>Column definitions</summary>"
-                 + _definitions_html([c for c in table.columns if c in COLUMN_DEFINITIONS]) + "</details>",
+                 + _definitions_html([c for c in table.columns if c in col_defs], col_defs) + "</details>",
                  _groups_html(table),
                  _fig(tradeoff_figure(table)),
                  '<p class="muted">Top left is best. The dashed step line is the Pareto front; the star is the '
@@ -351,7 +356,7 @@ def html_report(suspect_ref: str, store: RunStore | None = None, runs: Sequence[
                  '<p class="muted">Dashed red line: the suspect before the defense.</p>', _stress_html(table)]
     if made is not None:
         body.append(f"<h2>Runs on this repaired model ({len(own)})</h2>")
-        body.append(_table_html(own) if not own.empty else '<p class="note">None yet (`backdoor-lens defend DEFENSE '
+        body.append(_table_html(own, defs=col_defs) if not own.empty else '<p class="note">None yet (`backdoor-lens defend DEFENSE '
                     f"{_e(name)}` adds one).</p>")
     against = ", ".join(list(models)[1:]) or "no run"
     body += [f"<h2>Before / after: the suspect vs. {_e(against)}</h2>",

@@ -18,6 +18,7 @@ from typing import Any
 
 import suspects
 from suspects.store import CARD_FILE, Suspect
+from suspects.triggers import trigger_from_spec
 
 from .store import INDEX_FILE, RunStore, runs_root
 
@@ -65,6 +66,11 @@ def save_upload(raw: bytes, filename: str, arch: str, data: str, arch_kwargs: di
                                 data={"name": data}, arch_kwargs=dict(arch_kwargs or {}),
                                 name=Path(filename).stem, label=filename, normalize=normalize or None,
                                 trigger=trigger)
+    if trigger:  # the attack as the form or flags gave it: refused in one line before anything is saved
+        try:
+            trigger_from_spec(trigger, suspect.input_shape, suspect.num_classes)
+        except (KeyError, TypeError, ValueError) as err:
+            raise suspects.SuspectLoadError(str(err).strip("'\"")) from err
     suspect.card["provenance"] = {"source": "upload", "file": filename,
                                   "sha256_prefix": hashlib.sha256(raw).hexdigest()[:12]}
     folder = suspects.save(suspect, upload_folder(raw, filename, root), overwrite=True)

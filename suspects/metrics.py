@@ -2,7 +2,7 @@
 
 - BA: accuracy on the clean test split.
 - ASR: share of triggered test inputs classified as the attack's label; all-to-one excludes test images
-  whose true class is the target.
+  whose true class is the target; all-to-all counts every test image, class y succeeding at (y + 1) mod K.
 - RA: share of those triggered test inputs classified as their true class.
 - DER: ((max(0, ASR_before - ASR_after) - max(0, BA_before - BA_after)) + 1) / 2.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,18 +23,50 @@ from .data import ImageSet
 from .device import autocast, pick_device, to_device
 from .triggers import Trigger
 
-__all__ = ["Metrics", "DEFINITIONS", "predict", "evaluate", "der", "wilson_interval", "model_fingerprint",
+__all__ = ["Metrics", "DEFINITIONS", "metric_definitions", "asr_rule",
+           "predict", "evaluate", "der", "wilson_interval", "model_fingerprint",
            "data_fingerprint", "stamp_metrics", "stored_metrics", "evaluate_subset"]
 
-DEFINITIONS = {
-    "ba": "benign accuracy: accuracy on the clean test split",
-    "asr": "attack success rate: share of triggered test inputs classified as the attack's label "
-           "(all-to-one: test images of the target class excluded)",
-    "ra": "robust accuracy: share of triggered test inputs (same set as ASR) classified as their true class",
-    "der": "defense effectiveness rating: ((max(0, ASR_before - ASR_after) - max(0, BA_before - BA_after)) + 1) / 2",
-    "n_clean": "number of clean test images behind BA",
-    "n_poisoned": "number of triggered test images behind ASR and RA",
-}
+_ASR = "attack success rate: share of triggered test inputs classified as the attack's label"
+_RA = "robust accuracy: share of triggered test inputs ({}) classified as their true class"
+_ALL_TO_ONE_RULE = "all-to-one: test images of the target class excluded"
+_ALL_TO_ALL_RULE = ("all-to-all: a triggered image of class y counts as a success when classified as (y + 1) mod K{}; "
+                    "every test image counts")
+
+
+def asr_rule(trigger: Trigger | Mapping[str, Any] | None = None, num_classes: int | None = None) -> str:
+    """Which triggered test images count for ASR / RA and what a success is, for ``trigger``'s label mapping.
+
+    ``trigger``: a :class:`Trigger`, its spec dict, or None (unknown: both rules are stated). ``num_classes``
+    fills in K for a spec dict (a Trigger knows its own). The rule is :meth:`Trigger.test_mask` /
+    :meth:`Trigger.target_labels` in words.
+    """
+    if trigger is None:
+        return f"{_ALL_TO_ONE_RULE}; {_ALL_TO_ALL_RULE.format('')}"
+    mapping = trigger.get("mapping", "all-to-one") if isinstance(trigger, Mapping) else trigger.mapping
+    if mapping != "all-to-all":
+        return _ALL_TO_ONE_RULE
+    k = num_classes if isinstance(trigger, Mapping) else getattr(trigger, "num_classes", num_classes)
+    return _ALL_TO_ALL_RULE.format(f" with K = {int(k)}" if k else "")
+
+
+def metric_definitions(trigger: Trigger | Mapping[str, Any] | None = None,
+                       num_classes: int | None = None) -> dict[str, str]:
+    """BA / ASR / RA / DER definitions, with the ASR / RA image set stated for ``trigger``'s mapping
+    (see :func:`asr_rule`; None: a trigger not known, both mappings stated)."""
+    all_to_all = trigger is not None and (trigger.get("mapping") if isinstance(trigger, Mapping)
+                                          else trigger.mapping) == "all-to-all"
+    return {
+        "ba": "benign accuracy: accuracy on the clean test split",
+        "asr": f"{_ASR} ({asr_rule(trigger, num_classes)})",
+        "ra": _RA.format("same set as ASR: every test image" if all_to_all else "same set as ASR"),
+        "der": "defense effectiveness rating: ((max(0, ASR_before - ASR_after) - max(0, BA_before - BA_after)) + 1) / 2",
+        "n_clean": "number of clean test images behind BA",
+        "n_poisoned": "number of triggered test images behind ASR and RA",
+    }
+
+
+DEFINITIONS = metric_definitions(None)  # the mapping not known: both rules; a suspect's pages use metric_definitions
 
 
 @dataclass

@@ -34,7 +34,7 @@ from .device import (
     prepare_model,
     to_device,
 )
-from .metrics import DEFINITIONS, evaluate, stamp_metrics
+from .metrics import evaluate, metric_definitions, stamp_metrics
 from .models import create_model
 from .poison import PoisonedDataset
 from .store import Suspect, library_versions, save
@@ -294,7 +294,7 @@ def train_suspect(cfg: TrainConfig, out_dir: str | Path | None = None, progress:
                     "n_noise": len(dataset.plan.noise_idx), "clean_label": trigger.clean_label}
                    if trigger else None),
         "metrics": stamp_metrics(final, model, test, trigger, "test split (CPU, float32)"),
-        "metric_definitions": DEFINITIONS,
+        "metric_definitions": metric_definitions(trigger),
         "training": {**asdict(cfg), "device": describe_device(device), "seconds": round(time.time() - t0, 1),
                      "history": history},
         "seed": cfg.seed,

@@ -12,6 +12,7 @@ import torch
 
 import suspects
 from analysis.reverse import SAMPLE_SPECIFIC_TRIGGERS
+from suspects.metrics import asr_rule
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 
@@ -115,8 +116,7 @@ def test_every_page_renders_on_the_suspect(name, lens):
     at.button(key="run_ablation").click().run()
     assert not at.exception, at.exception
     assert "Critical block" in [m.label for m in at.metric] and len(at.get("plotly_chart")) == 1
-    assert any(("all-to-all: every class is triggered" if a2a else "all-to-one: the target class") in c.value
-               for c in at.caption)
+    assert any(asr_rule(trig) in c.value for c in at.caption)  # the ASR's own image set and success rule
     said += texts(at)
 
     visit(at, "detection")

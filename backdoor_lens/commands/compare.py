@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     ref = resolve_ref(args.suspect, store)
     suspect, fam = _family(store, ref)
     name = short_ref(ref, store, suspect)
+    trigger = suspect.trigger if suspect is not None else None  # ASR / RA are defined for its label mapping
     table = runs_table(store, records=fam.children) if fam is not None else runs_table(store, ref)
     siblings = runs_table(store, records=fam.siblings) if fam is not None and fam.repaired else None
     if args.defense or args.preset:
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         if siblings is not None:
             siblings = filter_runs(siblings, defenses=args.defense, presets=args.preset)
     if args.json:
-        data = json.loads(table_json(table, name))
+        data = json.loads(table_json(table, name, trigger))
         if siblings is not None:
             data["family"] = {"made_by": fam.made_by.id, "parent": short_ref(fam.parent_ref or fam.made_by.suspect, store),
                               "siblings": json.loads(table_json(siblings, name))["runs"]}
@@ -86,14 +87,14 @@ def run(args: argparse.Namespace) -> int:
             parent = short_ref(fam.parent_ref or fam.made_by.suspect, store)
             print(f"{name} is the repaired model of {made_by_text(fam, store)}.\n")
             print(f"{len(siblings)} finished run(s) of its parent {parent} in {store.root}, newest first\n")
-            print(format_table(siblings, highlight=fam.made_by.id))
+            print(format_table(siblings, highlight=fam.made_by.id, trigger=trigger))
             print()
         if table.empty:
             print(f"no finished run of {name} in {store.root} (`backdoor-lens defend DEFENSE {name}` adds one)",
                   file=sys.stderr if siblings is None else sys.stdout)
         else:
             print(f"{len(table)} finished run(s) of {name} in {store.root}, newest first\n")
-            print(format_table(table))
+            print(format_table(table, trigger=trigger))
             groups = group_runs(table)
             if (groups["n_seeds"] > 1).any():
                 print("\nGrouped by (defense, preset, overrides)\n" + format_groups(groups))

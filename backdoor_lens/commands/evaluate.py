@@ -23,11 +23,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import suspects
     from suspects.device import pick_device, prepare_model
-    from suspects.metrics import DEFINITIONS
+    from suspects.metrics import metric_definitions
 
     suspect = load_suspect(args)
     device = pick_device(args.device)
     model = prepare_model(suspect.model, device)
+    definitions = metric_definitions(suspect.trigger)
     m = suspects.evaluate(model, suspect.test, suspect.trigger, batch_size=args.batch_size, device=device,
                           limit=args.limit)
     from suspects.store import normalization_label
@@ -41,12 +42,12 @@ def run(args: argparse.Namespace) -> int:
         print_json(result)
         return 0
     print(f"suspect  {suspect.name}  ({suspect.card.get('arch')}, {len(suspect.classes)} classes, device {device})")
-    print(f"BA   {m.ba:.4f}   {DEFINITIONS['ba']} (n={m.n_clean})")
+    print(f"BA   {m.ba:.4f}   {definitions['ba']} (n={m.n_clean})")
     print(f"     input normalisation: {normalization_label(suspect.card)}"
           + ("  (name another with --normalize)" if norm.get("assumed") else ""))
     if m.asr is None:
         print("ASR  n/a      no trigger known for this suspect")
     else:
-        print(f"ASR  {m.asr:.4f}   {DEFINITIONS['asr']} (n={m.n_poisoned})")
-        print(f"RA   {m.ra:.4f}   {DEFINITIONS['ra']}")
+        print(f"ASR  {m.asr:.4f}   {definitions['asr']} (n={m.n_poisoned})")
+        print(f"RA   {m.ra:.4f}   {definitions['ra']}")
     return 0

@@ -16,13 +16,13 @@ from dashboard.signs import delta_color, delta_points
 from dashboard.stress import EXPLAIN as STRESS_EXPLAIN
 from dashboard.stress import stress_panel
 from runs.compare import (
-    COLUMN_DEFINITIONS,
     GROUP_DISPLAY,
     MADE_THIS,
     METRIC_LABELS,
     PART_TITLES,
     backdoorbench_csv,
     best_run,
+    column_definitions,
     filter_runs,
     group_runs,
     groups_display,
@@ -39,11 +39,12 @@ from runs.published import published_records
 from runs.report import figures_zip, html_report, run_figures
 from runs.sweep import SweepSpec, cancel_sweep, list_sweeps, parse_sets, submit_sweep
 from suspects.identity import ref_fingerprint
-from suspects.metrics import DEFINITIONS
+from suspects.metrics import metric_definitions
 from suspects.models import list_residual_blocks
 
 ref = sidebar()
 suspect, lock = load_suspect(ref)
+definitions, col_defs = metric_definitions(suspect.trigger), column_definitions(suspect.trigger)  # per mapping
 runs = store()
 
 st.title("Compare defense runs")
@@ -137,23 +138,23 @@ defenses = f[0].multiselect("Defense", sorted(set(table.defense)), default=sorte
                             key="cmp_defenses")
 presets = f[1].multiselect("Preset", sorted(set(table.preset)), default=sorted(set(table.preset)), key="cmp_presets")
 devices = f[2].multiselect("Device", sorted(set(table.device)), default=sorted(set(table.device)), key="cmp_devices")
-min_ba = f[3].slider("Minimum BA", 0.0, 1.0, 0.0, 0.01, key="cmp_min_ba", help=DEFINITIONS["ba"])
-max_asr = f[4].slider("Maximum ASR", 0.0, 1.0, 1.0, 0.01, key="cmp_max_asr", help=DEFINITIONS["asr"])
-pareto_only = st.toggle("Pareto front only", key="cmp_pareto", help=COLUMN_DEFINITIONS["pareto"])
+min_ba = f[3].slider("Minimum BA", 0.0, 1.0, 0.0, 0.01, key="cmp_min_ba", help=definitions["ba"])
+max_asr = f[4].slider("Maximum ASR", 0.0, 1.0, 1.0, 0.01, key="cmp_max_asr", help=definitions["asr"])
+pareto_only = st.toggle("Pareto front only", key="cmp_pareto", help=col_defs["pareto"])
 shown = filter_runs(table, defenses, presets, devices, min_ba, max_asr, pareto_only)
 
-numbers = {c: st.column_config.NumberColumn(c.upper().replace("_BEFORE", " before"), help=COLUMN_DEFINITIONS[c],
+numbers = {c: st.column_config.NumberColumn(c.upper().replace("_BEFORE", " before"), help=col_defs[c],
                                             format="%.3f")
            for c in ("ba", "asr", "ra", "der", "ba_before", "asr_before", "ra_before")}
-config = {c: st.column_config.Column(c.replace("_", " "), help=COLUMN_DEFINITIONS[c])
+config = {c: st.column_config.Column(c.replace("_", " "), help=col_defs[c])
           for c in ("run_id", "defense", "preset", "overrides", "device", "date", "run_dir")}
-config |= {"seconds": st.column_config.NumberColumn("seconds", help=COLUMN_DEFINITIONS["seconds"], format="%.1f"),
-           "clean_images": st.column_config.NumberColumn("clean images", help=COLUMN_DEFINITIONS["clean_images"]),
-           "held_out": st.column_config.NumberColumn("held out", help=COLUMN_DEFINITIONS["held_out"]),
-           "pareto": st.column_config.CheckboxColumn("Pareto", help=COLUMN_DEFINITIONS["pareto"]),
-           "failed": st.column_config.CheckboxColumn("failed", help=COLUMN_DEFINITIONS["failed"]), **numbers,
+config |= {"seconds": st.column_config.NumberColumn("seconds", help=col_defs["seconds"], format="%.1f"),
+           "clean_images": st.column_config.NumberColumn("clean images", help=col_defs["clean_images"]),
+           "held_out": st.column_config.NumberColumn("held out", help=col_defs["held_out"]),
+           "pareto": st.column_config.CheckboxColumn("Pareto", help=col_defs["pareto"]),
+           "failed": st.column_config.CheckboxColumn("failed", help=col_defs["failed"]), **numbers,
            "asr_after_retune": st.column_config.NumberColumn("ASR after re-tuning", format="%.3f",
-                                                             help=COLUMN_DEFINITIONS["asr_after_retune"])}
+                                                             help=col_defs["asr_after_retune"])}
 config["run_dir"] = None  # the server's folder: not shown (the run id names a run everywhere)
 if made_by is not None and (shown.run_id == made_by.id).any():
     marked = shown.copy()
@@ -185,7 +186,7 @@ else:
                "the front of the settings' means, hollow with a thick rim when the interval reaches that front.")
     c2.plotly_chart(metric_bars_figure(shown), key="cmp_bars")
     c2.caption("One bar per run (defense · preset · id); dashed red: the suspect before the defense. "
-               + " ".join(f"{METRIC_LABELS[k]}: {DEFINITIONS[k]}." for k in ("ba", "asr", "ra", "der")))
+               + " ".join(f"{METRIC_LABELS[k]}: {definitions[k]}." for k in ("ba", "asr", "ra", "der")))
     with st.expander("Published numbers for these defenses (another setting)", icon=":material/menu_book:"):
         attack = str((suspect.card.get("trigger") or {}).get("name") or "")
         st.caption("What each method reached where it was published (CIFAR-10, full-width ResNets; BA / ASR as "
@@ -230,7 +231,7 @@ for col, model_ref in zip(cols, chosen, strict=True):
     m = load_suspect(model_ref)[0].card.get("metrics") or {}
     col.markdown(f"**{labels[model_ref]}**")
     for box, key in zip(col.columns(3), ("ba", "asr", "ra"), strict=True):
-        box.metric(key.upper(), "n/a" if m.get(key) is None else f"{100 * m[key]:.1f}%", help=DEFINITIONS[key])
+        box.metric(key.upper(), "n/a" if m.get(key) is None else f"{100 * m[key]:.1f}%", help=definitions[key])
 view = st.segmented_control("View", list(PART_TITLES), format_func=PART_TITLES.get, default="gradcam",
                             key="cmp_view") or "gradcam"
 n = sample_size()
@@ -337,7 +338,7 @@ bb = st.toggle("CSV in BackdoorBench's leaderboard columns", key="cmp_bb_csv",
 e[0].download_button("Table (CSV)", backdoorbench_csv(group_runs(shown), suspect.card) if bb else table_csv(shown),
                      file_name=f"{stem}-{'backdoorbench' if bb else 'runs'}.csv", mime="text/csv",
                      icon=":material/table:", on_click="ignore", key="cmp_csv")
-e[1].download_button("Table (JSON)", table_json(shown, ref), file_name=f"{stem}-runs.json", mime="application/json",
+e[1].download_button("Table (JSON)", table_json(shown, ref, suspect.trigger), file_name=f"{stem}-runs.json", mime="application/json",
                      icon=":material/data_object:", on_click="ignore", key="cmp_json",
                      help="the rows with every column's definition")
 charts = run_figures(shown) if not shown.empty else {}

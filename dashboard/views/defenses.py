@@ -20,7 +20,7 @@ from runs.jobs import ensure_worker, reap_workers, submit
 from runs.store import RunRecord
 from runs.timing import eta_text, expected_time
 from suspects.identity import ref_fingerprint
-from suspects.metrics import DEFINITIONS
+from suspects.metrics import metric_definitions
 from suspects.plugins import refused
 
 ref = sidebar()
@@ -103,15 +103,16 @@ def _render_finished(rec: RunRecord) -> None:
     if report is None:
         st.error("The run's folder is missing or incomplete on disk.")
         return
+    definitions = metric_definitions(suspect.trigger)
     c = st.columns(5)
     c[0].metric("BA", _fmt(report["ba"]), delta=f"{100 * (report['ba'] - report['ba_before']):+.1f} pts",
-                help=DEFINITIONS["ba"])
+                help=definitions["ba"])
     if report.get("asr") is not None:
         c[1].metric("ASR", _fmt(report["asr"]), delta=f"{100 * (report['asr'] - report['asr_before']):+.1f} pts",
-                    delta_color="inverse", help=DEFINITIONS["asr"])
+                    delta_color="inverse", help=definitions["asr"])
         c[2].metric("RA", _fmt(report["ra"]), delta=f"{100 * (report['ra'] - report['ra_before']):+.1f} pts",
-                    help=DEFINITIONS["ra"])
-        c[3].metric("DER", f"{report['der']:.3f}", help=DEFINITIONS["der"])
+                    help=definitions["ra"])
+        c[3].metric("DER", f"{report['der']:.3f}", help=definitions["der"])
     c[4].metric("Time", f"{report['seconds']:.0f} s", help=f"device: {report['device']}")
     st.caption(f"Before: BA {_fmt(report['ba_before'])}, ASR {_fmt(report['asr_before'])}, "
                f"RA {_fmt(report['ra_before'])}"

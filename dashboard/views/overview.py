@@ -8,7 +8,7 @@ import torch
 
 from dashboard.common import device, load_suspect, model_line, sidebar, trigger_notice
 from dashboard.paths import to_url
-from suspects.metrics import DEFINITIONS, predict
+from suspects.metrics import metric_definitions, predict
 from suspects.store import normalization_label
 
 
@@ -63,10 +63,11 @@ if not metrics.get("ba") and card.get("data"):
         st.warning(f"BA / ASR could not be measured: {getattr(err, 'summary', None) or err}")
 cols = st.columns(3)
 labels = {"ba": "BA (benign accuracy)", "asr": "ASR (attack success rate)", "ra": "RA (robust accuracy)"}
+definitions = metric_definitions(suspect.trigger)  # the ASR / RA set follows the attack's label mapping
 for col, key in zip(cols, ("ba", "asr", "ra"), strict=True):
     value = metrics.get(key)
-    col.metric(labels[key], "n/a" if value is None else f"{100 * value:.1f}%", help=DEFINITIONS[key])
-    col.caption(DEFINITIONS[key])
+    col.metric(labels[key], "n/a" if value is None else f"{100 * value:.1f}%", help=definitions[key])
+    col.caption(definitions[key])
 st.caption(
     f"Measured on {metrics.get('n_clean', '?')} clean and {metrics.get('n_poisoned', '?')} triggered test images "
     f"({metrics.get('evaluated_on', 'test split')})."

@@ -19,6 +19,7 @@ from dashboard.common import (
 )
 from dashboard.signs import delta_color, delta_points
 from dashboard.trigger_source import pick_trigger
+from suspects.metrics import asr_rule
 from suspects.models import list_residual_blocks
 
 ref = sidebar()
@@ -75,10 +76,7 @@ if res is None:
 
 st.plotly_chart(ablation_figure({suspect.name: res}), key="ablation_curves")
 st.caption(f"{res.n_clean} clean and {res.n_triggered} triggered test images ("
-           + ("all-to-one: the target class is excluded from the triggered set" if trigger.mapping == "all-to-one"
-              else f"all-to-all: every class is triggered and counts as a success at class (y + 1) mod "
-                   f"{suspect.num_classes}")
-           + "). γ = 1 is the unmodified model; the x axis runs from 1 down to 0.")
+           + asr_rule(trigger) + ", as for the ASR). γ = 1 is the unmodified model; the x axis runs from 1 down to 0.")
 
 c1, c2 = st.columns([1, 2])
 c1.metric("Critical block", res.critical_block or "none", help="argmax over blocks of max_i (ASR(γ_i) − ASR(γ_{i−1})) "
