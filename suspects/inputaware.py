@@ -30,8 +30,9 @@ Differences from the official code, all for small CPU-trainable suspects and exa
   final generators.
 - Both generators have the official MNIST layout (two levels of two 3x3 convolutions, a middle one, two levels back
   up; ``gen_width`` channels at the top, official 16 for MNIST, 32 with three levels for CIFAR-10) for grey and RGB
-  alike, and no batch normalisation: the trigger of an image does not depend on the other images of its batch and is
-  the same in training and at test. Odd sizes work (the decoder returns to the encoder's sizes).
+  alike, with the official conv-BN(momentum 0.05)-ReLU blocks. Every use outside training runs them in eval mode
+  (running statistics), so an image's trigger does not depend on the rest of its batch. Odd sizes work (the decoder
+  returns to the encoder's sizes).
 - Inputs are [0, 1] images (the suspect's model normalises them itself), so patterns are not re-normalised.
 - Augmentation (the suspect's ``--augment``) is applied to the clean images before the trigger, as the official
   data loader does.
@@ -83,29 +84,39 @@ def diversity_loss(x1: torch.Tensor, x2: torch.Tensor, out1: torch.Tensor, out2:
     return (d_in[keep].sqrt() / (_rms(out1[keep], out2[keep]) + EPS)).mean()
 
 
-def _conv(cin: int, cout: int) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, padding=1)
+def _block(cin: int, cout: int, relu: bool = True) -> nn.Sequential:
+    """The official generators' block: a 3x3 convolution, batch normalisation (momentum 0.05), ReLU (not after the
+    last convolution)."""
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout, momentum=0.05)]
+    if relu:
+        layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
 
 
 class PatternNet(nn.Module):
-    """Small convolutional encoder-decoder with outputs in [0, 1] (``tanh / (2 + eps) + 0.5``): two levels of two 3x3
-    convolutions (``width``, ``2 * width`` channels) with 2x2 max-pooling, a middle convolution, nearest upsampling
-    back to each level's size with two convolutions each; ReLU after every convolution but the last; He-initialised."""
+    """Small convolutional encoder-decoder with outputs in [0, 1] (``tanh / (2 + eps) + 0.5``), the official MNIST
+    generator's layout: two levels of two conv-BN-ReLU blocks (``width``, ``2 * width`` channels) with 2x2
+    max-pooling, a middle block, nearest upsampling back to each level's size with two blocks each, the last without
+    ReLU. Batch normalisation (as the official ``Conv2dBlock``) keeps the generators from collapsing: without it, the
+    mask generator's norm penalty drove every mask to exactly 0 within the 25 official epochs on the demo (a trigger
+    that changes nothing; measured: ASR 0.035). In eval mode (every use but training) it uses running statistics, so
+    an image's trigger does not depend on the rest of its batch."""
 
     def __init__(self, in_channels: int, out_channels: int, width: int):
         super().__init__()
         w = int(width)
-        self.down1 = nn.Sequential(_conv(in_channels, w), nn.ReLU(), _conv(w, w), nn.ReLU())
-        self.down2 = nn.Sequential(_conv(w, 2 * w), nn.ReLU(), _conv(2 * w, 2 * w), nn.ReLU())
-        self.middle = nn.Sequential(_conv(2 * w, 2 * w), nn.ReLU())
-        self.up2 = nn.Sequential(_conv(2 * w, 2 * w), nn.ReLU(), _conv(2 * w, w), nn.ReLU())
-        self.up1 = nn.Sequential(_conv(w, w), nn.ReLU(), _conv(w, out_channels))
-        # He initialisation (no batch normalisation here keeps the activations' scale; PyTorch's default shrinks it
-        # layer by layer, so a fresh generator would give nearly the same output for every image)
-        convs = [m for m in self.modules() if isinstance(m, nn.Conv2d)]
-        for m in convs:
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu" if m is not convs[-1] else "linear")
-            nn.init.zeros_(m.bias)
+        self.down1 = nn.Sequential(_block(in_channels, w), _block(w, w))
+        self.down2 = nn.Sequential(_block(w, 2 * w), _block(2 * w, 2 * w))
+        self.middle = _block(2 * w, 2 * w)
+        self.up2 = nn.Sequential(_block(2 * w, 2 * w), _block(2 * w, w))
+        self.up1 = nn.Sequential(_block(w, w), _block(w, out_channels, relu=False))
+        # He initialisation (official: PyTorch's default): in eval mode a fresh generator's BN layers are the
+        # identity, and the default initialisation shrinks the activations layer by layer, so an untrained
+        # generator would give nearly the same output for every image
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.down1(x)
@@ -188,7 +199,7 @@ class InputAware(Trigger):
     def _blob(self) -> str:
         from safetensors.torch import save
 
-        return base64.b64encode(save(self._state(), metadata={"format": "inputaware-generators-v1"})).decode("ascii")
+        return base64.b64encode(save(self._state(), metadata={"format": "inputaware-generators-v2"})).decode("ascii")
 
     def _load_blob(self, blob: Any) -> None:
         from safetensors import SafetensorError
@@ -213,7 +224,8 @@ class InputAware(Trigger):
                 net.load_state_dict(parts[head], strict=True)
             except RuntimeError:
                 raise ValueError(f"inputaware generators do not fit gen_width={self.params['gen_width']} and "
-                                 f"{self.input_shape[0]} input channel(s)") from None
+                                 f"{self.input_shape[0]} input channel(s) (or are of the earlier layout without "
+                                 "batch normalisation: retrain the suspect)") from None
 
     def digest(self) -> str:
         """Short sha256 of the generators' weights (they are not in ``params``)."""
@@ -239,8 +251,16 @@ class InputAware(Trigger):
         from .device import full_precision
 
         dev = next(self.pattern_net.parameters()).device
-        with torch.no_grad(), full_precision(dev):
-            out = fn(*(v.detach().to(device=dev, dtype=torch.float32) for v in xs))
+        nets = (self.pattern_net, self.mask_net)
+        modes = [n.training for n in nets]
+        for n in nets:  # running statistics, never the batch's (and never updating them), even mid-training
+            n.eval()
+        try:
+            with torch.no_grad(), full_precision(dev):
+                out = fn(*(v.detach().to(device=dev, dtype=torch.float32) for v in xs))
+        finally:
+            for n, mode in zip(nets, modes, strict=True):
+                n.train(mode)
         return out.to(device=xs[0].device, dtype=xs[0].dtype)
 
     def masks(self, x: torch.Tensor) -> torch.Tensor:

@@ -135,6 +135,7 @@ def test_diversity_loss_skips_identical_pairs_and_keeps_gradients_finite():
 def test_joint_step_poisons_with_current_generator_and_trains_it():
     trig = make_trigger("inputaware", SHAPE, 10, lambda_div=1.0, **TINY)
     trainer = IADTrainer(trig, torch.device("cpu"), seed=0, total_steps=10)
+    trig.pattern_net.eval()  # batch normalisation on running statistics: each row's stamp is a function of its image
     seen = []
 
     class Recorder(torch.nn.Module):
