@@ -7,14 +7,20 @@ from suspects.metrics import evaluate
 from suspects.store import DEMO_SUSPECTS, list_demo_suspects, load
 from suspects.triggers import make_trigger
 
-EXPECTED = {"clean", "badnets", "blended", "sig", "wanet"}
-MIN_ASR = {"badnets": 0.95, "blended": 0.95, "sig": 0.90, "wanet": 0.90}
+EXPECTED = {"clean", "badnets", "blended", "sig", "wanet", "inputaware", "adaptive_blend", "bppattack",
+            "badnets_1pct", "badnets_all2all"}
+# the issue-30 attacks below 0.90 say why in assets/demo/README.md (the same recipe on 28x28 grey images)
+MIN_ASR = {"badnets": 0.95, "blended": 0.95, "sig": 0.90, "wanet": 0.90, "inputaware": 0.90, "adaptive_blend": 0.85,
+           "bppattack": 0.80,
+           "badnets_1pct": 0.25, "badnets_all2all": 0.85}
+ATTACK = {"badnets_1pct": "badnets", "badnets_all2all": "badnets"}
+MAPPING = {"badnets_all2all": "all-to-all"}
 
 
 def test_bundle_is_complete_and_small():
     assert EXPECTED <= set(list_demo_suspects())
     total = sum(f.stat().st_size for f in DEMO_SUSPECTS.parent.rglob("*") if f.is_file())
-    assert total <= 25 * 1024**2
+    assert total <= 40 * 1024**2  # nine suspects of 2.7-2.9 MB and the data
     for name in EXPECTED:
         assert (DEMO_SUSPECTS / name / "model.safetensors").stat().st_size <= 5 * 1024**2
 
@@ -47,5 +53,6 @@ def test_demo_suspect_matches_its_recorded_metrics(name):
     else:
         assert abs(m.asr - rec["asr"]) <= 0.01 and abs(m.ra - rec["ra"]) <= 0.01
         assert m.asr >= MIN_ASR[name]
-        assert suspect.trigger.name == name
+        assert suspect.trigger.name == ATTACK.get(name, name)
+        assert suspect.trigger.mapping == MAPPING.get(name, "all-to-one")
         assert len(suspect.poisoned_train().poison_idx) == suspect.card["poison"]["n_poisoned"]
