@@ -17,9 +17,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from suspects.store import DEMO_SUSPECTS, list_demo_suspects
 
-    for name in list_demo_suspects():
+    names = list_demo_suspects()
+    width = max((len(f"demo:{n}") for n in names), default=0)
+    for name in names:
         card = json.loads((DEMO_SUSPECTS / name / "suspect.json").read_text())
         m = card.get("metrics", {})
         asr = "n/a" if m.get("asr") is None else f"{m['asr']:.3f}"
-        print(f"demo:{name:10s} BA {m.get('ba', float('nan')):.3f}  ASR {asr}")
+        trig = card.get("trigger") or {}
+        mapping = "  (all-to-all)" if trig.get("mapping") == "all-to-all" else ""
+        print(f"{f'demo:{name}':{width}s}  BA {m.get('ba', float('nan')):.3f}  ASR {asr}{mapping}")
     return 0
