@@ -5,7 +5,8 @@
     python scripts/stress_doc.py run [--defenses fst,finetune] [--attacks badnets,blended] [--minutes 30]
 
 The grid is every post-training defense of the registry (those that need no poisoned training set) at its
-``quick`` preset on every demo attack (the demo suspects except ``demo:clean``). A cell runs the defense once
+``quick`` preset on every attack of the suspect zoo (``assets/zoo.json``; its seed-0 suspects are the demo bundle's:
+``demo:badnets`` ...; the clean one is the reference). A cell runs the defense once
 (seed 0, the defense's default pool) and then the stress test (:mod:`defenses.stress`, the official protocol:
 3 seeds) on the repaired model against ``demo:clean``; the clean reference's re-tuning is cached per attack and
 seed in the store, so each is computed once. ``run`` fills the missing cells in grid order (``--defenses`` /
@@ -262,7 +263,15 @@ def render(store: dict[str, Any]) -> str:
     defenses, attacks = grid()
     states = {(d, a): cell_state(store, d, a) for d in defenses for a in attacks}
     n_done = sum(v == "measured" for v in states.values())
-    lines = [HEAD, "## Measured: every post-training `quick` preset on every demo attack", ""]
+    lines = [HEAD, "## Measured: every post-training `quick` preset on every attack of the zoo", ""]
+    from suspects.store import list_demo_suspects
+
+    outside = [n for n in list_demo_suspects() if n != "clean" and n not in attacks]
+    if outside:
+        lines += [f"The grid covers the attacks of the suspect zoo ({', '.join(attacks)}: the benchmark's, "
+                  "`docs/zoo.md`). The other demo suspects "
+                  f"({', '.join(f'`demo:{n}`' for n in outside)}) join it when they join the zoo; until then "
+                  "`backdoor-lens stress RUN_ID` tests any repair of them.", ""]
     rest = ("" if n_done == len(states) else "; the others say *not yet measured* (the grid costs several CPU-hours "
             "on 2 cores; `python scripts/stress_doc.py run --minutes M` resumes it)")
     lines.append(
