@@ -12,6 +12,8 @@ import torch
 os.environ.setdefault("TQDM_DISABLE", "1")
 # never write into the checkout's ./lens-runs: every test session gets its own run store unless a test sets one
 os.environ["BACKDOOR_LENS_RUNS"] = tempfile.mkdtemp(prefix="backdoor-lens-test-runs-")
+# as on a fresh clone: the zoo holds only the demo bundle's seed-0 suspects, whatever `zoo build` left in assets/zoo/
+os.environ["BACKDOOR_LENS_ZOO"] = tempfile.mkdtemp(prefix="backdoor-lens-test-zoo-")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 ROOT = Path(__file__).resolve().parent.parent
