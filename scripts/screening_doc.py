@@ -148,6 +148,12 @@ def _summary(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
 
 
+def _seconds(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.0f}"
+    return f"{statistics.median(values):.0f} [{min(values):.0f}, {max(values):.0f}]"
+
+
 def render_block(store: dict[str, Any]) -> str:
     prints = _current_fingerprints()
     cells = grid()
@@ -174,7 +180,7 @@ def render_block(store: dict[str, Any]) -> str:
             continue
         lines.append(f"| {attack} | {method} | {len(g)} | {_summary([c['auroc'] for c in g if c['auroc'] is not None])}"
                      f" | {_summary([c['tpr'] for c in g if c['tpr'] is not None])} | "
-                     f"{_summary([c['fpr'] for c in g])} | {_summary([c['seconds'] for c in g]).replace('.000', '')} |")
+                     f"{_summary([c['fpr'] for c in g])} | {_seconds([c['seconds'] for c in g])} |")
     lines += ["", "### Per suspect", "", "| suspect | weights (fingerprint) | method | AUROC | TPR | FPR | seconds |",
               "|---|---|---|---|---|---|---|"]
     for c in measured:
