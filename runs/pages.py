@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["load_store", "save_store", "splice", "begin_marker", "end_marker", "recorded_fingerprints",
-           "unknown_fingerprints", "machine_line", "today"]
+           "unknown_fingerprints", "machine_line", "machines_text", "write_or_check", "today"]
 
 FINGERPRINT_KEYS = ("fingerprint", "reference_fingerprint")
 
@@ -94,3 +94,22 @@ def machine_line() -> dict[str, Any]:
 
 def today() -> str:
     return time.strftime("%Y-%m-%d", time.gmtime())
+
+
+def machines_text(cells: list[dict[str, Any]]) -> str:
+    """``DATES on MACHINE; MACHINE`` of the measured cells (each records ``measured`` and ``machine``)."""
+    dates = sorted({c["measured"] for c in cells})
+    machines = sorted({f"{c['machine'].get('cpu')}, torch {c['machine'].get('torch')}, "
+                       f"{c['machine'].get('threads')} threads" for c in cells})
+    return f"{', '.join(dates)} on {'; '.join(machines)}"
+
+
+def write_or_check(doc: Path, text: str, check: bool) -> int:
+    """Write ``text`` to ``doc``, or with ``check`` only say whether ``doc`` already holds it (exit status 1 if not)."""
+    if check:
+        same = doc.is_file() and doc.read_text() == text
+        print(f"{doc.name} is up to date" if same else f"{doc.name} differs from the store's; regenerate it")
+        return 0 if same else 1
+    doc.write_text(text)
+    print(f"wrote {doc}")
+    return 0

@@ -167,6 +167,7 @@ def _kn(k: int, n: int) -> str:
 
 def render_block(store: dict[str, Any]) -> str:
     from analysis.reverse import ScanConfig
+    from runs.pages import machines_text
 
     cells_all = grid()
     states = {ref: cell_state(store, ref) for _, ref in cells_all}
@@ -226,10 +227,7 @@ def render_block(store: dict[str, Any]) -> str:
         for c in clean:
             lines.append(f"| `{c['ref']}` | " + " | ".join(_f(a) for a in c["anomaly"]) + " |")
     if measured:
-        dates = sorted({c["measured"] for c in measured})
-        machines = sorted({f"{c['machine'].get('cpu')}, torch {c['machine'].get('torch')}, "
-                           f"{c['machine'].get('threads')} threads" for c in measured})
-        lines += ["", f"Measured {', '.join(dates)} on {'; '.join(machines)}, one scan at a time. Seconds are the "
+        lines += ["", f"Measured {machines_text(measured)}, one scan at a time. Seconds are the "
                   "scan's wall time on that machine."]
     return "\n".join(lines)
 
@@ -241,7 +239,7 @@ def render(store: dict[str, Any], page: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from runs.pages import load_store
+    from runs.pages import load_store, write_or_check
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("action", nargs="?", default="doc", choices=("doc", "run"))
@@ -253,14 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "run":
         n = fill(store, [a for a in args.attacks.split(",") if a] or None, args.minutes)
         print(f"{n} suspects scanned", flush=True)
-    text = render(store, DOC.read_text())
-    if args.check:
-        same = DOC.read_text() == text
-        print(f"{DOC.name} is up to date" if same else f"{DOC.name} differs from the store's; regenerate it")
-        return 0 if same else 1
-    DOC.write_text(text)
-    print(f"wrote {DOC}")
-    return 0
+    return write_or_check(DOC, render(store, DOC.read_text()), args.check)
 
 
 if __name__ == "__main__":

@@ -155,6 +155,8 @@ def _seconds(values: list[float]) -> str:
 
 
 def render_block(store: dict[str, Any]) -> str:
+    from runs.pages import machines_text
+
     prints = _current_fingerprints()
     cells = grid()
     states = {(ref, m): cell_state(store, ref, m, prints.get(ref)) for _, ref, m in cells}
@@ -187,10 +189,7 @@ def render_block(store: dict[str, Any]) -> str:
         lines.append(f"| `{c['ref']}` | `{c['fingerprint'][:12]}` | {c['method']} | {c['auroc']:.4f} | "
                      f"{c['tpr']:.3f} | {c['fpr']:.3f} | {c['seconds']:.0f} |")
     if measured:
-        dates = sorted({c["measured"] for c in measured})
-        machines = sorted({f"{c['machine'].get('cpu')}, torch {c['machine'].get('torch')}, "
-                           f"{c['machine'].get('threads')} threads" for c in measured})
-        lines += ["", f"Measured {', '.join(dates)} on {'; '.join(machines)}, one screen at a time; seconds are the "
+        lines += ["", f"Measured {machines_text(measured)}, one screen at a time; seconds are the "
                   "screen's wall time there (calibration included, loading the suspect not)."]
     return "\n".join(lines)
 
@@ -202,7 +201,7 @@ def render(store: dict[str, Any], page: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from runs.pages import load_store
+    from runs.pages import load_store, write_or_check
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("action", nargs="?", default="doc", choices=("doc", "run"))
@@ -216,14 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         n = fill(store, [a for a in args.attacks.split(",") if a] or None,
                  [m for m in args.methods.split(",") if m] or None, args.minutes)
         print(f"{n} screens run", flush=True)
-    text = render(store, DOC.read_text())
-    if args.check:
-        same = DOC.read_text() == text
-        print(f"{DOC.name} is up to date" if same else f"{DOC.name} differs from the store's; regenerate it")
-        return 0 if same else 1
-    DOC.write_text(text)
-    print(f"wrote {DOC}")
-    return 0
+    return write_or_check(DOC, render(store, DOC.read_text()), args.check)
 
 
 if __name__ == "__main__":
