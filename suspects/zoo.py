@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_folder, write_json
+from .atomic import atomic_folder, write_text
 from .store import CARD_FILE, DEMO_SUSPECTS, MODEL_FILE, SuspectLoadError
 
 __all__ = ["ZooEntry", "Zoo", "BuildResult", "ZooBusyError", "SECONDS_PER_SUSPECT", "ROLES", "PREFIX", "MANIFEST", "ZOO_ROOT", "default_zoo", "zoo_path",
@@ -225,7 +225,7 @@ class Zoo:
         fresh = json.loads(self.manifest_path.read_text())
         fresh.setdefault("fingerprints", {})[name] = fp
         fresh["fingerprints"] = dict(sorted(fresh["fingerprints"].items()))
-        write_json(self.manifest_path, fresh, indent=2)
+        write_text(self.manifest_path, json.dumps(fresh, indent=2) + "\n")  # a text file: ends with a newline
         self.manifest = fresh
 
     # --- building ------------------------------------------------------------------------------------------------

@@ -181,3 +181,15 @@ def test_run_refuses_a_test_suspect_before_anything_runs(cp, tmp_path, monkeypat
     assert "role test" in capsys.readouterr().err and not log.exists()
     assert cp.main(["run", "--defenses", "nosuch", "--log", str(log)]) == 2
     assert "no candidates for nosuch" in capsys.readouterr().err
+
+
+def test_default_attacks_are_those_with_a_built_development_suspect(cp, monkeypatch, capsys):
+    from suspects.zoo import default_zoo
+
+    backdoored = [a for a in default_zoo().manifest["attacks"] if a != "clean"]
+    monkeypatch.setattr(cp, "dev_suspects", lambda attack: [f"zoo:{attack}-dev-s10"] if attack == "sig" else [])
+    assert cp.default_attacks() == ["sig"]
+    err = capsys.readouterr().err
+    assert "left out" in err and all(a in err for a in backdoored if a != "sig")
+    monkeypatch.setattr(cp, "dev_suspects", lambda attack: [f"zoo:{attack}-dev-s10"])
+    assert cp.default_attacks() == backdoored and not capsys.readouterr().err

@@ -14,7 +14,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", help="zoo manifest (default assets/zoo.json or $BACKDOOR_LENS_ZOO_MANIFEST)")
     p.add_argument("--root", help="folder of the built suspects (default assets/zoo or $BACKDOOR_LENS_ZOO)")
     p.add_argument("--role", choices=["test", "dev"], help="only test or only development suspects")
-    p.add_argument("--attack", help="only this attack's suspects (clean, badnets, blended, sig, wanet)")
+    p.add_argument("--attack", help="only this attack's suspects (an attack of the manifest: clean, badnets, ...; "
+                                    "`backdoor-lens zoo` lists them)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
