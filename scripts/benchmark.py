@@ -431,7 +431,7 @@ def _label(preset: str, overrides: str) -> str:
 
 
 def goal_lines(results) -> list[str]:
-    """The issues' goals, checked on the stored numbers (means over the seeds)."""
+    """The issues' goals, checked on the stored numbers (means over a cell's runs)."""
     lines = []
     for attack, (_, g) in results.items():
         quick = g[(g["preset"] == "quick") & (g["overrides"] == "") & g["defense"].isin(post_training())]
@@ -527,7 +527,8 @@ def paper_goal_line(results) -> str:
 
 
 def coverage_line(results) -> str:
-    """How much of the grid (every defense x demo attack x quick / paper, 3 seeds) the store holds."""
+    """How much of the grid (every defense x zoo attack x quick / paper, >= 3 runs: test suspect x seed) the store
+    holds."""
     from defenses import list_defenses
 
     cells = [(d, a, p) for d in list_defenses() for a in ATTACKS for p in ("quick", "paper")]
@@ -536,7 +537,8 @@ def coverage_line(results) -> str:
         for r in g[(g["overrides"] == "") & (g["n_seeds"] >= 3)].itertuples():
             done.add((r.defense, attack, r.preset))
     quick_missing = sorted({d for d, a, p in cells if p == "quick" and (d, a, p) not in done})
-    return (f"- grid coverage (defense x attack x preset with 3 seeds): {len(done & set(cells))} of {len(cells)} "
+    return (f"- grid coverage (defense x attack x preset with >= 3 runs, a run being one test suspect x one seed): "
+            f"{len(done & set(cells))} of {len(cells)} "
             "cells; "
             f"`quick` not yet complete for: {', '.join(quick_missing) or 'none'}; the `paper` presets are CPU-hours "
             "each on this machine and are run as time allows")
@@ -703,7 +705,7 @@ def render(results, csv_name: str, runs=None, references: dict | None = None) ->
            "BA = clean test accuracy; drop = BA before - BA after; ASR = share of triggered non-target test images "
            "classified as the target; RA = their accuracy w.r.t. the true label; DER = [max(0, ASR0 - ASR1) - "
            "max(0, BA0 - BA1) + 1] / 2. **bold** = on the attack's Pareto front (no other row has a higher mean BA "
-           "and a lower mean ASR; a row whose defense gave up at every seed, returning the suspect unchanged, is "
+           "and a lower mean ASR; a row whose defense gave up in every run, returning the suspect unchanged, is "
            "left out). *Published* numbers are on another setting (CIFAR-10, full-width ResNets): read "
            "them as what the method achieves where it was designed, not as a target for these models.", "",
            stats_legend(), "", machines_text(runs), ""]
@@ -731,7 +733,7 @@ def render(results, csv_name: str, runs=None, references: dict | None = None) ->
             if row.preset == "quick" and row.defense not in DEV_CHOSEN:
                 name += " †"
             if getattr(row, "n_failed", 0):
-                name += f" (gave up at {row.n_failed} of {row.n_seeds} seeds: model unchanged)"
+                name += f" (gave up in {row.n_failed} of {row.n_seeds} runs: model unchanged)"
             out.append(f"| {name} | {preset} | {row.n_seeds} | {mean_sd_text(row.ba_mean, row.ba_sd)} | "
                        f"{spread_cell(row.ba_median, row.ba_min, row.ba_max, row.ba_ci_low, row.ba_ci_high, row.n_seeds)}"
                        f" | {mean_sd_text(row.drop_mean, row.drop_sd)} | {mean_sd_text(row.asr_mean, row.asr_sd)} | "
