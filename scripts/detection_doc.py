@@ -53,16 +53,10 @@ def grid(attacks: list[str] | None = None) -> list[tuple[str, str]]:
 
 
 def current_fingerprint(ref: str) -> str | None:
-    """The fingerprint of ``ref``'s weights now: the built suspect's, else the one the manifest records."""
-    from suspects.zoo import default_zoo
+    """The fingerprint of ``ref``'s weights now (:func:`suspects.zoo.current_fingerprint`)."""
+    from suspects.zoo import current_fingerprint as now
 
-    zoo = default_zoo()
-    entry = zoo.entry(ref)
-    if zoo.present(entry):
-        from suspects.identity import ref_fingerprint
-
-        return ref_fingerprint(str(zoo.path(entry)))
-    return entry.fingerprint
+    return now(ref)
 
 
 def cell_state(store: dict[str, Any], ref: str, fingerprint: str | None = None) -> str:

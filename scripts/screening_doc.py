@@ -129,15 +129,11 @@ def fill(store: dict[str, Any], attacks: list[str] | None, methods: list[str] | 
 
 
 def _current_fingerprints() -> dict[str, str | None]:
-    """Each test suspect's fingerprint now (built: its weights'; else what the manifest records)."""
-    from suspects.identity import ref_fingerprint
+    """Each test suspect's fingerprint now (:meth:`suspects.zoo.Zoo.current_fingerprint`)."""
     from suspects.zoo import default_zoo
 
     zoo = default_zoo()
-    out: dict[str, str | None] = {}
-    for e in zoo.entries("test"):
-        out[e.ref] = ref_fingerprint(str(zoo.path(e))) if zoo.present(e) else e.fingerprint
-    return out
+    return {e.ref: zoo.current_fingerprint(e) for e in zoo.entries("test")}
 
 
 def _summary(values: list[float]) -> str:

@@ -36,14 +36,15 @@ from .atomic import atomic_folder, write_text
 from .store import CARD_FILE, DEMO_SUSPECTS, MODEL_FILE, SuspectLoadError
 
 __all__ = ["ZooEntry", "Zoo", "BuildResult", "ZooBusyError", "SECONDS_PER_SUSPECT", "ROLES", "PREFIX", "MANIFEST", "ZOO_ROOT", "default_zoo", "zoo_path",
-           "entries", "test_suspects", "dev_suspects", "test_fingerprints", "test_suspect_reason", "build"]
+           "entries", "test_suspects", "dev_suspects", "current_fingerprint", "test_fingerprints", "test_suspect_reason",
+           "build"]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 MANIFEST = ASSETS / "zoo.json"
 ZOO_ROOT = ASSETS / "zoo"
 PREFIX = "zoo:"
 ROLES = ("test", "dev")
-SECONDS_PER_SUSPECT = (430, 550)  # the bundle's recipe on 2 idle CPU cores (assets/demo/README.md: 427-552 s)
+SECONDS_PER_SUSPECT = (240, 530)  # measured, 2 CPU cores: 234-288 s idle (zoo builds), up to 527 s loaded (bundle cards)
 
 # TrainConfig fields a recipe or an attack entry may set (``keep_pool_out`` is the CLI's name for train_on_pool=False)
 _TRAIN_KEYS = {"model", "width", "epochs", "batch_size", "lr", "weight_decay", "schedule", "augment", "pool_fraction",
@@ -199,6 +200,15 @@ class Zoo:
         except (OSError, ValueError):
             return None
         return ((card.get("zoo") or {}).get("fingerprint")) if isinstance(card, dict) else None
+
+    def current_fingerprint(self, entry: ZooEntry) -> str | None:
+        """The fingerprint of ``entry``'s weights now: the built suspect's (recomputed from disk), else the one the
+        manifest records (None when neither exists). Generated pages compare it with what they measured."""
+        if self.present(entry):
+            from .identity import ref_fingerprint
+
+            return ref_fingerprint(str(self.path(entry)))
+        return entry.fingerprint
 
     def describe(self, entry: ZooEntry, verify: bool = False) -> dict[str, Any]:
         """One row of ``backdoor-lens zoo --json``; ``verify`` recomputes the fingerprint of weights on disk
@@ -375,6 +385,12 @@ def dev_suspects(attack: str, present_only: bool = True) -> list[str]:
     """``zoo:NAME`` references of ``attack``'s development suspects (what ``scripts/tune_on_dev.py`` tunes on)."""
     z = default_zoo()
     return [e.ref for e in z.entries("dev", attack) if not present_only or z.present(e)]
+
+
+def current_fingerprint(ref: str) -> str | None:
+    """The fingerprint of the zoo suspect ``ref``'s weights now (:meth:`Zoo.current_fingerprint`)."""
+    zoo = default_zoo()
+    return zoo.current_fingerprint(zoo.entry(ref))
 
 
 def test_fingerprints() -> dict[str, str]:
