@@ -45,9 +45,19 @@ from suspects.zoo import default_zoo  # noqa: E402
 # the benchmark's attacks: those of the suspect zoo's manifest (assets/zoo.json), whose test suspects make a cell
 ATTACKS = tuple(a for a in default_zoo().manifest["attacks"] if a != "clean")
 DOC = Path("docs/defense-benchmarks.md")
-# defenses whose ``quick`` preset was chosen on the development split over seeds 0-2 (their docstrings give the
-# numbers); the others' rows are marked until they are re-derived (issue 13)
-DEV_CHOSEN = {"finetune", "sau", "fst", "ibau", "awm", "linf_prune", "fineprune", "dbd", "cbd"}
+def dev_chosen() -> set[str]:
+    """The defenses whose ``quick`` preset today is what ``scripts/choose_presets.py`` chose on the zoo's development
+    suspects (read from its log, docs/dev-trials.jsonl); every other defense's quick rows carry a dagger (issue 28)."""
+    import importlib.util
+
+    mod = sys.modules.get("choose_presets")
+    if mod is None:
+        spec = importlib.util.spec_from_file_location("choose_presets", Path(__file__).resolve().parent /
+                                                      "choose_presets.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["choose_presets"] = mod  # its dataclass looks its module up
+        spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod.dev_chosen()
 
 
 def post_training() -> tuple[str, ...]:
@@ -693,10 +703,11 @@ def render(results, csv_name: str, runs=None, references: dict | None = None) ->
 
     out = [*HEADER[:-1], HEADER[-1] + f" Per-run rows: [`{csv_name}`]({csv_name}).", "",
            (setting_text(runs) if runs is not None else "") + " Each cell is the mean ± "
-           "sample sd over the seeds listed (the seed draws the pool and the defense's randomness). Presets were "
-           "chosen on the development split (`scripts/tune_on_dev.py`), never on these numbers, except where a row is "
-           "marked † (a `quick` preset set in round 1, partly with test-split runs, not yet re-derived); defenses never "
-           "receive a test image (the runner seals the split). Seconds are the defense's wall time including the "
+           "sample sd over the seeds listed (the seed draws the pool and the defense's randomness). A `quick` preset "
+           "is chosen on the zoo's development suspects (`scripts/choose_presets.py`, docs/preset-choice.md), never "
+           "on these numbers; a row marked † has a `quick` preset that is not (yet) that choice (set in earlier "
+           "rounds, partly with runs on these test suspects, or a training-time defense that the script does not "
+           "tune); defenses never receive a test image (the runner seals the split). Seconds are the defense's wall time including the "
            "'after' measurement, on an otherwise idle machine."
            + (f" {stale} runs of the store, made on earlier weights of the demo suspects, are left out." if stale else "")
            + (f" {old_presets} runs made with an earlier version of a preset (before it was re-chosen) are left out."
@@ -710,6 +721,7 @@ def render(results, csv_name: str, runs=None, references: dict | None = None) ->
            "them as what the method achieves where it was designed, not as a target for these models.", "",
            stats_legend(), "", machines_text(runs), ""]
     out += ["## Goals (checked on the numbers below)", "", *goal_lines(results), ""]
+    chosen = dev_chosen()
     for attack, (before, g) in results.items():
         front = _front(g)
         near = _near(g)
@@ -730,7 +742,7 @@ def render(results, csv_name: str, runs=None, references: dict | None = None) ->
             preset = _label(row.preset, row.overrides)
             name = (f"**{title}**" if (row.defense, preset) in front else
                     f"*{title}*" if (row.defense, preset) in near else title)
-            if row.preset == "quick" and row.defense not in DEV_CHOSEN:
+            if row.preset == "quick" and row.defense not in chosen:
                 name += " †"
             if getattr(row, "n_failed", 0):
                 name += f" (gave up in {row.n_failed} of {row.n_seeds} runs: model unchanged)"

@@ -55,7 +55,30 @@ RULE = (f"Among the settings of a defense that were tried on every development t
         f"the lowest mean (ASR + BA drop), then the fewest mean seconds, then the earlier candidate. On a suspect "
         f"without a trigger (clean) the ASR counts as 0. No setting qualifies: today's quick preset stays.")
 
-# Candidate overrides on today's quick preset, per post-training defense (``{}`` is today's preset). Each varies the
+# The quick preset of each defense as it was when its candidates were written (2026-12-06): a candidate is this base
+# plus its overrides, so a setting (and the trials logged for it) stays the same setting after a chosen candidate
+# becomes the defense's quick preset. ``run`` passes each candidate to tune_on_dev as overrides on *today's* quick.
+BASE: dict[str, dict[str, Any]] = {
+    "shortcut": {"steps": 70, "batch_size": 64, "lr": 0.02, "schedule": "cosine", "augment": "crop"},
+    "linf_prune": {"max_ratio": 0.5, "target_asr": 0.05, "ba_tolerance": 0.15, "activation": "abs"},
+    "awm": {"outer": 20, "steps": 9, "batch_size": 64},
+    "anp": {"iterations": 300, "batch_size": 64},
+    "fineprune": {"steps": 140, "lr": 0.05, "batch_size": 64},
+    "finetune": {"steps": 80, "lr": 0.05, "batch_size": 64},
+    "ftsam": {"steps": 60, "lr": 0.05, "batch_size": 64, "t_max": 0, "augment": "crop"},
+    "nad": {"teacher_steps": 60, "steps": 60, "teacher_lr": 0.05, "lr": 0.01, "lr_drop_step": 30, "lr_after": 0.01,
+            "augment": "crop"},
+    "clp": {},
+    "rnp": {"recover_epochs": 10, "augment": "crop"},
+    "sau": {"n_rounds": 10, "lr": 0.0005, "lmd_1": 3.0, "batch_size": 128, "adv_steps": 3},
+    "fst": {"steps": 70, "lr": 0.02, "batch_size": 64, "augment": "crop"},
+    "ibau": {"n_rounds": 5, "K": 3, "batch_size": 64, "lr": 0.0003, "eta": 0.01, "radius": 3.0, "portion": 0.2},
+    "npd": {"warmup_steps": 10, "steps": 150, "batch_size": 64},
+    "btidbf": {"gen_filters": 16, "gen_blocks": 2, "residual": True, "preround": 5, "nround": 2, "mround": 3,
+               "mask_lr": 0.05, "uround": 6, "ul_round": 5, "batch_size": 32, "gen_lr": 0.01, "augment": "crop"},
+}
+
+# Candidate overrides on BASE, per post-training defense (``{}`` is the base, the quick preset of 2026-12-06). Each varies the
 # one or two knobs that trade BA for ASR or cost, read from the defense's docstring, Params and docs/fidelity.md
 # (official values: ../shared/reference/defenses.md, methods-2.md); seconds are today's quick on the demo, 2 cores.
 CANDIDATES: dict[str, list[dict[str, Any]]] = {
@@ -116,6 +139,19 @@ def params_of(defense: str, overrides: dict[str, Any] | None = None) -> dict[str
     from defenses import get_defense
 
     return json.loads(json.dumps(asdict(get_defense(defense).make_params("quick", overrides)), default=str))
+
+
+def candidate_params(defense: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The full parameters of a candidate: :data:`BASE` (the quick preset its candidates were written against) with
+    ``overrides``, as a trial logs them. Independent of today's quick preset."""
+    from defenses import get_defense
+    from defenses.base import params_from
+
+    base = BASE.get(defense)
+    if base is None:
+        return params_of(defense, overrides)
+    params = params_from(get_defense(defense).Params, {**base, **overrides})
+    return json.loads(json.dumps(asdict(params), default=str))
 
 
 def params_key(params: dict[str, Any]) -> str:
@@ -244,7 +280,7 @@ def run(defenses: list[str] | None = None, attacks: list[str] | None = None, per
     base = _tune().DEV_SEED_BASE
     counts = {"ran": 0, "logged": 0, "slow": 0, "failed": 0, "left": 0, "stopped": False}
     for defense in names:
-        cands = [(i, ov, params_of(defense, ov)) for i, ov in enumerate(CANDIDATES[defense])]
+        cands = [(i, ov, candidate_params(defense, ov)) for i, ov in enumerate(CANDIDATES[defense])]
         for attack, ref, fp in suspects:
             for i, ov, params in cands:
                 for seed in range(base, base + seeds):
@@ -267,8 +303,8 @@ def run(defenses: list[str] | None = None, attacks: list[str] | None = None, per
                         continue
                     note = f"{NOTE} candidate {i} of {defense}: {json.dumps(ov, sort_keys=True)}"
                     print(f"== {defense} candidate {i} {json.dumps(ov)} on {ref} ({attack}), seed {seed}", flush=True)
-                    try:
-                        run_trial(defense, ref, ov, seed, images, log, note)
+                    try:  # tune_on_dev applies overrides to today's quick preset
+                        run_trial(defense, ref, overrides_against_quick(defense, params), seed, images, log, note)
                         counts["ran"] += 1
                     except (RuntimeError, ValueError) as err:  # e.g. not applicable: say so, go on
                         counts["failed"] += 1
@@ -371,13 +407,9 @@ def choose(log: Path = DEFAULT_LOG, cap: float = CAP_SECONDS) -> dict[str, Any]:
                            "not_development": not_dev, "defenses": {}}
     for defense in post_training_defenses():  # training-time defenses (ABL, DBD, CBD) have their own budget
         mine = [r for r in usable if r["defense"] == defense]
-        cand_keys = {}
-        if defense in CANDIDATES:
-            for i, ov in enumerate(CANDIDATES[defense]):
-                cand_keys.setdefault(params_key(params_of(defense, ov)), i)
         settings: dict[str, Setting] = {}
         for i, ov in enumerate(CANDIDATES.get(defense, [])):
-            p = params_of(defense, ov)
+            p = candidate_params(defense, ov)
             settings.setdefault(params_key(p), Setting(p, overrides_against_quick(defense, p), i))
         for r in mine:
             k = params_key(r["params"])
@@ -408,12 +440,27 @@ def choose(log: Path = DEFAULT_LOG, cap: float = CAP_SECONDS) -> dict[str, Any]:
         best = min(eligible, key=rank) if eligible else None
         if best is not None:
             best.verdict = "chosen"
+        # decided: every candidate ran on every trial, or is too slow to win (skipped after its first trials)
+        cands = [s for s in settings.values() if s.candidate is not None]
+        decided = bool(cands) and all(s.complete or (s.trials and _mean_seconds(s) > cap) for s in cands)
         out["defenses"][defense] = {
             "settings": list(settings.values()), "trials": len(needed), "chosen": best,
             "overrides": best.overrides if best is not None else None,
             "differs": bool(best is not None and best.overrides),
+            "decided": decided,
+            "dev_chosen": bool(decided and best is not None and not best.overrides),
         }
     return out
+
+
+def _mean_seconds(s: Setting) -> float:
+    return statistics.mean(float(r["seconds"]) for r in s.trials.values())
+
+
+def dev_chosen(log: Path = DEFAULT_LOG) -> set[str]:
+    """The post-training defenses whose quick preset today *is* the setting the rule chose on development suspects,
+    with every candidate decided (the benchmark marks the others' quick rows with a dagger)."""
+    return {d for d, info in choose(log)["defenses"].items() if info["dev_chosen"]}
 
 
 def _safe_overrides(defense: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -483,6 +530,10 @@ def render(result: dict[str, Any], cap: float = CAP_SECONDS) -> str:
         if best is None:
             lines += [f"No setting qualifies (complete on the {d['trials']} trials and <= {cap:.0f} s): today's "
                       "quick preset stays.", ""]
+        elif not d["decided"]:
+            so_far = f"`{json.dumps(best.overrides, sort_keys=True)}`" if d["differs"] else "today's quick preset"
+            lines += ["Not decided yet: a candidate has not run on every trial (`run` goes on); so far the rule "
+                      f"prefers {so_far}.", ""]
         elif d["differs"]:
             which = f"candidate {best.candidate}" if best.candidate is not None else "a logged setting"
             lines += [f"Chosen: {which}, **different from today's quick preset**: apply "
@@ -507,7 +558,8 @@ def summary_json(result: dict[str, Any]) -> dict[str, Any]:
     out["defenses"] = {}
     for defense, d in result["defenses"].items():
         out["defenses"][defense] = {
-            "trials": d["trials"], "overrides": d["overrides"], "differs": d["differs"],
+            "trials": d["trials"], "overrides": d["overrides"], "differs": d["differs"], "decided": d["decided"],
+            "dev_chosen": d["dev_chosen"],
             "settings": [{"candidate": s.candidate, "overrides": s.overrides, "verdict": s.verdict, **s.stats()}
                          for s in d["settings"]],
         }
@@ -563,6 +615,8 @@ def main(argv: list[str] | None = None) -> int:
             if d["chosen"] is None:
                 tried = any(st.trials for st in d["settings"])
                 print(f"{defense}: {'no setting qualifies' if tried else 'no development trial yet'} (keep quick)")
+            elif not d["decided"]:
+                print(f"{defense}: not decided yet (so far {json.dumps(d['overrides'], sort_keys=True)})")
             elif d["differs"]:
                 print(f"{defense}: {json.dumps(d['overrides'], sort_keys=True)}")
             else:

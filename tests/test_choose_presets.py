@@ -42,13 +42,13 @@ def test_every_post_training_defense_has_valid_candidates(cp):
     from defenses.base import ParamError
 
     assert list(cp.CANDIDATES) == cp.post_training_defenses()  # registry order, no training-time defense
-    assert "abl" not in cp.CANDIDATES and len(cp.CANDIDATES) == 15
+    assert "abl" not in cp.CANDIDATES and len(cp.CANDIDATES) == 15 and set(cp.BASE) == set(cp.CANDIDATES)
     for name, cands in cp.CANDIDATES.items():
         assert 2 <= len(cands) <= 4 and cands[0] == {}, name
-        keys = {cp.params_key(cp.params_of(name, ov)) for ov in cands}  # make_params raises on a bad name / value
+        keys = {cp.params_key(cp.candidate_params(name, ov)) for ov in cands}  # params_from raises on a bad value
         assert len(keys) == len(cands), f"{name}: two candidates are the same setting"
         for ov in cands[1:]:
-            assert cp.overrides_against_quick(name, cp.params_of(name, ov)), (name, ov)
+            assert cp.candidate_params(name, ov) != cp.candidate_params(name, {}), (name, ov)
         for ov in cands:  # run_trial passes them to tune_on_dev as --set NAME=JSON: they come back the same
             assert parse_sets([f"{k}={json.dumps(v)}" for k, v in ov.items()]) == ov, (name, ov)
     with pytest.raises(ParamError):  # what the check above relies on
@@ -115,7 +115,8 @@ def test_choose_applies_the_rule_and_refuses_test_suspects(cp, tmp_path):
     assert "**Rule.**" in doc and "5 refused" in doc and "`zoo:badnets-s1` x1" in doc
     section = doc.split("(`finetune`)")[1].split("\n## ")[0]
     assert "| candidate 1 | `{\"lr\": 0.03}` | 1/1, 0.020 / 0.010, 20 s | 1/1, 0.010 / 0.020, 21 s | 2/2" in section
-    assert "**chosen**" in section and "over 120 s" in section and "different from today's quick preset" in section
+    assert "**chosen**" in section and "over 120 s" in section  # candidate 3 ran on one suspect: not decided yet
+    assert "Not decided yet" in section and 'prefers `{"lr": 0.03}`' in section and not ft["decided"]
     assert "No setting qualifies" in doc.split("(`sau`)")[1].split("\n## ")[0]
     assert "No development trial yet" in doc.split("(`clp`)")[1].split("\n## ")[0]
 
@@ -193,3 +194,48 @@ def test_default_attacks_are_those_with_a_built_development_suspect(cp, monkeypa
     assert "left out" in err and all(a in err for a in backdoored if a != "sig")
     monkeypatch.setattr(cp, "dev_suspects", lambda attack: [f"zoo:{attack}-dev-s10"])
     assert cp.default_attacks() == backdoored and not capsys.readouterr().err
+
+
+def test_a_chosen_candidate_applied_as_quick_stays_the_same_setting(cp, tmp_path, monkeypatch):
+    """Candidates are settings on a frozen base: once the chosen one becomes the quick preset, the logged trials
+    still belong to the same candidates, the choice reads "today's quick" and the defense counts as chosen on
+    development suspects; ``run`` then passes each candidate to tune_on_dev as overrides on the new quick."""
+    from defenses import get_defense
+
+    b, bl = "zoo:badnets-dev-s10", "zoo:blended-dev-s10"
+    outcome = {0: (0.2, 0.02), 1: (0.1, 0.03), 2: (0.01, 0.01), 3: (0.02, 0.05)}  # candidate 2 wins on both
+    rows = [_row(cp, "finetune", ov, ref, *outcome[i], 20, fp=f"fp-{ref[4:].split('-')[0]}")
+            for i, ov in enumerate(cp.CANDIDATES["finetune"]) for ref in (b, bl)]
+    log = _write(tmp_path / "trials.jsonl", rows)
+    before = cp.choose(log)["defenses"]["finetune"]
+    assert before["decided"] and before["chosen"].candidate == 2 and before["differs"] and not before["dev_chosen"]
+    assert "finetune" not in cp.dev_chosen(log)
+    assert "different from today's quick preset" in cp.render(cp.choose(log)).split("(`finetune`)")[1]
+
+    quick = get_defense("finetune").presets["quick"]
+    monkeypatch.setitem(get_defense("finetune").presets, "quick", {**quick, **cp.CANDIDATES["finetune"][2]})
+    after = cp.choose(log)["defenses"]["finetune"]
+    assert after["chosen"].candidate == 2 and after["overrides"] == {} and after["dev_chosen"]
+    assert {s.candidate: s.overrides for s in after["settings"]}[0] == {"steps": quick["steps"]}
+    assert "finetune" in cp.dev_chosen(log)
+    doc = cp.render(cp.choose(log))
+    assert "Chosen: today's quick preset (no change)." in doc.split("(`finetune`)")[1].split("\n## ")[0]
+
+    calls = _fake_runner(cp, monkeypatch)
+    counts = cp.run(["finetune"], ["badnets", "blended", "sig"], log=log)
+    assert counts["ran"] == 4 and counts["logged"] == 8  # only the new suspect's trials ran
+    sent = [json.loads(c[1]) for c in calls]
+    assert sent[0] == {"steps": quick["steps"]} and sent[2] == {}  # candidate 0 and candidate 2 (today's quick)
+
+
+def test_an_incomplete_or_unfinished_choice_is_not_counted_as_chosen(cp, tmp_path):
+    b = "zoo:badnets-dev-s10"
+    rows = [_row(cp, "fst", ov, b, 0.0, 0.0, 10) for ov in cp.CANDIDATES["fst"][:2]]  # two of four candidates
+    result = cp.choose(_write(tmp_path / "t.jsonl", rows))["defenses"]["fst"]
+    assert result["chosen"].candidate == 0 and not result["decided"] and not result["dev_chosen"]
+    assert "Not decided yet" in cp.render(cp.choose(tmp_path / "t.jsonl"))
+    # the other two are too slow to win: skipped after their first trial, decided all the same
+    rows += [_row(cp, "fst", ov, b, 0.0, 0.0, 300) for ov in cp.CANDIDATES["fst"][2:]]
+    rows += [_row(cp, "fst", ov, "zoo:sig-dev-s10", 0.0, 0.0, 10) for ov in cp.CANDIDATES["fst"][:2]]
+    result = cp.choose(_write(tmp_path / "t.jsonl", rows))["defenses"]["fst"]
+    assert result["decided"] and result["dev_chosen"] and result["chosen"].candidate == 0
