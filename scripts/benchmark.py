@@ -88,6 +88,8 @@ def run_grid(args: argparse.Namespace) -> int:
     from runs.store import RunStore
 
     store = RunStore(args.runs)
+    out = Path(args.out)
+    csv = out.with_name(out.stem + "-runs.csv")
     names = [d for d in (args.defenses.split(",") if args.defenses else list_defenses()) if d]
     overrides = parse_sets(args.set)
     if overrides and len(names) != 1:
@@ -99,7 +101,7 @@ def run_grid(args: argparse.Namespace) -> int:
         for ref in test_suspects(attack):  # a cell is (test suspect x seed) runs
             suspect = suspects.load(ref)
             pool_size = resolve_pool_size(args.pool_size, len(suspect.defense_pool))
-            done = _cells_done(store, ref)
+            done = _cells_done(store, ref) | _csv_cells_done(csv, ref)  # a run the CSV holds is not made again
             for defense in names:
                 for preset in [p for p in args.presets.split(",") if p]:
                     for seed in range(args.seeds):
@@ -390,6 +392,36 @@ def csv_rows(csv_path: Path):
                               zip(rows["preset_version"], rows["defense"], rows["preset"], rows["overrides"],
                                   strict=True)]
     return rows
+
+
+RUN_KEYS = ["suspect", "defense", "preset", "overrides", "seed", "clean_images", "preset_version", "fingerprint"]
+"""What makes two runs the same run: the same weights, defense, preset version, overrides, seed and pool size."""
+
+
+def merge_with_csv(store_table, csv_table):
+    """The store's runs plus the CSV's runs the store does not hold (by run id, then by :data:`RUN_KEYS`: a run the
+    store made again replaces the CSV's). So a store that holds only new runs (a new machine, a re-chosen preset, new
+    suspects) adds to the published runs instead of replacing them."""
+    import pandas as pd
+
+    if csv_table.empty:
+        return store_table
+    if store_table.empty:
+        return csv_table
+    older = csv_table[~csv_table["run_id"].isin(set(store_table["run_id"]))]
+    key = lambda t: t[RUN_KEYS].astype(str).agg("|".join, axis=1)  # noqa: E731
+    older = older[~key(older).isin(set(key(store_table)))]
+    return pd.concat([store_table, older], ignore_index=True)
+
+
+def _csv_cells_done(csv: Path, suspect_ref: str) -> set[tuple[str, str, str, int, int]]:
+    """The cells of ``suspect_ref`` the runs CSV already holds on its current weights and today's presets."""
+    if not csv.is_file():
+        return set()
+    rows = csv_rows(csv)
+    rows = rows[(rows["suspect"] == suspect_ref) & rows["current_weights"] & rows["current_preset"]]
+    return {(d, p, o, int(s), int(n)) for d, p, o, s, n in
+            zip(rows["defense"], rows["preset"], rows["overrides"], rows["seed"], rows["clean_images"], strict=True)}
 
 
 def reference_rows(attacks, known: dict | None = None) -> dict[str, dict]:
@@ -838,8 +870,10 @@ def write_doc(args: argparse.Namespace) -> int:
             import pandas as pd
 
             rows = pd.DataFrame()
-        results, runs = summarise(rows)
-        capacity = capacity_section(Path(args.runs) / "capacity")
+        if csv.is_file():  # the CSV accumulates: runs of earlier stores stay unless the store redid them
+            rows = merge_with_csv(rows, csv_rows(csv))
+        results, runs = summarise(rows, meta if csv.is_file() else None)
+        capacity = capacity_section(Path(args.runs) / "capacity") or list(meta.get("capacity") or [])
     if not results:
         stale = int(runs.attrs.get("stale", 0))
         old = int(runs.attrs.get("old_presets", 0))

@@ -77,6 +77,32 @@ def test_grid_runs_once_and_the_document_comes_from_the_store(tmp_path):
     assert "PreAct-ResNet-18 width" in text and "50-image clean pool (35 to train on, 15 held out)" in text
 
 
+def test_a_new_store_adds_to_the_published_runs(tmp_path):
+    """The runs CSV accumulates: ``run`` skips a run the CSV already holds (same suspect, preset version, seed, pool)
+    and ``write`` from a store that holds only new runs keeps the CSV's others; a run made again replaces its row."""
+    bench = _script()
+    doc = tmp_path / "bench.md"
+    argv = ["--defenses", "finetune", "--suspects", "badnets", "--presets", "quick", "--pool-size", "50",
+            "--set", "steps=1", "--out", str(doc)]
+    assert bench.main(["run", "--runs", str(tmp_path / "a"), "--seeds", "1", *argv]) == 0
+    assert bench.main(["write", "--runs", str(tmp_path / "a"), *argv, "--no-measure"]) == 0
+    first = pd.read_csv(doc.with_name("bench-runs.csv"))
+    assert first["seed"].tolist() == [0]
+
+    assert bench.main(["run", "--runs", str(tmp_path / "b"), "--seeds", "2", *argv]) == 0
+    assert runs_table(RunStore(tmp_path / "b"), "demo:badnets")["seed"].tolist() == [1]  # seed 0 is in the CSV
+    assert bench.main(["write", "--runs", str(tmp_path / "b"), *argv, "--no-measure"]) == 0
+    both = pd.read_csv(doc.with_name("bench-runs.csv"))
+    assert sorted(both["seed"]) == [0, 1] and set(first["run_id"]) < set(both["run_id"])
+    row = next(line for line in doc.read_text().splitlines() if line.startswith("| ") and "quick (steps=1)" in line)
+    assert [c.strip() for c in row.strip("|").split("|")][2] == "2"
+
+    rows = bench.csv_rows(doc.with_name("bench-runs.csv"))
+    again = rows[rows["seed"] == 0].assign(run_id="made-again", ba=0.5)
+    merged = bench.merge_with_csv(again, rows)
+    assert len(merged) == 2 and merged[merged["seed"] == 0]["ba"].tolist() == [0.5]
+
+
 def test_runs_on_earlier_weights_are_left_out(tmp_path, monkeypatch, capsys):
     """After the demo bundle is retrained, runs on the old weights no longer count as the suspect's numbers."""
     bench = _script()
