@@ -36,8 +36,12 @@ Deviations from the official code:
 - The clean data are the defense pool's training part (the official takes 5% of the training set).
 - ``teacher_lr``: the teacher's own learning rate (the official code has none: the README fine-tunes the teacher
   like the student; ``paper`` sets both to 0.1).
-- ``quick``: teacher 60 steps at lr 0.05 for 30 steps then 0.01, student 60 steps at lr 0.01, batches of 64, random
-  crop. Not yet chosen on the development suspects (issue "evidence"). Single runs on demo:badnets (seed 0) guided it,
+- ``quick``: teacher 60 steps at lr 0.05 for 30 steps then 0.01, student 120 steps at lr 0.01, batches of 64,
+  random crop. The student's 120 steps were chosen on the zoo's development suspects (``scripts/choose_presets.py``,
+  docs/preset-choice.md; one suspect per attack, defense seed 1000) over the earlier 60 steps and a teacher of 100
+  steps: it removed BadNets (ASR 0.033 at a BA drop of 0.026), as 60 steps did, with the lowest mean ASR + drop
+  (0.424 / 0.030 over the four attacks, vs. 0.480 / 0.028); none of the three removes Blended or SIG within a
+  0.03 drop. Before that (round 3), single runs on demo:badnets (seed 0) guided the teacher,
   measured on the held-out part of the defense pool (300 images, never the test split), BA / ASR from 0.910 / 0.996:
   teacher and student at lr 0.05 for 30 steps then 0.005: teacher 0.847, student 0.547 / 0.022; the same with the
   drop after 15 steps: 0.883, 0.467 / 0.007 (the attention terms with the official betas wreck a student trained
@@ -146,7 +150,7 @@ class NAD(Defense):
                "the trigger's attention pattern is distilled away. The classic baseline of backdoor-removal tables.")
     threat = ThreatModel(clean_pool=True)
     Params = NADParams
-    presets = {"quick": {"teacher_steps": 60, "steps": 60, "teacher_lr": 0.05, "lr": 0.01, "lr_drop_step": 30,
+    presets = {"quick": {"teacher_steps": 60, "steps": 120, "teacher_lr": 0.05, "lr": 0.01, "lr_drop_step": 30,
                          "lr_after": 0.01, "augment": "crop"},
                "paper": {}}
     artifact_labels = {"layers": "feature maps distilled (shallow to deep)", "betas": "beta per distilled layer",
