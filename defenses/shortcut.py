@@ -49,7 +49,8 @@ from .registry import register_defense
 
 @dataclass
 class ShortcutParams:
-    block: str = param("auto", help="block whose skip is suppressed ('auto' = the ablation rule on the pool)")
+    block: str = param("auto", help="block whose skip is suppressed ('auto' = the ablation rule on the pool, "
+                                    "'last' = the model's last residual block, or a block's name)")
     gamma: float = param(0.0, help="skip scale kept on that block (paper: 0)", min=0.0, max=1.0)
     steps: int = param(390, help="fine-tuning steps of the block's stage (0 = suppress only); the official 10 "
                                  "epochs over 5,000 images in batches of 128 (drop_last) are 390 steps",
@@ -96,9 +97,13 @@ class ShortcutSuppression(Defense):
                                  f"Suppressing an arbitrary skip connection would not remove the backdoor; name a "
                                  f"block (parameter 'block', one of {', '.join(blocks)}) to run anyway")
             block = res.critical_block
+        elif params.block == "last":
+            if not blocks:
+                raise ParamError("block='last': the model has no residual block")
+            block = blocks[-1]
         else:
             if params.block not in blocks:
-                raise ParamError(f"parameter 'block' must be 'auto' or one of {blocks}, got {params.block!r}")
+                raise ParamError(f"parameter 'block' must be 'auto', 'last' or one of {blocks}, got {params.block!r}")
             block = params.block
         set_skip_gamma(model, block, params.gamma)
         stage = block.split(".")[0]

@@ -23,10 +23,21 @@ def cp():
     return mod
 
 
-def _row(cp, defense, overrides, suspect, asr, drop, seconds, seed=1000, fp=None, role="dev", **extra):
+@pytest.fixture(autouse=True)
+def base_presets(cp, monkeypatch):
+    """Each defense's quick preset as the candidates' base (the expectations below are written against it; a preset
+    chosen since would shift today's overrides)."""
+    from defenses import get_defense
+
+    for name, base in cp.BASE.items():
+        monkeypatch.setitem(get_defense(name).presets, "quick", dict(base))
+
+
+def _row(cp, defense, overrides, suspect, asr, drop, seconds, seed=1000, fp=None, role="dev", params=None, **extra):
+    """A logged trial of the candidate ``overrides`` (on the candidates' base), or of ``params`` when given."""
     return {"defense": defense, "suspect": suspect, "fingerprint": fp or f"fp-{suspect}", "role": role,
             "data": {"name": "fashion-mnist-dev"}, "preset": "quick", "overrides": overrides,
-            "params": cp.params_of(defense, overrides), "seed": seed, "dev_ba_before": 0.90, "dev_ba": 0.90 - drop,
+            "params": params or cp.candidate_params(defense, overrides), "seed": seed, "dev_ba_before": 0.90, "dev_ba": 0.90 - drop,
             "dev_asr_before": None if asr is None else 0.99, "dev_asr": asr, "seconds": seconds,
             "note": "synthetic", **extra}
 
@@ -132,7 +143,8 @@ def _fake_runner(cp, monkeypatch, seconds=10.0, step=60.0):
     def fake(defense, ref, overrides, seed, images, log, note):
         assert note.startswith("choose_presets.py candidate ")
         secs = seconds(overrides) if callable(seconds) else seconds
-        row = _row(cp, defense, overrides, ref, 0.0, 0.0, secs, seed=seed, fp=f"fp-{ref[4:].split('-')[0]}")
+        row = _row(cp, defense, overrides, ref, 0.0, 0.0, secs, seed=seed, fp=f"fp-{ref[4:].split('-')[0]}",
+                   params=cp.params_of(defense, overrides))  # what tune_on_dev runs: today's quick + overrides
         with Path(log).open("a") as fh:
             fh.write(json.dumps({**row, "note": note}) + "\n")
         calls.append((defense, json.dumps(overrides), ref, seed))
@@ -207,16 +219,17 @@ def test_a_chosen_candidate_applied_as_quick_stays_the_same_setting(cp, tmp_path
     rows = [_row(cp, "finetune", ov, ref, *outcome[i], 20, fp=f"fp-{ref[4:].split('-')[0]}")
             for i, ov in enumerate(cp.CANDIDATES["finetune"]) for ref in (b, bl)]
     log = _write(tmp_path / "trials.jsonl", rows)
+    base = cp.BASE["finetune"]
+    monkeypatch.setitem(get_defense("finetune").presets, "quick", dict(base))  # as when the candidates were written
     before = cp.choose(log)["defenses"]["finetune"]
     assert before["decided"] and before["chosen"].candidate == 2 and before["differs"] and not before["dev_chosen"]
     assert "finetune" not in cp.dev_chosen(log)
     assert "different from today's quick preset" in cp.render(cp.choose(log)).split("(`finetune`)")[1]
 
-    quick = get_defense("finetune").presets["quick"]
-    monkeypatch.setitem(get_defense("finetune").presets, "quick", {**quick, **cp.CANDIDATES["finetune"][2]})
+    monkeypatch.setitem(get_defense("finetune").presets, "quick", {**base, **cp.CANDIDATES["finetune"][2]})
     after = cp.choose(log)["defenses"]["finetune"]
     assert after["chosen"].candidate == 2 and after["overrides"] == {} and after["dev_chosen"]
-    assert {s.candidate: s.overrides for s in after["settings"]}[0] == {"steps": quick["steps"]}
+    assert {s.candidate: s.overrides for s in after["settings"]}[0] == {"steps": base["steps"]}
     assert "finetune" in cp.dev_chosen(log)
     doc = cp.render(cp.choose(log))
     assert "Chosen: today's quick preset (no change)." in doc.split("(`finetune`)")[1].split("\n## ")[0]
@@ -225,7 +238,7 @@ def test_a_chosen_candidate_applied_as_quick_stays_the_same_setting(cp, tmp_path
     counts = cp.run(["finetune"], ["badnets", "blended", "sig"], log=log)
     assert counts["ran"] == 4 and counts["logged"] == 8  # only the new suspect's trials ran
     sent = [json.loads(c[1]) for c in calls]
-    assert sent[0] == {"steps": quick["steps"]} and sent[2] == {}  # candidate 0 and candidate 2 (today's quick)
+    assert sent[0] == {"steps": base["steps"]} and sent[2] == {}  # candidate 0 and candidate 2 (today's quick)
 
 
 def test_an_incomplete_or_unfinished_choice_is_not_counted_as_chosen(cp, tmp_path):

@@ -55,6 +55,10 @@ def test_defense_lowers_asr_on_badnets(badnets, name):
 def test_shortcut_records_the_suppressed_block(badnets, tmp_path):
     report = run_defense("shortcut", badnets, "quick", {"steps": 2, "block": "layer4.1"}, pool_size=100)
     assert report["artifacts"]["block"] == "layer4.1"
+    from suspects.models import list_residual_blocks
+
+    last = run_defense("shortcut", badnets, "quick", {"steps": 0, "block": "last"}, pool_size=100)
+    assert last["artifacts"]["block"] == list_residual_blocks(badnets.model)[-1] == "layer4.1"
     folder = suspects.save(report.suspect, tmp_path / "r")
     assert suspects.load(folder).card["skip_gammas"] == {"layer4.1": 0.0}
 
