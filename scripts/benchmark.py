@@ -45,6 +45,8 @@ from suspects.zoo import default_zoo  # noqa: E402
 # the benchmark's attacks: those of the suspect zoo's manifest (assets/zoo.json), whose test suspects make a cell
 ATTACKS = tuple(a for a in default_zoo().manifest["attacks"] if a != "clean")
 DOC = Path("docs/defense-benchmarks.md")
+
+
 def dev_chosen() -> set[str]:
     """The defenses whose ``quick`` preset today is what ``scripts/choose_presets.py`` chose on the zoo's development
     suspects (read from its log, docs/dev-trials.jsonl); every other defense's quick rows carry a dagger (issue 28)."""
@@ -735,12 +737,13 @@ def render(results, csv_name: str, runs=None, references: dict | None = None) ->
 
     out = [*HEADER[:-1], HEADER[-1] + f" Per-run rows: [`{csv_name}`]({csv_name}).", "",
            (setting_text(runs) if runs is not None else "") + " Each cell is the mean ± "
-           "sample sd over the seeds listed (the seed draws the pool and the defense's randomness). A `quick` preset "
+           "sample sd over its runs (a run: one test suspect x one defense seed; the seed draws the pool and the "
+           "defense's randomness). A `quick` preset "
            "is chosen on the zoo's development suspects (`scripts/choose_presets.py`, docs/preset-choice.md), never "
            "on these numbers; a row marked † has a `quick` preset that is not (yet) that choice (set in earlier "
            "rounds, partly with runs on these test suspects, or a training-time defense that the script does not "
-           "tune); defenses never receive a test image (the runner seals the split). Seconds are the defense's wall time including the "
-           "'after' measurement, on an otherwise idle machine."
+           "tune); defenses never receive a test image (the runner seals the split). Seconds are the defense's wall "
+           "time including the 'after' measurement, on an otherwise idle machine."
            + (f" {stale} runs of the store, made on earlier weights of the demo suspects, are left out." if stale else "")
            + (f" {old_presets} runs made with an earlier version of a preset (before it was re-chosen) are left out."
               if old_presets else "") + preset_change_text(runs),
