@@ -61,7 +61,10 @@ Deviations from the official code:
 - ``quick`` preset (two CPU minutes on the demo): a residual 2-level UNet with 16 filters, batches of 32 (more steps
   for the same work: 22 per epoch of the 700-image pool), preround 5, nround 2, mround 3 with mask_lr 0.05, uround 6
   with gen_lr 0.01, ul_round 5 (Adam 1e-4), augmentation ``crop`` (the demo suspects were trained without flips).
-  Not yet tuned on the development split. Measured once on demo:badnets (seed 0, test split, one core of a loaded
+  Kept after the choice on the zoo's development suspects (``scripts/choose_presets.py``, docs/preset-choice.md;
+  gen_lr 0.01 or 0.005, and preround 8 with uround 4, one suspect per attack, 45-54 s a trial): it removed BadNets
+  (dev ASR 0.008 at a BA drop of 0.008) and brought WaNet to 0.093, with the lowest mean ASR + BA drop; Blended
+  (0.985) and SIG (0.710) stay. Before that, measured once on demo:badnets (seed 0, test split, one core of a loaded
   machine): 101 s CPU (235 s wall); the generator reached the image-MSE bound (0.28 of 0.3) in round 1, but the vote
   picked class 8 (shares: 8 0.32, 2 0.24, 0 0.21; the attack's target is 0), so round 2 inverted class 8 and the
   unlearning missed the backdoor: BA 0.905 -> 0.879, ASR 0.997 -> 0.936. Earlier tries, batch 128 and gen_lr 1e-3

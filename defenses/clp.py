@@ -27,8 +27,11 @@ Deviations from the official code:
 - The demo suspects are PreAct-ResNet-18s: with ``dataflow`` only the BatchNorm after each block's first convolution
   (and the one right after the stem) is scored; the residual stream's BatchNorms are not.
 
-``quick`` is ``paper`` (u = 3): CLP costs seconds, so there is nothing to cut. Not yet chosen on the development
-suspects (issue "evidence"); measured once on demo:badnets (see ``docs/fidelity.md``).
+``quick`` is ``paper`` (u = 3): CLP costs seconds, so there is nothing to cut. Kept after the choice on the zoo's
+development suspects (``scripts/choose_presets.py``, docs/preset-choice.md; u = 3, 2.5, 2 and the registration
+pairing at 2.5, one suspect per attack): no setting removes a backdoor (dev ASR >= 0.83 everywhere), and lower u only
+costs BA (WaNet's suspect loses 0.37 at u = 2.5, 0.82 at u = 2), so u = 3 has the lowest mean ASR + BA drop. The
+demo backdoors are not carried by a few high-UCLC channels (see ``docs/fidelity.md``).
 """
 
 from __future__ import annotations

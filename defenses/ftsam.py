@@ -30,8 +30,11 @@ Deviations from the official code:
   CIFAR transform is random crop + horizontal flip).
 - Under float16 mixed precision (older GPUs) the second pass is not loss-scaled.
 - ``quick``: 60 steps of 64 images at lr 0.05, one cosine, rho 2, random crop (about 5.5 passes over the 700
-  training images of the default pool, each step two forward/backward passes). Not yet chosen on the development
-  suspects (issue "evidence"). Two single runs (seed 0) guided it: lr 0.02 left demo:badnets' ASR at 0.82 (test
+  training images of the default pool, each step two forward/backward passes). Kept after the choice on the zoo's
+  development suspects (``scripts/choose_presets.py``, docs/preset-choice.md; lr 0.05, 0.03, and 0.03 for 100
+  steps, one suspect per attack): every setting brings ASR low (mean 0.06-0.20) but none within a 0.03 BA drop
+  (mean drop 0.124 at lr 0.05, 0.079 at 0.03, 0.052 at 0.03 x 100 steps), and lr 0.05 has the lowest mean ASR + BA
+  drop. Before that, two single runs (seed 0) guided it: lr 0.02 left demo:badnets' ASR at 0.82 (test
   split, BA 0.905 -> 0.848); lr 0.05 on 1,000 development images (``scripts/tune_on_dev.py``, before the development
   suspects existed): BA 0.912 -> 0.805, ASR 0.999 -> 0.030. It buys the removal with about 10 BA points; the final
   run of ``quick`` is in ``docs/fidelity.md``.

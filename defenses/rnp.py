@@ -31,8 +31,11 @@ Deviations:
   with ``shuffle=True``); the last batch of an epoch is kept.
 
 ``quick`` keeps the official unlearning and the held-out threshold rule, with half the recovery epochs (10) and
-crop-only augmentation (the demo suspects were trained without flips). It was **not yet chosen on the development
-suspects** (issue "evidence"); measured once on ``demo:badnets`` (seed 0, default pool: 700 to train on, 300 held
+crop-only augmentation (the demo suspects were trained without flips). It was kept after the choice on the zoo's
+development suspects (``scripts/choose_presets.py``, docs/preset-choice.md; unlearning lr 0.01, 0.005 and 0.002,
+and 20 recovery epochs at 0.002, one suspect per attack): **no setting prunes anything** on any of the four (the
+held-out rule keeps every model unpruned, dev ASR unchanged), so all tie and the earliest, today's, stays. Measured
+once on ``demo:badnets`` (seed 0, default pool: 700 to train on, 300 held
 out; whole test split; one thread on a shared, loaded 2-core machine): BA 0.905 -> 0.905, ASR 0.997 -> 0.997, i.e.
 **nothing pruned**: at lr 0.01 the unlearning overshoots on the narrow demo model (training accuracy 0.89, 0.48, then
 0.09 after the third epoch; the copy predicts one class), the masks cannot bring it back (training accuracy 0.09 in
