@@ -52,7 +52,8 @@ SKIP_OVER = 180.0
 RULE = (f"Among the settings of a defense that were tried on every development trial of its candidates (suspect x "
         f"defense seed) and whose mean seconds are <= {CAP_SECONDS:.0f}, pick the one with the most successes (a "
         f"trial succeeds when its development ASR is <= {ASR_OK} at a development BA drop <= {DROP_OK}); ties go to "
-        f"the lowest mean (ASR + BA drop), then the fewest mean seconds, then the earlier candidate. On a suspect "
+        f"the lowest mean (ASR + BA drop), then a current candidate over another logged setting, then the fewest mean "
+        f"seconds, then the earlier candidate. On a suspect "
         f"without a trigger (clean) the ASR counts as 0. No setting qualifies: today's quick preset stays.")
 
 # The quick preset of each defense as it was when its candidates were written (2026-12-06): a candidate is this base
@@ -435,7 +436,10 @@ def choose(log: Path = DEFAULT_LOG, cap: float = CAP_SECONDS) -> dict[str, Any]:
 
         def rank(s: Setting) -> tuple:
             st = s.stats()
-            return (-st["k"], st["score"], st["seconds"], s.candidate if s.candidate is not None else 10 ** 6)
+            # a current candidate before another logged setting with the same results (a retired candidate that
+            # computes the same, e.g. a block named instead of 'last')
+            return (-st["k"], round(st["score"], 9), s.candidate is None, st["seconds"],
+                    s.candidate if s.candidate is not None else 10 ** 6)
 
         best = min(eligible, key=rank) if eligible else None
         if best is not None:

@@ -252,3 +252,14 @@ def test_an_incomplete_or_unfinished_choice_is_not_counted_as_chosen(cp, tmp_pat
     rows += [_row(cp, "fst", ov, "zoo:sig-dev-s10", 0.0, 0.0, 10) for ov in cp.CANDIDATES["fst"][:2]]
     result = cp.choose(_write(tmp_path / "t.jsonl", rows))["defenses"]["fst"]
     assert result["decided"] and result["dev_chosen"] and result["chosen"].candidate == 0
+
+
+def test_a_current_candidate_wins_a_tie_with_a_retired_setting(cp, tmp_path):
+    """A logged setting that is no longer a candidate (a block once named, now 'last') with the same results and
+    fewer seconds does not take the choice from the candidate."""
+    b = "zoo:badnets-dev-s10"
+    rows = [_row(cp, "shortcut", ov, b, 0.3, 0.01, 6) for ov in cp.CANDIDATES["shortcut"]]
+    rows.append(_row(cp, "shortcut", {"block": "layer4.1", "lr": 0.05}, b, 0.3, 0.01, 5))
+    rows[0] = _row(cp, "shortcut", {}, b, 0.9, 0.0, 6)
+    result = cp.choose(_write(tmp_path / "t.jsonl", rows))["defenses"]["shortcut"]
+    assert result["chosen"].candidate == 1 and result["overrides"] == {"block": "last"}
