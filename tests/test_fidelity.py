@@ -148,7 +148,7 @@ def test_no_critical_block_when_every_score_ties_at_zero(always_target):
     assert res.critical_block is None  # formerly layer1.0, the first of the tie
     assert "no critical block" in res.no_critical_reason() and str(MIN_CRITICAL_SCORE) in res.no_critical_reason()
     with pytest.raises(ParamError, match="no critical block.*name a block"):
-        run_defense("shortcut", s, "quick", {"steps": 2}, pool_size=100)
+        run_defense("shortcut", s, "quick", {"steps": 2, "block": "auto"}, pool_size=100)  # quick names 'last'
     named = run_defense("shortcut", s, "quick", {"steps": 2, "block": "layer3.1"}, pool_size=100)
     assert named["artifacts"]["block"] == "layer3.1"
 
