@@ -234,6 +234,30 @@ def card_of(ref: str) -> dict:
     return suspects.load(ref).card
 
 
+def built_card(ref: str) -> dict | None:
+    """:func:`card_of`, or None for a zoo suspect that is not built here (a fresh clone: the runs CSV still names it,
+    and the manifest records its fingerprint)."""
+    from suspects.store import SuspectLoadError
+
+    try:
+        return card_of(ref)
+    except (FileNotFoundError, SuspectLoadError):
+        return None
+
+
+def weights_fingerprint(ref: str) -> str | None:
+    """The fingerprint of ``ref``'s weights now: a zoo suspect's from its folder when built, else the one the
+    manifest records (:func:`suspects.zoo.current_fingerprint`); any other reference's from its files."""
+    if ref.startswith("zoo:"):
+        from suspects.zoo import current_fingerprint
+
+        try:
+            return current_fingerprint(ref)
+        except ValueError:  # no longer in the manifest
+            return None
+    return ref_fingerprint(ref)
+
+
 def attack_of(card: dict, default: str) -> str:
     """The attack a suspect carries: its card's ``trigger.name`` (so ``demo:badnets`` and ``zoo:badnets-s1`` land
     in one cell), else ``default``."""
@@ -293,6 +317,17 @@ def preset_changes(rows) -> list[dict]:
     return out
 
 
+def suspect_metrics(ref: str, rows) -> dict:
+    """A suspect's BA / ASR / RA before any defense: its card's, or (a zoo suspect not built here) what its runs
+    recorded as their before-metrics (the card's, to the CSV's 4 decimals)."""
+    card = built_card(ref)
+    if card is not None:
+        return card.get("metrics") or {}
+    first = rows.iloc[0]
+    return {k: (None if f"{k}_before" not in rows or first[f"{k}_before"] != first[f"{k}_before"]
+                else float(first[f"{k}_before"])) for k in ("ba", "asr", "ra")}
+
+
 def summarise(rows, meta: dict | None = None):
     """Per attack: (the suspects' before-metrics, the cells: :func:`runs.compare.group_runs` over the attack's
     (test suspect x seed) runs on current weights and today's presets), and those runs. ``runs.attrs``: ``stale``
@@ -334,7 +369,7 @@ def summarise(rows, meta: dict | None = None):
                                     for d, p, o in zip(groups["defense"], groups["preset"], groups["overrides"],
                                                        strict=True)]
             groups["drop_mean"], groups["drop_sd"] = groups["ba_drop_mean"], groups["ba_drop_sd"]
-            cards = [(card_of(ref).get("metrics") or {}) for ref in sorted(set(table["suspect"]))]
+            cards = [suspect_metrics(ref, table[table["suspect"] == ref]) for ref in sorted(set(table["suspect"]))]
             # the suspects' metrics before any defense (the cards', which the runs' before-metrics equal); the mean
             # over the attack's test suspects where there are several
             before = {k: float(np.mean([float("nan") if m.get(k) is None else float(m[k]) for m in cards]))
@@ -374,17 +409,21 @@ def csv_rows(csv_path: Path):
     if "suspect" not in rows:
         rows["suspect"] = "demo:" + rows["attack"].astype(str)
     rows["failed"] = rows["failed"].astype(str).str.lower() == "true"
-    cards = {ref: card_of(ref) for ref in sorted(set(rows["suspect"]))}
     keep = pd.Series(True, index=rows.index)
-    for ref, card in cards.items():
-        m = card["metrics"]
+    for ref in sorted(set(rows["suspect"])):
+        card = built_card(ref)  # None: a zoo suspect not built here; its recorded fingerprint still decides
         sel = rows["suspect"] == ref
-        ok = (rows.loc[sel, "ba_before"] - m["ba"]).abs() <= CSV_TOLERANCE
-        for key in ("asr", "ra"):
-            if m.get(key) is not None and f"{key}_before" in rows:
-                ok &= (rows.loc[sel, f"{key}_before"] - m[key]).abs() <= CSV_TOLERANCE
+        ok = pd.Series(True, index=rows.index[sel])
+        if card is not None:
+            m = card["metrics"]
+            ok &= (rows.loc[sel, "ba_before"] - m["ba"]).abs() <= CSV_TOLERANCE
+            for key in ("asr", "ra"):
+                if m.get(key) is not None and f"{key}_before" in rows:
+                    ok &= (rows.loc[sel, f"{key}_before"] - m[key]).abs() <= CSV_TOLERANCE
         if "fingerprint" in rows:  # the weights the row names must be the suspect's weights today
-            ok &= rows.loc[sel, "fingerprint"].fillna("") == (ref_fingerprint(ref) or "")
+            ok &= rows.loc[sel, "fingerprint"].fillna("") == (weights_fingerprint(ref) or "")
+        elif card is None:
+            ok &= False  # neither a card nor a fingerprint to check the row against
         keep[sel] = ok
     rows["current_weights"] = keep
     for column in ("fingerprint", "machine"):

@@ -103,6 +103,35 @@ def test_a_new_store_adds_to_the_published_runs(tmp_path):
     assert len(merged) == 2 and merged[merged["seed"] == 0]["ba"].tolist() == [0.5]
 
 
+def test_runs_of_zoo_suspects_not_built_here_count_by_their_recorded_fingerprint(tmp_path):
+    """On a fresh clone the zoo's s1 / s2 weights are not on disk (tests run with an empty zoo folder): their CSV rows
+    still count when they name the fingerprint the manifest records, and not when they name other weights."""
+    import shutil
+
+    from suspects.zoo import default_zoo
+
+    bench = _script()
+    for name in ("defense-benchmarks-runs.csv", "defense-benchmarks-meta.json"):
+        shutil.copy(ROOT / "docs" / name, tmp_path / name)
+    csv = tmp_path / "defense-benchmarks-runs.csv"
+    rows = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    fst = rows[(rows["attack"] == "badnets") & (rows["defense"] == "fst") & (rows["preset"] == "quick")]
+    assert len(fst) == 3
+    recorded = default_zoo().entry("badnets-s1").fingerprint
+    assert recorded and not default_zoo().present(default_zoo().entry("badnets-s1"))
+    zoo_row = fst.iloc[[0]].assign(suspect="zoo:badnets-s1", fingerprint=recorded, run_id="zoo-s1-run", ba="0.5")
+    other = fst.iloc[[0]].assign(suspect="zoo:badnets-s2", fingerprint="0" * 32, run_id="zoo-s2-run")
+    pd.concat([rows, zoo_row, other]).to_csv(csv, index=False)
+    table = bench.csv_rows(csv)
+    assert table.set_index("run_id").loc["zoo-s1-run", "current_weights"]
+    assert not table.set_index("run_id").loc["zoo-s2-run", "current_weights"]
+    out = tmp_path / "defense-benchmarks.md"
+    assert bench.main(["write", "--from-csv", "--out", str(out), "--no-measure"]) == 0
+    section = out.read_text().split("## badnets", 1)[1].split("\n## ", 1)[0]
+    row = next(x for x in section.splitlines() if x.startswith("| ") and "Feature Shift" in x)
+    assert [c.strip() for c in row.strip("|").split("|")][2] == "4"  # 3 runs on s0 + the s1 run; s2's left out
+
+
 def test_runs_on_earlier_weights_are_left_out(tmp_path, monkeypatch, capsys):
     """After the demo bundle is retrained, runs on the old weights no longer count as the suspect's numbers."""
     bench = _script()
