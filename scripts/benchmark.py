@@ -391,7 +391,8 @@ def collect(store, attacks=ATTACKS):
 
 
 # the per-run CSV beside the document: what ``write`` regenerates the document from when no store is at hand
-CSV_COLUMNS = ["attack", "defense", "preset", "overrides", "seed", "ba_before", "ba", "ba_drop", "asr_before", "asr",
+CSV_COLUMNS = ["attack", "defense", "preset", "overrides", "seed", "ba_before", "ba", "ba_drop", "asr_before", "ra_before",
+               "asr",
                "ra", "der", "seconds", "failed", "device", "clean_images", "held_out", "date", "run_id", "suspect",
                "preset_version", "fingerprint", "machine"]
 """``fingerprint``: the weights the run repaired (:func:`suspects.identity.fingerprint`), for runs on the suspect's
@@ -419,7 +420,8 @@ def csv_rows(csv_path: Path):
             ok &= (rows.loc[sel, "ba_before"] - m["ba"]).abs() <= CSV_TOLERANCE
             for key in ("asr", "ra"):
                 if m.get(key) is not None and f"{key}_before" in rows:
-                    ok &= (rows.loc[sel, f"{key}_before"] - m[key]).abs() <= CSV_TOLERANCE
+                    value = rows.loc[sel, f"{key}_before"]  # empty in rows written before the column existed
+                    ok &= value.isna() | ((value - m[key]).abs() <= CSV_TOLERANCE)
         if "fingerprint" in rows:  # the weights the row names must be the suspect's weights today
             ok &= rows.loc[sel, "fingerprint"].fillna("") == (weights_fingerprint(ref) or "")
         elif card is None:
@@ -435,8 +437,9 @@ def csv_rows(csv_path: Path):
     return rows
 
 
-RUN_KEYS = ["suspect", "defense", "preset", "overrides", "seed", "clean_images", "preset_version", "fingerprint"]
-"""What makes two runs the same run: the same weights, defense, preset version, overrides, seed and pool size."""
+RUN_KEYS = ["fingerprint", "defense", "preset", "overrides", "seed", "clean_images", "preset_version"]
+"""What makes two runs the same run: the same weights (by fingerprint: ``demo:badnets`` is ``zoo:badnets-s0``),
+defense, preset version, overrides, seed and pool size."""
 
 
 def merge_with_csv(store_table, csv_table):
@@ -456,11 +459,12 @@ def merge_with_csv(store_table, csv_table):
 
 
 def _csv_cells_done(csv: Path, suspect_ref: str) -> set[tuple[str, str, str, int, int]]:
-    """The cells of ``suspect_ref`` the runs CSV already holds on its current weights and today's presets."""
+    """The cells of ``suspect_ref``'s weights (under any name) the runs CSV already holds, on today's presets."""
     if not csv.is_file():
         return set()
     rows = csv_rows(csv)
-    rows = rows[(rows["suspect"] == suspect_ref) & rows["current_weights"] & rows["current_preset"]]
+    same = (rows["suspect"] == suspect_ref) | (rows["fingerprint"] == (weights_fingerprint(suspect_ref) or "-"))
+    rows = rows[same & rows["current_weights"] & rows["current_preset"]]  # the same weights under any name
     return {(d, p, o, int(s), int(n)) for d, p, o, s, n in
             zip(rows["defense"], rows["preset"], rows["overrides"], rows["seed"], rows["clean_images"], strict=True)}
 
