@@ -92,6 +92,7 @@ def run_grid(args: argparse.Namespace) -> int:
     store = RunStore(args.runs)
     out = Path(args.out)
     csv = out.with_name(out.stem + "-runs.csv")
+    published = csv_rows(csv) if csv.is_file() else None  # read once, not per suspect
     names = [d for d in (args.defenses.split(",") if args.defenses else list_defenses()) if d]
     overrides = parse_sets(args.set)
     if overrides and len(names) != 1:
@@ -103,7 +104,7 @@ def run_grid(args: argparse.Namespace) -> int:
         for ref in test_suspects(attack):  # a cell is (test suspect x seed) runs
             suspect = suspects.load(ref)
             pool_size = resolve_pool_size(args.pool_size, len(suspect.defense_pool))
-            done = _cells_done(store, ref) | _csv_cells_done(csv, ref)  # a run the CSV holds is not made again
+            done = _cells_done(store, ref) | _csv_cells_done(published, ref)  # a run the CSV holds is not redone
             for defense in names:
                 for preset in [p for p in args.presets.split(",") if p]:
                     for seed in range(args.seeds):
@@ -458,11 +459,11 @@ def merge_with_csv(store_table, csv_table):
     return pd.concat([store_table, older], ignore_index=True)
 
 
-def _csv_cells_done(csv: Path, suspect_ref: str) -> set[tuple[str, str, str, int, int]]:
-    """The cells of ``suspect_ref``'s weights (under any name) the runs CSV already holds, on today's presets."""
-    if not csv.is_file():
+def _csv_cells_done(rows, suspect_ref: str) -> set[tuple[str, str, str, int, int]]:
+    """The cells of ``suspect_ref``'s weights (under any name) the runs CSV's ``rows`` (:func:`csv_rows`, None: no
+    CSV) already hold, on today's presets."""
+    if rows is None:
         return set()
-    rows = csv_rows(csv)
     same = (rows["suspect"] == suspect_ref) | (rows["fingerprint"] == (weights_fingerprint(suspect_ref) or "-"))
     rows = rows[same & rows["current_weights"] & rows["current_preset"]]  # the same weights under any name
     return {(d, p, o, int(s), int(n)) for d, p, o, s, n in

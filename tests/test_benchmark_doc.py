@@ -103,7 +103,7 @@ def test_a_new_store_adds_to_the_published_runs(tmp_path):
     assert len(merged) == 2 and merged[merged["seed"] == 0]["ba"].tolist() == [0.5]
     renamed = again.assign(suspect="zoo:badnets-s0")  # the bundle's suspect under its zoo name: the same run
     assert len(bench.merge_with_csv(renamed, rows)) == 2
-    assert (0 in {c[3] for c in bench._csv_cells_done(doc.with_name("bench-runs.csv"), "zoo:badnets-s0")})
+    assert (0 in {c[3] for c in bench._csv_cells_done(bench.csv_rows(doc.with_name("bench-runs.csv")), "zoo:badnets-s0")})
 
 
 def test_runs_of_zoo_suspects_not_built_here_count_by_their_recorded_fingerprint(tmp_path):
