@@ -57,15 +57,19 @@ TRIGGER_FUNCTION_USES: dict[str, tuple[str, str]] = {
 }
 
 
-def trigger_function_gaps(trigger: Trigger | None, defenses: Sequence[tuple[str, bool]]) -> dict[str, str]:
+def trigger_function_gaps(trigger: Trigger | None, defenses: Sequence[tuple[str, bool | str]]) -> dict[str, str]:
     """``{view or defense: "no: <why>" | "limited: <what>"}`` for what needs a trigger function that ``trigger``
-    lacks (empty when it has one, or there is no trigger). ``defenses``: ``(name, threat.trigger)`` per defense; one
-    whose threat model needs a trigger stamps it on defense-pool images and is not applicable."""
+    lacks (empty when it has one, or there is no trigger). ``defenses``: ``(name, stamps)`` per defense: ``True``
+    when its threat model always needs a trigger (it stamps it on defense-pool images and is not applicable), a
+    text naming the settings that need one (e.g. "the paper preset": limited), or ``False``."""
     if trigger is None or has_trigger_function(trigger):
         return {}
     need = TRIGGER_FUNCTION["trigger_function"]
     out = {name: f"{effect}: {what}" for name, (effect, what) in TRIGGER_FUNCTION_USES.items()}
     for name, stamps in defenses:
-        if stamps:
+        if stamps is True:
             out[name] = f"no: not applicable to this trigger: it stamps the trigger on defense-pool images and needs {need}"
+        elif stamps:
+            out[name] = (f"limited: {stamps} stamps the trigger on defense-pool images and is not applicable "
+                         f"(it needs {need}); its other settings run")
     return out

@@ -102,22 +102,41 @@ class Defense:
         reason = not_applicable_reason(model, self.needs)
         return f"{self.title}: {reason}" if reason else None
 
-    def check_applicable(self, suspect: Suspect) -> None:
+    def threat_for(self, params: Any | None = None) -> ThreatModel:
+        """What the defense needs when run with ``params`` (None: with its least demanding settings, the card's
+        :attr:`threat`). A defense whose needs depend on a parameter overrides this (shortcut suppression needs a
+        trigger only to choose its block)."""
+        return self.threat
+
+    def trigger_needs(self) -> bool | str:
+        """Whether the defense stamps a trigger on pool images: True when its threat model always needs one, else the
+        presets that do (``"the paper preset"``), else False."""
+        if self.threat.trigger:
+            return True
+        needing = [p for p in self.presets if self.threat_for(self.make_params(p)).trigger]
+        if not needing:
+            return False
+        return f"the {', '.join(needing)} preset{'s' if len(needing) > 1 else ''}"
+
+    def check_applicable(self, suspect: Suspect, params: Any | None = None) -> None:
         """Raise ValueError when the model lacks what the defense needs
-        (:class:`~suspects.models.NotApplicableError`) or the suspect what the threat model needs."""
+        (:class:`~suspects.models.NotApplicableError`) or the suspect what the threat model needs, run with
+        ``params`` (None: the card's threat model, :meth:`threat_for`)."""
         reason = self.not_applicable(suspect.model)
         if reason:
             from suspects.models import NotApplicableError
 
             raise NotApplicableError(reason)
-        if self.threat.poisoned_training_set:
+        threat = self.threat_for(params)
+        if threat.poisoned_training_set:
             poison = suspect.card.get("poison")
             if not poison or suspect.trigger is None:
                 raise ValueError(f"{self.title} needs the suspect's poisoned training set, which is not known for "
                                  f"{suspect.name!r}")
-        if self.threat.trigger and suspect.trigger is None:
-            raise ValueError(f"{self.title} needs a trigger (known or recovered) and {suspect.name!r} has none")
-        if self.threat.trigger:
+        if threat.trigger and suspect.trigger is None:
+            raise ValueError(f"{self.title} needs a trigger (known or recovered) and {suspect.name!r} has none"
+                             + (f" ({threat.note})" if threat.note else ""))
+        if threat.trigger:
             from analysis.applicability import trigger_function_gaps
 
             gap = trigger_function_gaps(suspect.trigger, [(self.name, True)]).get(self.name)

@@ -143,7 +143,7 @@ def run_defense(name: str, suspect: Suspect, preset: str = "quick", overrides: d
     """
     defense: Defense = get_defense(name)
     params = defense.make_params(preset, overrides)
-    defense.check_applicable(suspect)
+    defense.check_applicable(suspect, params)
     subset = parse_measure(measure, len(suspect.test))
     report_progress = progress or (lambda f, m, d: None)
     stop = should_stop or (lambda: False)

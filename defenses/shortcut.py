@@ -77,13 +77,21 @@ class ShortcutSuppression(Defense):
     needs = ("residual_blocks", "rebuildable")
     summary = ("Switches off the skip connection the trigger travels through (the critical block of the ablation) "
                "and fine-tunes that stage on clean data to win back accuracy.")
-    threat = ThreatModel(clean_pool=True, trigger=True,
-                         note="the trigger is used only to pick the block; name a block to do without it")
+    threat = ThreatModel(clean_pool=True, note="with block='auto' (the paper preset) also a trigger, to pick the "
+                                               "block by the skip ablation; a named block or 'last' needs none")
     Params = ShortcutParams
     # quick keeps this project's former fine-tuning (cosine, crop); paper is the official code's (constant, none)
     presets = {"quick": {"block": "last", "steps": 70, "batch_size": 64, "lr": 0.05, "schedule": "cosine",
                          "augment": "crop"},
                "paper": {}}
+
+    def threat_for(self, params: ShortcutParams | None = None) -> ThreatModel:
+        """A trigger is needed only to choose the block (``block='auto'``)."""
+        if params is not None and params.block == "auto":
+            return ThreatModel(clean_pool=True, trigger=True,
+                               note="block='auto' picks the block by the skip ablation on triggered pool images; "
+                                    "name a block, or 'last', to run without a trigger")
+        return self.threat
 
     def repair(self, model, params: ShortcutParams, ctx: RepairContext) -> DefenseOutput:
         blocks = list_residual_blocks(model)

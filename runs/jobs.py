@@ -79,7 +79,7 @@ def create_run(store: RunStore, defense: str, suspect_ref: str, preset: str = "q
     params = d.make_params(preset, overrides)
     parse_measure(measure)
     suspect = suspect if suspect is not None else suspects.load(suspect_ref)
-    d.check_applicable(suspect)
+    d.check_applicable(suspect, params)
     pool_n = len(suspect.defense_pool)
     pool_size = resolve_pool_size(pool_size, pool_n)
     if not 1 <= int(pool_size) <= pool_n:

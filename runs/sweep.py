@@ -475,8 +475,8 @@ def _load_suspects(refs: list[str]) -> dict[str, Suspect]:
 def _check_cell(cell: Cell, suspect: Suspect, run_roots: Path) -> dict[str, Any]:
     """Validate a cell as ``defend`` would (parameters, threat model, pool size); returns its resolved overrides."""
     d = get_defense(cell.defense)
-    d.make_params(cell.preset, cell.overrides)
-    d.check_applicable(suspect)
+    params = d.make_params(cell.preset, cell.overrides)
+    d.check_applicable(suspect, params)
     n = len(suspect.defense_pool)
     if not 1 <= cell.pool_size <= n:
         raise ParamError(f"pool size must lie in [1, {n}] (the suspect's clean defense pool), got {cell.pool_size}")

@@ -233,10 +233,11 @@ def test_sample_specific_run_imports_and_says_what_needs_a_trigger_function(tmp_
     assert (out["attack"], out["lens_attack"]) == (attack, lens)
     hand = by_hand(net, run, data)
     assert (out["metrics"]["asr"], out["metrics"]["ra"]) == (round(hand["asr"], 4), round(hand["ra"], 4))
-    stamping = {d.name for d in all_defenses() if d.threat.trigger}
-    assert {"shortcut", "linf_prune"} <= stamping
+    stamping = {d.name for d in all_defenses() if d.trigger_needs() is True}
+    assert "linf_prune" in stamping and "shortcut" not in stamping  # shortcut's quick preset names its block
     gaps = out["needs_trigger_function"]
-    assert set(gaps) == set(TRIGGER_FUNCTION_USES) | stamping, gaps
+    assert set(gaps) == set(TRIGGER_FUNCTION_USES) | stamping | {"shortcut"}, gaps
+    assert gaps["shortcut"].startswith("limited: the paper preset stamps the trigger")
     assert {"held-out pool ASR", "stress test", "Neural Cleanse"} <= set(gaps)
     assert all(gaps[v].startswith("limited: ") for v in TRIGGER_FUNCTION_USES)
     assert all(gaps[d].startswith("no: not applicable to this trigger") for d in stamping)
@@ -255,6 +256,10 @@ def test_sample_specific_run_imports_and_says_what_needs_a_trigger_function(tmp_
         with pytest.raises(NotApplicableError, match="needs a trigger function"):
             get_defense(name).check_applicable(s)
     get_defense("finetune").check_applicable(s)
+    shortcut = get_defense("shortcut")
+    shortcut.check_applicable(s, shortcut.make_params("quick"))
+    with pytest.raises(NotApplicableError, match="needs a trigger function"):
+        shortcut.check_applicable(s, shortcut.make_params("paper"))
     train = s.data.train  # clean training images of other classes than the target: none has a stored copy
     keep = torch.nonzero(train.labels != TARGET).flatten()[:20]
     pool = DefensePool(train.images(keep[:10]), train.labels[keep[:10]], train.images(keep[10:]), train.labels[keep[10:]])
@@ -265,7 +270,7 @@ def test_sample_specific_run_imports_and_says_what_needs_a_trigger_function(tmp_
     text = capsys.readouterr().out
     assert f"attack: {attack}{'' if attack == lens else f' (Backdoor Lens: {lens})'}, all-to-one" in text
     assert "needs a trigger function" in text and "    - stress test: limited: " in text
-    assert "    - shortcut: no: not applicable to this trigger" in text
+    assert "    - shortcut: limited: the paper preset stamps" in text
 
 
 def test_attack_names_map_onto_registered_attacks():

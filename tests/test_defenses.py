@@ -98,6 +98,18 @@ def test_defenses_needing_a_trigger_refuse_a_suspect_without_one():
         run_defense("linf_prune", clean)
 
 
+def test_shortcut_needs_a_trigger_only_to_choose_its_block():
+    """block='auto' (the paper preset) runs the skip ablation on triggered pool images; a named or the last block
+    (the quick preset) needs no trigger, so a suspect without one (a model under review) can still be repaired."""
+    clean = suspects.load("demo:clean")
+    shortcut = get_defense("shortcut")
+    assert not shortcut.threat.trigger and "block='auto'" in shortcut.threat.describe()
+    with pytest.raises(ValueError, match="needs a trigger .*name a block"):
+        run_defense("shortcut", clean, "paper", pool_size=100)
+    report = run_defense("shortcut", clean, "quick", {"steps": 0}, pool_size=100)
+    assert report["artifacts"]["block"] == "layer4.1" and report["after"]["asr"] is None
+
+
 def test_defense_pool_never_overlaps_test_and_is_never_poisoned(badnets):
     rest, pool = badnets.split
     poisoned = set(badnets.poisoned_train().poison_idx.tolist())

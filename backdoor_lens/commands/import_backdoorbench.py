@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     folder = suspects.save(suspect, out, overwrite=args.overwrite)
     bb = suspect.card["backdoorbench"]
     # what stamps the trigger on other images than the run's own, which a sample-specific stored trigger cannot
-    gaps = trigger_function_gaps(suspect.trigger, [(d.name, d.threat.trigger) for d in all_defenses()])
+    gaps = trigger_function_gaps(suspect.trigger, [(d.name, d.trigger_needs()) for d in all_defenses()])
     result = {"suspect": str(folder), "name": suspect.name, "arch": suspect.card["arch"],
               "arch_kwargs": suspect.card["arch_kwargs"], "attack": bb["attack"], "lens_attack": bb.get("lens_attack"),
               "target": bb["target"], "mapping": bb["mapping"],
