@@ -4,7 +4,8 @@
                                          [--seeds 1] [--images 1000] [--minutes M] [--log docs/dev-trials.jsonl]
     python scripts/choose_presets.py choose [--log docs/dev-trials.jsonl] [--out docs/preset-choice.md] [--json]
 
-``run`` tries, for every post-training defense (registry order) and each of its :data:`CANDIDATES` (override dicts
+``run`` tries, for every post-training defense (registry order), then ABL (training-time, its own cap of ten
+minutes: :data:`TRAINING_TIME_CAPS`), and each of its :data:`CANDIDATES` (override dicts
 on today's ``quick`` preset; ``{}`` is today's preset), one trial of ``scripts/tune_on_dev.py`` per development
 suspect (the first N built ones of each zoo attack) and defense seed (1000, 1001, ...). tune_on_dev refuses test
 suspects and appends each trial to ``docs/dev-trials.jsonl``, with a note naming this script and the candidate. A
@@ -48,9 +49,13 @@ from runs.stats import SUCCESS_MAX_BA_DROP as DROP_OK  # noqa: E402
 from runs.stats import success_counts  # noqa: E402
 
 SKIP_OVER = 180.0
+# Training-time defenses this script also tunes, with their own cap (issue 31: ABL <= 10 minutes on the demo, 2 CPU
+# cores); DBD and CBD are not tuned here (their quick presets already take about 9 minutes a run).
+TRAINING_TIME_CAPS: dict[str, float] = {"abl": 600.0}
 
 RULE = (f"Among the settings of a defense that were tried on every development trial of its candidates (suspect x "
-        f"defense seed) and whose mean seconds are <= {CAP_SECONDS:.0f}, pick the one with the most successes (a "
+        f"defense seed) and whose mean seconds are <= {CAP_SECONDS:.0f} (a training-time defense: its own cap, "
+        f"ABL {TRAINING_TIME_CAPS['abl']:.0f}), pick the one with the most successes (a "
         f"trial succeeds when its development ASR is <= {ASR_OK} at a development BA drop <= {DROP_OK}); ties go to "
         f"the lowest mean (ASR + BA drop), then a current candidate over another logged setting, then the fewest mean "
         f"seconds, then the earlier candidate. On a suspect "
@@ -77,6 +82,7 @@ BASE: dict[str, dict[str, Any]] = {
     "npd": {"warmup_steps": 10, "steps": 150, "batch_size": 64},
     "btidbf": {"gen_filters": 16, "gen_blocks": 2, "residual": True, "preround": 5, "nround": 2, "mround": 3,
                "mask_lr": 0.05, "uround": 6, "ul_round": 5, "batch_size": 32, "gen_lr": 0.01, "augment": "crop"},
+    "abl": {"isolation_epochs": 5, "finetune_epochs": 13, "unlearning_epochs": 20},
 }
 
 # Candidate overrides on BASE, per post-training defense (``{}`` is the base, the quick preset of 2026-12-06). Each varies the
@@ -117,6 +123,9 @@ CANDIDATES: dict[str, list[dict[str, Any]]] = {
     # ~101 s CPU; the target vote went wrong once: a slower generator, or a longer pre-training for fewer
     # inversion epochs (about the same work)
     "btidbf": [{}, {"gen_lr": 0.005}, {"preround": 8, "uround": 4}],
+    # training-time, cap 600 s; a reduced run on the demo (5 + 4 + 20) isolated only poisoned samples, but its 20
+    # unlearning passes at lr 5e-4 cost 28 BA points: half the passes, or a lower unlearning rate
+    "abl": [{}, {"unlearning_epochs": 10}, {"unlearning_lr": 0.0002}],
 }
 
 
@@ -133,6 +142,18 @@ def post_training_defenses() -> list[str]:
     from defenses.registry import list_defenses
 
     return [d for d in list_defenses() if not get_defense(d).threat.poisoned_training_set]
+
+
+def tunable_defenses() -> list[str]:
+    """The post-training defenses, then the training-time ones of :data:`TRAINING_TIME_CAPS` that are registered."""
+    from defenses.registry import list_defenses
+
+    return post_training_defenses() + [d for d in TRAINING_TIME_CAPS if d in list_defenses()]
+
+
+def cap_of(defense: str, cap: float = CAP_SECONDS) -> float:
+    """The most mean seconds a setting of ``defense`` may take: ``cap``, or a training-time defense's own."""
+    return TRAINING_TIME_CAPS.get(defense, cap)
 
 
 def params_of(defense: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -264,7 +285,7 @@ def run(defenses: list[str] | None = None, attacks: list[str] | None = None, per
     counts: ``ran``, ``logged`` (skipped: already in the log), ``slow`` (skipped: the setting averages over
     ``skip_over`` s), ``failed``, ``left`` (not started: out of time) and ``stopped`` (the deadline was hit)."""
     start = clock()
-    names = defenses or [d for d in post_training_defenses() if d in CANDIDATES]
+    names = defenses or [d for d in tunable_defenses() if d in CANDIDATES]
     unknown = [d for d in names if d not in CANDIDATES]
     if unknown:
         raise Refused(f"no candidates for {', '.join(unknown)}; known: {', '.join(CANDIDATES)}")
@@ -293,10 +314,11 @@ def run(defenses: list[str] | None = None, attacks: list[str] | None = None, per
                     secs = [float(r["seconds"]) for r in rows if r.get("defense") == defense
                             and r.get("role") == "dev" and params_key(r.get("params") or {}) == params_key(params)
                             and isinstance(r.get("seconds"), (int, float))]
-                    if secs and statistics.mean(secs) > skip_over:
+                    slow = max(skip_over, 1.5 * cap_of(defense)) if defense in TRAINING_TIME_CAPS else skip_over
+                    if secs and statistics.mean(secs) > slow:
                         counts["slow"] += 1
                         print(f"skip {defense} candidate {i} {json.dumps(ov)} on {ref}: its trials average "
-                              f"{statistics.mean(secs):.0f} s (> {skip_over:.0f})", flush=True)
+                              f"{statistics.mean(secs):.0f} s (> {slow:.0f})", flush=True)
                         continue
                     if minutes is not None and clock() - start >= minutes * 60:
                         counts["left"] += 1
@@ -406,7 +428,8 @@ def choose(log: Path = DEFAULT_LOG, cap: float = CAP_SECONDS) -> dict[str, Any]:
             usable.append(row)
     out: dict[str, Any] = {"log": str(log), "lines": len(rows), "used": len(usable), "refused": refused,
                            "not_development": not_dev, "defenses": {}}
-    for defense in post_training_defenses():  # training-time defenses (ABL, DBD, CBD) have their own budget
+    for defense in tunable_defenses():  # DBD and CBD are not tuned; ABL has its own cap (TRAINING_TIME_CAPS)
+        limit = cap_of(defense, cap)
         mine = [r for r in usable if r["defense"] == defense]
         settings: dict[str, Setting] = {}
         for i, ov in enumerate(CANDIDATES.get(defense, [])):
@@ -428,8 +451,8 @@ def choose(log: Path = DEFAULT_LOG, cap: float = CAP_SECONDS) -> dict[str, Any]:
                 s.verdict = "not tried"
             elif not s.complete:
                 s.verdict = f"incomplete: {st['n']} of the {len(needed)} trials"
-            elif st["seconds"] > cap:
-                s.verdict = f"over {cap:.0f} s"
+            elif st["seconds"] > limit:
+                s.verdict = f"over {limit:.0f} s"
             else:
                 s.verdict = "eligible"
         eligible = [s for s in settings.values() if s.verdict == "eligible"]
@@ -446,7 +469,7 @@ def choose(log: Path = DEFAULT_LOG, cap: float = CAP_SECONDS) -> dict[str, Any]:
             best.verdict = "chosen"
         # decided: every candidate ran on every trial, or is too slow to win (skipped after its first trials)
         cands = [s for s in settings.values() if s.candidate is not None]
-        decided = bool(cands) and all(s.complete or (s.trials and _mean_seconds(s) > cap) for s in cands)
+        decided = bool(cands) and all(s.complete or (s.trials and _mean_seconds(s) > limit) for s in cands)
         out["defenses"][defense] = {
             "settings": list(settings.values()), "trials": len(needed), "chosen": best,
             "overrides": best.overrides if best is not None else None,
@@ -532,7 +555,7 @@ def render(result: dict[str, Any], cap: float = CAP_SECONDS) -> str:
         lines.append("")
         best = d["chosen"]
         if best is None:
-            lines += [f"No setting qualifies (complete on the {d['trials']} trials and <= {cap:.0f} s): today's "
+            lines += [f"No setting qualifies (complete on the {d['trials']} trials and <= {cap_of(defense, cap):.0f} s): today's "
                       "quick preset stays.", ""]
         elif not d["decided"]:
             so_far = f"`{json.dumps(best.overrides, sort_keys=True)}`" if d["differs"] else "today's quick preset"

@@ -52,8 +52,9 @@ def test_every_post_training_defense_has_valid_candidates(cp):
     from defenses import get_defense
     from defenses.base import ParamError
 
-    assert list(cp.CANDIDATES) == cp.post_training_defenses()  # registry order, no training-time defense
-    assert "abl" not in cp.CANDIDATES and len(cp.CANDIDATES) == 15 and set(cp.BASE) == set(cp.CANDIDATES)
+    # registry order, then ABL: the one training-time defense tuned here (DBD and CBD are not)
+    assert list(cp.CANDIDATES) == cp.tunable_defenses() == cp.post_training_defenses() + ["abl"]
+    assert len(cp.CANDIDATES) == 16 and set(cp.BASE) == set(cp.CANDIDATES)
     for name, cands in cp.CANDIDATES.items():
         assert 2 <= len(cands) <= 4 and cands[0] == {}, name
         keys = {cp.params_key(cp.candidate_params(name, ov)) for ov in cands}  # params_from raises on a bad value
@@ -263,3 +264,21 @@ def test_a_current_candidate_wins_a_tie_with_a_retired_setting(cp, tmp_path):
     rows[0] = _row(cp, "shortcut", {}, b, 0.9, 0.0, 6)
     result = cp.choose(_write(tmp_path / "t.jsonl", rows))["defenses"]["shortcut"]
     assert result["chosen"].candidate == 1 and result["overrides"] == {"block": "last"}
+
+
+def test_abl_is_tuned_under_its_own_ten_minute_cap(cp, tmp_path):
+    """Issue 31: ABL's quick preset may take 10 minutes on the demo; a post-training setting as slow is over its cap."""
+    b, g = "zoo:badnets-dev-s10", "zoo:blended-dev-s10"
+    abl = cp.CANDIDATES["abl"]
+    rows = [_row(cp, "abl", ov, ref, 0.9, 0.0, 500) for ov in abl for ref in (b, g)]
+    rows[2] = _row(cp, "abl", abl[1], b, 0.01, 0.02, 450)  # half the unlearning passes: removes it on BadNets
+    rows += [_row(cp, "abl", abl[2], ref, 0.0, 0.0, 700) for ref in (b, g)]  # removes both, but over 600 s
+    rows += [_row(cp, "fst", ov, b, 0.0, 0.0, 500) for ov in cp.CANDIDATES["fst"]]
+    result = cp.choose(_write(tmp_path / "t.jsonl", rows))["defenses"]
+    assert result["abl"]["decided"] and result["abl"]["chosen"].candidate == 1
+    assert result["abl"]["overrides"] == {"unlearning_epochs": 10} and not result["abl"]["dev_chosen"]
+    assert [s.verdict for s in result["abl"]["settings"]] == ["eligible", "chosen", "over 600 s"]
+    assert result["fst"]["chosen"] is None and {s.verdict for s in result["fst"]["settings"]} == {"over 120 s"}
+    text = cp.render(cp.choose(tmp_path / "t.jsonl"))
+    assert "## Anti-Backdoor Learning" in text or "(`abl`)" in text
+    assert "ABL 600" in cp.RULE
