@@ -23,7 +23,6 @@ overrides to apply to its ``quick`` preset.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import importlib.util
 import json
 import os
@@ -507,7 +506,9 @@ def render(result: dict[str, Any], cap: float = CAP_SECONDS) -> str:
     from suspects.zoo import default_zoo
 
     zoo_attacks = list(default_zoo().manifest["attacks"])
-    when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    # the newest trial's time, not the clock: the same log renders the same page
+    when = "newest trial " + (max((str(r.get("when")) for r in read_log(Path(result["log"])) if r.get("when")),
+                                  default="none"))
     refused = result["refused"]
     lines = [
         "# Choosing the quick presets on development suspects",

@@ -282,3 +282,4 @@ def test_abl_is_tuned_under_its_own_ten_minute_cap(cp, tmp_path):
     text = cp.render(cp.choose(tmp_path / "t.jsonl"))
     assert "## Anti-Backdoor Learning" in text or "(`abl`)" in text
     assert "ABL 600" in cp.RULE
+    assert text == cp.render(cp.choose(tmp_path / "t.jsonl"))  # the same log renders the same page

@@ -178,6 +178,20 @@ def test_defenses_page_runs_a_job_that_survives_a_reload(tmp_path, monkeypatch):
     assert any(b.key and b.key.startswith("open_") for b in other.button)
 
 
+def test_defenses_card_follows_what_the_chosen_preset_needs(tmp_path, monkeypatch):
+    """Shortcut suppression on a suspect without a trigger: the quick preset (the last block) can run, the paper
+    preset (block='auto', the skip ablation on triggered images) is refused on the card with the way out."""
+    monkeypatch.setenv("BACKDOOR_LENS_RUNS", str(tmp_path))
+    at = page_test("demo:clean")
+    at.switch_page("views/defenses.py").run()
+    assert not at.exception, at.exception
+    assert not at.button(key="run_shortcut").disabled and at.button(key="run_linf_prune").disabled
+    at.radio(key="preset_shortcut").set_value("paper").run()
+    assert not at.exception, at.exception
+    assert at.button(key="run_shortcut").disabled
+    assert any("needs a trigger" in w.value and "name a block" in w.value for w in at.warning)
+
+
 def picker(at: AppTest):
     """The sidebar's suspect picker (its key changes when the suspect is chosen elsewhere)."""
     return next(sb for sb in at.sidebar.selectbox if sb.label == "Model under investigation")

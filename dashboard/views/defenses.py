@@ -254,6 +254,11 @@ for defense in cards:
                                     help="run the defense with seeds 0..N-1 (one queued run each) and show mean ± "
                                          "sd of BA / ASR / RA / DER")
         overrides = {k: v for k, v in values.items() if v != getattr(resolved, k)}
+        if applicable:  # what the chosen settings need (shortcut suppression's block='auto' needs a trigger)
+            try:
+                defense.check_applicable(suspect, defense.make_params(preset, overrides))
+            except ValueError as err:  # ParamError included: the widgets keep values in range
+                applicable, reason = False, str(err)
         if applicable and not busy:
             st.caption(f":material/schedule: {_expected(defense.name, preset, overrides)}; \"after\" is measured "
                        f"on {LIVE_MEASURE.split(':')[1]} random test images, with 95% intervals")
