@@ -107,7 +107,7 @@ def test_shortcut_needs_a_trigger_only_to_choose_its_block():
     with pytest.raises(ValueError, match="needs a trigger .*name a block"):
         run_defense("shortcut", clean, "paper", pool_size=100)
     report = run_defense("shortcut", clean, "quick", {"steps": 0}, pool_size=100)
-    assert report["artifacts"]["block"] == "layer4.1" and report["after"]["asr"] is None
+    assert report["artifacts"]["block"] == "layer4.1" and report["asr"] is None and report["ba"] > 0.8
 
 
 def test_defense_pool_never_overlaps_test_and_is_never_poisoned(badnets):
