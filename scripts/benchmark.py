@@ -624,12 +624,15 @@ def coverage_line(results) -> str:
     for attack, (_, g) in results.items():
         for r in g[(g["overrides"] == "") & (g["n_seeds"] >= 3)].itertuples():
             done.add((r.defense, attack, r.preset))
-    quick_missing = sorted({d for d, a, p in cells if p == "quick" and (d, a, p) not in done})
+    defenses = list_defenses()
+    post = set(post_training())
+    missing = {a: [d for d in defenses if (d, a, "quick") not in done] for a in ATTACKS}
+    complete = [a for a in ATTACKS if not post & set(missing[a])]
+    gaps = [f"{a} ({'every defense' if len(m) == len(defenses) else ', '.join(m)})" for a, m in missing.items() if m]
     return (f"- grid coverage (defense x attack x preset with >= 3 runs, a run being one test suspect x one seed): "
-            f"{len(done & set(cells))} of {len(cells)} "
-            "cells; "
-            f"`quick` not yet complete for: {', '.join(quick_missing) or 'none'}; the `paper` presets are CPU-hours "
-            "each on this machine and are run as time allows")
+            f"{len(done & set(cells))} of {len(cells)} cells; `quick` complete for every post-training defense on: "
+            f"{', '.join(complete) or 'no attack yet'}; `quick` not yet complete: {'; '.join(gaps) or 'none'}; the "
+            "`paper` presets are CPU-hours each on this machine and are run as time allows")
 
 
 HEADER = ("# Defense benchmarks on the demo suspects", "",

@@ -307,3 +307,15 @@ def test_goal_lines_check_the_retraining_and_paper_goals():
            "700 s) (spread or seeds: badnets sd 0.050)" in text
     assert "DBD `quick` on BadNets at mean ASR <= 0.10 with mean BA >= 0.82: **not met**" in text
     assert "ANP `paper` at ASR <= 0.05 with a BA drop <= 0.07: **not met**" in text
+
+
+def test_coverage_line_says_which_attacks_have_every_post_training_quick_cell():
+    bench = _script()
+    before = {"ba": 0.9, "asr": 1.0, "ra": 0.0}
+    rows = [(d, "quick", "", 3, 0.88, 0.01, 0.04, 0.01, 0.02, 10.0) for d in bench.post_training()]
+    results = {"badnets": (before, _groups(rows)), "blended": (before, _groups(rows[1:]))}
+    line = bench.coverage_line(results)
+    complete, missing = line.split("`quick` complete for every post-training defense on: ")[1].split("; `quick` not")
+    assert complete == "badnets"  # blended lacks one post-training defense
+    assert f"blended ({bench.post_training()[0]}, " in missing and "sig (every defense)" in missing
+    assert "badnets (dbd, cbd, abl)" in missing  # registry order; the training-time defenses: not in the post-training grid
