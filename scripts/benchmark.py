@@ -392,9 +392,8 @@ def collect(store, attacks=ATTACKS):
 
 
 # the per-run CSV beside the document: what ``write`` regenerates the document from when no store is at hand
-CSV_COLUMNS = ["attack", "defense", "preset", "overrides", "seed", "ba_before", "ba", "ba_drop", "asr_before", "ra_before",
-               "asr",
-               "ra", "der", "seconds", "failed", "device", "clean_images", "held_out", "date", "run_id", "suspect",
+CSV_COLUMNS = ["attack", "defense", "preset", "overrides", "seed", "ba_before", "ba", "ba_drop", "asr_before",
+               "ra_before", "asr", "ra", "der", "seconds", "failed", "device", "clean_images", "held_out", "date", "run_id", "suspect",
                "preset_version", "fingerprint", "machine"]
 """``fingerprint``: the weights the run repaired (:func:`suspects.identity.fingerprint`), for runs on the suspect's
 current weights (the rows the document counts); tests/test_pages.py checks each is a current test suspect's."""

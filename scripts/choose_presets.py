@@ -426,7 +426,8 @@ def choose(log: Path = DEFAULT_LOG, cap: float = CAP_SECONDS) -> dict[str, Any]:
         else:
             usable.append(row)
     out: dict[str, Any] = {"log": str(log), "lines": len(rows), "used": len(usable), "refused": refused,
-                           "not_development": not_dev, "defenses": {}}
+                           "not_development": not_dev, "defenses": {},
+                           "newest": max((str(r["when"]) for r in rows if r.get("when")), default="none")}
     for defense in tunable_defenses():  # DBD and CBD are not tuned; ABL has its own cap (TRAINING_TIME_CAPS)
         limit = cap_of(defense, cap)
         mine = [r for r in usable if r["defense"] == defense]
@@ -506,9 +507,7 @@ def render(result: dict[str, Any], cap: float = CAP_SECONDS) -> str:
     from suspects.zoo import default_zoo
 
     zoo_attacks = list(default_zoo().manifest["attacks"])
-    # the newest trial's time, not the clock: the same log renders the same page
-    when = "newest trial " + (max((str(r.get("when")) for r in read_log(Path(result["log"])) if r.get("when")),
-                                  default="none"))
+    when = f"newest trial {result['newest']}"  # not the clock: the same log renders the same page
     refused = result["refused"]
     lines = [
         "# Choosing the quick presets on development suspects",

@@ -232,11 +232,6 @@ for defense in cards:
     with st.container(border=True):
         st.subheader(defense.title)
         st.markdown(f"{defense.summary}  \n*{defense.paper}* · threat model: {defense.threat.describe()}")
-        try:
-            defense.check_applicable(suspect)
-            applicable, reason = True, ""
-        except ValueError as err:
-            applicable, reason = False, str(err)
         latest = runs_of(runs, ref, key=model_key, status=None, defense=defense.name)  # this model, any name
         rec = latest[0] if latest else None
         busy = rec is not None and rec.active
@@ -254,11 +249,11 @@ for defense in cards:
                                     help="run the defense with seeds 0..N-1 (one queued run each) and show mean ± "
                                          "sd of BA / ASR / RA / DER")
         overrides = {k: v for k, v in values.items() if v != getattr(resolved, k)}
-        if applicable:  # what the chosen settings need (shortcut suppression's block='auto' needs a trigger)
-            try:
-                defense.check_applicable(suspect, defense.make_params(preset, overrides))
-            except ValueError as err:  # ParamError included: the widgets keep values in range
-                applicable, reason = False, str(err)
+        try:  # what the chosen settings need (shortcut suppression's block='auto' needs a trigger)
+            defense.check_applicable(suspect, defense.make_params(preset, overrides))
+            applicable, reason = True, ""
+        except ValueError as err:  # ParamError included: the widgets keep values in range
+            applicable, reason = False, str(err)
         if applicable and not busy:
             st.caption(f":material/schedule: {_expected(defense.name, preset, overrides)}; \"after\" is measured "
                        f"on {LIVE_MEASURE.split(':')[1]} random test images, with 95% intervals")
