@@ -259,6 +259,21 @@ def weights_fingerprint(ref: str) -> str | None:
     return ref_fingerprint(ref)
 
 
+def accepted_fingerprints(ref: str) -> set[str]:
+    """The fingerprints a run on ``ref`` may name and still count: for a zoo suspect every build's (the manifest's,
+    its recorded rebuilds' on other machines, the one on disk here: :func:`suspects.zoo.known_fingerprints`), for any
+    other reference its weights' now."""
+    if ref.startswith("zoo:"):
+        from suspects.zoo import known_fingerprints
+
+        try:
+            return known_fingerprints(ref)
+        except ValueError:  # no longer in the manifest
+            return set()
+    fp = ref_fingerprint(ref)
+    return {fp} if fp else set()
+
+
 def attack_of(card: dict, default: str) -> str:
     """The attack a suspect carries: its card's ``trigger.name`` (so ``demo:badnets`` and ``zoo:badnets-s1`` land
     in one cell), else ``default``."""
@@ -318,15 +333,38 @@ def preset_changes(rows) -> list[dict]:
     return out
 
 
-def suspect_metrics(ref: str, rows) -> dict:
-    """A suspect's BA / ASR / RA before any defense: its card's, or (a zoo suspect not built here) what its runs
-    recorded as their before-metrics (the card's, to the CSV's 4 decimals)."""
-    card = built_card(ref)
-    if card is not None:
-        return card.get("metrics") or {}
-    first = rows.iloc[0]
-    return {k: (None if f"{k}_before" not in rows or first[f"{k}_before"] != first[f"{k}_before"]
-                else float(first[f"{k}_before"])) for k in ("ba", "asr", "ra")}
+def before_text(before: dict) -> str:
+    """The line above an attack's table: the test suspects' BA / ASR / RA before any defense, and which suspects
+    have runs on more than one build of their weights (a rebuild on another machine, :mod:`suspects.zoo`)."""
+    n = int(before.get("builds", 1))
+    text = (f"Suspect{'s' if n > 1 else ''} before any defense{f' (mean over the {n} builds the runs were made on)' if n > 1 else ''}: "
+            f"BA {before['ba']:.3f}, ASR {before['asr']:.3f}, RA {before['ra']:.3f}.")
+    rebuilt = before.get("rebuilt") or {}
+    if rebuilt:
+        text += " Runs on more than one build of a suspect's weights (the same recipe and seed trained on another " \
+                "machine; the CSV's `fingerprint` and `machine` say which run used which): " + "; ".join(
+                    f"`{ref}`: {', '.join(f'`{fp[:12]}`' for fp in fps)}" for ref, fps in rebuilt.items()) + "."
+    return text
+
+
+def build_metrics(rows) -> list[dict]:
+    """BA / ASR / RA before any defense of each build (weights, by fingerprint) the runs ``rows`` were made on, once
+    per build (``demo:badnets`` and ``zoo:badnets-s0`` are one): the card's for the build on disk here, else what
+    its runs recorded as their before-metrics (the card's then, to the CSV's 4 decimals)."""
+    fps = rows["fingerprint"].fillna("").astype(str) if "fingerprint" in rows else rows["suspect"].map(lambda _: "")
+    builds = fps.where(fps != "", "suspect:" + rows["suspect"].astype(str))  # no fingerprint: one build per name
+    out = []
+    for key in sorted(set(builds)):
+        g = rows[builds == key]
+        ref = str(g["suspect"].iloc[0])
+        card = built_card(ref)
+        if card is not None and (key.startswith("suspect:") or key == (weights_fingerprint(ref) or "")):
+            out.append(card.get("metrics") or {})
+            continue
+        first = g.iloc[0]
+        out.append({k: (None if f"{k}_before" not in g or first[f"{k}_before"] != first[f"{k}_before"]
+                        else float(first[f"{k}_before"])) for k in ("ba", "asr", "ra")})
+    return out
 
 
 def summarise(rows, meta: dict | None = None):
@@ -370,11 +408,16 @@ def summarise(rows, meta: dict | None = None):
                                     for d, p, o in zip(groups["defense"], groups["preset"], groups["overrides"],
                                                        strict=True)]
             groups["drop_mean"], groups["drop_sd"] = groups["ba_drop_mean"], groups["ba_drop_sd"]
-            cards = [suspect_metrics(ref, table[table["suspect"] == ref]) for ref in sorted(set(table["suspect"]))]
+            cards = build_metrics(table)
             # the suspects' metrics before any defense (the cards', which the runs' before-metrics equal); the mean
-            # over the attack's test suspects where there are several
+            # over the builds of the attack's test suspects where there are several
             before = {k: float(np.mean([float("nan") if m.get(k) is None else float(m[k]) for m in cards]))
                       for k in ("ba", "asr", "ra")}
+            before["builds"] = len(cards)
+            fps = table["fingerprint"].fillna("").astype(str) if "fingerprint" in table else None
+            before["rebuilt"] = {} if fps is None else {  # a suspect with runs on more than one build of its weights
+                ref: sorted(set(fps[table["suspect"] == ref]) - {""}) for ref in sorted(set(table["suspect"]))
+                if len(set(fps[table["suspect"] == ref]) - {""}) > 1}
             out[attack] = (before, groups)
     runs = pd.concat(kept) if kept else pd.DataFrame()
     runs.attrs["stale"] = stale
@@ -415,17 +458,21 @@ def csv_rows(csv_path: Path):
         card = built_card(ref)  # None: a zoo suspect not built here; its recorded fingerprint still decides
         sel = rows["suspect"] == ref
         ok = pd.Series(True, index=rows.index[sel])
-        if card is not None:
+        on_disk = pd.Series(True, index=rows.index[sel])  # rows on the weights the card here describes
+        if "fingerprint" in rows:  # the weights the row names must be one of the suspect's builds
+            fps = rows.loc[sel, "fingerprint"].fillna("")
+            ok &= fps.isin(accepted_fingerprints(ref) or {""})
+            on_disk = fps == (weights_fingerprint(ref) or "")
+        elif card is None:
+            ok &= False  # neither a card nor a fingerprint to check the row against
+        if card is not None:  # a row on the build here must have the card's before-metrics
             m = card["metrics"]
-            ok &= (rows.loc[sel, "ba_before"] - m["ba"]).abs() <= CSV_TOLERANCE
+            same = (rows.loc[sel, "ba_before"] - m["ba"]).abs() <= CSV_TOLERANCE
             for key in ("asr", "ra"):
                 if m.get(key) is not None and f"{key}_before" in rows:
                     value = rows.loc[sel, f"{key}_before"]  # empty in rows written before the column existed
-                    ok &= value.isna() | ((value - m[key]).abs() <= CSV_TOLERANCE)
-        if "fingerprint" in rows:  # the weights the row names must be the suspect's weights today
-            ok &= rows.loc[sel, "fingerprint"].fillna("") == (weights_fingerprint(ref) or "")
-        elif card is None:
-            ok &= False  # neither a card nor a fingerprint to check the row against
+                    same &= value.isna() | ((value - m[key]).abs() <= CSV_TOLERANCE)
+            ok &= ~on_disk | same
         keep[sel] = ok
     rows["current_weights"] = keep
     for column in ("fingerprint", "machine"):
@@ -469,25 +516,38 @@ def _csv_cells_done(rows, suspect_ref: str) -> set[tuple[str, str, str, int, int
             zip(rows["defense"], rows["preset"], rows["overrides"], rows["seed"], rows["clean_images"], strict=True)}
 
 
+def _measured_on_builds_of(prev: dict, refs: list[str]) -> bool:
+    """Whether an earlier reference measurement covers the clean suspects ``refs`` (those built here; it may cover
+    more, e.g. all three where this machine built one) and was made on one of each suspect's builds."""
+    named = dict(zip(prev.get("clean") or [], prev.get("clean_fingerprints") or [], strict=False))
+    return bool(named) and all(ref in named for ref in refs) and all(
+        fp in accepted_fingerprints(ref) for ref, fp in named.items())
+
+
 def reference_rows(attacks, known: dict | None = None) -> dict[str, dict]:
     """Per attack, the clean test suspects (``test_suspects("clean")``) measured under the attack's trigger (the
     trigger of the attack's first test suspect): BA, ASR and RA on the whole test split (``suspects.evaluate``),
     the baseline a defended model's numbers are read against (an RA near the clean model's is as good as it gets).
-    ``known``: earlier measurements, reused where the clean suspects' fingerprints and the trigger are the same."""
+    ``known``: earlier measurements, reused where the trigger is the same and they cover the clean suspects built
+    here, each on one of its builds (:func:`accepted_fingerprints`): a machine that has built only the bundle's clean
+    suspect keeps the measurement over all three instead of replacing it with one."""
     import suspects
     from suspects.identity import fingerprint
 
     known = known or {}
     out = {}
-    clean = [suspects.load(ref) for ref in test_suspects("clean")]
-    prints = [fingerprint(c) for c in clean]
+    refs = test_suspects("clean")
+    clean: list = []
     for attack in attacks:
         source = test_suspects(attack)[0]
         spec = card_of(source).get("trigger")
         prev = known.get(attack) or {}
-        if prev.get("clean_fingerprints") == prints and prev.get("trigger") == spec:
+        if prev.get("trigger") == spec and _measured_on_builds_of(prev, refs):
             out[attack] = prev
             continue
+        if not clean:
+            clean = [suspects.load(ref) for ref in refs]
+            prints = [fingerprint(c) for c in clean]
         trigger = suspects.load(source).trigger
         measured = [suspects.evaluate(c.model, c.test, trigger) for c in clean]
         out[attack] = {"clean": test_suspects("clean"), "clean_fingerprints": prints, "trigger_of": source,
@@ -807,7 +867,7 @@ def render(results, csv_name: str, runs=None, references: dict | None = None) ->
         front = _front(g)
         near = _near(g)
         out += [f"## {attack}", "",
-                f"Suspect before any defense: BA {before['ba']:.3f}, ASR {before['asr']:.3f}, RA {before['ra']:.3f}.", "",
+                f"{before_text(before)}", "",
                 "| defense | preset | runs | BA | BA median [range] | BA drop | ASR | ASR median [range] | k/n | RA | DER | "
                 "seconds | published (BA / ASR, tag, setting) |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

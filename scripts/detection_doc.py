@@ -59,13 +59,22 @@ def current_fingerprint(ref: str) -> str | None:
     return now(ref)
 
 
+def known_fingerprints(ref: str) -> set[str]:
+    """Every fingerprint ``ref``'s weights have had (:func:`suspects.zoo.known_fingerprints`: the manifest's, its
+    recorded rebuilds' and the build on disk here): a scan on any of them is a scan of this suspect."""
+    from suspects.zoo import known_fingerprints as known
+
+    return known(ref)
+
+
 def cell_state(store: dict[str, Any], ref: str, fingerprint: str | None = None) -> str:
-    """``measured``, ``stale`` (the weights or the budget changed since) or ``missing``."""
+    """``measured``, ``stale`` (the weights or the budget changed since) or ``missing``. The weights are the
+    suspect's when the cell's fingerprint is ``fingerprint`` (given) or one of :func:`known_fingerprints`."""
     cell = store["cells"].get(ref)
     if cell is None:
         return "missing"
-    fp = fingerprint if fingerprint is not None else current_fingerprint(ref)
-    if cell.get("config") != scan_config() or (fp is not None and cell.get("fingerprint") != fp):
+    known = {fingerprint} if fingerprint is not None else known_fingerprints(ref)
+    if cell.get("config") != scan_config() or (known and cell.get("fingerprint") not in known):
         return "stale"
     return "measured"
 

@@ -65,12 +65,14 @@ def key(ref: str, method: str) -> str:
     return f"{ref}|{method}"
 
 
-def cell_state(store: dict[str, Any], ref: str, method: str, fingerprint: str | None) -> str:
-    """``measured``, ``stale`` (the weights or the method's parameters changed since) or ``missing``."""
+def cell_state(store: dict[str, Any], ref: str, method: str, fingerprint: str | set[str] | None) -> str:
+    """``measured``, ``stale`` (the weights or the method's parameters changed since) or ``missing``. ``fingerprint``:
+    the suspect's weights (one, or every build's: :func:`suspects.zoo.known_fingerprints`); None: not checked."""
     cell = store["cells"].get(key(ref, method))
     if cell is None:
         return "missing"
-    if cell.get("params") != method_params(method) or (fingerprint is not None and cell.get("fingerprint") != fingerprint):
+    known = {fingerprint} if isinstance(fingerprint, str) else set(fingerprint or ())
+    if cell.get("params") != method_params(method) or (known and cell.get("fingerprint") not in known):
         return "stale"
     return "measured"
 
@@ -98,25 +100,23 @@ def run_cell(store: dict[str, Any], attack: str, ref: str, method: str, suspect:
 def fill(store: dict[str, Any], attacks: list[str] | None, methods: list[str] | None, minutes: float) -> int:
     import suspects
     from runs.pages import save_store
-    from suspects.identity import fingerprint
     from suspects.zoo import default_zoo
 
     zoo = default_zoo()
     deadline, done = time.time() + 60 * minutes, 0
-    loaded: dict[str, tuple[Any, str]] = {}
+    loaded: dict[str, Any] = {}
     for attack, ref, method in grid(attacks, methods):
         if time.time() > deadline:
             break
         if not zoo.present(zoo.entry(ref)):
             print(f"{ref}: not built (backdoor-lens zoo build --only {ref[4:]}); skipped", flush=True)
             continue
+        if cell_state(store, ref, method, zoo.known_fingerprints(zoo.entry(ref))) == "measured":
+            continue  # measured on this build or another build of the suspect
         if ref not in loaded:
-            s = suspects.load(ref)
             loaded.clear()
-            loaded[ref] = (s, fingerprint(s))
-        suspect, fp = loaded[ref]
-        if cell_state(store, ref, method, fp) == "measured":
-            continue
+            loaded[ref] = suspects.load(ref)
+        suspect = loaded[ref]
         print(f"screening {ref} with {method} ...", flush=True)
         c = run_cell(store, attack, ref, method, suspect)
         save_store(store, STORE)
@@ -128,12 +128,12 @@ def fill(store: dict[str, Any], attacks: list[str] | None, methods: list[str] | 
 # --- the block ---------------------------------------------------------------------------------------------------
 
 
-def _current_fingerprints() -> dict[str, str | None]:
-    """Each test suspect's fingerprint now (:meth:`suspects.zoo.Zoo.current_fingerprint`)."""
+def _current_fingerprints() -> dict[str, set[str]]:
+    """Each test suspect's fingerprints: every build's (:meth:`suspects.zoo.Zoo.known_fingerprints`)."""
     from suspects.zoo import default_zoo
 
     zoo = default_zoo()
-    return {e.ref: zoo.current_fingerprint(e) for e in zoo.entries("test")}
+    return {e.ref: zoo.known_fingerprints(e) for e in zoo.entries("test")}
 
 
 def _summary(values: list[float]) -> str:

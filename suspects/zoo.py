@@ -36,8 +36,8 @@ from .atomic import atomic_folder, write_text
 from .store import CARD_FILE, DEMO_SUSPECTS, MODEL_FILE, SuspectLoadError
 
 __all__ = ["ZooEntry", "Zoo", "BuildResult", "ZooBusyError", "SECONDS_PER_SUSPECT", "ROLES", "PREFIX", "MANIFEST", "ZOO_ROOT", "default_zoo", "zoo_path",
-           "entries", "test_suspects", "dev_suspects", "current_fingerprint", "test_fingerprints", "test_suspect_reason",
-           "build"]
+           "entries", "test_suspects", "dev_suspects", "current_fingerprint", "known_fingerprints", "test_fingerprints",
+           "test_suspect_reason", "build"]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 MANIFEST = ASSETS / "zoo.json"
@@ -119,8 +119,8 @@ class ZooEntry:
 class BuildResult:
     """What :meth:`Zoo.build` did to one suspect: ``built``, ``skipped`` (present), ``would build`` (dry run);
     ``fingerprint`` of the built weights and ``check``: ``recorded`` (the manifest had none; now it has),
-    ``matches`` or ``differs`` (from the manifest's; another machine's numerics), ``not recorded`` (a recipe
-    overridden by arguments is never recorded)."""
+    ``matches`` or ``differs`` (from the manifest's; another machine's numerics: recorded as a rebuild unless
+    ``record`` is off), ``not recorded`` (a recipe overridden by arguments is never recorded)."""
 
     name: str
     action: str
@@ -210,6 +210,21 @@ class Zoo:
             return ref_fingerprint(str(self.path(entry)))
         return entry.fingerprint
 
+    def rebuilds(self, entry: ZooEntry) -> list[dict[str, Any]]:
+        """The builds of ``entry`` recorded on other machines whose weights differ from the manifest's fingerprint
+        (``manifest["rebuilds"][name]``: fingerprint, machine, date, BA / ASR / RA), oldest first."""
+        found = (self.manifest.get("rebuilds") or {}).get(entry.name) or []
+        return [r for r in found if isinstance(r, dict) and r.get("fingerprint")]
+
+    def known_fingerprints(self, entry: ZooEntry) -> set[str]:
+        """Every fingerprint ``entry``'s weights have had: the manifest's (the first build's), each recorded rebuild's
+        and the built suspect's on disk. Builds of one recipe and seed differ only by the machine that summed the
+        floats, so a run or scan on any of them is a run on this suspect (its row names which, by fingerprint)."""
+        out = {entry.fingerprint} if entry.fingerprint else set()
+        out |= {str(r["fingerprint"]) for r in self.rebuilds(entry)}
+        now = self.current_fingerprint(entry) if self.present(entry) else None
+        return out | ({now} if now else set())
+
     def describe(self, entry: ZooEntry, verify: bool = False) -> dict[str, Any]:
         """One row of ``backdoor-lens zoo --json``; ``verify`` recomputes the fingerprint of weights on disk
         (``matches``: whether it equals the manifest's)."""
@@ -219,6 +234,7 @@ class Zoo:
             "data": entry.data, "fingerprint": entry.fingerprint or (self.built_fingerprint(entry) if present else None),
             "present": present, "path": str(self.path(entry)), "bundle": entry.bundle,
             "command": entry.command(self.path(entry)),
+            "rebuilds": [r["fingerprint"] for r in self.rebuilds(entry)],
         }
         if verify:
             from .identity import ref_fingerprint
@@ -238,6 +254,22 @@ class Zoo:
         write_text(self.manifest_path, json.dumps(fresh, indent=2) + "\n")  # a text file: ends with a newline
         self.manifest = fresh
 
+    def record_rebuild(self, name: str, fp: str, machine: dict[str, Any], metrics: dict[str, Any]) -> None:
+        """Add a build of ``name`` whose weights differ from the manifest's fingerprint to ``rebuilds`` (once per
+        fingerprint; the manifest's own fingerprint is never replaced), so pages and the benchmark keep counting the
+        runs on the first build and count the runs on this one as well."""
+        fresh = json.loads(self.manifest_path.read_text())
+        if fp == (fresh.get("fingerprints") or {}).get(name):
+            return
+        listed = fresh.setdefault("rebuilds", {}).setdefault(name, [])
+        if any(isinstance(r, dict) and r.get("fingerprint") == fp for r in listed):
+            return
+        listed.append({"fingerprint": fp, "built": time.strftime("%Y-%m-%d", time.gmtime()),
+                       "machine": machine, "metrics": metrics})
+        fresh["rebuilds"] = dict(sorted(fresh["rebuilds"].items()))
+        write_text(self.manifest_path, json.dumps(fresh, indent=2) + "\n")
+        self.manifest = fresh
+
     # --- building ------------------------------------------------------------------------------------------------
 
     def build(self, role: str | None = None, attack: str | None = None, only: list[str] | None = None,
@@ -249,7 +281,8 @@ class Zoo:
         ``only``: names (``zoo:`` prefix optional). ``overrides``: TrainConfig arguments on top of the manifest's
         recipe (tests: a tiny recipe); such builds are never recorded in the manifest. ``record``: write the
         fingerprint of a newly built suspect into the manifest when it has none (the manifest's own, committed,
-        fingerprints are never overwritten: a different one is reported as ``differs``).
+        fingerprints are never overwritten: a different one is reported as ``differs`` and added to the manifest's
+        ``rebuilds`` of that suspect, :meth:`record_rebuild`).
         """
         selected = self.entries(role, attack)
         if only:
@@ -318,8 +351,10 @@ class Zoo:
             else:
                 check = "matches" if fp == entry.fingerprint else "differs"
             m = suspect.card.get("metrics") or {}
-            results.append(BuildResult(entry.name, "built", round(time.time() - t0, 1), fp, check,
-                                       {k: m.get(k) for k in ("ba", "asr", "ra")}))
+            metrics = {k: m.get(k) for k in ("ba", "asr", "ra")}
+            if check == "differs" and record:
+                self.record_rebuild(entry.name, fp, suspect.card["zoo"]["machine"], metrics)
+            results.append(BuildResult(entry.name, "built", round(time.time() - t0, 1), fp, check, metrics))
         return results
 
     def _card_block(self, entry: ZooEntry, fp: str, out: Path, overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -335,15 +370,18 @@ class Zoo:
     # --- test suspects, for refusing them ------------------------------------------------------------------------
 
     def test_fingerprints(self) -> dict[str, str]:
-        """fingerprint -> reference of every test suspect known here: the manifest's records, the built test
-        suspects' cards, and the demo bundle's suspects."""
+        """fingerprint -> reference of every test suspect known here: the manifest's records and rebuilds, the built
+        test suspects' cards, and the demo bundle's suspects."""
         from .identity import demo_fingerprints
 
         out = {fp: ref for ref, fp in demo_fingerprints().items()}
         for e in self.entries("test"):
-            for fp in (e.fingerprint, self.built_fingerprint(e) if self.present(e) else None):
+            found = {e.fingerprint, *(r["fingerprint"] for r in self.rebuilds(e))}
+            if self.present(e):
+                found.add(self.built_fingerprint(e))
+            for fp in found:
                 if fp:
-                    out[fp] = e.ref
+                    out[str(fp)] = e.ref
         return out
 
 
@@ -391,6 +429,12 @@ def current_fingerprint(ref: str) -> str | None:
     """The fingerprint of the zoo suspect ``ref``'s weights now (:meth:`Zoo.current_fingerprint`)."""
     zoo = default_zoo()
     return zoo.current_fingerprint(zoo.entry(ref))
+
+
+def known_fingerprints(ref: str) -> set[str]:
+    """Every fingerprint the zoo suspect ``ref``'s weights have had (:meth:`Zoo.known_fingerprints`)."""
+    zoo = default_zoo()
+    return zoo.known_fingerprints(zoo.entry(ref))
 
 
 def test_fingerprints() -> dict[str, str]:

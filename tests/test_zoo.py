@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +183,68 @@ def test_the_development_source_avoids_the_bundle():
     pair = load_dataset({"name": "fashion-mnist-dev", "limit_test": 50})
     assert pair.spec == {"name": "fashion-mnist-dev", "limit_test": 50} and len(pair.test) == 50
     assert pair.classes == load_dataset("demo").classes
+
+
+def test_a_rebuild_on_another_machine_is_recorded_and_its_first_builds_results_still_count(tiny_zoo, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """A build whose weights differ from the manifest's fingerprint (another machine's numerics) keeps the manifest's
+    fingerprint, is listed under ``rebuilds``, and scans and benchmark runs on either build count as the suspect's,
+    while weights that are neither stay stale; a tuning trial on the rebuild is refused like one on the original."""
+    import pandas as pd
+
+    first = "f" * 32  # as if the first build had been made elsewhere
+    m = json.loads(tiny_zoo[0].read_text())
+    m["fingerprints"]["badnets-s1"] = first
+    manifest, root = tmp_path / "zoo.json", tmp_path / "built"
+    manifest.write_text(json.dumps(m))
+    assert main(["zoo", "build", "--manifest", str(manifest), "--root", str(root), "--only", "badnets-s1",
+                 "--quiet"]) == 0
+    assert "lists these under `rebuilds`" in capsys.readouterr().out
+    saved = json.loads(manifest.read_text())
+    assert saved["fingerprints"]["badnets-s1"] == first  # never overwritten
+    (rebuild,) = saved["rebuilds"]["badnets-s1"]
+    here = rebuild["fingerprint"]
+    assert here != first and rebuild["machine"]["cpu_capability"] and 0 <= rebuild["metrics"]["ba"] <= 1
+    zoo = Zoo(manifest, root)
+    entry = zoo.entry("badnets-s1")
+    assert zoo.known_fingerprints(entry) == {first, here}
+    assert zoo.test_fingerprints()[first] == zoo.test_fingerprints()[here] == "zoo:badnets-s1"
+    zoo.record_rebuild("badnets-s1", here, {}, {})  # once per fingerprint
+    assert len(json.loads(manifest.read_text())["rebuilds"]["badnets-s1"]) == 1
+    monkeypatch.setenv("BACKDOOR_LENS_ZOO_MANIFEST", str(manifest))
+    monkeypatch.setenv("BACKDOOR_LENS_ZOO", str(root))
+
+    spec = importlib.util.spec_from_file_location("detection_doc_rebuild", ROOT / "scripts" / "detection_doc.py")
+    det = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(det)
+    for fp, state in ((first, "measured"), (here, "measured"), ("0" * 32, "stale")):
+        cell = {"attack": "badnets", "ref": "zoo:badnets-s1", "fingerprint": fp, "config": det.scan_config()}
+        assert det.cell_state({"cells": {"zoo:badnets-s1": cell}}, "zoo:badnets-s1") == state, fp
+
+    spec = importlib.util.spec_from_file_location("benchmark_rebuild", ROOT / "scripts" / "benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    card = json.loads((root / "badnets-s1" / "suspect.json").read_text())["metrics"]
+    version = bench.preset_version("finetune", "quick", "")
+    rows = pd.DataFrame([  # the first build's run (other before-metrics), the rebuild's, and one on unknown weights
+        {"fingerprint": first, "ba_before": 0.5, "asr_before": 0.9, "ra_before": 0.1},
+        {"fingerprint": here, "ba_before": card["ba"], "asr_before": card["asr"], "ra_before": card["ra"]},
+        {"fingerprint": here, "ba_before": card["ba"] - 0.1, "asr_before": card["asr"], "ra_before": card["ra"]},
+        {"fingerprint": "0" * 32, "ba_before": 0.5, "asr_before": 0.9, "ra_before": 0.1},
+    ]).assign(attack="badnets", defense="finetune", preset="quick", overrides="", seed=0, ba=0.4, ba_drop=0.1,
+              asr=0.5, ra=0.4, der=0.6, seconds=1.0, failed=False, device="cpu", clean_images=40, held_out=0,
+              date="2026-12-06", run_id=["a", "b", "c", "d"], suspect="zoo:badnets-s1", preset_version=version,
+              machine="m")
+    csv = tmp_path / "runs.csv"
+    rows.to_csv(csv, index=False)
+    assert bench.csv_rows(csv)["current_weights"].tolist() == [True, True, False, False]
+    before = bench.build_metrics(bench.csv_rows(csv).iloc[:2])  # one entry per build
+    assert sorted(round(b["ba"], 4) for b in before) == sorted([0.5, round(card["ba"], 4)])
+
+    monkeypatch.chdir(tmp_path)
+    spec = importlib.util.spec_from_file_location("choose_presets_rebuild", ROOT / "scripts" / "choose_presets.py")
+    choose = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "choose_presets_rebuild", choose)  # its dataclass looks its module up
+    spec.loader.exec_module(choose)
+    why = choose.refusal({"suspect": str(tmp_path / "a-copy"), "fingerprint": here}, zoo.test_fingerprints())
+    assert why and "weights of the test suspect zoo:badnets-s1" in why

@@ -101,5 +101,7 @@ def run_build(args: argparse.Namespace) -> int:
     differs = [r.name for r in results if r.check == "differs"]
     if differs:
         print(f"note: {', '.join(differs)}: the weights built here differ from the manifest's fingerprint (another "
-              "machine's numerics or torch version); the manifest keeps its own")
+              "machine's numerics or torch version); the manifest keeps its own"
+              + ("" if args.no_record else " and lists these under `rebuilds`: pages and the benchmark count runs on "
+                 "either (commit the manifest)"))
     return 0
