@@ -41,9 +41,11 @@ Deviations from the paper / official code:
   (the official scripts only print test metrics).
 - ``quick`` preset (ten CPU minutes on the demo): 5 isolation epochs, 13 fine-tuning epochs (drop after 2/3), and 20
   unlearning passes (BackdoorBench's CIFAR-10 count; D_b of the demo holds ~90 images, so 20 passes of 2 batches are
-  40 steps, about the official 4 passes over 500 CIFAR images in batches of 64). Not yet tuned on the development
-  suspects: ``scripts/choose_presets.py run --defenses abl`` tries it against 10 unlearning passes and lr 2e-4, under
-  ABL's own 600 s cap.
+  40 steps, about the official 4 passes over 500 CIFAR images in batches of 64). Chosen on the development suspects
+  (``scripts/choose_presets.py``, docs/preset-choice.md, 2026-12-07) over 10 unlearning passes and an unlearning lr
+  of 2e-4: none removes a backdoor there (0 of 4 each); this one has the lowest mean ASR + BA drop (0.38 + 0.31
+  against 0.74 + 0.19 and 0.72 + 0.23), 300-360 s a trial on an AVX2 EPYC. On Blended the LGA isolation caught no
+  poisoned sample (precision 0.00, loss AUROC 0.70), so unlearning clean samples cost 55 points of BA.
 
 Measured (demo:badnets, seed 0; test split for BA / ASR):
 - ``quick`` (``backdoor-lens defend abl demo:badnets --preset quick --json``, 2 idle CPU cores, 2026-12-06): 232 s
@@ -51,6 +53,12 @@ Measured (demo:badnets, seed 0; test split for BA / ASR):
   poisoned (precision 1.00, recall 0.09, AUROC of a low loss 0.88); held-out BA / ASR 0.72 / 1.00 after isolation,
   0.87 / 1.00 after fine-tuning, 0.74 / 0.66 after unlearning; test BA 0.905 -> 0.764, ASR 0.997 -> 0.666, RA 0.288.
   The unlearning costs BA before it removes the backdoor, as in the reduced run below.
+- Development suspects (``zoo:*-dev-s10``, defense seed 1000, 1,000 development test images, AVX2 EPYC, 300-360 s a
+  run): ASR / BA drop badnets 0.49 / 0.13 (isolation precision 1.00), blended 0.08 / 0.55 (precision **0.00**: the
+  90 lowest-loss samples after 5 LGA epochs hold no poisoned one, loss AUROC 0.70, so the unlearning ascends on clean
+  samples), sig 0.34 / 0.20 (precision 0.12), wanet 0.63 / 0.34 (precision 0.00). ABL's removal rests on the
+  isolation, and 5 isolation epochs on 28 x 28 images isolate BadNets' patch but not the full-image triggers; the
+  official 20 epochs (``paper``) were not run here.
 Earlier, one core of a loaded 2-core machine:
 - reduced run, 5 isolation + 4 fine-tuning epochs + 20 unlearning passes: the 90 isolated samples were all poisoned
   (precision 1.00, recall 0.09, AUROC of a low loss 0.94); held-out BA / ASR 0.76 / 1.00 after isolation, 0.83 /
