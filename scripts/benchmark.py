@@ -414,10 +414,9 @@ def summarise(rows, meta: dict | None = None):
             before = {k: float(np.mean([float("nan") if m.get(k) is None else float(m[k]) for m in cards]))
                       for k in ("ba", "asr", "ra")}
             before["builds"] = len(cards)
-            fps = table["fingerprint"].fillna("").astype(str) if "fingerprint" in table else None
-            before["rebuilt"] = {} if fps is None else {  # a suspect with runs on more than one build of its weights
-                ref: sorted(set(fps[table["suspect"] == ref]) - {""}) for ref in sorted(set(table["suspect"]))
-                if len(set(fps[table["suspect"] == ref]) - {""}) > 1}
+            named = table[table["fingerprint"].fillna("") != ""] if "fingerprint" in table else table.iloc[:0]
+            builds = named.groupby("suspect")["fingerprint"].agg(lambda f: sorted(set(f)))
+            before["rebuilt"] = {ref: fps for ref, fps in builds.items() if len(fps) > 1}  # runs on several builds
             out[attack] = (before, groups)
     runs = pd.concat(kept) if kept else pd.DataFrame()
     runs.attrs["stale"] = stale

@@ -376,12 +376,7 @@ class Zoo:
 
         out = {fp: ref for ref, fp in demo_fingerprints().items()}
         for e in self.entries("test"):
-            found = {e.fingerprint, *(r["fingerprint"] for r in self.rebuilds(e))}
-            if self.present(e):
-                found.add(self.built_fingerprint(e))
-            for fp in found:
-                if fp:
-                    out[str(fp)] = e.ref
+            out.update(dict.fromkeys(self.known_fingerprints(e), e.ref))
         return out
 
 
