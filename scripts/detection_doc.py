@@ -200,15 +200,28 @@ def render_block(store: dict[str, Any]) -> str:
             lines.append(f"| {attack} | {r['n']} | {_kn(r['flagged'], r['n'])} | "
                          f"{_kn(r['suspicious_or_flagged'], r['n'])} | {r['inconclusive']} | "
                          f"{_kn(r.get('target_found', 0), r['n'])} |")
-    if backdoored:
-        r = rates(backdoored)
-        lines.append(f"| **all backdoored** (true-positive rate) | {r['n']} | {_kn(r['flagged'], r['n'])} | "
+    expected: dict[str, int] = {}
+    for a, _ in cells_all:
+        expected[a] = expected.get(a, 0) + 1
+    complete = [a for a in by_attack if a != "clean" and len(by_attack[a]) == expected[a]]
+    partial = [a for a in by_attack if a != "clean" and a not in complete]
+    pooled = [("**all backdoored** (true-positive rate)", backdoored)]
+    if partial and complete:
+        pooled.insert(0, (f"**attacks with every test suspect scanned** ({', '.join(complete)})",
+                          [c for a in complete for c in by_attack[a]]))
+    for label, group in pooled if backdoored else []:
+        r = rates(group)
+        lines.append(f"| {label} | {r['n']} | {_kn(r['flagged'], r['n'])} | "
                      f"{_kn(r['suspicious_or_flagged'], r['n'])} | {r['inconclusive']} | "
                      f"{_kn(r.get('target_found', 0), r['n'])} |")
     if clean:
         r = rates(clean)
         lines.append(f"| **clean** (false-positive rate) | {r['n']} | {_kn(r['flagged'], r['n'])} | "
                      f"{_kn(r['suspicious_or_flagged'], r['n'])} | {r['inconclusive']} | – |")
+    if partial and backdoored:
+        lines += ["", "The *all backdoored* row pools every scanned suspect, so an attack with fewer of its test "
+                  f"suspects scanned ({', '.join(f'{a}: {len(by_attack[a])} of {expected[a]}' for a in partial)}) "
+                  "weighs less in it than one with all of them; the row above it pools only complete attacks."]
     lines += ["", "### Per suspect", "",
               "| attack | suspect | weights (fingerprint) | verdict | most suspicious class | target | target's "
               "anomaly index | largest other index | recovered mask's mass on the trigger | seconds |",

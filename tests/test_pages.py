@@ -84,6 +84,29 @@ def test_detection_rates_count_levels_from_the_most_alarming():
     assert "target_found" not in det.rates([{"level": "clean", "most_suspicious": 2, "target": None}])
 
 
+def test_detection_pools_complete_attacks_apart_from_partly_scanned_ones():
+    """An attack with 1 of its 3 test suspects scanned must not weigh like one with 3: when some attack is
+    incomplete, the page has a pooled row over the complete attacks only, and says which attacks are partial."""
+    det = _script("detection_doc")
+    from runs.pages import load_store
+
+    store = load_store(det.STORE)
+    cells = det.grid()
+    counts: dict[str, list[int]] = {}
+    for attack, ref in cells:
+        counts.setdefault(attack, [0, 0])[1] += 1
+        counts[attack][0] += det.cell_state(store, ref) == "measured"
+    complete = [a for a, (k, n) in counts.items() if a != "clean" and k == n]
+    partial = [a for a, (k, n) in counts.items() if a != "clean" and 0 < k < n]
+    block = det.render_block(store)
+    row = next((line for line in block.splitlines() if "every test suspect scanned" in line), None)
+    if complete and partial:
+        assert row is not None and row.split(" | ")[1] == str(sum(counts[a][1] for a in complete))
+        assert all(f"{a}: {counts[a][0]} of {counts[a][1]}" in block for a in partial)
+    else:
+        assert row is None
+
+
 def test_the_defense_benchmark_names_only_current_weights():
     """Every run the benchmark document counts names the weights it repaired, and they are a current test
     suspect's (runs on other weights are left out of the document, and their fingerprint column is empty)."""
