@@ -50,16 +50,9 @@ DOC = Path("docs/defense-benchmarks.md")
 def dev_chosen() -> set[str]:
     """The defenses whose ``quick`` preset today is what ``scripts/choose_presets.py`` chose on the zoo's development
     suspects (read from its log, docs/dev-trials.jsonl); every other defense's quick rows carry a dagger (issue 28)."""
-    import importlib.util
+    from scripts.choose_presets import dev_chosen as chosen
 
-    mod = sys.modules.get("choose_presets")
-    if mod is None:
-        spec = importlib.util.spec_from_file_location("choose_presets", Path(__file__).resolve().parent /
-                                                      "choose_presets.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["choose_presets"] = mod  # its dataclass looks its module up
-        spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod.dev_chosen()
+    return chosen()
 
 
 def post_training() -> tuple[str, ...]:
@@ -899,8 +892,7 @@ def render(results, csv_name: str, runs=None, references: dict | None = None) ->
 
 def capacity_section(root: Path) -> list[str]:
     """The capacity study's table (``scripts/capacity_study.py``), when it has results."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from capacity_study import load_results, summary
+    from scripts.capacity_study import load_results, summary
 
     df = load_results(root)
     if df is None:

@@ -71,10 +71,8 @@ def _done(path: Path) -> set[tuple]:
 def defend(args: argparse.Namespace) -> None:
     import suspects
     from defenses import run_defense
+    from scripts.tune_on_dev import development_split
     from suspects.metrics import evaluate
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from tune_on_dev import development_split
 
     dev = development_split(2000)
     results = args.root / "results.jsonl"

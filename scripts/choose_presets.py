@@ -23,7 +23,6 @@ overrides to apply to its ``quick`` preset.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -210,14 +209,10 @@ def trial_key(row: dict[str, Any]) -> tuple:
 
 
 def _tune():
-    """scripts/tune_on_dev.py as a module (this script may itself be loaded from its path)."""
-    mod = sys.modules.get("tune_on_dev")
-    if mod is None:
-        spec = importlib.util.spec_from_file_location("tune_on_dev", ROOT / "scripts" / "tune_on_dev.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)  # type: ignore[union-attr]
-        sys.modules["tune_on_dev"] = mod
-    return mod
+    """scripts/tune_on_dev.py as a module."""
+    from scripts import tune_on_dev
+
+    return tune_on_dev
 
 
 def dev_suspects(attack: str) -> list[str]:

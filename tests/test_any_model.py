@@ -216,13 +216,11 @@ def test_every_page_renders_on_library_models(tmp_path, runs_dir):
 
 def test_architecture_table_in_docs_is_current():
     """The cheap rows of docs/bring-your-own-model.md's table regenerate verbatim (scripts/model_table.py)."""
-    import importlib.util
     from pathlib import Path
 
+    from scripts import model_table as mod
+
     root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("model_table", root / "scripts" / "model_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     doc = (root / "docs" / "bring-your-own-model.md").read_text()
     cheap = [f for f in mod.FAMILIES if f[0] in ("preact_resnet18", "vgg11_bn", "timm:resnet18",
                                                   "timm:vit_tiny_patch16_224")]

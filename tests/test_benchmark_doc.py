@@ -3,7 +3,6 @@ store alone, with mean ± sd over seeds and the published numbers beside ours.""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pandas as pd
@@ -19,10 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" / "benchmark.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from scripts import benchmark
+
+    return benchmark
 
 
 def test_grid_runs_once_and_the_document_comes_from_the_store(tmp_path):

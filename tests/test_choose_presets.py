@@ -4,9 +4,7 @@ trials, stops at its deadline and refuses test suspects. No defense runs here: t
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,11 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def cp():
-    spec = importlib.util.spec_from_file_location("choose_presets_script", ROOT / "scripts" / "choose_presets.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclass looks its module up
-    spec.loader.exec_module(mod)
-    return mod
+    from scripts import choose_presets
+
+    return choose_presets
 
 
 @pytest.fixture(autouse=True)

@@ -16,10 +16,7 @@ STORES = ("docs/stress-grid.json", "docs/detection-grid.json", "docs/screening-g
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"scripts.{name}")
 
 
 @pytest.mark.parametrize("path", STORES)

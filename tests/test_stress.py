@@ -278,14 +278,9 @@ def test_demo_suspect_by_name_or_folder_gives_the_same_result(runs_dir, capsys):
 
 
 def _stress_doc():
-    import importlib.util
-    from pathlib import Path
+    from scripts import stress_doc
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / "stress_doc.py"
-    spec = importlib.util.spec_from_file_location("stress_doc", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return stress_doc
 
 
 def test_stress_doc_regenerates_from_its_store():

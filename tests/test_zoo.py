@@ -57,10 +57,9 @@ def tiny_env(tiny_zoo, monkeypatch):
 
 
 def _tune_on_dev():
-    spec = importlib.util.spec_from_file_location("tune_on_dev_script", ROOT / "scripts" / "tune_on_dev.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from scripts import tune_on_dev
+
+    return tune_on_dev
 
 
 def test_build_lists_and_skips(tiny_zoo, capsys):
