@@ -826,6 +826,27 @@ def _reference_line(attack: str, ref: dict | None) -> str | None:
             f"{cell('ra')} |  |  | measured: {names} under the trigger of `{ref.get('trigger_of')}` |")
 
 
+def dagger_text(chosen: set[str]) -> str:
+    """What a † on a ``quick`` row means, naming the defenses that carry one (every registered defense outside
+    ``chosen``, the development suspects' choices)."""
+    from defenses import get_defense, list_defenses
+
+    daggered = [d for d in list_defenses() if d not in chosen and "quick" in get_defense(d).presets]
+    if not daggered:
+        return "every `quick` preset here is that choice"
+    training = [d for d in daggered if get_defense(d).threat.poisoned_training_set]
+    other = [d for d in daggered if d not in training]
+    parts = []
+    if training:
+        parts.append(f"{', '.join(get_defense(d).title.split(' (')[-1].rstrip(')') for d in training)}: training-"
+                     "time defenses, which the script does not tune; their `quick` presets were set on demo bundle "
+                     "v2's development images but retrain on the BadNets bundle's poisoned training set, the data "
+                     "of test suspect `zoo:badnets-s0` (their docstrings give every trial)")
+    if other:
+        parts.append(f"{', '.join(other)}: set in earlier rounds, partly with runs on these test suspects")
+    return "a row marked † has a `quick` preset that is not (yet) that choice (" + "; ".join(parts) + ")"
+
+
 def render(results, csv_name: str, runs=None, references: dict | None = None) -> str:
     from defenses import get_defense
     from runs.published import MISSING, published_for
@@ -838,9 +859,8 @@ def render(results, csv_name: str, runs=None, references: dict | None = None) ->
            "sample sd over its runs (a run: one test suspect x one defense seed; the seed draws the pool and the "
            "defense's randomness). A `quick` preset "
            "is chosen on the zoo's development suspects (`scripts/choose_presets.py`, docs/preset-choice.md), never "
-           "on these numbers; a row marked † has a `quick` preset that is not (yet) that choice (set in earlier "
-           "rounds, partly with runs on these test suspects, or a training-time defense that the script does not "
-           "tune); defenses never receive a test image (the runner seals the split). Seconds are the defense's wall "
+           "on these numbers; " + dagger_text(dev_chosen()) + "; defenses never receive a test image (the runner "
+           "seals the split). Seconds are the defense's wall "
            "time including the 'after' measurement, on an otherwise idle machine."
            + (f" {stale} runs of the store, made on earlier weights of the demo suspects, are left out." if stale else "")
            + (f" {old_presets} runs made with an earlier version of a preset (before it was re-chosen) are left out."

@@ -336,3 +336,15 @@ def test_the_clean_reference_rows_are_kept_where_this_machine_built_fewer_clean_
     assert not bench._measured_on_builds_of({**prev, "clean": prev["clean"][1:],
                                              "clean_fingerprints": prev["clean_fingerprints"][1:]}, ["zoo:clean-s0"])
     assert not bench._measured_on_builds_of({}, ["zoo:clean-s0"])
+
+
+def test_the_dagger_names_which_presets_were_not_chosen_on_development_suspects():
+    from defenses import list_defenses
+
+    bench = _script()
+    every = set(list_defenses())
+    assert bench.dagger_text(every) == "every `quick` preset here is that choice"
+    text = bench.dagger_text(every - {"dbd", "cbd", "finetune"})
+    assert "DBD, CBD: training-time defenses" in text and "zoo:badnets-s0" in text
+    assert "finetune: set in earlier rounds" in text
+    assert "finetune" not in bench.dagger_text(every - {"dbd"}) and "DBD" in bench.dagger_text(every - {"dbd"})
