@@ -99,8 +99,9 @@ def today() -> str:
 def machines_text(cells: list[dict[str, Any]]) -> str:
     """``DATES on MACHINE; MACHINE`` of the measured cells (each records ``measured`` and ``machine``)."""
     dates = sorted({c["measured"] for c in cells})
-    machines = sorted({f"{c['machine'].get('cpu')}, torch {c['machine'].get('torch')}, "
-                       f"{c['machine'].get('threads')} threads" for c in cells})
+    machines = sorted({f"{c['machine'].get('cpu')}"
+                       + (f", {c['machine']['cpu_capability']}" if c["machine"].get("cpu_capability") else "")
+                       + f", torch {c['machine'].get('torch')}, {c['machine'].get('threads')} threads" for c in cells})
     return f"{', '.join(dates)} on {'; '.join(machines)}"
 
 

@@ -105,6 +105,7 @@ def run_cell(store: dict[str, Any], defense: str, attack: str) -> dict[str, Any]
     import suspects
     from defenses import run_defense
     from defenses.stress import stress_params, stress_test
+    from runs.pages import machine_line, today
     from suspects.identity import fingerprint
 
     suspect = suspects.load(f"demo:{attack}")
@@ -123,7 +124,7 @@ def run_cell(store: dict[str, Any], defense: str, attack: str) -> dict[str, Any]
             "defense_params": json.loads(json.dumps(report["params"], default=str)),
             "defense_seconds": round(defense_seconds, 1), "defense_failed": bool(report.get("failed")),
             "stress": {k: result[k] for k in keep},
-            "measured": time.strftime("%Y-%m-%d", time.gmtime())}
+            "measured": today(), "machine": machine_line()}
     store["cells"][f"{defense}|{attack}"] = cell
     return cell
 
@@ -256,6 +257,25 @@ def verdict_summary(store: dict[str, Any], defenses: list[str], attacks: list[st
     return [*out, ""]
 
 
+def measured_on_text(cells: list[dict[str, Any]]) -> str:
+    """Where and when ``cells`` were measured: the machine each records, and for cells made before they recorded
+    one, their dates and torch device."""
+    from runs.pages import machines_text
+
+    known = [c for c in cells if c.get("machine")]
+    older = [c for c in cells if not c.get("machine")]
+    parts = []
+    if known:
+        parts.append(f"{machines_text(known)} ({len(known)} cells, one at a time on an otherwise idle machine)")
+    if older:
+        dates = sorted({c["measured"] for c in older})
+        devices = sorted({c["stress"]["device"] for c in older})
+        parts.append(f"{', '.join(dates)} on {', '.join(devices)} ({len(older)} cells measured before cells recorded "
+                     "their machine, one at a time on one core of a shared 2-core machine, so their seconds are "
+                     "upper bounds)")
+    return "; ".join(parts)
+
+
 def render(store: dict[str, Any]) -> str:
     """The whole of docs/stress.md from ``store`` (and the registry, the demo bundle, runs.published)."""
     from runs.published import RETUNE_NOT_FOUND, retune_published_for
@@ -318,10 +338,7 @@ def render(store: dict[str, Any]) -> str:
             lines.append("")
     measured = [c for c in store["cells"].values() if states.get((c["defense"], c["attack"])) == "measured"]
     if measured:
-        dates = sorted({c["measured"] for c in measured})
-        devices = sorted({c["stress"]["device"] for c in measured})
-        lines.append(f"Measured {', '.join(dates)} on {', '.join(devices)} (one measurement at a time on one core of "
-                     "a shared 2-core machine, so the seconds are upper bounds). Seeds of the re-tuning: "
+        lines.append(f"Measured {measured_on_text(measured)}. Seeds of the re-tuning: "
                      f"{', '.join(str(s) for s in measured[0]['stress']['seeds'])}; the clean reference's "
                      "re-tuning is computed once per attack and seed and shared by the cells.")
         lines.append("")

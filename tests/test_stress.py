@@ -302,3 +302,14 @@ def test_stress_doc_regenerates_from_its_store():
     empty = doc.render({"cells": {}, "reference_cache": {}})
     assert f"0 of {len(defenses) * len(attacks)} cells measured" in empty
     assert empty.count("| not yet measured |") == len(defenses) * len(attacks)
+
+
+def test_stress_page_names_the_machine_of_each_cell_and_marks_older_ones():
+    doc = _stress_doc()
+    machine = {"cpu": "AMD EPYC", "cpu_capability": "AVX2", "torch": "2.14.1", "threads": 2}
+    new = {"measured": "2026-12-07", "machine": machine, "stress": {"device": "cpu (2 threads)"}}
+    old = {"measured": "2026-12-06", "stress": {"device": "cpu (1 threads)"}}
+    text = doc.measured_on_text([new, new, old])
+    assert text.startswith("2026-12-07 on AMD EPYC, AVX2, torch 2.14.1, 2 threads (2 cells")
+    assert "2026-12-06 on cpu (1 threads) (1 cells measured before cells recorded their machine" in text
+    assert "before cells recorded" not in doc.measured_on_text([new])
