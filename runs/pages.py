@@ -96,12 +96,16 @@ def today() -> str:
     return time.strftime("%Y-%m-%d", time.gmtime())
 
 
+def _machine_text(m: dict[str, Any]) -> str:
+    """``CPU[, CAPABILITY], torch VERSION, N threads`` of one recorded machine."""
+    cpu = ", ".join(str(x) for x in (m.get("cpu"), m.get("cpu_capability")) if x)
+    return f"{cpu}, torch {m.get('torch')}, {m.get('threads')} threads"
+
+
 def machines_text(cells: list[dict[str, Any]]) -> str:
     """``DATES on MACHINE; MACHINE`` of the measured cells (each records ``measured`` and ``machine``)."""
     dates = sorted({c["measured"] for c in cells})
-    machines = sorted({f"{c['machine'].get('cpu')}"
-                       + (f", {c['machine']['cpu_capability']}" if c["machine"].get("cpu_capability") else "")
-                       + f", torch {c['machine'].get('torch')}, {c['machine'].get('threads')} threads" for c in cells})
+    machines = sorted({_machine_text(c["machine"]) for c in cells})
     return f"{', '.join(dates)} on {'; '.join(machines)}"
 
 

@@ -853,13 +853,14 @@ def render(results, csv_name: str, runs=None, references: dict | None = None) ->
 
     stale = int(runs.attrs.get("stale", 0)) if runs is not None else 0
     old_presets = int(runs.attrs.get("old_presets", 0)) if runs is not None else 0
+    chosen = dev_chosen()
 
     out = [*HEADER[:-1], HEADER[-1] + f" Per-run rows: [`{csv_name}`]({csv_name}).", "",
            (setting_text(runs) if runs is not None else "") + " Each cell is the mean ± "
            "sample sd over its runs (a run: one test suspect x one defense seed; the seed draws the pool and the "
            "defense's randomness). A `quick` preset "
            "is chosen on the zoo's development suspects (`scripts/choose_presets.py`, docs/preset-choice.md), never "
-           "on these numbers; " + dagger_text(dev_chosen()) + "; defenses never receive a test image (the runner "
+           "on these numbers; " + dagger_text(chosen) + "; defenses never receive a test image (the runner "
            "seals the split). Seconds are the defense's wall "
            "time including the 'after' measurement, on an otherwise idle machine."
            + (f" {stale} runs of the store, made on earlier weights of the demo suspects, are left out." if stale else "")
@@ -874,7 +875,6 @@ def render(results, csv_name: str, runs=None, references: dict | None = None) ->
            "them as what the method achieves where it was designed, not as a target for these models.", "",
            stats_legend(), "", machines_text(runs), ""]
     out += ["## Goals (checked on the numbers below)", "", *goal_lines(results), ""]
-    chosen = dev_chosen()
     for attack, (before, g) in results.items():
         front = _front(g)
         near = _near(g)

@@ -19,6 +19,7 @@ import argparse
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -200,16 +201,14 @@ def render_block(store: dict[str, Any]) -> str:
             lines.append(f"| {attack} | {r['n']} | {_kn(r['flagged'], r['n'])} | "
                          f"{_kn(r['suspicious_or_flagged'], r['n'])} | {r['inconclusive']} | "
                          f"{_kn(r.get('target_found', 0), r['n'])} |")
-    expected: dict[str, int] = {}
-    for a, _ in cells_all:
-        expected[a] = expected.get(a, 0) + 1
+    expected = Counter(a for a, _ in cells_all)
     complete = [a for a in by_attack if a != "clean" and len(by_attack[a]) == expected[a]]
     partial = [a for a in by_attack if a != "clean" and a not in complete]
-    pooled = [("**all backdoored** (true-positive rate)", backdoored)]
+    pooled = [("**all backdoored** (true-positive rate)", backdoored)] if backdoored else []
     if partial and complete:
         pooled.insert(0, (f"**attacks with every test suspect scanned** ({', '.join(complete)})",
                           [c for a in complete for c in by_attack[a]]))
-    for label, group in pooled if backdoored else []:
+    for label, group in pooled:
         r = rates(group)
         lines.append(f"| {label} | {r['n']} | {_kn(r['flagged'], r['n'])} | "
                      f"{_kn(r['suspicious_or_flagged'], r['n'])} | {r['inconclusive']} | "
