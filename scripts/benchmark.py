@@ -9,7 +9,7 @@
 (timings are only meaningful alone on the machine), each measured on the whole demo test split, with the run's
 config, seconds and device stored beside it. An attack's test suspects are the zoo's (``suspects.zoo.test_suspects``;
 seed 0 is the demo bundle's suspect), else ``demo:ATTACK``; a *cell* groups its (test suspect x seed) runs by the
-``attack`` its suspects' cards name (``trigger.name``).
+zoo attack of their suspects (:func:`attack_of`: ``badnets_1pct`` is not ``badnets``, though both use its trigger).
 
 ``write`` reads the store only and writes the per-run CSV beside the document (with each run's suspect and preset
 version) and a ``-meta.json`` with what the CSV cannot hold (runs left out, cells redone, the clean reference rows,
@@ -267,11 +267,18 @@ def accepted_fingerprints(ref: str) -> set[str]:
     return {fp} if fp else set()
 
 
-def attack_of(card: dict, default: str) -> str:
-    """The attack a suspect carries: its card's ``trigger.name`` (so ``demo:badnets`` and ``zoo:badnets-s1`` land
-    in one cell), else ``default``."""
-    trig = card.get("trigger") if isinstance(card, dict) else None
-    return str(trig.get("name") or default) if isinstance(trig, dict) else default
+def attack_of(ref: str, default: str) -> str:
+    """The attack a run's suspect belongs to: the zoo's attack for ``zoo:NAME`` (``zoo:badnets_1pct-s1`` is
+    ``badnets_1pct``, though its trigger is BadNets'), ``NAME`` for ``demo:NAME``, else ``default``. Not the card's
+    ``trigger.name``: BadNets at 1% and all-to-all BadNets share BadNets' trigger but are attacks of their own."""
+    if ref.startswith("zoo:"):
+        try:
+            return default_zoo().entry(ref).attack
+        except ValueError:  # no longer in the manifest
+            return default
+    if ref.startswith("demo:"):
+        return ref.split(":", 1)[1]
+    return default
 
 
 CELL_KEYS = ["attack", "defense", "preset", "overrides"]
@@ -303,7 +310,7 @@ def store_rows(store, attacks=ATTACKS):
             current = on_current_weights(table, card)
             machines = [machine_text((store.report(r) or {}).get("machine")) for r in table["run_id"]]
             frames.append(table.assign(
-                attack=attack_of(card, attack), suspect=ref, ba_drop=table["ba_before"] - table["ba"],
+                attack=attack_of(ref, attack), suspect=ref, ba_drop=table["ba_before"] - table["ba"],
                 machine=machines,
                 preset_version=versions, current_weights=current,
                 fingerprint=current.map({True: ref_fingerprint(ref) or "", False: ""}),
@@ -444,6 +451,8 @@ def csv_rows(csv_path: Path):
     rows["overrides"] = rows["overrides"].fillna("")
     if "suspect" not in rows:
         rows["suspect"] = "demo:" + rows["attack"].astype(str)
+    # a CSV written before cells were keyed by the zoo's attack filed BadNets-at-1% runs under badnets
+    rows["attack"] = [attack_of(r, str(a)) for r, a in zip(rows["suspect"], rows["attack"], strict=True)]
     rows["failed"] = rows["failed"].astype(str).str.lower() == "true"
     keep = pd.Series(True, index=rows.index)
     for ref in sorted(set(rows["suspect"])):

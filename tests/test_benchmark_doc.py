@@ -348,3 +348,22 @@ def test_the_dagger_names_which_presets_were_not_chosen_on_development_suspects(
     assert "DBD, CBD: training-time defenses" in text and "zoo:badnets-s0" in text
     assert "finetune: set in earlier rounds" in text
     assert "finetune" not in bench.dagger_text(every - {"dbd"}) and "DBD" in bench.dagger_text(every - {"dbd"})
+
+
+def test_a_cell_is_the_zoo_attack_of_its_suspect_not_its_trigger(tmp_path):
+    """BadNets at 1% and all-to-all BadNets use BadNets' trigger (their cards' ``trigger.name`` is ``badnets``) but
+    are attacks of their own: their runs make their own cells, also when read from a CSV that filed them under
+    badnets (as one written before this rule did)."""
+    bench = _script()
+    assert bench.attack_of("zoo:badnets_1pct-s1", "x") == "badnets_1pct"
+    assert bench.attack_of("zoo:badnets_all2all-s0", "x") == "badnets_all2all"
+    assert bench.attack_of("demo:badnets_1pct", "x") == "badnets_1pct"
+    assert bench.attack_of("runs/some-model", "badnets") == "badnets"
+    rows = pd.read_csv(ROOT / "docs" / "defense-benchmarks-runs.csv", dtype=str, keep_default_na=False)
+    low = rows["suspect"].str.startswith(("zoo:badnets_1pct-", "zoo:badnets_all2all-"))
+    assert low.any()
+    rows.loc[low, "attack"] = "badnets"  # the old filing
+    rows.to_csv(tmp_path / "old-runs.csv", index=False)
+    read = bench.csv_rows(tmp_path / "old-runs.csv")
+    assert set(read.loc[low.to_numpy(), "attack"]) <= {"badnets_1pct", "badnets_all2all"}
+    assert set(read.loc[read["suspect"].str.startswith("zoo:badnets-"), "attack"]) == {"badnets"}
