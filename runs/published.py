@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Published", "PUBLISHED", "MISSING", "published_for", "published_records", "RETUNE_PUBLISHED",
+__all__ = ["Published", "PUBLISHED", "MISSING", "published_for", "published_records", "none_recorded_text",
+           "NO_DEFENSE", "NO_DEFENSE_MISSING", "no_defense_for", "no_defense_text", "RETUNE_PUBLISHED",
            "RETUNE_NOT_FOUND", "retune_published_for"]
 
 BACKDOORBENCH = "BackdoorBench leaderboard, CIFAR-10, PreAct-ResNet-18, 10% poisoning"
@@ -150,6 +151,56 @@ MISSING = {
     "npd": "not on BackdoorBench's leaderboard (which holds the official code); the paper's tables were not checked "
            "here",
 }
+
+
+# --- the attacks themselves: published BA / ASR of the backdoored model, no defense -------------------------------
+
+NO_DEFENSE: tuple[Published, ...] = (
+    # BackdoorBench leaderboard (../shared/reference/methods-2.md, "LB setting"; defenses.md for SIG and WaNet)
+    *(Published("none", a, ba / 100, asr / 100, BACKDOORBENCH, "README") for a, (ba, asr) in _BB_BEFORE.items()),
+    Published("none", "inputaware", 0.9152, 0.9020, BACKDOORBENCH.replace("10%", "5%"), "README"),
+    Published("none", "inputaware", 0.9465, 0.9932, "VinAIResearch/input-aware-backdoor-attack-release README, "
+              "CIFAR-10, PreAct-ResNet-18 (clean accuracy / attack success; cross-trigger accuracy 88.16)", "README"),
+    Published("none", "bppattack", 0.9147, 0.9934, BACKDOORBENCH.replace("10%", "5%"), "README"),
+    Published("none", "bppattack", 0.9081, 0.8723, BACKDOORBENCH.replace("10%", "1%"), "README"),
+)
+"""Published BA / ASR of each attack's backdoored model before any defense (``defense`` is ``"none"``): what the
+attack reaches where it was designed, beside what our suspects reach (their cards)."""
+
+NO_DEFENSE_MISSING = {
+    "badnets_1pct": "BackdoorBench's leaderboard has BadNets-at-1% rows after a defense (ABL, CLP, DBD) "
+                    "but its no-defense row at 1% is not in ../shared/reference",
+    "adaptive_blend": "Qi et al.'s repositories (Unispac/Circumventing-Backdoor-Defenses, vtu81/backdoor-toolbox) "
+                      "give no numbers in their READMEs, and BackdoorBench does not run the attack "
+                      "(../shared/reference/methods-2.md, section D)",
+    "badnets_all2all": "../shared/reference holds no all-to-all row of BackdoorBench's leaderboard or of any "
+                       "official README",
+}
+
+
+def no_defense_for(attack: str) -> list[Published]:
+    """The published no-defense entries of ``attack`` (its backdoored model's BA / ASR)."""
+    return [p for p in NO_DEFENSE if p.attack == attack]
+
+
+def no_defense_text(attack: str) -> str:
+    """One line: the published BA / ASR of ``attack`` before any defense, tagged, or why none is recorded."""
+    entries = no_defense_for(attack)
+    if not entries:
+        return f"none recorded: {NO_DEFENSE_MISSING.get(attack, 'no source in ../shared/reference')}"
+    return "; ".join(f"{p.ba:.3f} / {p.asr:.3f} [{p.tag}] {p.source}" + (f" ({p.note})" if p.note else "")
+                     for p in entries)
+
+
+def none_recorded_text(defense: str, attack: str) -> str:
+    """Why a (defense, attack) cell has no published number: the defense's own reason (:data:`MISSING`), or, for a
+    defense with published numbers on other attacks only, which attacks those are."""
+    if defense in MISSING:
+        return f"none recorded: {MISSING[defense]}"
+    others = sorted({p.attack for p in PUBLISHED if p.defense == defense} - {attack})
+    if others:
+        return f"none recorded for {attack} (this defense's published numbers here are on {', '.join(others)})"
+    return "none recorded"
 
 
 def published_for(defense: str, attack: str | None = None) -> list[Published]:

@@ -858,7 +858,7 @@ def dagger_text(chosen: set[str]) -> str:
 
 def render(results, csv_name: str, runs=None, references: dict | None = None) -> str:
     from defenses import get_defense
-    from runs.published import MISSING, published_for
+    from runs.published import no_defense_text, none_recorded_text, published_for
 
     stale = int(runs.attrs.get("stale", 0)) if runs is not None else 0
     old_presets = int(runs.attrs.get("old_presets", 0)) if runs is not None else 0
@@ -888,7 +888,8 @@ def render(results, csv_name: str, runs=None, references: dict | None = None) ->
         front = _front(g)
         near = _near(g)
         out += [f"## {attack}", "",
-                f"{before_text(before)}", "",
+                f"{before_text(before)} Published, before any defense (another setting): {no_defense_text(attack)}.",
+                "",
                 "| defense | preset | runs | BA | BA median [range] | BA drop | ASR | ASR median [range] | k/n | RA | DER | "
                 "seconds | published (BA / ASR, tag, setting) |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -899,8 +900,7 @@ def render(results, csv_name: str, runs=None, references: dict | None = None) ->
             title = get_defense(row.defense).title
             pub = published_for(row.defense, attack)
             pub_text = "; ".join(f"{p.ba:.3f} / {p.asr:.3f} [{p.tag}] {p.source}" + (f" ({p.note})" if p.note else "")
-                                 for p in pub) or (f"none recorded: {MISSING[row.defense]}" if row.defense in MISSING
-                                                   else "none recorded")
+                                 for p in pub) or none_recorded_text(row.defense, attack)
             preset = _label(row.preset, row.overrides)
             name = (f"**{title}**" if (row.defense, preset) in front else
                     f"*{title}*" if (row.defense, preset) in near else title)

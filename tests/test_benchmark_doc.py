@@ -237,6 +237,27 @@ def test_published_numbers_are_tagged_fractions():
         assert p.tag in {"README", "3rd", "figure"} and p.source
 
 
+def test_every_attack_section_shows_its_published_no_defense_numbers_or_why_none():
+    """Beside our suspects' before-metrics each attack's section gives the attack's published BA / ASR before any
+    defense (tagged, another setting) or the reason none is recorded; a defense published only on other attacks
+    says which."""
+    from runs.published import NO_DEFENSE, NO_DEFENSE_MISSING, no_defense_text, none_recorded_text
+
+    bench = _script()
+    for p in NO_DEFENSE:
+        assert 0.0 <= p.ba <= 1.0 and 0.0 <= p.asr <= 1.0 and p.tag == "README" and p.defense == "none"
+    text = (ROOT / "docs" / "defense-benchmarks.md").read_text()
+    for attack in bench.ATTACKS:
+        entries = [p for p in NO_DEFENSE if p.attack == attack]
+        assert entries or attack in NO_DEFENSE_MISSING, attack
+        section = text.split(f"\n## {attack}\n", 1)[1].split("\n## ", 1)[0]
+        assert f"Published, before any defense (another setting): {no_defense_text(attack)}." in section
+    assert "0.907 / 0.983 [README]" in no_defense_text("inputaware")  # BackdoorBench, 10%: 90.67 / 98.26
+    assert none_recorded_text("clp", "inputaware").startswith("none recorded for inputaware")
+    assert "badnets" in none_recorded_text("clp", "inputaware")
+    assert none_recorded_text("sau", "inputaware").startswith("none recorded: not on BackdoorBench")
+
+
 def test_capacity_table_goes_into_the_document(tmp_path):
     """The capacity study's rows (development split) are summarised per width as mean ± sd in the document."""
     import json
