@@ -578,17 +578,23 @@ def _label(preset: str, overrides: str) -> str:
     return f"{preset} ({overrides})" if overrides else preset
 
 
+WEAK_ASR = 0.5
+"""Below this ASR before any defense a suspect's backdoor is weak (BadNets at 1%: 0.27): the goal line says so."""
+
+
 def goal_lines(results) -> list[str]:
     """The issues' goals, checked on the stored numbers (means over a cell's runs)."""
     lines = []
-    for attack, (_, g) in results.items():
+    for attack, (before, g) in results.items():
         quick = g[(g["preset"] == "quick") & (g["overrides"] == "") & g["defense"].isin(post_training())]
         front = _front(g)
         hits = [f"{d} ({mean_sd_text(a, s)} ASR, drop {dr:.3f})" for d, a, s, dr in
                 zip(quick["defense"], quick["asr_mean"], quick["asr_sd"], quick["drop_mean"], strict=True)
                 if a <= 0.05 and dr <= 0.03 and (d, "quick") in front]
         lines.append(f"- {attack}: a post-training `quick` preset with mean ASR <= 0.05 at a mean BA drop <= 0.03 on "
-                     f"the Pareto front: **{'met' if hits else 'not met'}**" + (f" by {', '.join(hits)}" if hits else ""))
+                     f"the Pareto front: **{'met' if hits else 'not met'}**" + (f" by {', '.join(hits)}" if hits else "")
+                     + (f" (its suspects' own ASR before any defense is only {before['asr']:.3f}: a weak backdoor, so "
+                        "an ASR <= 0.05 after a defense removes little)" if before.get("asr", 1.0) < WEAK_ASR else ""))
     slow = []
     for attack, (_, g) in results.items():
         for d, p, o, sec in zip(g["defense"], g["preset"], g["overrides"], g["seconds_mean"], strict=True):
