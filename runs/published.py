@@ -24,7 +24,7 @@ __all__ = ["Published", "PUBLISHED", "MISSING", "published_for", "published_reco
 
 BACKDOORBENCH = "BackdoorBench leaderboard, CIFAR-10, PreAct-ResNet-18, 10% poisoning"
 BACKDOORBENCH_5 = BACKDOORBENCH.replace("10%", "5%") + " (its no-defense numbers are not listed)"
-BACKDOORBENCH_1 = BACKDOORBENCH.replace("10%", "1%") + " (its no-defense numbers are not listed)"
+BACKDOORBENCH_1 = BACKDOORBENCH.replace("10%", "1%")
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,10 @@ def _bb(defense: str, attack: str, ba: float, asr: float, before: tuple[float, f
 
 
 def _bb1(defense: str, ba: float, asr: float, note: str = "") -> Published:
-    """A BackdoorBench leaderboard cell at 1% poisoning (BadNets): our ``badnets_1pct`` suspects' setting."""
-    return Published(defense, "badnets_1pct", ba / 100, asr / 100, BACKDOORBENCH_1, "README", note=note)
+    """A BackdoorBench leaderboard cell at 1% poisoning (BadNets): our ``badnets_1pct`` suspects' setting (its
+    no-defense row, results.csv #11522, is the "before")."""
+    return Published(defense, "badnets_1pct", ba / 100, asr / 100, BACKDOORBENCH_1, "README", 0.9314, 0.7473,
+                     note=note)
 
 
 # BackdoorBench's no-defense BA / ASR (10% poisoning) of each attack, shown as "before"
@@ -108,12 +110,19 @@ PUBLISHED: tuple[Published, ...] = (
     _bb1("clp", 89.46, 3.51),
     # DBD at 1% (../shared/reference/defenses.md, DBD numbers)
     _bb1("dbd", 78.09, 2.99),
-    # Input-aware dynamic attack at 10% (defenses.md: fine-tuning and Fine-Pruning rows; methods-2.md section 8: ABL)
+    # Input-aware dynamic attack at 10% (defenses.md: fine-tuning and Fine-Pruning rows; methods-2.md section 8: ABL;
+    # the others read in BackdoorBench's results.csv, rows #11844-11894, 2026-12-07)
     _bb("finetune", "inputaware", 93.12, 1.72), _bb("fineprune", "inputaware", 91.74, 0.04),
-    _bb("abl", "inputaware", 63.19, 90.16),
+    _bb("abl", "inputaware", 63.19, 90.16), _bb("nad", "inputaware", 93.18, 1.68),
+    _bb("anp", "inputaware", 90.36, 1.64, note="threshold selected on the test split (BackdoorBench issue #35)"),
+    _bb("clp", "inputaware", 90.30, 2.17), _bb("ibau", "inputaware", 89.17, 27.08),
+    # BadNets at 1% (results.csv rows #11522-11597, read 2026-12-07; no-defense 93.14 / 74.73)
+    _bb1("finetune", 93.07, 10.36), _bb1("fineprune", 92.98, 20.18), _bb1("nad", 92.52, 8.33),
+    _bb1("anp", 84.67, 0.29, note="threshold selected on the test split (BackdoorBench issue #35)"),
+    _bb1("ibau", 87.63, 3.62),
 )
-# No defense cell of BackdoorBench's leaderboard was found in ../shared/reference for BppAttack (only its no-defense
-# numbers: 90.69 / 99.78 at 10%), Adaptive-Blend (not in BackdoorBench; its README has no numbers) or an all-to-all
+# No defense cell of BackdoorBench's leaderboard was found for BppAttack (its results.csv rows are empty; the
+# leaderboard page gives only its no-defense numbers: 90.69 / 99.78 at 10%), Adaptive-Blend (not in BackdoorBench; its README has no numbers) or an all-to-all
 # BadNets, so those attacks' published column stays empty.
 
 # SAU, FST and CBD were searched for again on 2026-12-06 (issue 28), in the stored copies of public material only:
@@ -163,13 +172,12 @@ NO_DEFENSE: tuple[Published, ...] = (
               "CIFAR-10, PreAct-ResNet-18 (clean accuracy / attack success; cross-trigger accuracy 88.16)", "README"),
     Published("none", "bppattack", 0.9147, 0.9934, BACKDOORBENCH.replace("10%", "5%"), "README"),
     Published("none", "bppattack", 0.9081, 0.8723, BACKDOORBENCH.replace("10%", "1%"), "README"),
+    Published("none", "badnets_1pct", 0.9314, 0.7473, BACKDOORBENCH_1 + " (results.csv #11522)", "README"),
 )
 """Published BA / ASR of each attack's backdoored model before any defense (``defense`` is ``"none"``): what the
 attack reaches where it was designed, beside what our suspects reach (their cards)."""
 
 NO_DEFENSE_MISSING = {
-    "badnets_1pct": "BackdoorBench's leaderboard has BadNets-at-1% rows after a defense (ABL, CLP, DBD) "
-                    "but its no-defense row at 1% is not in ../shared/reference",
     "adaptive_blend": "Qi et al.'s repositories (Unispac/Circumventing-Backdoor-Defenses, vtu81/backdoor-toolbox) "
                       "give no numbers in their READMEs, and BackdoorBench does not run the attack "
                       "(../shared/reference/methods-2.md, section D)",

@@ -172,6 +172,7 @@ def _kn(k: int, n: int) -> str:
 def render_block(store: dict[str, Any]) -> str:
     from analysis.reverse import ScanConfig
     from runs.pages import machines_text
+    from runs.published_detection import NOT_FOUND, detection_for, published_text
 
     cells_all = grid()
     states = {ref: cell_state(store, ref) for _, ref in cells_all}
@@ -192,15 +193,20 @@ def render_block(store: dict[str, Any]) -> str:
     lines += ["### Rates", "",
               "A verdict *reaches* a level when it is that level or a more alarming one (flagged > suspicious > "
               "clean). True positives are counted over backdoored suspects, false positives over clean ones; *target "
-              "found*: the most suspicious class (the smallest mask) is the attack's target.", "",
-              "| suspects | n | reach **flagged** | reach **suspicious** | inconclusive | target found |",
-              "|---|---|---|---|---|---|"]
+              "found*: the most suspicious class (the smallest mask) is the attack's target. *Published* results "
+              "are on another setting (CIFAR-10 or GTSRB, full-width ResNets, the official budget), tagged as in "
+              "`runs/published_detection.py`: what the method reports where it was designed, not a target for "
+              "these models.", "",
+              "| suspects | n | reach **flagged** | reach **suspicious** | inconclusive | target found | published "
+              "(another setting) |",
+              "|---|---|---|---|---|---|---|"]
     for attack in dict.fromkeys(a for a, _ in cells_all if a != "clean"):
         if attack in by_attack:
             r = rates(by_attack[attack])
             lines.append(f"| {attack} | {r['n']} | {_kn(r['flagged'], r['n'])} | "
                          f"{_kn(r['suspicious_or_flagged'], r['n'])} | {r['inconclusive']} | "
-                         f"{_kn(r.get('target_found', 0), r['n'])} |")
+                         f"{_kn(r.get('target_found', 0), r['n'])} | "
+                         f"{published_text(detection_for(attack), 'neural_cleanse')} |")
     expected = Counter(a for a, _ in cells_all)
     complete = [a for a in by_attack if a != "clean" and len(by_attack[a]) == expected[a]]
     partial = [a for a in by_attack if a != "clean" and a not in complete]
@@ -212,11 +218,12 @@ def render_block(store: dict[str, Any]) -> str:
         r = rates(group)
         lines.append(f"| {label} | {r['n']} | {_kn(r['flagged'], r['n'])} | "
                      f"{_kn(r['suspicious_or_flagged'], r['n'])} | {r['inconclusive']} | "
-                     f"{_kn(r.get('target_found', 0), r['n'])} |")
+                     f"{_kn(r.get('target_found', 0), r['n'])} | |")
     if clean:
         r = rates(clean)
         lines.append(f"| **clean** (false-positive rate) | {r['n']} | {_kn(r['flagged'], r['n'])} | "
-                     f"{_kn(r['suspicious_or_flagged'], r['n'])} | {r['inconclusive']} | – |")
+                     f"{_kn(r['suspicious_or_flagged'], r['n'])} | {r['inconclusive']} | – | |")
+    lines += ["", f"*none recorded*: {NOT_FOUND['neural_cleanse']} (searched 2026-12-07)."]
     if partial and backdoored:
         lines += ["", "The *all backdoored* row pools every scanned suspect, so an attack with fewer of its test "
                   f"suspects scanned ({', '.join(f'{a}: {len(by_attack[a])} of {expected[a]}' for a in partial)}) "

@@ -152,6 +152,7 @@ def _seconds(values: list[float]) -> str:
 
 def render_block(store: dict[str, Any]) -> str:
     from runs.pages import machines_text
+    from runs.published_detection import NOT_FOUND, published_text, screening_for
 
     prints = _current_fingerprints()
     cells = grid()
@@ -165,20 +166,27 @@ def render_block(store: dict[str, Any]) -> str:
              "target FPR, scored on its clean test images and their triggered copies (all-to-one: target-class "
              "images left out). *AUROC* separates triggered from clean test images (0.5 = chance); *TPR* is the "
              "share of triggered test images above the pool-chosen threshold, *FPR* the share of clean test images "
-             "above it. Each value: the median [min, max] over the attack's suspects; n = suspects measured.", "",
-             "| attack | method | n | AUROC | TPR at the threshold | FPR on clean test | seconds |",
-             "|---|---|---|---|---|---|---|"]
+             "above it. Each value: the median [min, max] over the attack's suspects; n = suspects measured. "
+             "*Published* results are on another setting (CIFAR-10 or GTSRB, full-width ResNets), tagged as in "
+             "`runs/published_detection.py`.", "",
+             "| attack | method | n | AUROC | TPR at the threshold | FPR on clean test | seconds | published (another "
+             "setting) |",
+             "|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for c in measured:
         groups.setdefault((c["attack"], c["method"]), []).append(c)
     for attack, method in dict.fromkeys((a, m) for a, _, m in cells):
         g = groups.get((attack, method), [])
         if not g:
-            lines.append(f"| {attack} | {method} | 0 | not yet measured | | | |")
+            lines.append(f"| {attack} | {method} | 0 | not yet measured | | | | "
+                         f"{published_text(screening_for(method, attack), method)} |")
             continue
         lines.append(f"| {attack} | {method} | {len(g)} | {_summary([c['auroc'] for c in g if c['auroc'] is not None])}"
                      f" | {_summary([c['tpr'] for c in g if c['tpr'] is not None])} | "
-                     f"{_summary([c['fpr'] for c in g])} | {_seconds([c['seconds'] for c in g])} |")
+                     f"{_summary([c['fpr'] for c in g])} | {_seconds([c['seconds'] for c in g])} | "
+                     f"{published_text(screening_for(method, attack), method)} |")
+    lines += ["", "*none recorded* (searched 2026-12-07): " + "; ".join(f"{m}: {why}" for m, why in NOT_FOUND.items()
+                                                                         if m != "neural_cleanse") + "."]
     lines += ["", "### Per suspect", "", "| suspect | weights (fingerprint) | method | AUROC | TPR | FPR | seconds |",
               "|---|---|---|---|---|---|---|"]
     for c in measured:
