@@ -116,6 +116,9 @@ PUBLISHED: tuple[Published, ...] = (
     _bb("abl", "inputaware", 63.19, 90.16), _bb("nad", "inputaware", 93.18, 1.68),
     _bb("anp", "inputaware", 90.36, 1.64, note="threshold selected on the test split (BackdoorBench issue #35)"),
     _bb("clp", "inputaware", 90.30, 2.17), _bb("ibau", "inputaware", 89.17, 27.08),
+    # NAD and CLP on SIG and WaNet at 10% (results.csv rows #12179, #12209, #12419, #12449, read 2026-12-07)
+    _bb("nad", "sig", 90.02, 10.66), _bb("nad", "wanet", 93.17, 22.98),
+    _bb("clp", "sig", 83.80, 98.91), _bb("clp", "wanet", 81.91, 78.42),
     # BadNets at 1% (results.csv rows #11522-11597, read 2026-12-07; no-defense 93.14 / 74.73)
     _bb1("finetune", 93.07, 10.36), _bb1("fineprune", 92.98, 20.18), _bb1("nad", 92.52, 8.33),
     _bb1("anp", 84.67, 0.29, note="threshold selected on the test split (BackdoorBench issue #35)"),
