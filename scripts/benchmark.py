@@ -94,7 +94,8 @@ def run_grid(args: argparse.Namespace) -> int:
     label = ", ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
     failures = 0
     for attack in [s for s in args.suspects.split(",") if s]:
-        for ref in test_suspects(attack):  # a cell is (test suspect x seed) runs
+        # an attack's built test suspects, or one of them named as zoo:NAME; a cell is (test suspect x seed) runs
+        for ref in ([attack] if attack.startswith("zoo:") else test_suspects(attack)):
             suspect = suspects.load(ref)
             pool_size = resolve_pool_size(args.pool_size, len(suspect.defense_pool))
             done = _cells_done(store, ref) | _csv_cells_done(published, ref)  # a run the CSV holds is not redone
@@ -1062,7 +1063,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-measure", action="store_true",
                     help="do not measure the clean reference rows; use those the -meta.json holds")
     ap.add_argument("--defenses", default="", help="comma-separated (default: every registered defense)")
-    ap.add_argument("--suspects", default=",".join(ATTACKS))
+    ap.add_argument("--suspects", default=",".join(ATTACKS),
+                    help="comma-separated attacks (each runs on its built test suspects) or zoo:NAME test suspects")
     ap.add_argument("--presets", default="quick,paper")
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per cell")
     ap.add_argument("--pool-size", type=int, help="clean pool images per run (default: the suspect's pool, <= 1000)")

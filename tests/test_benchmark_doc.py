@@ -75,6 +75,18 @@ def test_grid_runs_once_and_the_document_comes_from_the_store(tmp_path):
     assert "PreAct-ResNet-18 width" in text and "50-image clean pool (35 to train on, 15 held out)" in text
 
 
+def test_run_takes_one_zoo_suspect_by_name(tmp_path):
+    """``--suspects zoo:NAME`` runs the grid on that one test suspect (not every built suspect of its attack)."""
+    bench = _script()
+    argv = ["run", "--runs", str(tmp_path / "s"), "--defenses", "finetune", "--suspects", "zoo:badnets-s0",
+            "--presets", "quick", "--seeds", "1", "--pool-size", "50", "--set", "steps=1",
+            "--out", str(tmp_path / "b.md")]
+    assert bench.main(argv) == 0
+    store = RunStore(tmp_path / "s")
+    assert len(runs_table(store, "zoo:badnets-s0")) == 1
+    assert {r.suspect for r in store.list()} == {"zoo:badnets-s0"}
+
+
 def test_a_new_store_adds_to_the_published_runs(tmp_path):
     """The runs CSV accumulates: ``run`` skips a run the CSV already holds (same suspect, preset version, seed, pool)
     and ``write`` from a store that holds only new runs keeps the CSV's others; a run made again replaces its row."""
