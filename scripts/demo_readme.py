@@ -32,8 +32,8 @@ EXTRA_TEXT: dict[str, str] = {
                  "kept).",
     "adaptive_blend": "Adaptive-Blend reaches ASR 0.87 at the official test-time strength (alpha 0.2, the whole "
                       "pattern) with the official counts (150 poisoned + 150 cover images, 1.5% of the demo's "
-                      "training split): the attack trades ASR for stealth by design (its paper reports about 0.7-0.8 "
-                      "on CIFAR-10), and the cover samples, which carry partial patterns with their true labels, keep "
+                      "training split): the attack trades ASR for stealth by design (no published ASR was found to "
+                      "compare with: its READMEs give none and BackdoorBench does not run it), and the cover samples, which carry partial patterns with their true labels, keep "
                       "it from saturating.",
     "badnets_1pct": "BadNets at 1% (100 poisoned images) reaches only ASR 0.27 in the bundle's 20 epochs: the random "
                     "crop (3 pixels of padding) moves the 3x3 patch by up to 3 pixels, so 100 images do not teach a "
