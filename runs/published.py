@@ -125,8 +125,8 @@ PUBLISHED: tuple[Published, ...] = (
     _bb1("ibau", 87.63, 3.62),
 )
 # No defense cell of BackdoorBench's leaderboard was found for BppAttack (its results.csv rows are empty; the
-# leaderboard page gives only its no-defense numbers: 90.69 / 99.78 at 10%), Adaptive-Blend (not in BackdoorBench; its README has no numbers) or an all-to-all
-# BadNets, so those attacks' published column stays empty.
+# leaderboard page gives only its no-defense numbers: 90.69 / 99.78 at 10%), Adaptive-Blend (not in BackdoorBench;
+# its README has no numbers) or an all-to-all BadNets, so those attacks' published column stays empty.
 
 # SAU, FST and CBD were searched for again on 2026-12-06 (issue 28), in the stored copies of public material only:
 # - BackdoorBench's leaderboard data (backdoorbench/backdoorbench.github.io static/data/results.csv and

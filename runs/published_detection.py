@@ -95,6 +95,6 @@ def screening_for(method: str, attack: str) -> list[PublishedResult]:
     return [p for p in SCREENING if p.method == method and p.attack == attack]
 
 
-def published_text(entries: list[PublishedResult], method: str) -> str:
+def published_text(entries: list[PublishedResult]) -> str:
     """The entries, tagged, or "none recorded" (the reason is :data:`NOT_FOUND`, printed once under the table)."""
     return "; ".join(p.text() for p in entries) or "none recorded"

@@ -206,7 +206,7 @@ def render_block(store: dict[str, Any]) -> str:
             lines.append(f"| {attack} | {r['n']} | {_kn(r['flagged'], r['n'])} | "
                          f"{_kn(r['suspicious_or_flagged'], r['n'])} | {r['inconclusive']} | "
                          f"{_kn(r.get('target_found', 0), r['n'])} | "
-                         f"{published_text(detection_for(attack), 'neural_cleanse')} |")
+                         f"{published_text(detection_for(attack))} |")
     expected = Counter(a for a, _ in cells_all)
     complete = [a for a in by_attack if a != "clean" and len(by_attack[a]) == expected[a]]
     partial = [a for a in by_attack if a != "clean" and a not in complete]

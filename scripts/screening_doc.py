@@ -179,12 +179,12 @@ def render_block(store: dict[str, Any]) -> str:
         g = groups.get((attack, method), [])
         if not g:
             lines.append(f"| {attack} | {method} | 0 | not yet measured | | | | "
-                         f"{published_text(screening_for(method, attack), method)} |")
+                         f"{published_text(screening_for(method, attack))} |")
             continue
         lines.append(f"| {attack} | {method} | {len(g)} | {_summary([c['auroc'] for c in g if c['auroc'] is not None])}"
                      f" | {_summary([c['tpr'] for c in g if c['tpr'] is not None])} | "
                      f"{_summary([c['fpr'] for c in g])} | {_seconds([c['seconds'] for c in g])} | "
-                     f"{published_text(screening_for(method, attack), method)} |")
+                     f"{published_text(screening_for(method, attack))} |")
     lines += ["", "*none recorded* (searched 2026-12-07): " + "; ".join(f"{m}: {why}" for m, why in NOT_FOUND.items()
                                                                          if m != "neural_cleanse") + "."]
     lines += ["", "### Per suspect", "", "| suspect | weights (fingerprint) | method | AUROC | TPR | FPR | seconds |",

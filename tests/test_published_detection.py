@@ -42,7 +42,7 @@ def test_the_detection_page_shows_each_attacks_published_verdict_beside_its_rate
     text = (ROOT / "docs" / "detection.md").read_text().split("### Rates", 1)[1].split("### Per suspect", 1)[0]
     for attack in ATTACKS:
         row = _row(text, attack)
-        assert row.endswith(f"| {published_text(detection_for(attack), 'neural_cleanse')} |")
+        assert row.endswith(f"| {published_text(detection_for(attack))} |")
     assert "flagged at 10% (BA / ASR 90.67 / 98.26 -> 92.61 / 0.76)" in _row(text, "inputaware")
     assert _row(text, "bppattack").endswith("| none recorded |") and NOT_FOUND["neural_cleanse"] in text
     assert "not flagged at 10%" in _row(text, "sig")
@@ -53,6 +53,6 @@ def test_the_screening_page_shows_each_published_result_beside_ours():
     for attack in ATTACKS:
         for method in screening_doc.METHODS:
             row = _row(text, attack, method)
-            assert row.endswith(f"| {published_text(screening_for(method, attack), method)} |")
+            assert row.endswith(f"| {published_text(screening_for(method, attack))} |")
     assert "AUROC 0.527 [3rd]" in _row(text, "badnets", "scale-up")
     assert NOT_FOUND["ibd-psc"] in text
