@@ -39,6 +39,10 @@ class Published:
     asr_before: float | None = None
     note: str = ""
 
+    def text(self) -> str:
+        """``BA / ASR [TAG] SOURCE (NOTE)``: how a page shows the entry."""
+        return f"{self.ba:.3f} / {self.asr:.3f} [{self.tag}] {self.source}" + (f" ({self.note})" if self.note else "")
+
 
 def _bb(defense: str, attack: str, ba: float, asr: float, before: tuple[float, float] | None = None,
         note: str = "") -> Published:
@@ -199,8 +203,7 @@ def no_defense_text(attack: str) -> str:
     entries = no_defense_for(attack)
     if not entries:
         return f"none recorded: {NO_DEFENSE_MISSING.get(attack, 'no source in ../shared/reference')}"
-    return "; ".join(f"{p.ba:.3f} / {p.asr:.3f} [{p.tag}] {p.source}" + (f" ({p.note})" if p.note else "")
-                     for p in entries)
+    return "; ".join(p.text() for p in entries)
 
 
 def none_recorded_text(defense: str, attack: str) -> str:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["PublishedResult", "DETECTION", "SCREENING", "NOT_FOUND", "detection_for", "screening_for",
-           "published_text"]
+__all__ = ["PublishedResult", "DETECTION", "SCREENING", "NOT_FOUND", "SETTING", "detection_for", "screening_for",
+           "published_text", "not_found_text"]
 
 BB_CSV = "BackdoorBench leaderboard data (results.csv), CIFAR-10, PreAct-ResNet-18"
 BB_NC_NOTE = "read off the NC and no-defense rows: NC changes the model only when it flags a class"
@@ -85,6 +85,11 @@ NOT_FOUND = {
                "(ICML 2024, arXiv 2405.09786) were not readable past its first page",
 }
 """Per method: what was searched where no published result was found for an attack."""
+SEARCHED = "2026-12-07"
+SETTING = ("*Published* results are on another setting (CIFAR-10 or GTSRB, full-width ResNets, the official budget), "
+           "tagged as in `runs/published_detection.py`: what the method reports where it was designed, not a target "
+           "for these models.")
+"""The sentence each page puts above its table with a published column."""
 
 
 def detection_for(attack: str) -> list[PublishedResult]:
@@ -98,3 +103,10 @@ def screening_for(method: str, attack: str) -> list[PublishedResult]:
 def published_text(entries: list[PublishedResult]) -> str:
     """The entries, tagged, or "none recorded" (the reason is :data:`NOT_FOUND`, printed once under the table)."""
     return "; ".join(p.text() for p in entries) or "none recorded"
+
+
+def not_found_text(methods: list[str]) -> str:
+    """The line under a page's table: what "none recorded" means for each of ``methods``."""
+    if len(methods) == 1:
+        return f"*none recorded*: {NOT_FOUND[methods[0]]} (searched {SEARCHED})."
+    return f"*none recorded* (searched {SEARCHED}): " + "; ".join(f"{m}: {NOT_FOUND[m]}" for m in methods) + "."

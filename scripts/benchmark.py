@@ -268,15 +268,18 @@ def accepted_fingerprints(ref: str) -> set[str]:
     return {fp} if fp else set()
 
 
-def attack_of(ref: str, default: str) -> str:
+def zoo_attacks() -> dict[str, str]:
+    """``zoo:NAME`` -> its attack, for every suspect of the manifest (read once, not per run)."""
+    return {e.ref: e.attack for e in default_zoo().entries()}
+
+
+def attack_of(ref: str, default: str, attacks: dict[str, str] | None = None) -> str:
     """The attack a run's suspect belongs to: the zoo's attack for ``zoo:NAME`` (``zoo:badnets_1pct-s1`` is
-    ``badnets_1pct``, though its trigger is BadNets'), ``NAME`` for ``demo:NAME``, else ``default``. Not the card's
+    ``badnets_1pct``, though its trigger is BadNets'; ``attacks``: :func:`zoo_attacks`, read here when not given),
+    ``NAME`` for ``demo:NAME``, else (and for a suspect no longer in the manifest) ``default``. Not the card's
     ``trigger.name``: BadNets at 1% and all-to-all BadNets share BadNets' trigger but are attacks of their own."""
     if ref.startswith("zoo:"):
-        try:
-            return default_zoo().entry(ref).attack
-        except ValueError:  # no longer in the manifest
-            return default
+        return (zoo_attacks() if attacks is None else attacks).get(ref, default)
     if ref.startswith("demo:"):
         return ref.split(":", 1)[1]
     return default
@@ -294,6 +297,7 @@ def store_rows(store, attacks=ATTACKS):
     from runs.compare import runs_table
 
     frames = []
+    zoo_attack = zoo_attacks()
     for attack in attacks:
         seen: set[str] = set()
         for ref in test_suspects(attack):
@@ -311,7 +315,7 @@ def store_rows(store, attacks=ATTACKS):
             current = on_current_weights(table, card)
             machines = [machine_text((store.report(r) or {}).get("machine")) for r in table["run_id"]]
             frames.append(table.assign(
-                attack=attack_of(ref, attack), suspect=ref, ba_drop=table["ba_before"] - table["ba"],
+                attack=attack_of(ref, attack, zoo_attack), suspect=ref, ba_drop=table["ba_before"] - table["ba"],
                 machine=machines,
                 preset_version=versions, current_weights=current,
                 fingerprint=current.map({True: ref_fingerprint(ref) or "", False: ""}),
@@ -453,7 +457,8 @@ def csv_rows(csv_path: Path):
     if "suspect" not in rows:
         rows["suspect"] = "demo:" + rows["attack"].astype(str)
     # a CSV written before cells were keyed by the zoo's attack filed BadNets-at-1% runs under badnets
-    rows["attack"] = [attack_of(r, str(a)) for r, a in zip(rows["suspect"], rows["attack"], strict=True)]
+    attacks = zoo_attacks()
+    rows["attack"] = [attack_of(r, str(a), attacks) for r, a in zip(rows["suspect"], rows["attack"], strict=True)]
     rows["failed"] = rows["failed"].astype(str).str.lower() == "true"
     keep = pd.Series(True, index=rows.index)
     for ref in sorted(set(rows["suspect"])):
@@ -906,8 +911,7 @@ def render(results, csv_name: str, runs=None, references: dict | None = None) ->
         for row in g.sort_values(["defense", "preset", "overrides"]).itertuples():
             title = get_defense(row.defense).title
             pub = published_for(row.defense, attack)
-            pub_text = "; ".join(f"{p.ba:.3f} / {p.asr:.3f} [{p.tag}] {p.source}" + (f" ({p.note})" if p.note else "")
-                                 for p in pub) or none_recorded_text(row.defense, attack)
+            pub_text = "; ".join(p.text() for p in pub) or none_recorded_text(row.defense, attack)
             preset = _label(row.preset, row.overrides)
             name = (f"**{title}**" if (row.defense, preset) in front else
                     f"*{title}*" if (row.defense, preset) in near else title)

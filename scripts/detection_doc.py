@@ -172,7 +172,7 @@ def _kn(k: int, n: int) -> str:
 def render_block(store: dict[str, Any]) -> str:
     from analysis.reverse import ScanConfig
     from runs.pages import machines_text
-    from runs.published_detection import NOT_FOUND, detection_for, published_text
+    from runs.published_detection import SETTING, detection_for, not_found_text, published_text
 
     cells_all = grid()
     states = {ref: cell_state(store, ref) for _, ref in cells_all}
@@ -193,10 +193,7 @@ def render_block(store: dict[str, Any]) -> str:
     lines += ["### Rates", "",
               "A verdict *reaches* a level when it is that level or a more alarming one (flagged > suspicious > "
               "clean). True positives are counted over backdoored suspects, false positives over clean ones; *target "
-              "found*: the most suspicious class (the smallest mask) is the attack's target. *Published* results "
-              "are on another setting (CIFAR-10 or GTSRB, full-width ResNets, the official budget), tagged as in "
-              "`runs/published_detection.py`: what the method reports where it was designed, not a target for "
-              "these models.", "",
+              "found*: the most suspicious class (the smallest mask) is the attack's target. " + SETTING, "",
               "| suspects | n | reach **flagged** | reach **suspicious** | inconclusive | target found | published "
               "(another setting) |",
               "|---|---|---|---|---|---|---|"]
@@ -223,7 +220,7 @@ def render_block(store: dict[str, Any]) -> str:
         r = rates(clean)
         lines.append(f"| **clean** (false-positive rate) | {r['n']} | {_kn(r['flagged'], r['n'])} | "
                      f"{_kn(r['suspicious_or_flagged'], r['n'])} | {r['inconclusive']} | – | |")
-    lines += ["", f"*none recorded*: {NOT_FOUND['neural_cleanse']} (searched 2026-12-07)."]
+    lines += ["", not_found_text(["neural_cleanse"])]
     if partial and backdoored:
         lines += ["", "The *all backdoored* row pools every scanned suspect, so an attack with fewer of its test "
                   f"suspects scanned ({', '.join(f'{a}: {len(by_attack[a])} of {expected[a]}' for a in partial)}) "

@@ -152,7 +152,7 @@ def _seconds(values: list[float]) -> str:
 
 def render_block(store: dict[str, Any]) -> str:
     from runs.pages import machines_text
-    from runs.published_detection import NOT_FOUND, published_text, screening_for
+    from runs.published_detection import SETTING, not_found_text, published_text, screening_for
 
     prints = _current_fingerprints()
     cells = grid()
@@ -167,8 +167,7 @@ def render_block(store: dict[str, Any]) -> str:
              "images left out). *AUROC* separates triggered from clean test images (0.5 = chance); *TPR* is the "
              "share of triggered test images above the pool-chosen threshold, *FPR* the share of clean test images "
              "above it. Each value: the median [min, max] over the attack's suspects; n = suspects measured. "
-             "*Published* results are on another setting (CIFAR-10 or GTSRB, full-width ResNets), tagged as in "
-             "`runs/published_detection.py`.", "",
+             + SETTING, "",
              "| attack | method | n | AUROC | TPR at the threshold | FPR on clean test | seconds | published (another "
              "setting) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -185,8 +184,7 @@ def render_block(store: dict[str, Any]) -> str:
                      f" | {_summary([c['tpr'] for c in g if c['tpr'] is not None])} | "
                      f"{_summary([c['fpr'] for c in g])} | {_seconds([c['seconds'] for c in g])} | "
                      f"{published_text(screening_for(method, attack))} |")
-    lines += ["", "*none recorded* (searched 2026-12-07): " + "; ".join(f"{m}: {why}" for m, why in NOT_FOUND.items()
-                                                                         if m != "neural_cleanse") + "."]
+    lines += ["", not_found_text(list(METHODS))]
     lines += ["", "### Per suspect", "", "| suspect | weights (fingerprint) | method | AUROC | TPR | FPR | seconds |",
               "|---|---|---|---|---|---|---|"]
     for c in measured:
